@@ -1,0 +1,65 @@
+"""Settings from flags and environment, validated once into a frozen Config."""
+
+import dataclasses
+import os
+import re
+
+from csi.errors import InvalidArgument
+
+ENV_PREFIX = "STRATA_"
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    endpoint: str = "unix:///csi/csi.sock"
+    root: str = "/var/lib/strata"
+    node_id: str = ""
+    controller_endpoint: str = ""
+    metrics_address: str = ""
+    log_level: str = "INFO"
+    grace_seconds: float = 10.0
+
+    @property
+    def socket_path(self) -> str:
+        return socket_path(self.endpoint)
+
+    @property
+    def controller_socket_path(self) -> str:
+        return socket_path(self.controller_endpoint) if self.controller_endpoint else ""
+
+    def validate(self) -> "Config":
+        socket_path(self.endpoint)
+        if self.controller_endpoint:
+            socket_path(self.controller_endpoint)
+        if not os.path.isabs(self.root):
+            raise InvalidArgument(f"--root must be an absolute path, got {self.root!r}")
+        # Layer paths are joined into overlay's lowerdir=a:b:c,upperdir=… option string,
+        # where ':' and ',' are separators; a root containing them cannot be expressed.
+        if re.search(r"[:,\s]", self.root):
+            raise InvalidArgument(f"--root must not contain ':', ',' or whitespace: {self.root!r}")
+        if not self.node_id:
+            raise InvalidArgument("--node-id (or STRATA_NODE_ID) is required")
+        if len(self.node_id) > 256:
+            raise InvalidArgument("--node-id must be at most 256 bytes (CSI limit)")
+        if self.metrics_address:
+            parse_host_port(self.metrics_address)
+        return self
+
+
+def socket_path(endpoint: str) -> str:
+    """`unix:///abs/path.sock` (or `unix:/abs`) → `/abs/path.sock`; anything else is refused."""
+    m = re.fullmatch(r"unix:(?://)?(/.+)", endpoint)
+    if not m:
+        raise InvalidArgument(f"endpoint must be unix:///ABSOLUTE/PATH, got {endpoint!r}")
+    return m.group(1)
+
+
+def parse_host_port(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidArgument(f"address must be HOST:PORT, got {address!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def env_default(name: str, default: str = "") -> str:
+    return os.environ.get(ENV_PREFIX + name.upper().replace("-", "_"), default)

@@ -1,0 +1,204 @@
+"""`strata demo` (`make demo`): the whole path on this machine, no cluster, no network.
+
+Builds a two-layer image from files on this machine, starts `strata serve` on a temporary
+root, publishes the image to two "pods" over the real gRPC socket, changes one pod's
+filesystem, shows that the other pod and the shared layers are untouched and that the image
+is stored once, then tears everything down and checks that nothing is left behind.
+"""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+
+import grpc
+
+from csi.image.build import LayerBuilder, write_image
+from csi.inspect import diff
+from csi.mount.mountinfo import MountTable
+from csi.proto import csi_pb2, csi_pb2_grpc
+from csi.store.usage import usage
+
+MOTD_BASE = "Welcome to the strata demo base image.\n"
+MOTD_APP = "Welcome to the demo web app (built on the strata base image).\n"
+
+
+def build_demo_image(layout: str) -> str:
+    """A small realistic image: a base layer with /etc and a copy of Python's `json` and
+    `email` packages, and an app layer that adds a site, modifies /etc/motd and deletes one
+    lower file. Returns the image reference."""
+    stdlib = sysconfig.get_paths()["stdlib"]
+    base = LayerBuilder()
+    for d in ("etc", "usr", "usr/lib", "srv", "tmp"):
+        base.dir(d, mode=0o1777 if d == "tmp" else 0o755)
+    base.file("etc/motd", MOTD_BASE)
+    base.file("etc/os-release", 'NAME="strata demo"\nID=strata-demo\nVERSION_ID=1\n')
+    base.file("etc/hostname", "demo\n")
+    for pkg in ("json", "email"):
+        base.tree(os.path.join(stdlib, pkg), f"usr/lib/python3/{pkg}")
+    app = LayerBuilder()
+    app.dir("srv/www")
+    app.file("srv/www/index.html", "<h1>Hello from an image volume</h1>\n")
+    app.file("srv/app.py", "import json\nprint(json.dumps({'hello': 'strata'}))\n", mode=0o755)
+    app.file("etc/motd", MOTD_APP)
+    app.whiteout("usr/lib/python3/json/tool.py")
+    write_image(layout, "1.0", [base, app])
+    return f"oci:{layout}:1.0"
+
+
+def _say(msg: str = "") -> None:
+    print(msg, flush=True)
+
+
+def _wait_for_socket(path: str, proc: subprocess.Popen, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"strata serve did not start (exit code {proc.poll()})")
+        time.sleep(0.05)
+
+
+def run(keep: bool = False) -> int:
+    if os.geteuid() != 0:
+        print("strata demo mounts overlayfs and must run as root", file=sys.stderr)
+        return 2
+    root = tempfile.mkdtemp(prefix="strata-demo-")
+    store, sock = os.path.join(root, "store"), os.path.join(root, "csi.sock")
+    pods = {name: os.path.join(root, "pods", name, "volume") for name in ("pod-a", "pod-b")}
+    os.makedirs(os.path.join(root, "pods", "pod-a"))
+    os.makedirs(os.path.join(root, "pods", "pod-b"))
+    table = MountTable()
+    proc = None
+    published: list[str] = []
+    try:
+        _say("== Building a demo image (like `docker build`, from files on this machine)")
+        image = build_demo_image(os.path.join(root, "image"))
+        _say(f"   image {image}: layer 1 = base (/etc, Python's json and email packages),")
+        _say("   layer 2 = app (adds /srv/www, modifies /etc/motd, deletes "
+             "/usr/lib/python3/json/tool.py)")
+
+        _say("\n== Starting the plugin: strata serve")
+        log = open(os.path.join(root, "serve.log"), "w")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "csi", "serve", "--endpoint", f"unix://{sock}",
+             "--root", store, "--node-id", "demo-node"], stdout=log, stderr=log)
+        _wait_for_socket(sock, proc)
+        channel = grpc.insecure_channel(f"unix://{sock}")
+        identity = csi_pb2_grpc.IdentityStub(channel)
+        node = csi_pb2_grpc.NodeStub(channel)
+        info = identity.GetPluginInfo(csi_pb2.GetPluginInfoRequest(), timeout=10)
+        ready = identity.Probe(csi_pb2.ProbeRequest(), timeout=10).ready.value
+        _say(f"   {info.name} {info.vendor_version} on unix://{sock} (ready={ready})")
+
+        cap = csi_pb2.VolumeCapability(
+            mount=csi_pb2.VolumeCapability.MountVolume(),
+            access_mode=csi_pb2.VolumeCapability.AccessMode(
+                mode=csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_WRITER))
+        _say("\n== Two pods mount the image (like two `docker run` of one image)")
+        for name, target in pods.items():
+            t0 = time.perf_counter()
+            node.NodePublishVolume(csi_pb2.NodePublishVolumeRequest(
+                volume_id=f"csi-{name}", target_path=target, volume_capability=cap,
+                volume_context={"image": image, "csi.storage.k8s.io/ephemeral": "true",
+                                "csi.storage.k8s.io/pod.name": name}), timeout=60)
+            published.append(target)
+            _say(f"   {name}: published at {target} in {(time.perf_counter() - t0) * 1e3:.1f} ms")
+        a, b = pods["pod-a"], pods["pod-b"]
+        with open(os.path.join(a, "etc/motd")) as f:
+            _say(f"   pod-a reads /etc/motd: {f.read().strip()!r} (the app layer's version)")
+        gone = not os.path.exists(os.path.join(a, "usr/lib/python3/json/tool.py"))
+        _say(f"   /usr/lib/python3/json/tool.py hidden by the app layer's whiteout: {gone}")
+
+        _say("\n== pod-a writes: adds a file, edits /etc/motd, deletes json/decoder.py")
+        with open(os.path.join(a, "srv/www/visits.log"), "w") as f:
+            f.write("1 visit\n")
+        with open(os.path.join(a, "etc/motd"), "a") as f:
+            f.write("pod-a was here\n")
+        os.unlink(os.path.join(a, "usr/lib/python3/json/decoder.py"))
+
+        layers_dir = os.path.join(store, "layers")
+        layer_dirs = [os.path.join(layers_dir, d, "fs") for d in sorted(os.listdir(layers_dir))]
+        lowers = _lowers_of(table, a)
+        upper = _upper_of(table, a)
+        _say("   what pod-a changed, read from its private upper layer (like `docker diff`):")
+        for kind, path in diff(upper, lowers):
+            _say(f"     {kind} {path}")
+
+        _say("\n== pod-b and the shared layers are untouched")
+        with open(os.path.join(b, "etc/motd")) as f:
+            motd_b = f.read()
+        _say(f"   pod-b reads /etc/motd: {motd_b.strip()!r}")
+        _say(f"   pod-b still has json/decoder.py: "
+             f"{os.path.exists(os.path.join(b, 'usr/lib/python3/json/decoder.py'))}")
+        _say(f"   pod-b sees pod-a's visits.log: "
+             f"{os.path.exists(os.path.join(b, 'srv/www/visits.log'))}")
+        app_motd = [os.path.join(d, "etc/motd") for d in layer_dirs
+                    if os.path.exists(os.path.join(d, "srv/www/index.html"))][0]
+        with open(app_motd) as f:
+            _say(f"   the app layer's /etc/motd on disk is unchanged: {f.read() == MOTD_APP}")
+        assert motd_b == MOTD_APP, "pod-b saw pod-a's write"
+
+        _say("\n== The image is stored once (like Docker's shared image layers)")
+        total = 0
+        for d in layer_dirs:
+            size, inodes = usage(d)
+            total += size
+            _say(f"   layer {os.path.basename(os.path.dirname(d))}: {size / 1024:.0f} KiB, "
+                 f"{inodes} inodes")
+        both = _lowers_of(table, b) == lowers
+        _say(f"   both pods stack the same {len(lowers)} layer directories: {both}")
+        ua, ub = usage(upper)[0], usage(_upper_of(table, b))[0]
+        _say(f"   on disk: {total / 1024:.0f} KiB of layers + {ua / 1024:.0f} KiB (pod-a's "
+             f"upper) + {ub / 1024:.0f} KiB (pod-b's upper);")
+        _say(f"   a copy per pod would have cost {2 * total / 1024:.0f} KiB")
+
+        _say("\n== Both pods stop: unpublish")
+        for name, target in pods.items():
+            node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(
+                volume_id=f"csi-{name}", target_path=target), timeout=60)
+            published.remove(target)
+            _say(f"   {name}: unmounted, its writable layer deleted, "
+                 f"target removed: {not os.path.exists(target)}")
+        channel.close()
+    finally:
+        if proc is not None:
+            for target in published:  # only after a failure above
+                subprocess.run(["umount", target], check=False)
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=30)
+    leftover_mounts = table.under(root)
+    leftover_uppers = os.listdir(os.path.join(store, "volumes"))
+    _say("\n== Clean-up check")
+    _say(f"   plugin stopped (exit {proc.returncode}), socket removed: "
+         f"{not os.path.exists(sock)}")
+    _say(f"   mounts left under {root}: {len(leftover_mounts)}; "
+         f"upper layers left: {len(leftover_uppers)}")
+    _say(f"   the shared layers stay cached for the next pod: {len(layer_dirs)} in {layers_dir}")
+    ok = not leftover_mounts and not leftover_uppers and proc.returncode == 0
+    if keep:
+        _say(f"   kept {root}")
+    else:
+        shutil.rmtree(root)
+        _say(f"   removed {root}")
+    _say("\nDemo " + ("passed." if ok else "FAILED."))
+    return 0 if ok else 1
+
+
+def _overlay_option(table: MountTable, target: str, key: str) -> str:
+    (m,) = [m for m in table.at(target) if m.fstype == "overlay"]
+    for opt in m.super_options.split(","):
+        if opt.startswith(key + "="):
+            return opt[len(key) + 1:]
+    raise KeyError(key)
+
+
+def _lowers_of(table: MountTable, target: str) -> list[str]:
+    return _overlay_option(table, target, "lowerdir").split(":")
+
+
+def _upper_of(table: MountTable, target: str) -> str:
+    return _overlay_option(table, target, "upperdir")

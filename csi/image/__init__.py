@@ -1,0 +1,1 @@
+"""Images: references, manifests, and the sources that serve their blobs."""

@@ -1,0 +1,70 @@
+"""Digest verification while streaming: nothing is trusted until its sha256 matched."""
+
+import hashlib
+from typing import BinaryIO
+
+from csi.errors import DataLoss
+
+
+def sha256_digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+class VerifyingReader:
+    """Wraps a binary stream; hashes every byte read and, at EOF, raises DataLoss when the
+    content does not match `digest` (and `size`, when known). Reading past the expected
+    size fails at once, so a hostile source cannot make us hash forever."""
+
+    def __init__(self, raw: BinaryIO, digest: str, size: int | None, what: str):
+        self._raw = raw
+        self._digest = digest
+        self._size = size
+        self._what = what
+        self._hash = hashlib.sha256()
+        self.bytes_read = 0
+        self.verified = False
+
+    def read(self, n: int = -1) -> bytes:
+        chunk = self._raw.read(n)
+        if chunk:
+            self._hash.update(chunk)
+            self.bytes_read += len(chunk)
+            if self._size is not None and self.bytes_read > self._size:
+                raise DataLoss(f"{self._what}: more than the {self._size} bytes its descriptor "
+                               "declares")
+        elif n != 0:
+            self._check()
+        return chunk
+
+    def readinto(self, b) -> int:  # lets io.BufferedReader and gzip wrap us efficiently
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+    def readable(self) -> bool:
+        return True
+
+    def drain(self) -> None:
+        """Read to EOF (formats such as tar may stop before the end) and verify."""
+        while self.read(1 << 20):
+            pass
+
+    def _check(self) -> None:
+        if self.verified:
+            return
+        got = "sha256:" + self._hash.hexdigest()
+        if self._size is not None and self.bytes_read != self._size:
+            raise DataLoss(f"{self._what}: size {self.bytes_read} does not match the "
+                           f"declared {self._size}")
+        if got != self._digest:
+            raise DataLoss(f"{self._what}: digest mismatch: expected {self._digest}, got {got}")
+        self.verified = True
+
+    def close(self) -> None:
+        self._raw.close()
+
+    def __enter__(self) -> "VerifyingReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

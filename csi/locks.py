@@ -1,0 +1,79 @@
+"""Per-key locks and single-flight: one unpack per layer however many requests race for it."""
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+class KeyedLock:
+    """A lock per key, created on demand and dropped when nobody holds or waits for it."""
+
+    def __init__(self):
+        self._mu = threading.Lock()
+        self._locks: dict[str, list] = {}  # key -> [lock, users]
+
+    @contextlib.contextmanager
+    def hold(self, *keys: str) -> Iterator[None]:
+        # Sorted acquisition: two requests naming the same keys cannot deadlock.
+        ordered = sorted(set(keys))
+        entries = []
+        with self._mu:
+            for k in ordered:
+                entry = self._locks.setdefault(k, [threading.Lock(), 0])
+                entry[1] += 1
+                entries.append((k, entry))
+        acquired = []
+        try:
+            for _, entry in entries:
+                entry[0].acquire()
+                acquired.append(entry)
+            yield
+        finally:
+            for entry in reversed(acquired):
+                entry[0].release()
+            with self._mu:
+                for k, entry in entries:
+                    entry[1] -= 1
+                    if entry[1] == 0:
+                        del self._locks[k]
+
+
+class _Call:
+    def __init__(self):
+        self.done = threading.Event()
+        self.result = None
+        self.error: BaseException | None = None
+
+
+class SingleFlight:
+    """`do(key, fn)`: the first caller runs fn; callers arriving while it runs wait and share
+    its result or its exception (Go's x/sync/singleflight)."""
+
+    def __init__(self):
+        self._mu = threading.Lock()
+        self._calls: dict[str, _Call] = {}
+
+    def do(self, key: str, fn: Callable[[], T]) -> T:
+        with self._mu:
+            call = self._calls.get(key)
+            leader = call is None
+            if leader:
+                call = self._calls[key] = _Call()
+        if not leader:
+            call.done.wait()
+            if call.error is not None:
+                raise call.error
+            return call.result
+        try:
+            call.result = fn()
+            return call.result
+        except BaseException as e:
+            call.error = e
+            raise
+        finally:
+            with self._mu:
+                del self._calls[key]
+            call.done.set()

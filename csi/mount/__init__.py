@@ -1,0 +1,1 @@
+"""Mounting: mounts as data (spec), one executor (syscalls), the mount table (mountinfo)."""

@@ -1,0 +1,1 @@
+"""Code generated from protos/csi.proto by `make proto`. Do not edit."""

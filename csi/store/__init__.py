@@ -1,0 +1,1 @@
+"""The node's store: state (SQLite), unpacked layers, and (later) blobs and GC."""

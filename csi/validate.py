@@ -1,0 +1,127 @@
+"""Request checks shared by the CSI handlers: CSI messages in, domain specs out.
+
+Argument errors are decided here, before any lookup (csi-sanity sends well-formed unknown
+IDs to negative specs, and expects INVALID_ARGUMENT only for what is malformed).
+"""
+
+import os
+
+from csi.errors import InvalidArgument
+from csi.proto import csi_pb2
+from csi.provision import CreateSpec
+from csi.volumes import PublishSpec, StageSpec
+
+Mode = csi_pb2.VolumeCapability.AccessMode.Mode
+
+SUPPORTED_MODES = {
+    Mode.SINGLE_NODE_WRITER, Mode.SINGLE_NODE_READER_ONLY, Mode.MULTI_NODE_READER_ONLY,
+    Mode.SINGLE_NODE_SINGLE_WRITER, Mode.SINGLE_NODE_MULTI_WRITER,
+}
+READER_MODES = {Mode.SINGLE_NODE_READER_ONLY, Mode.MULTI_NODE_READER_ONLY}
+EPHEMERAL_KEY = "csi.storage.k8s.io/ephemeral"
+MAX_ID = 128  # CSI: identifiers SHOULD be at most 128 bytes
+
+
+def require(value: str, field: str) -> str:
+    if not value:
+        raise InvalidArgument(f"{field} is required")
+    return value
+
+
+def volume_id(value: str) -> str:
+    require(value, "volume_id")
+    if len(value.encode()) > MAX_ID or "/" in value or "\x00" in value:
+        raise InvalidArgument(f"volume_id {value[:40]!r} is malformed")
+    return value
+
+
+def path(value: str, field: str) -> str:
+    require(value, field)
+    if not os.path.isabs(value) or "\x00" in value:
+        raise InvalidArgument(f"{field} must be an absolute path, got {value!r}")
+    return os.path.normpath(value)
+
+
+def capability(cap: csi_pb2.VolumeCapability, field: str = "volume_capability") -> int:
+    """Check one capability; returns its access mode."""
+    if not cap.ByteSize():
+        raise InvalidArgument(f"{field} is required")
+    kind = cap.WhichOneof("access_type")
+    if kind == "block":
+        raise InvalidArgument(f"{field}: block access is not supported; strata volumes are "
+                              "filesystems")
+    if kind != "mount":
+        raise InvalidArgument(f"{field}: access_type (mount) is required")
+    if not cap.HasField("access_mode") or cap.access_mode.mode == Mode.UNKNOWN:
+        raise InvalidArgument(f"{field}: access_mode is required")
+    if cap.access_mode.mode not in SUPPORTED_MODES:
+        raise InvalidArgument(f"{field}: access mode {Mode.Name(cap.access_mode.mode)} is not "
+                              "supported: each publication has a private writable layer, so "
+                              "writes are never shared between nodes")
+    return cap.access_mode.mode
+
+
+def image(context, field: str = "volume_context") -> str:
+    value = context.get("image", "")
+    if not value:
+        raise InvalidArgument(f"{field}['image'] is required: the image to mount")
+    return value
+
+
+def stage(req: csi_pb2.NodeStageVolumeRequest) -> StageSpec:
+    vid = volume_id(req.volume_id)
+    staging = path(req.staging_target_path, "staging_target_path")
+    mode = capability(req.volume_capability)
+    return StageSpec(vid, staging, image(req.volume_context), mode, dict(req.secrets))
+
+
+def unstage(req: csi_pb2.NodeUnstageVolumeRequest) -> tuple[str, str]:
+    return volume_id(req.volume_id), path(req.staging_target_path, "staging_target_path")
+
+
+def publish(req: csi_pb2.NodePublishVolumeRequest) -> PublishSpec:
+    vid = volume_id(req.volume_id)
+    target = path(req.target_path, "target_path")
+    mode = capability(req.volume_capability)
+    staging = path(req.staging_target_path, "staging_target_path") \
+        if req.staging_target_path else ""
+    ephemeral = req.volume_context.get(EPHEMERAL_KEY, "false").lower() == "true"
+    if ephemeral and staging:
+        raise InvalidArgument("an inline ephemeral volume is never staged, yet "
+                              "staging_target_path is set")
+    img = req.volume_context.get("image", "") if staging else image(req.volume_context)
+    readonly = req.readonly or mode in READER_MODES
+    return PublishSpec(vid, target, img, readonly, mode, staging, dict(req.secrets))
+
+
+def unpublish(req: csi_pb2.NodeUnpublishVolumeRequest) -> tuple[str, str]:
+    return volume_id(req.volume_id), path(req.target_path, "target_path")
+
+
+def stats(req: csi_pb2.NodeGetVolumeStatsRequest) -> tuple[str, str]:
+    # volume_path is not required to be absolute here: an unknown relative path is
+    # NOT_FOUND, as csi-sanity expects.
+    return volume_id(req.volume_id), require(req.volume_path, "volume_path")
+
+
+def create(req: csi_pb2.CreateVolumeRequest) -> CreateSpec:
+    name = require(req.name, "name")
+    if not req.volume_capabilities:
+        raise InvalidArgument("volume_capabilities is required")
+    for i, cap in enumerate(req.volume_capabilities):
+        capability(cap, f"volume_capabilities[{i}]")
+    if req.HasField("volume_content_source"):
+        raise InvalidArgument("volume_content_source is not supported: the image is the "
+                              "content")
+    required, limit = req.capacity_range.required_bytes, req.capacity_range.limit_bytes
+    if required < 0 or limit < 0 or (limit and required > limit):
+        raise InvalidArgument(f"capacity_range is invalid (required {required}, limit {limit})")
+    image(req.parameters, "parameters")
+    return CreateSpec(name, required, limit, dict(req.parameters))
+
+
+def validate_capabilities(req: csi_pb2.ValidateVolumeCapabilitiesRequest) -> str:
+    vid = volume_id(req.volume_id)
+    if not req.volume_capabilities:
+        raise InvalidArgument("volume_capabilities is required")
+    return vid
