@@ -1,0 +1,231 @@
+"""Shared fixtures: test images (built once per session), a real `strata serve` process on
+real unix sockets, and clean-up that unmounts whatever a test left, even when it failed."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+
+import grpc
+import pytest
+
+from csi.image.build import LayerBuilder, write_image
+from csi.mount.mountinfo import MountTable
+from csi.mount.syscalls import Mounter
+from csi.proto import csi_pb2, csi_pb2_grpc
+
+ROOT_REASON = "needs root: real overlayfs mounts, mknod and trusted.* xattrs"
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason=ROOT_REASON)
+
+Mode = csi_pb2.VolumeCapability.AccessMode.Mode
+
+
+def unmount_all_under(path: str) -> list[str]:
+    """Unmount every mount at or below `path`, deepest first; returns what was unmounted."""
+    table = MountTable()
+    mounter = Mounter(table)
+    left = sorted({m.mount_point for m in table.under(path)}, key=len, reverse=True)
+    for mp in left:
+        try:
+            mounter.unmount(mp)
+        except OSError:
+            subprocess.run(["umount", "-l", mp], check=False)
+    return left
+
+
+def mount_cap(mode=Mode.SINGLE_NODE_WRITER) -> csi_pb2.VolumeCapability:
+    return csi_pb2.VolumeCapability(
+        mount=csi_pb2.VolumeCapability.MountVolume(),
+        access_mode=csi_pb2.VolumeCapability.AccessMode(mode=mode))
+
+
+# -- images --------------------------------------------------------------------------------
+STDLIB = sysconfig.get_paths()["stdlib"]
+
+
+def base_layer() -> LayerBuilder:
+    """Real files (a copy of Python's json package) plus every entry kind that matters."""
+    b = LayerBuilder()
+    for d in ("etc", "usr", "usr/bin", "usr/lib", "var", "var/cache", "data"):
+        b.dir(d)
+    b.file("etc/motd", "base motd\n")
+    b.file("etc/passwd", "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n")
+    b.tree(os.path.join(STDLIB, "json"), "usr/lib/python3/json")
+    b.file("usr/bin/tool", "#!/bin/sh\necho tool\n", mode=0o755, uid=1000, gid=1000)
+    b.symlink("usr/bin/tool-link", "tool")
+    b.hardlink("usr/bin/tool-hard", "usr/bin/tool")
+    b.file("usr/bin/su", "setuid", mode=0o4755)
+    b.file("var/cache/old1", "old cache 1\n")
+    b.file("var/cache/old2", "old cache 2\n")
+    b.file("data/tagged", "xattr here\n", xattrs={"user.strata": "hello"})
+    b.file("data/big", random.Random(7).randbytes(256 * 1024))  # same bytes → same DiffID
+    return b
+
+
+def app_layer() -> LayerBuilder:
+    a = LayerBuilder()
+    a.file("etc/motd", "app motd\n")
+    a.whiteout("usr/lib/python3/json/tool.py")
+    a.opaque("var/cache")
+    a.file("var/cache/new", "new cache\n")
+    a.dir("srv")
+    a.file("srv/index.html", "<h1>hello</h1>\n")
+    return a
+
+
+class Images:
+    def __init__(self, root):
+        self.root = root
+        layout = os.path.join(root, "layout")
+        write_image(layout, "app", [base_layer(), app_layer()])
+        write_image(layout, "base", [base_layer()])
+        other = LayerBuilder().file("opt/other.txt", "another image on the same base\n")
+        write_image(layout, "other", [base_layer(), other])
+        write_image(layout, "plain", [base_layer(), app_layer()], compression="none")
+        self.app = f"oci:{layout}:app"
+        self.base = f"oci:{layout}:base"
+        self.other = f"oci:{layout}:other"
+        self.plain = f"oci:{layout}:plain"
+        # A layout whose top layer blob has one byte flipped (digest mismatch).
+        corrupt = os.path.join(root, "corrupt")
+        write_image(corrupt, "bad", [base_layer(), LayerBuilder().file("x", "y" * 5000)])
+        blobs = os.path.join(corrupt, "blobs", "sha256")
+        biggest = max(os.listdir(blobs), key=lambda n: os.path.getsize(os.path.join(blobs, n)))
+        path = os.path.join(blobs, biggest)
+        with open(path, "r+b") as f:
+            f.seek(os.path.getsize(path) // 2)
+            byte = f.read(1)
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([byte[0] ^ 0xFF]))
+        self.corrupt = f"oci:{corrupt}:bad"
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory) -> Images:
+    return Images(str(tmp_path_factory.mktemp("images")))
+
+
+# -- the plugin process ---------------------------------------------------------------------
+class Csi:
+    """gRPC stubs over the plugin's real unix sockets."""
+
+    def __init__(self, node_sock: str, ctrl_sock: str):
+        self._channels = [grpc.insecure_channel(f"unix://{node_sock}"),
+                          grpc.insecure_channel(f"unix://{ctrl_sock}")]
+        self.identity = csi_pb2_grpc.IdentityStub(self._channels[0])
+        self.node = csi_pb2_grpc.NodeStub(self._channels[0])
+        self.controller = csi_pb2_grpc.ControllerStub(self._channels[1])
+
+    def publish(self, volume_id: str, target: str, image: str = "", readonly=False,
+                mode=Mode.SINGLE_NODE_WRITER, staging: str = "", ephemeral=True, **ctx):
+        context = dict(ctx)
+        if image:
+            context["image"] = image
+        if ephemeral and not staging:
+            context["csi.storage.k8s.io/ephemeral"] = "true"
+        return self.node.NodePublishVolume(csi_pb2.NodePublishVolumeRequest(
+            volume_id=volume_id, target_path=str(target), readonly=readonly,
+            staging_target_path=str(staging), volume_capability=mount_cap(mode),
+            volume_context=context), timeout=60)
+
+    def unpublish(self, volume_id: str, target: str):
+        return self.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(
+            volume_id=volume_id, target_path=str(target)), timeout=60)
+
+    def stage(self, volume_id: str, staging: str, image: str, mode=Mode.SINGLE_NODE_WRITER):
+        return self.node.NodeStageVolume(csi_pb2.NodeStageVolumeRequest(
+            volume_id=volume_id, staging_target_path=str(staging),
+            volume_capability=mount_cap(mode), volume_context={"image": image}), timeout=60)
+
+    def unstage(self, volume_id: str, staging: str):
+        return self.node.NodeUnstageVolume(csi_pb2.NodeUnstageVolumeRequest(
+            volume_id=volume_id, staging_target_path=str(staging)), timeout=60)
+
+    def close(self):
+        for c in self._channels:
+            c.close()
+
+
+class StrataProcess:
+    """`strata serve` as a child process with node and controller sockets."""
+
+    def __init__(self, base: str, metrics_port: int = 0):
+        self.base = base
+        self.root = os.path.join(base, "store")
+        self.node_sock = os.path.join(base, "node.sock")
+        self.ctrl_sock = os.path.join(base, "controller.sock")
+        self.log = os.path.join(base, "serve.log")
+        self.metrics_port = metrics_port
+        self.proc: subprocess.Popen | None = None
+        self.csi: Csi | None = None
+
+    def start(self, timeout: float = 30) -> "StrataProcess":
+        args = [sys.executable, "-m", "csi", "serve", "--endpoint", f"unix://{self.node_sock}",
+                "--controller-endpoint", f"unix://{self.ctrl_sock}", "--root", self.root,
+                "--node-id", "test-node", "--log-level", "DEBUG", "--grace-seconds", "5"]
+        if self.metrics_port:
+            args += ["--metrics-address", f"127.0.0.1:{self.metrics_port}"]
+        with open(self.log, "a") as log:
+            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while not (os.path.exists(self.node_sock) and os.path.exists(self.ctrl_sock)):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"strata serve failed to start:\n{self.read_log()}")
+            time.sleep(0.02)
+        self.csi = Csi(self.node_sock, self.ctrl_sock)
+        grpc.channel_ready_future(self.csi._channels[0]).result(timeout=timeout)
+        return self
+
+    def stop(self, sig=signal.SIGTERM) -> int:
+        if self.csi is not None:
+            self.csi.close()
+            self.csi = None
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            rc = self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = self.proc.wait()
+        self.proc = None
+        return rc
+
+    def read_log(self) -> str:
+        try:
+            with open(self.log) as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+
+@pytest.fixture(scope="session")
+def strata(tmp_path_factory):
+    """One plugin process for the session: tests use unique volume IDs and targets."""
+    if os.geteuid() != 0:
+        pytest.skip(ROOT_REASON)
+    base = str(tmp_path_factory.mktemp("strata"))
+    proc = StrataProcess(base).start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+        unmount_all_under(base)
+
+
+@pytest.fixture
+def csi(strata) -> Csi:
+    return strata.csi
+
+
+@pytest.fixture
+def pods(tmp_path):
+    """A per-test directory for targets; anything still mounted below it is unmounted after
+    the test, pass or fail, and reported as a failure of the test's own clean-up."""
+    yield tmp_path
+    left = unmount_all_under(str(tmp_path))
+    assert not left, f"test left mounts behind: {left}"

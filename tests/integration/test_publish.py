@@ -1,0 +1,230 @@
+"""NodePublish/NodeUnpublish over the real socket with real overlay mounts."""
+
+import errno
+import os
+import stat
+
+import grpc
+import pytest
+
+from csi.mount.mountinfo import MountTable
+from tests.conftest import Mode
+
+
+def overlay_opts(target) -> dict[str, str]:
+    (m,) = MountTable().at(str(target))
+    return dict(o.split("=", 1) if "=" in o else (o, "") for o in m.super_options.split(","))
+
+
+def read(path) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def code_of(excinfo) -> grpc.StatusCode:
+    return excinfo.value.code()
+
+
+def test_two_pods_are_isolated_and_layers_untouched(csi, pods, images):
+    a, b = pods / "a", pods / "b"
+    csi.publish("iso-a", a, images.app)
+    csi.publish("iso-b", b, images.app)
+    try:
+        assert read(a / "etc/motd") == "app motd\n"
+        # pod a: modify a lower file (copy-up), add a file, delete a lower file (whiteout)
+        with open(a / "etc/motd", "a") as f:
+            f.write("changed by a\n")
+        (a / "srv/new.txt").write_text("only in a\n")
+        os.unlink(a / "usr/lib/python3/json/decoder.py")
+
+        assert read(b / "etc/motd") == "app motd\n"
+        assert not (b / "srv/new.txt").exists()
+        assert (b / "usr/lib/python3/json/decoder.py").exists()
+
+        opts_a, opts_b = overlay_opts(a), overlay_opts(b)
+        assert opts_a["lowerdir"] == opts_b["lowerdir"], "both pods must share the layers"
+        assert opts_a["upperdir"] != opts_b["upperdir"]
+        lowers = opts_a["lowerdir"].split(":")
+        # the layer that holds /etc/motd still holds the image's bytes
+        assert read(os.path.join(lowers[0], "etc/motd")) == "app motd\n"
+        assert os.path.exists(os.path.join(lowers[1], "usr/lib/python3/json/decoder.py"))
+        # copy-up went to a's upper; the deletion is a whiteout there
+        upper = opts_a["upperdir"]
+        assert read(os.path.join(upper, "etc/motd")) == "app motd\nchanged by a\n"
+        wh = os.lstat(os.path.join(upper, "usr/lib/python3/json/decoder.py"))
+        assert stat.S_ISCHR(wh.st_mode) and wh.st_rdev == 0
+    finally:
+        csi.unpublish("iso-a", a)
+        csi.unpublish("iso-b", b)
+    assert not a.exists() and not b.exists()
+    assert not os.path.exists(opts_a["upperdir"]), "the ephemeral upper layer must be deleted"
+    assert not MountTable().under(str(pods))
+
+
+def test_image_content_is_faithful(csi, pods, images):
+    t = pods / "t"
+    csi.publish("faithful", t, images.app)
+    try:
+        assert not (t / "usr/lib/python3/json/tool.py").exists(), "whiteout hides lower file"
+        assert sorted(os.listdir(t / "var/cache")) == ["new"], "opaque dir hides lower entries"
+        with open(os.path.join(os.path.dirname(os.__file__), "json/__init__.py"), "rb") as f:
+            assert (t / "usr/lib/python3/json/__init__.py").read_bytes() == f.read()
+        tool = os.lstat(t / "usr/bin/tool")
+        assert (tool.st_uid, tool.st_gid, stat.S_IMODE(tool.st_mode)) == (1000, 1000, 0o755)
+        assert os.readlink(t / "usr/bin/tool-link") == "tool"
+        assert os.lstat(t / "usr/bin/tool-hard").st_ino == tool.st_ino
+        assert stat.S_IMODE(os.lstat(t / "usr/bin/su").st_mode) == 0o4755
+        assert os.getxattr(t / "data/tagged", "user.strata") == b"hello"
+        assert read(t / "srv/index.html") == "<h1>hello</h1>\n"
+    finally:
+        csi.unpublish("faithful", t)
+
+
+def test_readonly_publish_rejects_writes(csi, pods, images):
+    t = pods / "ro"
+    csi.publish("ro-vol", t, images.app, readonly=True)
+    try:
+        with pytest.raises(OSError) as e:
+            (t / "etc/motd").write_text("nope")
+        assert e.value.errno == errno.EROFS
+        with pytest.raises(OSError) as e:
+            (t / "newfile").write_text("nope")
+        assert e.value.errno == errno.EROFS
+        assert read(t / "etc/motd") == "app motd\n"
+    finally:
+        csi.unpublish("ro-vol", t)
+    assert not t.exists()
+
+
+def test_readonly_single_layer_image_is_a_readonly_bind(csi, pods, images):
+    t = pods / "ro1"
+    csi.publish("ro-single", t, images.base, mode=Mode.SINGLE_NODE_READER_ONLY)
+    try:
+        (m,) = MountTable().at(str(t))
+        assert "ro" in m.options.split(",")
+        with pytest.raises(OSError) as e:
+            (t / "x").write_text("nope")
+        assert e.value.errno == errno.EROFS
+        assert read(t / "etc/motd") == "base motd\n"
+    finally:
+        csi.unpublish("ro-single", t)
+
+
+def test_publish_is_idempotent_and_conflicts_are_already_exists(csi, pods, images):
+    t = pods / "idem"
+    csi.publish("idem-vol", t, images.app)
+    try:
+        (t / "keep.txt").write_text("still here")
+        csi.publish("idem-vol", t, images.app)  # identical repeat: OK, nothing changes
+        assert len(MountTable().at(str(t))) == 1
+        assert read(t / "keep.txt") == "still here"
+        with pytest.raises(grpc.RpcError) as e:
+            csi.publish("other-vol", t, images.app)
+        assert code_of(e) == grpc.StatusCode.ALREADY_EXISTS
+        with pytest.raises(grpc.RpcError) as e:
+            csi.publish("idem-vol", t, images.other)
+        assert code_of(e) == grpc.StatusCode.ALREADY_EXISTS
+        with pytest.raises(grpc.RpcError) as e:
+            csi.publish("idem-vol", t, images.app, readonly=True)
+        assert code_of(e) == grpc.StatusCode.ALREADY_EXISTS
+        assert len(MountTable().at(str(t))) == 1
+    finally:
+        csi.unpublish("idem-vol", t)
+    csi.unpublish("idem-vol", t)  # repeat of unpublish: OK
+    csi.unpublish("never-published", pods / "nowhere")  # unknown: OK
+    assert not t.exists()
+
+
+def test_staged_volume_publishes_to_several_pods(csi, pods, images):
+    staging = pods / "staging"
+    staging.mkdir()
+    a, b = pods / "a", pods / "b"
+    csi.stage("pv-1", staging, images.app)
+    csi.stage("pv-1", staging, images.app)  # idempotent
+    try:
+        with pytest.raises(grpc.RpcError) as e:
+            csi.stage("pv-1", staging, images.other)
+        assert code_of(e) == grpc.StatusCode.ALREADY_EXISTS
+        csi.publish("pv-1", a, staging=staging, mode=Mode.SINGLE_NODE_MULTI_WRITER)
+        csi.publish("pv-1", b, staging=staging, mode=Mode.SINGLE_NODE_MULTI_WRITER)
+        (a / "a.txt").write_text("a")
+        assert not (b / "a.txt").exists()
+        with pytest.raises(grpc.RpcError) as e:
+            csi.unstage("pv-1", staging)
+        assert code_of(e) == grpc.StatusCode.FAILED_PRECONDITION
+        with pytest.raises(grpc.RpcError) as e:
+            csi.publish("pv-2", pods / "c", staging=staging)
+        assert code_of(e) == grpc.StatusCode.FAILED_PRECONDITION
+        assert not (pods / "c").exists()
+    finally:
+        csi.unpublish("pv-1", a)
+        csi.unpublish("pv-1", b)
+        csi.unstage("pv-1", staging)
+    csi.unstage("pv-1", staging)  # repeat: OK
+    assert staging.exists(), "the kubelet owns the staging dir"
+
+
+def test_single_writer_volume_cannot_publish_twice(csi, pods, images):
+    staging = pods / "staging"
+    staging.mkdir()
+    csi.stage("sw", staging, images.app, mode=Mode.SINGLE_NODE_SINGLE_WRITER)
+    try:
+        csi.publish("sw", pods / "a", staging=staging, mode=Mode.SINGLE_NODE_SINGLE_WRITER)
+        with pytest.raises(grpc.RpcError) as e:
+            csi.publish("sw", pods / "b", staging=staging, mode=Mode.SINGLE_NODE_SINGLE_WRITER)
+        assert code_of(e) == grpc.StatusCode.FAILED_PRECONDITION
+        assert not (pods / "b").exists()
+    finally:
+        csi.unpublish("sw", pods / "a")
+        csi.unstage("sw", staging)
+
+
+def test_volume_stats_report_upper_usage(csi, pods, images):
+    from csi.proto import csi_pb2
+
+    t = pods / "stats"
+    csi.publish("stats-vol", t, images.app)
+    try:
+        def stats():
+            r = csi.node.NodeGetVolumeStats(csi_pb2.NodeGetVolumeStatsRequest(
+                volume_id="stats-vol", volume_path=str(t)), timeout=10)
+            return {u.unit: u for u in r.usage}, r.volume_condition
+
+        before, cond = stats()
+        assert not cond.abnormal
+        (t / "blob.bin").write_bytes(os.urandom(1 << 20))
+        os.sync()
+        after, _ = stats()
+        Unit = csi_pb2.VolumeUsage
+        assert after[Unit.BYTES].used - before[Unit.BYTES].used >= 1 << 20
+        assert after[Unit.INODES].used == before[Unit.INODES].used + 1
+        assert after[Unit.BYTES].total > after[Unit.BYTES].used
+        with pytest.raises(grpc.RpcError) as e:
+            csi.node.NodeGetVolumeStats(csi_pb2.NodeGetVolumeStatsRequest(
+                volume_id="stats-vol", volume_path=str(pods / "elsewhere")), timeout=10)
+        assert code_of(e) == grpc.StatusCode.NOT_FOUND
+    finally:
+        csi.unpublish("stats-vol", t)
+
+
+def test_layers_are_shared_between_images(csi, strata, pods, images):
+    a, b = pods / "a", pods / "b"
+    csi.publish("share-a", a, images.app)
+    csi.publish("share-b", b, images.other)
+    try:
+        la, lb = overlay_opts(a)["lowerdir"].split(":"), overlay_opts(b)["lowerdir"].split(":")
+        assert la[-1] == lb[-1], "the common base layer is one directory"
+        assert read(b / "opt/other.txt").startswith("another image")
+        assert read(b / "etc/motd") == "base motd\n"
+    finally:
+        csi.unpublish("share-a", a)
+        csi.unpublish("share-b", b)
+
+
+def test_uncompressed_layers(csi, pods, images):
+    t = pods / "plain"
+    csi.publish("plain-vol", t, images.plain)
+    try:
+        assert read(t / "etc/motd") == "app motd\n"
+    finally:
+        csi.unpublish("plain-vol", t)

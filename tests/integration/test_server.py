@@ -1,0 +1,100 @@
+"""The plugin process: identity, sockets, signals, restarts, metrics."""
+
+import os
+import signal
+import socket
+import urllib.request
+
+import pytest
+
+from csi.mount.mountinfo import MountTable
+from csi.proto import csi_pb2
+from tests.conftest import ROOT_REASON, StrataProcess, unmount_all_under
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason=ROOT_REASON)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def plugin(tmp_path):
+    proc = StrataProcess(str(tmp_path), metrics_port=free_port())
+    try:
+        yield proc
+    finally:
+        proc.stop(signal.SIGKILL)
+        unmount_all_under(str(tmp_path))
+
+
+def test_identity(csi):
+    info = csi.identity.GetPluginInfo(csi_pb2.GetPluginInfoRequest(), timeout=10)
+    assert info.name == "strata.csi.dev" and info.vendor_version
+    caps = csi.identity.GetPluginCapabilities(csi_pb2.GetPluginCapabilitiesRequest(), timeout=10)
+    assert [c.service.type for c in caps.capabilities] == [
+        csi_pb2.PluginCapability.Service.CONTROLLER_SERVICE]
+    assert csi.identity.Probe(csi_pb2.ProbeRequest(), timeout=10).ready.value is True
+    node = csi.node.NodeGetInfo(csi_pb2.NodeGetInfoRequest(), timeout=10)
+    assert node.node_id == "test-node"
+
+
+def test_stale_socket_is_replaced_and_sigterm_removes_it(plugin):
+    # A socket file left by a crashed run must not stop the next start.
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(plugin.node_sock)
+    s.close()
+    plugin.start()
+    assert plugin.csi.identity.Probe(csi_pb2.ProbeRequest(), timeout=10).ready.value
+    assert plugin.stop(signal.SIGTERM) == 0
+    assert not os.path.exists(plugin.node_sock)
+    assert not os.path.exists(plugin.ctrl_sock)
+    assert "stopped" in plugin.read_log()
+
+
+def test_restart_keeps_publications_and_forgets_lost_mounts(plugin, images, tmp_path):
+    plugin.start()
+    kept, lost = tmp_path / "kept", tmp_path / "lost"
+    plugin.csi.publish("kept", kept, images.app)
+    plugin.csi.publish("lost", lost, images.app)
+    (kept / "data.txt").write_text("survives a plugin restart")
+    plugin.stop(signal.SIGKILL)  # a crash: nothing is cleaned up
+    unmount_all_under(str(lost))  # e.g. a node reboot lost this mount
+    plugin.start()
+    try:
+        assert (kept / "data.txt").read_text() == "survives a plugin restart"
+        plugin.csi.publish("kept", kept, images.app)  # kubelet retry after restart: OK
+        assert len(MountTable().at(str(kept))) == 1
+        plugin.csi.unpublish("kept", kept)
+        plugin.csi.unpublish("lost", lost)
+        assert not kept.exists()
+        assert os.listdir(os.path.join(plugin.root, "volumes")) == []
+        assert os.listdir(os.path.join(plugin.root, "tmp")) == []
+    finally:
+        plugin.stop()
+
+
+def test_metrics_endpoint(plugin, images, tmp_path):
+    plugin.start()
+    try:
+        t = tmp_path / "m"
+        plugin.csi.publish("metrics-a", t, images.app)
+        plugin.csi.publish("metrics-b", tmp_path / "m2", images.app)
+        url = f"http://127.0.0.1:{plugin.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as r:
+            text = r.read().decode()
+        values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+                  if line and not line.startswith("#")}
+        assert values["strata_layers"] == 2
+        assert values["strata_publications"] == 2
+        assert values["strata_layer_unpacks_total"] == 2
+        assert values["strata_sharing_saved_bytes"] > 0
+        assert values["strata_store_logical_bytes"] == 2 * values["strata_store_physical_bytes"]
+        assert 'strata_rpc_duration_seconds_count{code="OK",method="NodePublishVolume"} 2.0' \
+            in text
+        plugin.csi.unpublish("metrics-a", t)
+        plugin.csi.unpublish("metrics-b", tmp_path / "m2")
+    finally:
+        plugin.stop()

@@ -1,0 +1,67 @@
+"""csi-sanity (kubernetes-csi/csi-test, CSI spec v1.12.0) against `strata serve`."""
+
+import os
+import pathlib
+import signal
+import subprocess
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from tests.conftest import ROOT_REASON, StrataProcess, unmount_all_under
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+BINARY = os.environ.get("CSI_SANITY", str(REPO.parent / "shared" / "bin" / "csi-sanity"))
+# With CONTROLLER_SERVICE + CREATE_DELETE_VOLUME and node STAGE_UNSTAGE_VOLUME,
+# GET_VOLUME_STATS, SINGLE_NODE_MULTI_WRITER (+ VOLUME_CONDITION) the suite runs 38 specs;
+# fewer means a capability or service went missing.
+EXPECTED_SPECS = 38
+
+
+def tally(junit: str) -> dict[str, int]:
+    counts = {"total": 0, "passed": 0, "failed": 0, "skipped": 0}
+    for case in ET.parse(junit).getroot().iter("testcase"):
+        counts["total"] += 1
+        if case.find("failure") is not None or case.find("error") is not None:
+            counts["failed"] += 1
+        elif case.find("skipped") is not None or case.get("status") in ("skipped", "pending"):
+            counts["skipped"] += 1
+        else:
+            counts["passed"] += 1
+    return counts
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason=ROOT_REASON)
+def test_csi_sanity(tmp_path, images):
+    if not os.path.exists(BINARY):
+        if os.environ.get("CI"):
+            pytest.fail(f"csi-sanity not found at {BINARY}")
+        pytest.skip(f"csi-sanity not found at {BINARY} (set CSI_SANITY)")
+    plugin = StrataProcess(str(tmp_path)).start()
+    params = tmp_path / "params.yaml"
+    params.write_text(f"image: {images.app}\n")
+    junit = tmp_path / "sanity.xml"
+    try:
+        run = subprocess.run(
+            [BINARY, f"--csi.endpoint=unix://{plugin.node_sock}",
+             f"--csi.controllerendpoint=unix://{plugin.ctrl_sock}",
+             f"--csi.mountdir={tmp_path}/mount", f"--csi.stagingdir={tmp_path}/staging",
+             f"--csi.testvolumeparameters={params}", f"-ginkgo.junit-report={junit}",
+             "-ginkgo.no-color"],
+            capture_output=True, text=True, timeout=600)
+        counts = tally(str(junit))
+        print(f"csi-sanity: {counts}")
+        ran = counts["total"] - counts["skipped"]
+        assert run.returncode == 0 and counts["failed"] == 0, (
+            f"csi-sanity failed {counts}:\n{run.stdout[-6000:]}\n--- plugin log ---\n"
+            f"{plugin.read_log()[-4000:]}")
+        assert counts["passed"] == ran, counts
+        assert counts["passed"] >= EXPECTED_SPECS, (
+            f"only {counts['passed']} specs ran and passed; expected {EXPECTED_SPECS}")
+        assert "Traceback" not in plugin.read_log()
+    finally:
+        assert plugin.stop(signal.SIGTERM) == 0
+        left = unmount_all_under(str(tmp_path))
+    assert not left, f"csi-sanity run left mounts: {left}"
+    assert os.listdir(os.path.join(plugin.root, "volumes")) == []
+    assert not (tmp_path / "mount").exists() and not (tmp_path / "staging").exists()
