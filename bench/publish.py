@@ -1,0 +1,154 @@
+"""Warm publish latency: strata against a bare overlay mount(2), measured in the same run.
+
+Three figures per publish+unpublish cycle, on layers already on the node:
+  bare      mkdir + mount(2) overlay + umount(2) + rmdir, with fresh upper/work dirs (the floor)
+  manager   VolumeManager.publish + unpublish in-process (server-side work: locks, state, mount)
+  rpc       NodePublishVolume + NodeUnpublishVolume over the real unix socket (what kubelet sees)
+Reported as p50/p99 in ms and as ratios to the bare cycle.
+"""
+
+import argparse
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import grpc
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from csi.demo import build_demo_image  # noqa: E402
+from csi.mount import spec  # noqa: E402
+from csi.mount.syscalls import Mounter  # noqa: E402
+from csi.proto import csi_pb2, csi_pb2_grpc  # noqa: E402
+from csi.store.layers import LayerStore  # noqa: E402
+from csi.store.state import State  # noqa: E402
+from csi.volumes import PublishSpec, VolumeManager  # noqa: E402
+
+
+def pct(xs, p):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+
+
+def summary(name, xs, base=None):
+    p50, p99 = pct(xs, 50) * 1e3, pct(xs, 99) * 1e3
+    ratio = f"  {statistics.median(xs) / statistics.median(base):5.2f}x bare" if base else ""
+    print(f"  {name:<8} p50 {p50:7.3f} ms   p99 {p99:7.3f} ms{ratio}")
+
+
+def bench_bare(mounter, lowers, work, n, mount_only):
+    out = []
+    for i in range(n):
+        d = os.path.join(work, f"bare{i}")
+        t0 = time.perf_counter()
+        os.makedirs(os.path.join(d, "upper"))
+        os.mkdir(os.path.join(d, "work"))
+        os.mkdir(os.path.join(d, "t"))
+        m = spec.overlay(lowers, os.path.join(d, "upper"), os.path.join(d, "work"),
+                         os.path.join(d, "t"))
+        t1 = time.perf_counter()
+        mounter.mount(m)
+        mount_only.append(time.perf_counter() - t1)
+        mounter.unmount(m.target)
+        os.rmdir(m.target)
+        out.append(time.perf_counter() - t0)
+        shutil.rmtree(d)
+    return out
+
+
+def bench_manager(vm, image, work, n, publish_only=None):
+    out = []
+    for i in range(n):
+        target = os.path.join(work, f"mgr{i}")
+        p = PublishSpec(f"bench-{i}", target, image, False, 1)
+        t0 = time.perf_counter()
+        vm.publish(p)
+        t1 = time.perf_counter()
+        vm.unpublish(p.volume_id, target)
+        out.append(time.perf_counter() - t0)
+        if publish_only is not None:
+            publish_only.append(t1 - t0)
+    return out
+
+
+def bench_rpc(sock, image, work, n):
+    channel = grpc.insecure_channel(f"unix://{sock}")
+    node = csi_pb2_grpc.NodeStub(channel)
+    cap = csi_pb2.VolumeCapability(
+        mount=csi_pb2.VolumeCapability.MountVolume(),
+        access_mode=csi_pb2.VolumeCapability.AccessMode(mode=1))
+    out = []
+    for i in range(n + 5):
+        target = os.path.join(work, f"rpc{i}")
+        t0 = time.perf_counter()
+        node.NodePublishVolume(csi_pb2.NodePublishVolumeRequest(
+            volume_id=f"rpc-{i}", target_path=target, volume_capability=cap,
+            volume_context={"image": image, "csi.storage.k8s.io/ephemeral": "true"}))
+        node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(
+            volume_id=f"rpc-{i}", target_path=target))
+        if i >= 5:  # the first calls warm the channel and the layer cache
+            out.append(time.perf_counter() - t0)
+    channel.close()
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("-n", type=int, default=300)
+    args = ap.parse_args()
+    root = tempfile.mkdtemp(prefix="strata-bench-")
+    proc = None
+    try:
+        image = build_demo_image(os.path.join(root, "image"))
+        store = os.path.join(root, "store")
+        for sub in ("tmp", "layers", "volumes"):
+            os.makedirs(os.path.join(store, sub))
+        state = State(os.path.join(store, "state.db"))
+        layers = LayerStore(store, state)
+        mounter = Mounter()
+        vm = VolumeManager(store, state, layers, mounter)
+        from csi.image.resolver import Resolver
+
+        src, img = Resolver().resolve(image)
+        ids = layers.ensure(src, img)  # warm: layers on the node
+        lowers = [layers.path(i) for i in reversed(ids)]
+        work = os.path.join(root, "work")
+        os.mkdir(work)
+        bench_manager(vm, image, work, 5)
+        bare_mount: list[float] = []
+        bare = bench_bare(mounter, lowers, work, args.n, bare_mount)
+        mgr_pub: list[float] = []
+        mgr = bench_manager(vm, image, work, args.n, mgr_pub)
+        state.close()
+
+        sock = os.path.join(root, "csi.sock")
+        log = open(os.path.join(root, "serve.log"), "w")
+        proc = subprocess.Popen([sys.executable, "-m", "csi", "serve", "--endpoint",
+                                 f"unix://{sock}", "--root", os.path.join(root, "store2"),
+                                 "--node-id", "bench", "--log-level", "WARNING"],
+                                stdout=log, stderr=log)
+        while not os.path.exists(sock):
+            time.sleep(0.05)
+        rpc = bench_rpc(sock, image, work, args.n)
+
+        print(f"warm publish+unpublish cycle, {len(lowers)}-layer image, n={args.n}")
+        summary("bare", bare)
+        summary("manager", mgr, bare)
+        summary("rpc", rpc, bare)
+        print("warm NodePublish alone (server side) against one bare overlay mount(2):")
+        summary("mount(2)", bare_mount)
+        summary("publish", mgr_pub, bare_mount)
+    finally:
+        if proc is not None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
