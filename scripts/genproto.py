@@ -30,9 +30,10 @@ def generate(out: pathlib.Path) -> None:
         raise SystemExit(f"protoc failed with exit code {rc}")
     grpc_py = out / "csi_pb2_grpc.py"
     text = grpc_py.read_text()
-    grpc_py.write_text(text.replace("import csi_pb2 as csi__pb2", "from . import csi_pb2 as csi__pb2"))
+    text = text.replace("import csi_pb2 as csi__pb2", "from . import csi_pb2 as csi__pb2")
+    grpc_py.write_text(text)
     init = out / "__init__.py"
-    init.write_text('"""Code generated from protos/csi.proto by `make proto`. Do not edit."""\n')
+    init.write_text('"""Generated from protos/csi.proto by `make proto`. Do not edit."""\n')
 
 
 if __name__ == "__main__":

@@ -1,1 +1,1 @@
-"""Code generated from protos/csi.proto by `make proto`. Do not edit."""
+"""Generated from protos/csi.proto by `make proto`. Do not edit."""
