@@ -85,10 +85,12 @@ class Images:
         other = LayerBuilder().file("opt/other.txt", "another image on the same base\n")
         write_image(layout, "other", [base_layer(), other])
         write_image(layout, "plain", [base_layer(), app_layer()], compression="none")
+        write_image(layout, "zstd", [base_layer(), app_layer()], compression="zstd")
         self.app = f"oci:{layout}:app"
         self.base = f"oci:{layout}:base"
         self.other = f"oci:{layout}:other"
         self.plain = f"oci:{layout}:plain"
+        self.zstd = f"oci:{layout}:zstd"
         # A layout whose top layer blob has one byte flipped (digest mismatch).
         corrupt = os.path.join(root, "corrupt")
         write_image(corrupt, "bad", [base_layer(), LayerBuilder().file("x", "y" * 5000)])

@@ -104,7 +104,7 @@ def _write_blob(layout: str, data: bytes) -> tuple[str, int]:
 def write_image(layout: str, tag: str, layers: list[LayerBuilder],
                 compression: str = "gzip") -> str:
     """Add an image to the OCI layout at `layout` (created if needed); returns the
-    manifest digest. `compression` is "gzip" or "none"."""
+    manifest digest. `compression` is "gzip", "zstd" or "none"."""
     os.makedirs(layout, exist_ok=True)
     with open(os.path.join(layout, "oci-layout"), "w") as f:
         json.dump({"imageLayoutVersion": "1.0.0"}, f)
@@ -114,8 +114,15 @@ def write_image(layout: str, tag: str, layers: list[LayerBuilder],
         diff_ids.append("sha256:" + hashlib.sha256(tar).hexdigest())
         if compression == "gzip":
             blob, mt = gzip.compress(tar, mtime=0), "application/vnd.oci.image.layer.v1.tar+gzip"
-        else:
+        elif compression == "zstd":
+            import zstandard
+
+            blob = zstandard.ZstdCompressor().compress(tar)
+            mt = "application/vnd.oci.image.layer.v1.tar+zstd"
+        elif compression == "none":
             blob, mt = tar, "application/vnd.oci.image.layer.v1.tar"
+        else:
+            raise ValueError(f"unknown compression {compression!r}")
         digest, size = _write_blob(layout, blob)
         layer_descs.append({"mediaType": mt, "digest": digest, "size": size})
     config = {

@@ -11,19 +11,19 @@ still fit in the one page the kernel accepts for mount options, and stable acros
 """
 
 import errno
-import gzip
 import logging
 import os
 import shutil
 import tempfile
 import time
-from typing import BinaryIO, Protocol
+from typing import Protocol
 
-from csi.errors import Internal, InvalidArgument, ResourceExhausted
+from csi.errors import DataLoss, Internal, InvalidArgument, ResourceExhausted, StrataError
 from csi.image.manifest import Image, LayerDesc
 from csi.image.verify import VerifyingReader
 from csi.locks import SingleFlight
 from csi.store import unpack
+from csi.store.compression import decompress
 from csi.store.state import ImageRecord, Layer, State
 from csi.store.usage import usage
 
@@ -36,14 +36,6 @@ class BlobSource(Protocol):
 
 def layer_id(diff_id: str) -> str:
     return diff_id.partition(":")[2][:16]
-
-
-def decompress(blob: BinaryIO, compression: str) -> BinaryIO:
-    if compression == "gzip":
-        return gzip.GzipFile(fileobj=blob, mode="rb")
-    if compression == "none":
-        return blob
-    raise InvalidArgument(f"layer compression {compression!r} is not supported yet")
 
 
 class LayerStore:
@@ -89,15 +81,22 @@ class LayerStore:
             fs = os.path.join(work, "fs")
             os.mkdir(fs, 0o755)
             with source.open_blob(desc) as blob:
-                tar = VerifyingReader(decompress(blob, desc.compression), desc.diff_id, None,
-                                      f"layer {desc.digest} (DiffID {desc.diff_id})")
                 try:
+                    tar = VerifyingReader(decompress(blob, desc.compression), desc.diff_id,
+                                          None, f"layer {desc.digest} (DiffID {desc.diff_id})")
                     stats = unpack.apply(tar, fs)
-                except InvalidArgument:
-                    # A truncated or garbled stream is most often a corrupt blob: say so.
-                    blob.drain()
+                    tar.drain()
+                except DataLoss:
                     raise
-                tar.drain()
+                except Exception as e:
+                    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+                        raise
+                    # A garbled stream is most often a corrupt blob: DataLoss names it.
+                    blob.drain()
+                    if isinstance(e, StrataError):
+                        raise
+                    raise InvalidArgument(f"layer {desc.digest} ({desc.media_type}) cannot "
+                                          f"be read: {type(e).__name__}: {e}") from e
                 blob.drain()
             size, _ = usage(fs)
             final = os.path.join(self.layers_dir, lid)

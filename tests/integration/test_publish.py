@@ -221,10 +221,23 @@ def test_layers_are_shared_between_images(csi, strata, pods, images):
         csi.unpublish("share-b", b)
 
 
-def test_uncompressed_layers(csi, pods, images):
-    t = pods / "plain"
-    csi.publish("plain-vol", t, images.plain)
+@pytest.mark.parametrize("kind", ["plain", "zstd"])
+def test_other_layer_media_types(csi, pods, images, kind):
+    t = pods / kind
+    csi.publish(f"{kind}-vol", t, getattr(images, kind))
     try:
         assert read(t / "etc/motd") == "app motd\n"
+        assert not (t / "usr/lib/python3/json/tool.py").exists()
+        # the same DiffIDs whatever the compression: the layers are the gzip image's
+        assert overlay_opts(t)["lowerdir"] == _lowers_of_app(csi, pods, images)
     finally:
-        csi.unpublish("plain-vol", t)
+        csi.unpublish(f"{kind}-vol", t)
+
+
+def _lowers_of_app(csi, pods, images) -> str:
+    t = pods / "app-ref"
+    csi.publish("app-ref", t, images.app)
+    try:
+        return overlay_opts(t)["lowerdir"]
+    finally:
+        csi.unpublish("app-ref", t)
