@@ -5,6 +5,7 @@ import os
 import re
 
 from csi.errors import InvalidArgument
+from csi.store.gc import Policy
 
 ENV_PREFIX = "STRATA_"
 
@@ -18,6 +19,16 @@ class Config:
     metrics_address: str = ""
     log_level: str = "INFO"
     grace_seconds: float = 10.0
+    gc_policy: str = "lru"
+    gc_high_percent: float = 85.0
+    gc_low_percent: float = 80.0
+    gc_max_bytes: int = 0
+    gc_min_age: float = 300.0  # a warm cache, like the kubelet's image GC minimum age
+
+    @property
+    def gc(self) -> Policy:
+        return Policy(self.gc_policy, self.gc_high_percent, self.gc_low_percent,
+                      self.gc_max_bytes, self.gc_min_age)
 
     @property
     def socket_path(self) -> str:
@@ -43,6 +54,10 @@ class Config:
             raise InvalidArgument("--node-id must be at most 256 bytes (CSI limit)")
         if self.metrics_address:
             parse_host_port(self.metrics_address)
+        try:
+            self.gc.validate()
+        except ValueError as e:
+            raise InvalidArgument(str(e)) from None
         return self
 
 

@@ -7,6 +7,7 @@ drift from the truth; RPC latency is recorded by the server's interceptor.
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
+from csi.store.report import sharing
 from csi.store.state import State
 
 RPC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,
@@ -30,6 +31,16 @@ class Metrics:
             "strata_layer_unpack_bytes_total", "Uncompressed file bytes written by unpacks.",
             registry=self.registry)
 
+        self.gc_removed = Counter(
+            "strata_gc_removed_layers_total", "Unreferenced layers removed by GC.",
+            registry=self.registry)
+        self.gc_freed = Counter(
+            "strata_gc_freed_bytes_total", "Bytes freed by GC.", registry=self.registry)
+
+    def on_collect(self, result) -> None:
+        self.gc_removed.inc(len(result.removed))
+        self.gc_freed.inc(result.freed_bytes)
+
     def on_unpack(self, layer, seconds: float, nbytes: int) -> None:
         self.unpacks.inc()
         self.unpack_seconds.observe(seconds)
@@ -52,25 +63,24 @@ class StoreCollector:
         with self._state.transaction() as tx:
             layers = tx.layers()
             refs = tx.refcounts()
+            images = tx.images()
             pubs = tx.publications()
             stages = tx.stages()
-        physical = sum(layer.size for layer in layers)
-        referenced = sum(layer.size * refs.get(layer.id, 0) for layer in layers)
-        saved = sum(layer.size * (refs[layer.id] - 1) for layer in layers
-                    if refs.get(layer.id, 0) > 1)
+        share = sharing(layers, images, pubs)
         yield GaugeMetricFamily("strata_layers", "Layers in the shared store.",
                                 value=len(layers))
         yield GaugeMetricFamily("strata_layer_references",
                                 "References held on layers by publications and stages.",
                                 value=sum(refs.values()))
         yield GaugeMetricFamily("strata_store_physical_bytes",
-                                "Bytes the shared layers occupy on disk.", value=physical)
+                                "Bytes the shared layers occupy on disk.",
+                                value=share.physical_bytes)
         yield GaugeMetricFamily("strata_store_logical_bytes",
-                                "Bytes a private copy per reference would occupy.",
-                                value=referenced)
+                                "Bytes a private copy of its image per publication would take.",
+                                value=share.logical_bytes)
         yield GaugeMetricFamily("strata_sharing_saved_bytes",
                                 "Disk bytes saved by sharing layers instead of copying them.",
-                                value=saved)
+                                value=share.saved_bytes)
         yield GaugeMetricFamily("strata_publications", "Volumes mounted at target paths.",
                                 value=len(pubs))
         yield GaugeMetricFamily("strata_stages", "Volumes staged on this node.",

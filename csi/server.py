@@ -26,6 +26,7 @@ from csi.node import NodeService
 from csi.proto import csi_pb2_grpc
 from csi.provision import Provisioner
 from csi.reconcile import reconcile
+from csi.store.gc import Collector
 from csi.store.layers import LayerStore
 from csi.store.state import State
 from csi.volumes import VolumeManager
@@ -57,7 +58,9 @@ class Plugin:
         self.mounter = mounter or Mounter()
         reconcile(root, self.state, self.mounter)
         self.layers = LayerStore(root, self.state, on_unpack=self.metrics.on_unpack)
-        self.volumes = VolumeManager(root, self.state, self.layers, self.mounter)
+        self.gc = Collector(self.layers, config.gc, on_collect=self.metrics.on_collect)
+        self.volumes = VolumeManager(root, self.state, self.layers, self.mounter, gc=self.gc)
+        self.gc.collect()  # released while we were down, or a policy that changed
         self.provisioner = Provisioner(self.state)
         self.metrics.install_store(self.state)
         self._servers: list[tuple[grpc.Server, str]] = []

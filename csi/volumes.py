@@ -19,6 +19,7 @@ from csi.errors import AlreadyExists, FailedPrecondition, Internal, NotFound
 from csi.image.resolver import Resolver
 from csi.mount import spec as mount_spec
 from csi.mount.syscalls import Mounter
+from csi.store.gc import Collector
 from csi.store.layers import LayerStore
 from csi.store.state import Publication, Stage, State, pub_holder, stage_holder
 from csi.store.usage import usage
@@ -63,7 +64,8 @@ class VolumeStats:
 
 class VolumeManager:
     def __init__(self, root: str, state: State, layers: LayerStore, mounter: Mounter,
-                 resolver: Resolver | None = None, clock=time.time, locks=None):
+                 resolver: Resolver | None = None, clock=time.time, locks=None,
+                 gc: Collector | None = None):
         from csi.locks import KeyedLock
 
         self.volumes_dir = os.path.join(root, "volumes")
@@ -74,6 +76,7 @@ class VolumeManager:
         self._resolver = resolver or Resolver()
         self._clock = clock
         self._locks = locks or KeyedLock()
+        self._gc = gc
 
     # -- stage -------------------------------------------------------------------------
     def stage(self, s: StageSpec) -> None:
@@ -88,13 +91,16 @@ class VolumeManager:
                 raise AlreadyExists(f"volume {s.volume_id} is already staged at "
                                     f"{existing.staging_path} with image {existing.image}")
             source, image = self._resolver.resolve(s.image, s.secrets)
-            layer_ids = self._layers.ensure(source, image)
-            with self._state.transaction() as tx:
-                tx.put_stage(Stage(s.volume_id, s.staging_path, s.image, image.manifest_digest,
-                                   s.access_mode, self._clock()))
-                tx.add_refs(stage_holder(s.volume_id), layer_ids)
+            unpacked = self._layers.unpacked
+            with self._layers.acquire(source, image) as layer_ids:
+                with self._state.transaction() as tx:
+                    tx.put_stage(Stage(s.volume_id, s.staging_path, s.image,
+                                       image.manifest_digest, s.access_mode, self._clock()))
+                    tx.add_refs(stage_holder(s.volume_id), layer_ids)
             log.info("staged volume %s: image %s (%s), %d layers", s.volume_id, s.image,
                      image.manifest_digest, len(layer_ids))
+        if self._layers.unpacked != unpacked:
+            self._collect()  # the store grew: an LRU policy may need to make room
 
     def unstage(self, volume_id: str, staging_path: str) -> None:
         with self._locks.hold("vol:" + volume_id):
@@ -113,6 +119,7 @@ class VolumeManager:
                 tx.delete_stage(volume_id)
                 tx.drop_refs(stage_holder(volume_id))
             log.info("unstaged volume %s", volume_id)
+        self._collect()
 
     # -- publish -----------------------------------------------------------------------
     def publish(self, p: PublishSpec) -> None:
@@ -143,14 +150,17 @@ class VolumeManager:
                 if stage is None or stage.staging_path != p.staging_path:
                     raise FailedPrecondition(f"volume {p.volume_id} is not staged at "
                                              f"{p.staging_path}")
-                image_name, manifest_digest = stage.image, stage.manifest_digest
+                # The stage's references pin these layers; the volume lock keeps it staged.
                 with self._state.transaction() as tx:
-                    layer_ids = list(tx.image(manifest_digest).layer_ids)
-            else:
-                source, image = self._resolver.resolve(p.image, p.secrets)
-                layer_ids = self._layers.ensure(source, image)
-                image_name, manifest_digest = p.image, image.manifest_digest
-            self._mount(p, image_name, manifest_digest, layer_ids)
+                    layer_ids = list(tx.image(stage.manifest_digest).layer_ids)
+                self._mount(p, stage.image, stage.manifest_digest, layer_ids)
+                return
+            source, image = self._resolver.resolve(p.image, p.secrets)
+            unpacked = self._layers.unpacked
+            with self._layers.acquire(source, image) as layer_ids:
+                self._mount(p, p.image, image.manifest_digest, layer_ids)
+        if self._layers.unpacked != unpacked:
+            self._collect()
 
     def _same(self, pub: Publication, p: PublishSpec) -> bool:
         return (pub.volume_id == p.volume_id and pub.readonly == p.readonly
@@ -213,6 +223,17 @@ class VolumeManager:
             self._teardown(pub)
             _rmdir(target)
             log.info("unpublished volume %s from %s", volume_id, target)
+        self._collect()
+
+    def _collect(self) -> None:
+        """Run GC after references were released (or the store grew). Its failure never
+        fails the RPC that triggered it: the volume work is done and recorded."""
+        if self._gc is None:
+            return
+        try:
+            self._gc.collect()
+        except Exception:
+            log.exception("garbage collection failed")
 
     def _teardown(self, pub: Publication) -> None:
         """Unmount, forget, then delete the ephemeral upper layer (record before files)."""

@@ -151,12 +151,32 @@ class Csi:
             c.close()
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def scrape(port: int) -> dict[str, float]:
+    """The plugin's /metrics as {sample name with labels: value}."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines() if line and not line.startswith("#")}
+
+
 class StrataProcess:
     """`strata serve` as a child process with node and controller sockets."""
 
-    def __init__(self, base: str, metrics_port: int = 0):
+    def __init__(self, base: str, metrics_port: int = 0, extra_args: tuple[str, ...] = (),
+                 root: str = ""):
         self.base = base
-        self.root = os.path.join(base, "store")
+        self.root = root or os.path.join(base, "store")
+        self.extra_args = list(extra_args)
         self.node_sock = os.path.join(base, "node.sock")
         self.ctrl_sock = os.path.join(base, "controller.sock")
         self.log = os.path.join(base, "serve.log")
@@ -170,6 +190,7 @@ class StrataProcess:
                 "--node-id", "test-node", "--log-level", "DEBUG", "--grace-seconds", "5"]
         if self.metrics_port:
             args += ["--metrics-address", f"127.0.0.1:{self.metrics_port}"]
+        args += self.extra_args
         with open(self.log, "a") as log:
             self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout

@@ -90,6 +90,9 @@ def descriptor(d: object, what: str) -> Descriptor:
         raise InvalidArgument(f"{what}: descriptor {digest} has an invalid size {size!r}")
     ann = d.get("annotations") or {}
     plat = d.get("platform") or {}
+    if not isinstance(ann, dict) or not isinstance(plat, dict):
+        raise InvalidArgument(f"{what}: descriptor {digest} has malformed annotations or "
+                              "platform")
     return Descriptor(
         media_type=str(mt), digest=digest, size=size,
         annotations=tuple(sorted((str(k), str(v)) for k, v in ann.items())),
@@ -133,9 +136,9 @@ def parse_manifest(data: bytes, what: str) -> tuple[Descriptor, list[Descriptor]
 
 def parse_config_diff_ids(data: bytes, what: str) -> list[str]:
     doc = _load(data, what)
-    rootfs = doc.get("rootfs") or {}
-    diff_ids = rootfs.get("diff_ids")
-    if rootfs.get("type") != "layers" or not isinstance(diff_ids, list):
+    rootfs = doc.get("rootfs")
+    diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+    if not isinstance(diff_ids, list) or rootfs.get("type") != "layers":
         raise InvalidArgument(f"{what}: the image config has no rootfs.diff_ids")
     for d in diff_ids:
         if not isinstance(d, str) or not is_digest(d):

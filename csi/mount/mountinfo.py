@@ -64,7 +64,8 @@ class MountTable:
 
     def under(self, prefix: str) -> list[MountInfo]:
         prefix = os.path.normpath(prefix)
+        below = prefix.rstrip("/") + "/"  # "/" itself must not become "//"
         return [
             m for m in self.mounts()
-            if m.mount_point == prefix or m.mount_point.startswith(prefix + "/")
+            if m.mount_point == prefix or m.mount_point.startswith(below)
         ]

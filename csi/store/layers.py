@@ -10,21 +10,25 @@ Layer IDs are the first 16 hex digits of the DiffID: short, so that long `lowerd
 still fit in the one page the kernel accepts for mount options, and stable across restarts.
 """
 
+import contextlib
 import errno
 import logging
 import os
+import secrets
 import shutil
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from typing import Protocol
 
-from csi.errors import DataLoss, Internal, InvalidArgument, ResourceExhausted, StrataError
+from csi.errors import Aborted, DataLoss, Internal, InvalidArgument, ResourceExhausted, StrataError
 from csi.image.manifest import Image, LayerDesc
 from csi.image.verify import VerifyingReader
 from csi.locks import SingleFlight
 from csi.store import unpack
 from csi.store.compression import decompress
-from csi.store.state import ImageRecord, Layer, State
+from csi.store.state import ImageRecord, Layer, State, lease_holder
 from csi.store.usage import usage
 
 log = logging.getLogger(__name__)
@@ -45,32 +49,72 @@ class LayerStore:
         self.tmp_dir = os.path.join(root, "tmp")
         os.makedirs(self.layers_dir, mode=0o700, exist_ok=True)
         os.makedirs(self.tmp_dir, mode=0o700, exist_ok=True)
-        self._state = state
+        self.state = state
         self._clock = clock
         self._flights = SingleFlight()
+        self._dirs = threading.Lock()  # orders layer-dir renames between unpack and GC
+        self.unpacked = 0
         self._on_unpack = on_unpack or (lambda layer, seconds, nbytes: None)
 
     def path(self, lid: str) -> str:
         return os.path.join(self.layers_dir, lid, "fs")
 
-    def ensure(self, source: BlobSource, image: Image) -> list[str]:
-        """Make every layer of `image` present; record the image. Returns layer IDs, base
-        first."""
-        ids = [self.ensure_layer(source, desc).id for desc in image.layers]
-        with self._state.transaction() as tx:
-            tx.put_image(ImageRecord(image.manifest_digest, image.name, image.config_digest,
-                                     tuple(ids), self._clock()))
-        return ids
+    @contextlib.contextmanager
+    def acquire(self, source: BlobSource, image: Image) -> Iterator[list[str]]:
+        """Make every layer of `image` present and hold a lease (a reference row) on each
+        until the block ends, so that GC cannot take a layer between this call and the
+        caller recording its own references. Yields layer IDs, base first."""
+        holder = lease_holder(secrets.token_hex(8))
+        try:
+            ids = [self._ensure_leased(source, desc, holder) for desc in image.layers]
+            with self.state.transaction() as tx:
+                tx.put_image(ImageRecord(image.manifest_digest, image.name,
+                                         image.config_digest, tuple(ids), self._clock()))
+            yield ids
+        finally:
+            with self.state.transaction() as tx:
+                tx.drop_refs(holder)
 
-    def ensure_layer(self, source: BlobSource, desc: LayerDesc) -> Layer:
-        with self._state.transaction() as tx:
-            layer = tx.layer_by_diff_id(desc.diff_id)
-        if layer is not None:
-            return layer
-        return self._flights.do(desc.diff_id, lambda: self._unpack(source, desc))
+    def ensure(self, source: BlobSource, image: Image) -> list[str]:
+        """Make every layer of `image` present (no reference kept). Returns layer IDs."""
+        with self.acquire(source, image) as ids:
+            return ids
+
+    def _ensure_leased(self, source: BlobSource, desc: LayerDesc, holder: str) -> str:
+        for _ in range(3):
+            with self.state.transaction() as tx:
+                layer = tx.layer_by_diff_id(desc.diff_id)
+                if layer is not None:
+                    tx.add_refs(holder, [layer.id])
+                    return layer.id
+            self._flights.do(desc.diff_id, lambda: self._unpack(source, desc))
+        # Only an immediate GC with no minimum age can take a fresh layer this often.
+        raise Aborted(f"layer {desc.diff_id} was collected three times while being acquired")
+
+    def remove_if_unreferenced(self, lid: str) -> bool:
+        """Forget and delete a layer, re-checking inside the transaction that nothing holds
+        it. The record goes first, then the files (a crash leaves an orphan dir, which
+        start-up removes, never a record without files)."""
+        with self._dirs:
+            with self.state.transaction() as tx:
+                if tx.layer(lid) is None or tx.refcount(lid):
+                    return False
+                tx.delete_layer(lid)
+                tx.delete_images_with_layer(lid)
+            self._discard(os.path.join(self.layers_dir, lid))
+        return True
+
+    def _discard(self, path: str) -> None:
+        """Move a directory out of layers/ atomically, then delete it at leisure."""
+        trash = os.path.join(self.tmp_dir, "discard-" + secrets.token_hex(6))
+        try:
+            os.rename(path, trash)
+        except FileNotFoundError:
+            return
+        shutil.rmtree(trash, ignore_errors=True)
 
     def _unpack(self, source: BlobSource, desc: LayerDesc) -> Layer:
-        with self._state.transaction() as tx:
+        with self.state.transaction() as tx:
             layer = tx.layer_by_diff_id(desc.diff_id)  # a flight that just finished
         if layer is not None:
             return layer
@@ -99,11 +143,6 @@ class LayerStore:
                                           f"be read: {type(e).__name__}: {e}") from e
                 blob.drain()
             size, _ = usage(fs)
-            final = os.path.join(self.layers_dir, lid)
-            if os.path.lexists(final):
-                # Unrecorded, so a leftover of a crash between rename and record.
-                shutil.rmtree(final)
-            os.rename(work, final)
         except OSError as e:
             shutil.rmtree(work, ignore_errors=True)
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -113,16 +152,27 @@ class LayerStore:
             shutil.rmtree(work, ignore_errors=True)
             raise
         now = self._clock()
-        try:
-            with self._state.transaction() as tx:
-                clash = tx.layer(lid)
-                if clash is not None and clash.diff_id != desc.diff_id:
-                    raise Internal(f"layer id {lid} collides: {clash.diff_id} vs {desc.diff_id}")
-                layer = Layer(lid, desc.diff_id, size, now, now)
-                tx.put_layer(layer)
-        except BaseException:
-            shutil.rmtree(final, ignore_errors=True)
-            raise
+        final = os.path.join(self.layers_dir, lid)
+        renamed = False
+        with self._dirs:
+            try:
+                with self.state.transaction() as tx:
+                    clash = tx.layer(lid)
+                    if clash is not None and clash.diff_id != desc.diff_id:
+                        raise Internal(f"layer id {lid} collides: {clash.diff_id} vs "
+                                       f"{desc.diff_id}")
+                    # Unrecorded, so a leftover of a crash between rename and record.
+                    self._discard(final)
+                    os.rename(work, final)
+                    renamed = True
+                    layer = Layer(lid, desc.diff_id, size, now, now)
+                    tx.put_layer(layer)
+            except BaseException:  # the transaction rolled back: nothing may stay
+                shutil.rmtree(work, ignore_errors=True)
+                if renamed:
+                    self._discard(final)
+                raise
+        self.unpacked += 1
         seconds = time.monotonic() - started
         log.info("unpacked layer %s (%d entries, %d bytes) in %.2fs", lid, stats.entries,
                  size, seconds)

@@ -125,6 +125,11 @@ def stage_holder(volume_id: str) -> str:
     return "stage:" + volume_id
 
 
+def lease_holder(token: str) -> str:
+    """A short-lived reference held while a publish or stage is about to record its own."""
+    return "lease:" + token
+
+
 class Tx:
     """Queries and changes inside one transaction."""
 
@@ -167,6 +172,9 @@ class Tx:
 
     def images(self) -> list[ImageRecord]:
         return [_image(r) for r in self._c.execute("SELECT * FROM images ORDER BY name")]
+
+    def delete_images_with_layer(self, layer_id: str) -> None:
+        self._c.execute("DELETE FROM images WHERE layer_ids LIKE ?", (f'%"{layer_id}"%',))
 
     def put_image(self, img: ImageRecord) -> None:
         self._c.execute("INSERT OR REPLACE INTO images VALUES (?,?,?,?,?)",
@@ -219,6 +227,13 @@ class Tx:
 
     def delete_layer_refs(self, layer_id: str) -> None:
         self._c.execute("DELETE FROM refs WHERE layer_id=?", (layer_id,))
+
+    def refcount(self, layer_id: str) -> int:
+        return self._c.execute("SELECT COUNT(*) FROM refs WHERE layer_id=?",
+                               (layer_id,)).fetchone()[0]
+
+    def holders(self) -> list[tuple[str, str]]:
+        return self._c.execute("SELECT layer_id, holder FROM refs").fetchall()
 
     def refcounts(self) -> dict[str, int]:
         return dict(self._c.execute("SELECT layer_id, COUNT(*) FROM refs GROUP BY layer_id"))

@@ -144,7 +144,7 @@ def _mtime(path: str, m: tarfile.TarInfo) -> None:
 def apply(stream: BinaryIO, dest: str) -> ApplyStats:
     """Apply an uncompressed tar stream to the empty directory `dest`."""
     stats = ApplyStats()
-    dirs: list[tuple[str, tarfile.TarInfo]] = []
+    dirs: dict[str, tarfile.TarInfo] = {}  # cleaned name -> its last entry (last one wins)
     try:
         tf = tarfile.open(fileobj=stream, mode="r|", errorlevel=2)
     except tarfile.ReadError as e:
@@ -156,18 +156,21 @@ def apply(stream: BinaryIO, dest: str) -> ApplyStats:
                 _apply_member(tf, member, dest, stats, dirs)
         except tarfile.TarError as e:
             raise InvalidArgument(f"malformed layer tar: {e}") from None
-    for path, m in reversed(dirs):
+    # Deepest first, so setting a child's mtime does not disturb its parent's. Paths are
+    # resolved again inside the root: a later entry may have replaced a parent with a symlink.
+    for name in sorted(dirs, key=lambda n: n.count("/"), reverse=True):
+        path = root_path(dest, name) if name else dest
         if os.path.isdir(path) and not os.path.islink(path):
-            _mtime(path, m)
+            _mtime(path, dirs[name])
     return stats
 
 
 def _apply_member(tf: tarfile.TarFile, m: tarfile.TarInfo, dest: str, stats: ApplyStats,
-                  dirs: list) -> None:
+                  dirs: dict) -> None:
     name = clean_name(m.name)
     if not name:
         if m.isdir():
-            dirs.append((dest, m))  # the root keeps its own mode; only mtime is applied
+            dirs[""] = m  # the root keeps its own mode; only mtime is applied
         return
     parent_rel, base = posixpath.split(name)
     parent = root_path(dest, parent_rel, follow_final=True)
@@ -199,7 +202,7 @@ def _apply_member(tf: tarfile.TarFile, m: tarfile.TarInfo, dest: str, stats: App
         if existing is None or not stat.S_ISDIR(existing.st_mode):
             os.mkdir(path, 0o700)
         _set_metadata(path, m, is_link=False)
-        dirs.append((path, m))
+        dirs[os.path.relpath(path, dest)] = m
         return
     if m.isreg():
         if m.size < 0:

@@ -1,0 +1,55 @@
+"""GC mark and plan are pure: table-tested here; the sweep is tested against a real store."""
+
+import pytest
+
+from csi.store.gc import Policy, Usage, mark, plan
+from csi.store.state import Layer
+
+NOW = 10_000.0
+
+
+def L(lid, size, last_used):  # noqa: N802 - table shorthand
+    return Layer(lid, "sha256:" + lid.ljust(64, "0"), size, 0.0, last_used)
+
+
+LAYERS = [L("a", 100, NOW - 500), L("b", 200, NOW - 100), L("c", 300, NOW - 1000),
+          L("d", 50, NOW - 10)]
+
+
+def test_mark_returns_only_unreferenced():
+    assert [x.id for x in mark(LAYERS, {"a": 1, "c": 2, "d": 0})] == ["b", "d"]
+
+
+@pytest.mark.parametrize("policy,usage,expected", [
+    # immediate: everything unreferenced, oldest use first, min_age respected
+    (Policy("immediate", min_age=0), Usage(0, 0), ["c", "a", "b", "d"]),
+    (Policy("immediate", min_age=200), Usage(0, 0), ["c", "a"]),
+    # lru below the high-water mark: keep the warm cache
+    (Policy("lru", 85, 80), Usage(used=849, capacity=1000), []),
+    # at the mark: free down to low (850 - 800 = 50 bytes) → the least recently used only
+    (Policy("lru", 85, 80), Usage(used=850, capacity=1000), ["c"]),
+    # far above: free 950 - 100 = 850 bytes → c (300) + a (100) + b (200) + d (50) = 650 < 850
+    (Policy("lru", 90, 10), Usage(used=950, capacity=1000), ["c", "a", "b", "d"]),
+    # just enough: 900 - 500 = 400 → c (300) then a (100)
+    (Policy("lru", 90, 50), Usage(used=900, capacity=1000), ["c", "a"]),
+    # min_age shields recently used layers even above the mark
+    (Policy("lru", 50, 0, min_age=400), Usage(used=1000, capacity=1000), ["c", "a"]),
+    # no capacity known: never evict by marks
+    (Policy("lru", 85, 80), Usage(used=10, capacity=0), []),
+])
+def test_plan(policy, usage, expected):
+    assert [x.id for x in plan(policy, LAYERS, usage, NOW)] == expected
+
+
+def test_plan_ties_break_by_id_for_a_stable_order():
+    same = [L("z", 1, NOW - 5), L("y", 1, NOW - 5)]
+    assert [x.id for x in plan(Policy("immediate"), same, Usage(0, 0), NOW)] == ["y", "z"]
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"mode": "sometimes"}, {"high_percent": 50, "low_percent": 60},
+    {"high_percent": 101}, {"max_bytes": -1}, {"min_age": -5},
+])
+def test_policy_validation(kwargs):
+    with pytest.raises(ValueError):
+        Policy(**kwargs).validate()
