@@ -9,8 +9,14 @@ import pytest
 
 from csi.image.build import LayerBuilder, write_image
 from csi.mount.mountinfo import MountTable
-from tests.conftest import (ROOT_REASON, StrataProcess, base_layer, free_port, scrape,
-                            unmount_all_under)
+from tests.conftest import (
+    ROOT_REASON,
+    StrataProcess,
+    base_layer,
+    free_port,
+    scrape,
+    unmount_all_under,
+)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason=ROOT_REASON)
 
