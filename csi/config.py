@@ -50,7 +50,7 @@ class Config:
             raise InvalidArgument(f"--root must not contain ':', ',' or whitespace: {self.root!r}")
         if not self.node_id:
             raise InvalidArgument("--node-id (or STRATA_NODE_ID) is required")
-        if len(self.node_id) > 256:
+        if len(self.node_id.encode()) > 256:
             raise InvalidArgument("--node-id must be at most 256 bytes (CSI limit)")
         if self.metrics_address:
             parse_host_port(self.metrics_address)
@@ -63,7 +63,7 @@ class Config:
 
 def socket_path(endpoint: str) -> str:
     """`unix:///abs/path.sock` (or `unix:/abs`) → `/abs/path.sock`; anything else is refused."""
-    m = re.fullmatch(r"unix:(?://)?(/.+)", endpoint)
+    m = re.fullmatch(r"unix:(?://)?(/[^/].*)", endpoint)  # not unix://host/…
     if not m:
         raise InvalidArgument(f"endpoint must be unix:///ABSOLUTE/PATH, got {endpoint!r}")
     return m.group(1)

@@ -56,17 +56,23 @@ class SingleFlight:
         self._mu = threading.Lock()
         self._calls: dict[str, _Call] = {}
 
-    def do(self, key: str, fn: Callable[[], T]) -> T:
-        with self._mu:
-            call = self._calls.get(key)
-            leader = call is None
+    def do(self, key: str, fn: Callable[[], T], share_errors: bool = True) -> T:
+        """With `share_errors=False` a waiter whose leader failed runs `fn` itself: a caller
+        then only ever sees its own failure (one image's corrupt blob must not fail another
+        image that merely shares the layer)."""
+        while True:
+            with self._mu:
+                call = self._calls.get(key)
+                leader = call is None
+                if leader:
+                    call = self._calls[key] = _Call()
             if leader:
-                call = self._calls[key] = _Call()
-        if not leader:
+                break
             call.done.wait()
-            if call.error is not None:
+            if call.error is None:
+                return call.result
+            if share_errors:
                 raise call.error
-            return call.result
         try:
             call.result = fn()
             return call.result

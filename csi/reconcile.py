@@ -3,8 +3,9 @@
 A crash can leave: half-built work in tmp/ (emptied), layer or volume directories that were
 never recorded (removed: unrecorded means unverified or unused), publications whose mount is
 gone (forgotten and their upper layer removed), and references that no longer match the
-publications and stages that exist (recomputed from scratch). Overlay mounts that use our
-volumes but that the database does not know are reported, never touched.
+publications and stages that exist (recomputed from scratch), and mounts of our layers that
+no publication records (a publish interrupted between mount(2) and its record: unmounted, so
+that the kubelet's retry finds its target free).
 """
 
 import logging
@@ -24,6 +25,7 @@ def reconcile(root: str, state: State, mounter: Mounter) -> None:
 
     with state.transaction() as tx:
         pubs = tx.publications()
+    _unmount_unrecorded(root, {p.target for p in pubs}, mounter)
     gone = [p for p in pubs if not mounter.table.is_mountpoint(p.target)]
     with state.transaction() as tx:
         for p in gone:
@@ -59,9 +61,36 @@ def reconcile(root: str, state: State, mounter: Mounter) -> None:
             log.warning("removing unrecorded layer directory %s", lid)
             shutil.rmtree(os.path.join(layers, lid), ignore_errors=True)
 
-    known_targets = {p.target for p in pubs} - {p.target for p in gone}
+
+
+def _unmount_unrecorded(root: str, recorded: set[str], mounter: Mounter) -> None:
+    """Mounts of our layers or upper dirs that no publication records come from a publish
+    that crashed between mount(2) and its record: the kubelet never got OK for them and will
+    retry, which must find the target free. Unmount them (their upper dirs go below)."""
+    volumes = os.path.join(root, "volumes") + "/"
+    layers = os.path.join(root, "layers")
+    layer_inodes = set()
+    for lid in os.listdir(layers):
+        try:
+            st = os.stat(os.path.join(layers, lid, "fs"))
+            layer_inodes.add((st.st_dev, st.st_ino))
+        except OSError:
+            pass
     for m in mounter.table.mounts():
-        if m.fstype == "overlay" and volumes + "/" in m.super_options \
-                and m.mount_point not in known_targets:
-            log.warning("overlay at %s uses strata's volumes but is not recorded; leaving it",
-                        m.mount_point)
+        if m.mount_point in recorded:
+            continue
+        if m.fstype == "overlay":
+            ours = volumes in m.super_options or (layers + "/") in m.super_options
+        else:  # a read-only view of a one-layer image is a bind mount of the layer
+            try:
+                st = os.stat(m.mount_point)
+                ours = (st.st_dev, st.st_ino) in layer_inodes
+            except OSError:
+                ours = False
+        if ours:
+            log.warning("unmounting %s: a strata mount that no publication records "
+                        "(a publish interrupted before it was recorded)", m.mount_point)
+            try:
+                mounter.unmount(m.mount_point)
+            except OSError as e:
+                log.error("cannot unmount %s: %s", m.mount_point, e)

@@ -80,6 +80,7 @@ class VolumeManager:
 
     # -- stage -------------------------------------------------------------------------
     def stage(self, s: StageSpec) -> None:
+        s = dataclasses.replace(s, staging_path=canonical(s.staging_path))
         with self._locks.hold("vol:" + s.volume_id):
             with self._state.transaction() as tx:
                 existing = tx.stage(s.volume_id)
@@ -103,6 +104,7 @@ class VolumeManager:
             self._collect()  # the store grew: an LRU policy may need to make room
 
     def unstage(self, volume_id: str, staging_path: str) -> None:
+        staging_path = canonical(staging_path)
         with self._locks.hold("vol:" + volume_id):
             with self._state.transaction() as tx:
                 st = tx.stage(volume_id)
@@ -123,6 +125,8 @@ class VolumeManager:
 
     # -- publish -----------------------------------------------------------------------
     def publish(self, p: PublishSpec) -> None:
+        p = dataclasses.replace(p, target=canonical(p.target),
+                                staging_path=canonical(p.staging_path) if p.staging_path else "")
         with self._locks.hold("vol:" + p.volume_id, "target:" + p.target):
             with self._state.transaction() as tx:
                 existing = tx.publication(p.target)
@@ -169,7 +173,9 @@ class VolumeManager:
 
     def _mount(self, p: PublishSpec, image_name: str, manifest_digest: str,
                layer_ids: list[str]) -> None:
-        lowers = [self._layers.path(i) for i in reversed(layer_ids)]  # nearest first
+        # Nearest first. A layer an image lists twice appears once, at its topmost place:
+        # overlay refuses a repeated lowerdir, and the lower copy would be hidden anyway.
+        lowers = [self._layers.path(i) for i in dict.fromkeys(reversed(layer_ids))]
         key = secrets.token_hex(8)
         vdir = os.path.join(self.volumes_dir, key)
         created_target = False
@@ -190,7 +196,11 @@ class VolumeManager:
                 raise FailedPrecondition(f"{p.target} is already a mount point that strata "
                                          "did not record")
             if not os.path.isdir(p.target):
-                os.makedirs(p.target, mode=0o750)
+                try:
+                    os.mkdir(p.target, mode=0o750)  # the kubelet creates its parent
+                except FileNotFoundError:
+                    raise FailedPrecondition(f"the parent of target {p.target} does not "
+                                             "exist") from None
                 created_target = True
             self._mounter.mount(m)
             mounted = True
@@ -202,7 +212,11 @@ class VolumeManager:
                 tx.touch_layers(layer_ids, self._clock())
         except BaseException:
             if mounted:
-                self._mounter.unmount(p.target)
+                try:
+                    self._mounter.unmount(p.target)
+                except OSError:
+                    log.exception("cannot undo the mount at %s", p.target)
+                    raise
             shutil.rmtree(vdir, ignore_errors=True)
             if created_target:
                 _rmdir(p.target)
@@ -212,6 +226,7 @@ class VolumeManager:
 
     # -- unpublish ---------------------------------------------------------------------
     def unpublish(self, volume_id: str, target: str) -> None:
+        target = canonical(target)
         with self._locks.hold("vol:" + volume_id, "target:" + target):
             with self._state.transaction() as tx:
                 pub = tx.publication(target)
@@ -252,8 +267,13 @@ class VolumeManager:
 
     # -- stats -------------------------------------------------------------------------
     def stats(self, volume_id: str, path: str) -> VolumeStats:
+        path = canonical(path) if os.path.isabs(path) else path
+        with self._locks.hold("vol:" + volume_id, "target:" + path):
+            return self._stats_locked(volume_id, path)
+
+    def _stats_locked(self, volume_id: str, path: str) -> VolumeStats:
         with self._state.transaction() as tx:
-            pub = tx.publication(os.path.normpath(path)) if os.path.isabs(path) else None
+            pub = tx.publication(path) if os.path.isabs(path) else None
             stage = tx.stage(volume_id)
         if pub is not None and pub.volume_id == volume_id:
             used, inodes = usage(os.path.join(self.volumes_dir, pub.key))
@@ -271,6 +291,13 @@ class VolumeManager:
             bytes_available=fs.f_bavail * fs.f_frsize, inodes_used=inodes,
             inodes_total=fs.f_files, inodes_free=fs.f_favail, abnormal=abnormal,
             message=message)
+
+
+def canonical(path: str) -> str:
+    """The path as the mount table will show it: symlinks in its parent resolved. The last
+    component is kept as given (it is ours to create, and may be a mount point)."""
+    parent, name = os.path.split(os.path.normpath(path))
+    return os.path.join(os.path.realpath(parent), name)
 
 
 def _rmdir(path: str) -> None:

@@ -32,8 +32,8 @@ class OciLayout:
         try:
             with open(self._blob_path(desc.digest), "rb") as f:
                 data = f.read(mf.MAX_MANIFEST_BYTES + 1)
-        except FileNotFoundError:
-            raise NotFound(f"{self.ref}: blob {desc.digest} ({what}) is missing") from None
+        except OSError as e:
+            raise _os_error(f"{self.ref}: blob {desc.digest} ({what})", e) from None
         if sha256_digest(data) != desc.digest or len(data) != desc.size:
             raise InvalidArgument(f"{self.ref}: {what} {desc.digest} does not match its digest")
         return data
@@ -44,6 +44,8 @@ class OciLayout:
                 version = json.load(f).get("imageLayoutVersion")
         except FileNotFoundError:
             raise NotFound(f"{self.ref}: no OCI image layout at {self.path}") from None
+        except OSError as e:
+            raise _os_error(f"{self.ref}: {self.path}/oci-layout", e) from None
         except (ValueError, AttributeError):
             raise InvalidArgument(f"{self.ref}: {self.path}/oci-layout is malformed") from None
         if version != "1.0.0":
@@ -51,8 +53,8 @@ class OciLayout:
         try:
             with open(os.path.join(self.path, "index.json"), "rb") as f:
                 data = f.read(mf.MAX_MANIFEST_BYTES + 1)
-        except FileNotFoundError:
-            raise NotFound(f"{self.ref}: {self.path}/index.json is missing") from None
+        except OSError as e:
+            raise _os_error(f"{self.ref}: {self.path}/index.json", e) from None
         return mf.parse_index(data, f"{self.ref} index.json")
 
     def _pick(self, entries: list[mf.Descriptor]) -> mf.Descriptor:
@@ -94,10 +96,14 @@ class OciLayout:
     def open_blob(self, layer: mf.LayerDesc) -> VerifyingReader:
         try:
             raw = open(self._blob_path(layer.digest), "rb")
-        except FileNotFoundError:
-            raise NotFound(f"{self.ref}: layer blob {layer.digest} is missing") from None
+        except OSError as e:
+            raise _os_error(f"{self.ref}: layer blob {layer.digest}", e) from None
         return VerifyingReader(raw, layer.digest, layer.size, f"{self.ref} layer {layer.digest}")
 
 
-def source_for(ref: LayoutReference) -> OciLayout:
-    return OciLayout(ref)
+def _os_error(what: str, e: OSError) -> InvalidArgument | NotFound:
+    """Missing → NOT_FOUND; there but unusable (a file where a dir should be, no access) →
+    INVALID_ARGUMENT; either way with the reason."""
+    if isinstance(e, FileNotFoundError):
+        return NotFound(f"{what} is missing")
+    return InvalidArgument(f"{what}: {e.strerror or e}")

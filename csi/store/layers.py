@@ -87,7 +87,8 @@ class LayerStore:
                 if layer is not None:
                     tx.add_refs(holder, [layer.id])
                     return layer.id
-            self._flights.do(desc.diff_id, lambda: self._unpack(source, desc))
+            self._flights.do(desc.diff_id, lambda: self._unpack(source, desc),
+                             share_errors=False)
         # Only an immediate GC with no minimum age can take a fresh layer this often.
         raise Aborted(f"layer {desc.diff_id} was collected three times while being acquired")
 

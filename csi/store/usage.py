@@ -15,7 +15,10 @@ def usage(path: str) -> tuple[int, int]:
     stack = [path]
     while stack:
         d = stack.pop()
-        st = os.lstat(d)
+        try:
+            st = os.lstat(d)
+        except FileNotFoundError:
+            continue  # removed while we walked (a racing unpublish): it uses nothing now
         if (st.st_dev, st.st_ino) not in seen:
             seen.add((st.st_dev, st.st_ino))
             total += st.st_blocks * 512
@@ -25,7 +28,10 @@ def usage(path: str) -> tuple[int, int]:
         except (FileNotFoundError, NotADirectoryError):
             continue
         for e in entries:
-            st = e.stat(follow_symlinks=False)
+            try:
+                st = e.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
             if stat.S_ISDIR(st.st_mode):
                 if st.st_dev == root_dev:
                     stack.append(e.path)

@@ -49,6 +49,7 @@ def plugin(tmp_path):
 
 def test_32_concurrent_cold_publishes_unpack_each_layer_once(plugin, fresh_image, tmp_path):
     p = plugin()
+    (tmp_path / "pods").mkdir()
     n = 32
     targets = [tmp_path / "pods" / f"pod{i}" for i in range(n)]
     with ThreadPoolExecutor(n) as pool:
@@ -68,6 +69,7 @@ def test_publishes_racing_an_immediate_gc_never_lose_a_layer(plugin, fresh_image
     # Every unpublish drops the last reference and collects at once, while other threads
     # are between "layer present" and "reference recorded": the lease must protect them.
     p = plugin("--gc-policy", "immediate", "--gc-min-age", "0")
+    (tmp_path / "pods").mkdir()
 
     def cycle(i):
         for j in range(6):

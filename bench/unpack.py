@@ -1,0 +1,159 @@
+"""Unpack throughput of a large real layer: strata against GNU `tar -xzf` and `umoci unpack`
+of the same blob, measured in the same run, plus strata's peak RSS.
+
+The layer is built from real files on this machine (the Python standard library and the
+benchmark's own virtualenv, by default ~150 MB in ~10k entries), gzip-compressed by GNU
+gzip. Each contender unpacks into a fresh directory on the same filesystem, with the page
+cache dropped first (PERFORMANCE.md: a mass delete slows the next writes for a while).
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+CHILD = r"""
+import json, os, resource, sys, time
+sys.path.insert(0, sys.argv[1])
+from csi.image.resolver import Resolver
+from csi.store.layers import LayerStore
+from csi.store.state import State
+root, ref = sys.argv[2], sys.argv[3]
+for sub in ("tmp", "layers", "volumes"):
+    os.makedirs(os.path.join(root, sub), exist_ok=True)
+state = State(os.path.join(root, "state.db"))
+src, image = Resolver().resolve(ref)
+t0 = time.perf_counter()
+LayerStore(root, state).ensure(src, image)
+dt = time.perf_counter() - t0
+print(json.dumps({"seconds": dt,
+                  "rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+"""
+
+
+def drop_caches():
+    subprocess.run(["sync"], check=True)
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+    except OSError:
+        pass
+
+
+def build_layer(work: str, sources: list[str]) -> tuple[str, int, int]:
+    """Write an OCI layout with one gzip layer of `sources`; returns (ref, tar bytes, entries)."""
+    layout = os.path.join(work, "layout")
+    blobs = os.path.join(layout, "blobs", "sha256")
+    os.makedirs(blobs)
+    tar_path = os.path.join(work, "layer.tar")
+    args = ["tar", "-cf", tar_path, "--numeric-owner"]
+    for src in sources:
+        args += ["-C", os.path.dirname(src), os.path.basename(src)]
+    subprocess.run(args, check=True)
+    entries = int(subprocess.run(f"tar -tf {tar_path} | wc -l", shell=True, check=True,
+                                 capture_output=True, text=True).stdout)
+    tar_size = os.path.getsize(tar_path)
+    diff_id = "sha256:" + _sha256_file(tar_path)
+    subprocess.run(["gzip", "-6", tar_path], check=True)
+    gz = tar_path + ".gz"
+    digest = _sha256_file(gz)
+    size = os.path.getsize(gz)
+    os.rename(gz, os.path.join(blobs, digest))
+
+    def blob(obj) -> dict:
+        data = json.dumps(obj).encode()
+        d = hashlib.sha256(data).hexdigest()
+        with open(os.path.join(blobs, d), "wb") as f:
+            f.write(data)
+        return {"digest": "sha256:" + d, "size": len(data)}
+
+    config = blob({"architecture": "amd64", "os": "linux",
+                   "rootfs": {"type": "layers", "diff_ids": [diff_id]}})
+    manifest = blob({"schemaVersion": 2,
+                     "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                     "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                                **config},
+                     "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                                 "digest": "sha256:" + digest, "size": size}]})
+    with open(os.path.join(layout, "index.json"), "w") as f:
+        json.dump({"schemaVersion": 2, "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json", **manifest,
+            "annotations": {"org.opencontainers.image.ref.name": "big"}}]}, f)
+    with open(os.path.join(layout, "oci-layout"), "w") as f:
+        json.dump({"imageLayoutVersion": "1.0.0"}, f)
+    return f"oci:{layout}:big", tar_size, entries, os.path.join(blobs, digest), size
+
+
+def _sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def timed(cmd: list[str]) -> tuple[float, int]:
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - t0, max(before, resource.getrusage(
+        resource.RUSAGE_CHILDREN).ru_maxrss)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--source", action="append", help="directories to put in the layer")
+    ap.add_argument("--runs", type=int, default=3, help="runs per contender (best is kept)")
+    args = ap.parse_args()
+    sources = args.source or [sysconfig.get_paths()["stdlib"], os.path.join(HERE, ".venv")]
+    work = tempfile.mkdtemp(prefix="strata-bench-unpack-", dir="/var/tmp")
+    try:
+        ref, tar_bytes, entries, blob, blob_size = build_layer(work, sources)
+        print(f"layer: {entries} entries, {tar_bytes / 1e6:.1f} MB uncompressed, "
+              f"{blob_size / 1e6:.1f} MB gzip")
+        layout = ref[len("oci:"):].rsplit(":", 1)[0]
+        results: dict[str, list[float]] = {"tar -xzf": [], "umoci unpack": [], "strata": []}
+        rss = 0
+        for i in range(args.runs):
+            for name in results:
+                out = os.path.join(work, f"{name.split()[0]}-{i}")
+                os.makedirs(out)
+                drop_caches()
+                if name == "tar -xzf":
+                    dt, _ = timed(["tar", "-xzf", blob, "-C", out, "--numeric-owner"])
+                elif name == "umoci unpack":
+                    dt, _ = timed(["umoci", "unpack", "--image", f"{layout}:big",
+                                   os.path.join(out, "bundle")])
+                else:
+                    r = subprocess.run([sys.executable, "-c", CHILD, HERE, out, ref],
+                                       check=True, capture_output=True, text=True)
+                    stats = json.loads(r.stdout)
+                    dt, rss = stats["seconds"], max(rss, stats["rss_kb"])
+                results[name].append(dt)
+                shutil.rmtree(out)
+        best = {k: min(v) for k, v in results.items()}
+        for name, dt in best.items():
+            ratio = best["strata"] / dt
+            print(f"  {name:<13} {dt:6.2f} s  {tar_bytes / dt / 1e6:6.1f} MB/s   strata takes "
+                  f"{ratio:4.2f}x its time")
+        print(f"  strata peak RSS: {rss / 1024:.0f} MB")
+        from csi.store.compression import GZIP_IMPL
+
+        print(f"  (strata inflates with {GZIP_IMPL}; best of {args.runs} runs each)")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, HERE)
+    raise SystemExit(main())

@@ -1,0 +1,122 @@
+"""csi/config.py: endpoints, HOST:PORT, and Config.validate()."""
+
+import dataclasses
+
+import pytest
+
+from csi.config import Config, env_default, parse_host_port, socket_path
+from csi.errors import InvalidArgument
+
+
+@pytest.mark.parametrize("endpoint, path", [
+    ("unix:///csi/csi.sock", "/csi/csi.sock"),
+    ("unix:/csi/csi.sock", "/csi/csi.sock"),
+    ("unix:///var/lib/kubelet/plugins/strata.csi.dev/csi.sock",
+     "/var/lib/kubelet/plugins/strata.csi.dev/csi.sock"),
+])
+def test_socket_path(endpoint, path):
+    assert socket_path(endpoint) == path
+
+
+@pytest.mark.parametrize("endpoint", [
+    "", "/csi/csi.sock", "unix:relative.sock", "tcp://127.0.0.1:10000", "UNIX:///csi.sock",
+    "unix:", "dns:///x",
+])
+def test_socket_path_refused(endpoint):
+    with pytest.raises(InvalidArgument, match="unix:///ABSOLUTE/PATH"):
+        socket_path(endpoint)
+
+
+@pytest.mark.parametrize("endpoint", ["unix://", "unix:///", "unix://tmp/csi.sock"])
+def test_socket_path_refuses_authority_forms(endpoint):
+    with pytest.raises(InvalidArgument):
+        socket_path(endpoint)
+
+
+@pytest.mark.parametrize("address, expected", [
+    ("127.0.0.1:9090", ("127.0.0.1", 9090)),
+    (":9090", ("0.0.0.0", 9090)),
+    ("0.0.0.0:1", ("0.0.0.0", 1)),
+    ("localhost:65535", ("localhost", 65535)),
+    ("[::1]:8080", ("::1", 8080)),
+    ("[::]:8080", ("::", 8080)),
+])
+def test_parse_host_port(address, expected):
+    assert parse_host_port(address) == expected
+
+
+@pytest.mark.parametrize("address", ["9090", "host:", "host:0", "host:65536", "host:-1",
+                                     "host:http", "host:80a", ""])
+def test_parse_host_port_refused(address):
+    with pytest.raises(InvalidArgument, match="HOST:PORT"):
+        parse_host_port(address)
+
+
+def good(**over) -> Config:
+    return dataclasses.replace(Config(node_id="node-1", root="/var/lib/strata"), **over)
+
+
+def test_defaults_validate_with_node_id():
+    cfg = good()
+    assert cfg.validate() is cfg
+    assert cfg.socket_path == "/csi/csi.sock"
+    assert cfg.controller_socket_path == ""
+
+
+def test_controller_socket_path():
+    cfg = good(controller_endpoint="unix:///csi/controller.sock")
+    assert cfg.validate().controller_socket_path == "/csi/controller.sock"
+
+
+@pytest.mark.parametrize("over, fragment", [
+    ({"endpoint": "tcp://0:1"}, "endpoint must be"),
+    ({"controller_endpoint": "relative.sock"}, "endpoint must be"),
+    ({"root": "var/lib/strata"}, "--root must be an absolute path"),
+    ({"root": ""}, "--root must be an absolute path"),
+    ({"root": "/var/lib/str:ata"}, "must not contain"),
+    ({"root": "/var/lib/str,ata"}, "must not contain"),
+    ({"root": "/var/lib/str ata"}, "must not contain"),
+    ({"root": "/var/lib/str\tata"}, "must not contain"),
+    ({"node_id": ""}, "--node-id"),
+    ({"node_id": "n" * 257}, "at most 256"),
+    ({"metrics_address": "9090"}, "HOST:PORT"),
+    ({"gc_policy": "never"}, "gc policy"),
+    ({"gc_high_percent": 70.0, "gc_low_percent": 80.0}, "--gc-low-percent"),
+    ({"gc_high_percent": 101.0}, "--gc-high-percent"),
+    ({"gc_low_percent": -1.0}, "--gc-low-percent"),
+    ({"gc_max_bytes": -1}, "must not be negative"),
+    ({"gc_min_age": -0.5}, "must not be negative"),
+])
+def test_validate_errors(over, fragment):
+    with pytest.raises(InvalidArgument, match=fragment):
+        good(**over).validate()
+
+
+def test_node_id_at_limit_ok():
+    good(node_id="n" * 256).validate()
+
+
+def test_node_id_limit_is_in_bytes():
+    with pytest.raises(InvalidArgument, match="at most 256"):
+        good(node_id="é" * 200).validate()  # 200 characters, 400 bytes
+
+
+def test_gc_policy_from_config():
+    cfg = good(gc_policy="immediate", gc_high_percent=90, gc_low_percent=50, gc_max_bytes=10,
+               gc_min_age=1.5)
+    p = cfg.gc
+    assert (p.mode, p.high_percent, p.low_percent, p.max_bytes, p.min_age) == \
+        ("immediate", 90, 50, 10, 1.5)
+
+
+def test_config_is_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        good().root = "/x"  # type: ignore[misc]
+
+
+def test_env_default(monkeypatch):
+    monkeypatch.setenv("STRATA_NODE_ID", "from-env")
+    monkeypatch.delenv("STRATA_METRICS_ADDRESS", raising=False)
+    assert env_default("node-id") == "from-env"
+    assert env_default("node_id") == "from-env"
+    assert env_default("metrics-address", ":9090") == ":9090"

@@ -1,0 +1,177 @@
+"""csi/interceptors.py: secret redaction in logs, and the one place errors become statuses."""
+
+import collections
+import logging
+
+import grpc
+import pytest
+from prometheus_client import CollectorRegistry
+
+from csi.errors import AlreadyExists, DataLoss, Internal, InvalidArgument, NotFound
+from csi.interceptors import STRIPPED, RpcInterceptor, redact
+from csi.metrics import Metrics
+from csi.proto import csi_pb2
+
+SECRET = "hunter2"
+
+
+def test_redact_strips_secret_values_keeps_keys():
+    req = csi_pb2.NodePublishVolumeRequest(
+        volume_id="vol-1", target_path="/pods/x", readonly=True,
+        secrets={"password": SECRET, "token": "t0ps3cret"},
+        volume_context={"image": "oci:/l:app"})
+    line = redact(req)
+    assert SECRET not in line and "t0ps3cret" not in line
+    assert line.count(STRIPPED) == 2
+    assert '"password"' in line and '"token"' in line  # which secrets came is still visible
+    assert 'volume_id: "vol-1"' in line
+    assert 'target_path: "/pods/x"' in line
+    assert "readonly: true" in line
+    assert "oci:/l:app" in line
+    assert "\n" not in line
+
+
+def test_redact_leaves_the_original_message_untouched():
+    req = csi_pb2.NodeStageVolumeRequest(volume_id="v", secrets={"password": SECRET})
+    before = req.SerializeToString()
+    redact(req)
+    assert req.secrets["password"] == SECRET
+    assert req.SerializeToString() == before
+
+
+@pytest.mark.parametrize("req", [
+    csi_pb2.NodeStageVolumeRequest(volume_id="v", secrets={"k": SECRET}),
+    csi_pb2.CreateVolumeRequest(name="n", secrets={"k": SECRET}, parameters={"image": "i"}),
+    csi_pb2.DeleteVolumeRequest(volume_id="v", secrets={"k": SECRET}),
+    csi_pb2.ControllerExpandVolumeRequest(volume_id="v", secrets={"k": SECRET}),
+    csi_pb2.NodeExpandVolumeRequest(volume_id="v", secrets={"k": SECRET}),
+])
+def test_redact_every_request_with_secrets(req):
+    line = redact(req)
+    assert SECRET not in line
+    assert STRIPPED in line
+
+
+def test_redact_without_secrets_is_plain_text_format():
+    req = csi_pb2.NodeUnpublishVolumeRequest(volume_id="v", target_path="/t")
+    assert redact(req) == 'volume_id: "v" target_path: "/t"'
+    assert redact(csi_pb2.NodePublishVolumeRequest(volume_id="v")) == 'volume_id: "v"'
+
+
+def test_redact_does_not_strip_non_secret_maps():
+    req = csi_pb2.NodePublishVolumeRequest(volume_context={"password": "visible"},
+                                           publish_context={"k": "v"})
+    line = redact(req)
+    assert "visible" in line and STRIPPED not in line
+
+
+# -- the interceptor -----------------------------------------------------------------------
+Details = collections.namedtuple("Details", "method invocation_metadata")
+
+
+class Aborted(Exception):
+    pass
+
+
+class FakeContext:
+    def __init__(self):
+        self.code = self.details = None
+
+    def abort(self, code, details):
+        self.code, self.details = code, details
+        raise Aborted()
+
+
+@pytest.fixture
+def metrics():
+    return Metrics(CollectorRegistry())
+
+
+def call(metrics, method, behavior, request=None):
+    handler = grpc.unary_unary_rpc_method_handler(behavior)
+    wrapped = RpcInterceptor(metrics).intercept_service(
+        lambda d: handler, Details(f"/csi.v1.Node/{method}", ()))
+    ctx = FakeContext()
+    request = request or csi_pb2.NodePublishVolumeRequest(volume_id="v",
+                                                          secrets={"p": SECRET})
+    try:
+        response = wrapped.unary_unary(request, ctx)
+    except Aborted:
+        response = None
+    return response, ctx
+
+
+def count(metrics, method, code):
+    return metrics.registry.get_sample_value(
+        "strata_rpc_duration_seconds_count", {"method": method, "code": code})
+
+
+def test_success_passes_response_and_records_ok(metrics):
+    resp = csi_pb2.NodePublishVolumeResponse()
+    got, ctx = call(metrics, "NodePublishVolume", lambda req, ctx: resp)
+    assert got is resp and ctx.code is None
+    assert count(metrics, "NodePublishVolume", "OK") == 1
+
+
+@pytest.mark.parametrize("error, code", [
+    (InvalidArgument("volume_id is required"), grpc.StatusCode.INVALID_ARGUMENT),
+    (NotFound("no such volume"), grpc.StatusCode.NOT_FOUND),
+    (AlreadyExists("different args"), grpc.StatusCode.ALREADY_EXISTS),
+    (DataLoss("digest mismatch"), grpc.StatusCode.DATA_LOSS),
+    (Internal("broken"), grpc.StatusCode.INTERNAL),
+])
+def test_strata_errors_map_to_their_code(metrics, error, code):
+    def behavior(req, ctx):
+        raise error
+
+    got, ctx = call(metrics, "NodePublishVolume", behavior)
+    assert got is None
+    assert ctx.code == code and ctx.details == str(error)
+    assert count(metrics, "NodePublishVolume", code.name) == 1
+
+
+def test_not_implemented_is_unimplemented(metrics):
+    def behavior(req, ctx):
+        raise NotImplementedError
+
+    _, ctx = call(metrics, "NodeExpandVolume", behavior)
+    assert ctx.code == grpc.StatusCode.UNIMPLEMENTED
+    assert "NodeExpandVolume" in ctx.details
+
+
+def test_unexpected_exception_is_internal_never_unknown(metrics, caplog):
+    def behavior(req, ctx):
+        raise KeyError("oops")
+
+    with caplog.at_level(logging.ERROR, logger="csi.rpc"):
+        _, ctx = call(metrics, "NodeStageVolume", behavior)
+    assert ctx.code == grpc.StatusCode.INTERNAL
+    assert "KeyError" in ctx.details
+    assert any(r.exc_info for r in caplog.records)  # logged with its traceback
+
+
+def test_request_log_is_redacted(metrics, caplog):
+    with caplog.at_level(logging.DEBUG, logger="csi.rpc"):
+        call(metrics, "NodePublishVolume", lambda req, ctx: csi_pb2.NodePublishVolumeResponse())
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "NodePublishVolume" in text and STRIPPED in text
+    assert SECRET not in text
+
+
+def test_probe_logs_at_debug_others_at_info(metrics, caplog):
+    with caplog.at_level(logging.DEBUG, logger="csi.rpc"):
+        call(metrics, "Probe", lambda req, ctx: csi_pb2.ProbeResponse(),
+             csi_pb2.ProbeRequest())
+        call(metrics, "NodeGetInfo", lambda req, ctx: csi_pb2.NodeGetInfoResponse(),
+             csi_pb2.NodeGetInfoRequest())
+    levels = {r.getMessage().split(":")[0].split()[0]: r.levelno for r in caplog.records}
+    assert levels["Probe"] == logging.DEBUG
+    assert levels["NodeGetInfo"] == logging.INFO
+
+
+def test_streaming_handlers_pass_through(metrics):
+    handler = grpc.unary_stream_rpc_method_handler(lambda req, ctx: iter(()))
+    got = RpcInterceptor(metrics).intercept_service(lambda d: handler, Details("/x/Y", ()))
+    assert got is handler
+    assert RpcInterceptor(metrics).intercept_service(lambda d: None, Details("/x/Y", ())) \
+        is None

@@ -1,0 +1,292 @@
+"""csi/locks.py: SingleFlight (one run per key while callers race) and KeyedLock."""
+
+import threading
+import time
+import types
+
+import pytest
+
+from csi import locks
+from csi.locks import KeyedLock, SingleFlight
+
+TIMEOUT = 10
+
+
+class Waiters:
+    """Counts callers blocked waiting for a flight's result."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self.n = 0
+
+    def arrived(self):
+        with self._cond:
+            self.n += 1
+            self._cond.notify_all()
+
+    def wait_for(self, n: int) -> None:
+        with self._cond:
+            assert self._cond.wait_for(lambda: self.n >= n, timeout=TIMEOUT), \
+                f"only {self.n} of {n} followers joined"
+
+
+@pytest.fixture
+def waiters(monkeypatch) -> Waiters:
+    """Make SingleFlight's per-call Event report followers that start waiting on it, so a
+    test can hold the leader until every caller has joined (no sleeps, no races)."""
+    w = Waiters()
+
+    class CountingEvent(threading.Event):
+        def wait(self, timeout=None):
+            w.arrived()
+            return super().wait(timeout)
+
+    class CountingCall(locks._Call):
+        def __init__(self):
+            super().__init__()
+            self.done = CountingEvent()
+
+    monkeypatch.setattr(locks, "_Call", CountingCall)
+    return w
+
+
+def run_threads(n, target):
+    results, errors = [None] * n, [None] * n
+    barrier = threading.Barrier(n, timeout=TIMEOUT)
+
+    def body(i):
+        barrier.wait()
+        try:
+            results[i] = target(i)
+        except BaseException as e:  # noqa: B036 - collected for the test to inspect
+            errors[i] = e
+
+    threads = [threading.Thread(target=body, args=(i,), daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    return threads, results, errors
+
+
+def join_all(threads):
+    for t in threads:
+        t.join(TIMEOUT)
+    assert not any(t.is_alive() for t in threads), "threads hung"
+
+
+# -- SingleFlight --------------------------------------------------------------------------
+N = 8
+
+
+def test_single_flight_runs_once_for_concurrent_callers(waiters):
+    sf = SingleFlight()
+    calls, started, release = [], threading.Event(), threading.Event()
+    value = object()
+
+    def fn():
+        calls.append(threading.get_ident())
+        started.set()
+        assert release.wait(TIMEOUT)
+        return value
+
+    threads, results, errors = run_threads(N, lambda i: sf.do("sha256:x", fn))
+    assert started.wait(TIMEOUT)
+    waiters.wait_for(N - 1)  # every other caller is waiting on the leader
+    release.set()
+    join_all(threads)
+    assert errors == [None] * N
+    assert len(calls) == 1
+    assert all(r is value for r in results)
+
+
+def test_single_flight_shares_the_exception(waiters):
+    sf = SingleFlight()
+    calls, started, release = [], threading.Event(), threading.Event()
+
+    class UnpackFailed(Exception):
+        pass
+
+    def fn():
+        calls.append(1)
+        started.set()
+        assert release.wait(TIMEOUT)
+        raise UnpackFailed("corrupt blob")
+
+    threads, results, errors = run_threads(N, lambda i: sf.do("k", fn))
+    assert started.wait(TIMEOUT)
+    waiters.wait_for(N - 1)
+    release.set()
+    join_all(threads)
+    assert len(calls) == 1
+    assert all(isinstance(e, UnpackFailed) for e in errors)
+    assert len({id(e) for e in errors}) == 1  # the very same error, not N copies
+    assert results == [None] * N
+
+
+def test_single_flight_key_released_after_success_and_failure():
+    sf = SingleFlight()
+    assert sf.do("k", lambda: 1) == 1
+    assert sf.do("k", lambda: 2) == 2  # a new flight, not the cached result
+
+    def boom():
+        raise ValueError("first")
+
+    with pytest.raises(ValueError, match="first"):
+        sf.do("k", boom)
+    assert sf.do("k", lambda: 3) == 3  # errors are not cached either
+
+
+def test_single_flight_different_keys_run_concurrently():
+    sf = SingleFlight()
+    both = threading.Barrier(2, timeout=TIMEOUT)  # breaks if the keys were serialised
+
+    def fn(i):
+        both.wait()
+        return i
+
+    threads, results, errors = run_threads(2, lambda i: sf.do(f"key-{i}", lambda: fn(i)))
+    join_all(threads)
+    assert errors == [None, None]
+    assert results == [0, 1]
+
+
+def test_single_flight_sequential_callers_each_run(waiters):
+    sf = SingleFlight()
+    counter = []
+    for _ in range(3):
+        sf.do("k", lambda: counter.append(1))
+    assert len(counter) == 3
+    assert waiters.n == 0  # nobody ever waited
+
+
+# -- KeyedLock -----------------------------------------------------------------------------
+def hold_in_thread(kl: KeyedLock, *keys):
+    entered, release = threading.Event(), threading.Event()
+
+    def body():
+        with kl.hold(*keys):
+            entered.set()
+            release.wait(TIMEOUT)
+
+    t = threading.Thread(target=body, daemon=True)
+    t.start()
+    return t, entered, release
+
+
+def test_keyed_lock_serialises_the_same_key():
+    kl = KeyedLock()
+    t1, in1, rel1 = hold_in_thread(kl, "vol:a")
+    assert in1.wait(TIMEOUT)
+    t2, in2, rel2 = hold_in_thread(kl, "vol:a")
+    assert not in2.wait(0.2)  # blocked while the first holder is inside
+    rel1.set()
+    assert in2.wait(TIMEOUT)
+    rel2.set()
+    join_all([t1, t2])
+
+
+def test_keyed_lock_multi_key_hold_blocks_each_key():
+    kl = KeyedLock()
+    t1, in1, rel1 = hold_in_thread(kl, "vol:a", "target:/x")
+    assert in1.wait(TIMEOUT)
+    t2, in2, rel2 = hold_in_thread(kl, "target:/x")
+    t3, in3, rel3 = hold_in_thread(kl, "vol:other")
+    assert in3.wait(TIMEOUT)  # an unrelated key is free
+    assert not in2.wait(0.2)
+    rel1.set()
+    assert in2.wait(TIMEOUT)
+    rel2.set()
+    rel3.set()
+    join_all([t1, t2, t3])
+
+
+def test_keyed_lock_different_keys_concurrently():
+    kl = KeyedLock()
+    inside = threading.Barrier(3, timeout=TIMEOUT)  # all three must be inside at once
+
+    def body(i):
+        with kl.hold(f"k{i}"):
+            inside.wait()
+        return i
+
+    threads, results, errors = run_threads(3, body)
+    join_all(threads)
+    assert errors == [None] * 3
+    assert results == [0, 1, 2]
+
+
+class SlowLock:
+    """A lock that pauses after each acquisition, so that two holders taking the same keys
+    in opposite orders would each get their first key before the other's second: the classic
+    deadlock, made certain for an implementation that does not order its keys."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+
+    def acquire(self, *args):
+        got = self._lock.acquire(*args)
+        time.sleep(0.02)
+        return got
+
+    def release(self):
+        self._lock.release()
+
+    def __enter__(self):
+        self._lock.acquire()
+
+    def __exit__(self, *exc):
+        self._lock.release()
+
+
+def test_keyed_lock_no_deadlock_with_keys_in_different_order(monkeypatch):
+    monkeypatch.setattr(locks, "threading", types.SimpleNamespace(Lock=SlowLock))
+    kl = KeyedLock()
+    orders = [("a", "b"), ("b", "a"), ("b", "c"), ("c", "a")]  # a cycle if taken as given
+    done = []
+
+    def body(i):
+        for _ in range(2):
+            with kl.hold(*orders[i]):
+                done.append(i)
+
+    threads, _, errors = run_threads(4, body)
+    join_all(threads)
+    assert errors == [None] * 4
+    assert sorted(done) == [0, 0, 1, 1, 2, 2, 3, 3]
+
+
+def test_keyed_lock_repeated_key_in_one_hold_does_not_self_deadlock():
+    kl = KeyedLock()
+    t, entered, release = hold_in_thread(kl, "a", "a")
+    assert entered.wait(TIMEOUT)
+    release.set()
+    join_all([t])
+
+
+def test_keyed_lock_mutual_exclusion_under_contention():
+    kl = KeyedLock()
+    inside = [0]
+    max_inside = [0]
+
+    def body(i):
+        for _ in range(300):
+            with kl.hold("same"):
+                inside[0] += 1
+                max_inside[0] = max(max_inside[0], inside[0])
+                inside[0] -= 1
+
+    threads, _, errors = run_threads(4, body)
+    join_all(threads)
+    assert errors == [None] * 4
+    assert max_inside[0] == 1
+
+
+def test_keyed_lock_released_on_exception_and_entries_dropped():
+    kl = KeyedLock()
+    with pytest.raises(RuntimeError):
+        with kl.hold("x", "y"):
+            raise RuntimeError
+    t, entered, release = hold_in_thread(kl, "x")
+    assert entered.wait(TIMEOUT)  # not left locked by the failed holder
+    release.set()
+    join_all([t])
+    assert kl._locks == {}  # "dropped when nobody holds or waits for it"
