@@ -10,10 +10,10 @@ that the kubelet's retry finds its target free).
 
 import logging
 import os
-import shutil
 
 from csi.mount.syscalls import Mounter
 from csi.store.state import State, pub_holder, stage_holder
+from csi.store.tree import remove_tree
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 def reconcile(root: str, state: State, mounter: Mounter) -> None:
     tmp = os.path.join(root, "tmp")
     for name in os.listdir(tmp):
-        shutil.rmtree(os.path.join(tmp, name), ignore_errors=True)
+        remove_tree(os.path.join(tmp, name), ignore_errors=True)
 
     with state.transaction() as tx:
         pubs = tx.publications()
@@ -48,18 +48,18 @@ def reconcile(root: str, state: State, mounter: Mounter) -> None:
             tx.delete_layer_refs(lid)
             tx.delete_layer(lid)
     for p in gone:
-        shutil.rmtree(os.path.join(root, "volumes", p.key), ignore_errors=True)
+        remove_tree(os.path.join(root, "volumes", p.key), ignore_errors=True)
 
     volumes = os.path.join(root, "volumes")
     for key in os.listdir(volumes):
         if key not in live_keys:
             log.warning("removing unrecorded volume directory %s", key)
-            shutil.rmtree(os.path.join(volumes, key), ignore_errors=True)
+            remove_tree(os.path.join(volumes, key), ignore_errors=True)
     layers = os.path.join(root, "layers")
     for lid in os.listdir(layers):
         if lid not in layer_ids:
             log.warning("removing unrecorded layer directory %s", lid)
-            shutil.rmtree(os.path.join(layers, lid), ignore_errors=True)
+            remove_tree(os.path.join(layers, lid), ignore_errors=True)
 
 
 

@@ -12,7 +12,6 @@ import dataclasses
 import logging
 import os
 import secrets
-import shutil
 import time
 
 from csi.errors import AlreadyExists, FailedPrecondition, Internal, NotFound
@@ -22,6 +21,7 @@ from csi.mount.syscalls import Mounter
 from csi.store.gc import Collector
 from csi.store.layers import LayerStore
 from csi.store.state import Publication, Stage, State, pub_holder, stage_holder
+from csi.store.tree import remove_tree
 from csi.store.usage import usage
 
 log = logging.getLogger(__name__)
@@ -217,7 +217,7 @@ class VolumeManager:
                 except OSError:
                     log.exception("cannot undo the mount at %s", p.target)
                     raise
-            shutil.rmtree(vdir, ignore_errors=True)
+            remove_tree(vdir, ignore_errors=True)
             if created_target:
                 _rmdir(p.target)
             raise
@@ -259,7 +259,7 @@ class VolumeManager:
             tx.delete_publication(pub.target)
             tx.drop_refs(pub_holder(pub.target))
         try:
-            shutil.rmtree(os.path.join(self.volumes_dir, pub.key))
+            remove_tree(os.path.join(self.volumes_dir, pub.key))
         except FileNotFoundError:
             pass  # a read-only publication has no upper layer
         except OSError as e:

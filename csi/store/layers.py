@@ -15,7 +15,6 @@ import errno
 import logging
 import os
 import secrets
-import shutil
 import tempfile
 import threading
 import time
@@ -29,6 +28,7 @@ from csi.locks import SingleFlight
 from csi.store import unpack
 from csi.store.compression import decompress
 from csi.store.state import ImageRecord, Layer, State, lease_holder
+from csi.store.tree import remove_tree
 from csi.store.usage import usage
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ class LayerStore:
             os.rename(path, trash)
         except FileNotFoundError:
             return
-        shutil.rmtree(trash, ignore_errors=True)
+        remove_tree(trash, ignore_errors=True)
 
     def _unpack(self, source: BlobSource, desc: LayerDesc) -> Layer:
         with self.state.transaction() as tx:
@@ -145,12 +145,12 @@ class LayerStore:
                 blob.drain()
             size, _ = usage(fs)
         except OSError as e:
-            shutil.rmtree(work, ignore_errors=True)
+            remove_tree(work, ignore_errors=True)
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise ResourceExhausted(f"no space left unpacking layer {desc.digest}") from e
             raise
         except BaseException:
-            shutil.rmtree(work, ignore_errors=True)
+            remove_tree(work, ignore_errors=True)
             raise
         now = self._clock()
         final = os.path.join(self.layers_dir, lid)
@@ -169,7 +169,7 @@ class LayerStore:
                     layer = Layer(lid, desc.diff_id, size, now, now)
                     tx.put_layer(layer)
             except BaseException:  # the transaction rolled back: nothing may stay
-                shutil.rmtree(work, ignore_errors=True)
+                remove_tree(work, ignore_errors=True)
                 if renamed:
                     self._discard(final)
                 raise

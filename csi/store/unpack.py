@@ -22,6 +22,7 @@ import tarfile
 from typing import BinaryIO
 
 from csi.errors import InvalidArgument
+from csi.store.tree import remove_tree
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +86,7 @@ def _remove(path: str) -> None:
     except FileNotFoundError:
         return
     if stat.S_ISDIR(st.st_mode):
-        import shutil  # rmtree does not follow symlinks inside the tree
-
-        shutil.rmtree(path)
+        remove_tree(path)  # never follows symlinks inside the tree; any depth
     else:
         os.unlink(path)
 

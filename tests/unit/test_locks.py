@@ -290,3 +290,40 @@ def test_keyed_lock_released_on_exception_and_entries_dropped():
     release.set()
     join_all([t])
     assert kl._locks == {}  # "dropped when nobody holds or waits for it"
+
+
+def test_singleflight_waiters_can_refuse_a_shared_error():
+    """share_errors=False: a waiter whose leader failed runs its own fn and gets its own
+    result (one image's corrupt blob must not fail another image sharing the layer)."""
+    import threading
+
+    from csi.locks import SingleFlight
+
+    sf = SingleFlight()
+    leader_in = threading.Event()
+    release = threading.Event()
+    results = {}
+
+    def bad():
+        leader_in.set()
+        release.wait(5)
+        raise ValueError("corrupt blob")
+
+    def run_bad():
+        try:
+            sf.do("layer", bad, share_errors=False)
+        except ValueError as e:
+            results["bad"] = e
+
+    t = threading.Thread(target=run_bad)
+    t.start()
+    leader_in.wait(5)
+    waiter = threading.Thread(
+        target=lambda: results.setdefault("good", sf.do("layer", lambda: "ok",
+                                                        share_errors=False)))
+    waiter.start()
+    release.set()
+    t.join(5)
+    waiter.join(5)
+    assert isinstance(results["bad"], ValueError)
+    assert results["good"] == "ok"
