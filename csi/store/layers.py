@@ -126,9 +126,11 @@ class LayerStore:
             fs = os.path.join(work, "fs")
             os.mkdir(fs, 0o755)
             with source.open_blob(desc) as blob:
+                stream = None
                 try:
-                    tar = VerifyingReader(decompress(blob, desc.compression), desc.diff_id,
-                                          None, f"layer {desc.digest} (DiffID {desc.diff_id})")
+                    stream = decompress(blob, desc.compression)
+                    tar = VerifyingReader(stream, desc.diff_id, None,
+                                          f"layer {desc.digest} (DiffID {desc.diff_id})")
                     stats = unpack.apply(tar, fs)
                     tar.drain()
                 except DataLoss:
@@ -136,12 +138,18 @@ class LayerStore:
                 except Exception as e:
                     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
                         raise
+                    if stream is not None and stream is not blob:
+                        _close_quietly(stream)  # its reader thread must stop reading first
+                        stream = None
                     # A garbled stream is most often a corrupt blob: DataLoss names it.
                     blob.drain()
                     if isinstance(e, StrataError):
                         raise
                     raise InvalidArgument(f"layer {desc.digest} ({desc.media_type}) cannot "
                                           f"be read: {type(e).__name__}: {e}") from e
+                finally:
+                    if stream is not None and stream is not blob:
+                        _close_quietly(stream)  # stops a decompressor's reader thread
                 blob.drain()
             size, _ = usage(fs)
         except OSError as e:
@@ -179,3 +187,10 @@ class LayerStore:
                  size, seconds)
         self._on_unpack(layer, seconds, stats.bytes)
         return layer
+
+
+def _close_quietly(stream) -> None:
+    try:
+        stream.close()
+    except Exception:  # closing after a failure may re-raise it; the first error counts
+        pass
