@@ -32,6 +32,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/publish.py
+	$(PY) bench/unpack.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

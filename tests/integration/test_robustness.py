@@ -91,3 +91,78 @@ def test_publish_interrupted_before_its_record(tmp_path, images):
     finally:
         p.stop()
         unmount_all_under(str(tmp_path))
+
+
+def test_layer_shared_at_different_positions(csi, pods, tmp_path):
+    layout = str(tmp_path / "layout")
+    common = LayerBuilder().file("common", "same bytes\n")
+    write_image(layout, "bottom", [common, LayerBuilder().file("top", "x\n")])
+    write_image(layout, "top", [LayerBuilder().file("base", "y\n"), common])
+    a, b = pods / "a", pods / "b"
+    csi.publish("pos-a", a, f"oci:{layout}:bottom")
+    csi.publish("pos-b", b, f"oci:{layout}:top")
+    try:
+        def lowers(t):
+            (m,) = MountTable().at(str(t))
+            opts = dict(o.split("=", 1) for o in m.super_options.split(",") if "=" in o)
+            return opts["lowerdir"].split(":")
+        assert lowers(a)[-1] == lowers(b)[0], "one directory, base of one image, top of other"
+    finally:
+        csi.unpublish("pos-a", a)
+        csi.unpublish("pos-b", b)
+
+
+def test_diff_id_mismatch_is_data_loss_and_leaves_nothing(csi, strata, pods, tmp_path):
+    import json
+
+    import grpc
+
+    layout = str(tmp_path / "layout")
+    write_image(layout, "lie", [LayerBuilder().file("f", "unique to this test\n")])
+    # Rewrite the config so it promises another DiffID, keeping every blob digest valid.
+    from csi.image.build import _write_blob
+
+    with open(os.path.join(layout, "index.json")) as f:
+        index = json.load(f)
+    mdesc = index["manifests"][0]
+    with open(os.path.join(layout, "blobs/sha256", mdesc["digest"][7:])) as f:
+        manifest = json.load(f)
+    with open(os.path.join(layout, "blobs/sha256", manifest["config"]["digest"][7:])) as f:
+        config = json.load(f)
+    config["rootfs"]["diff_ids"] = ["sha256:" + "0" * 64]
+    manifest["config"]["digest"], manifest["config"]["size"] = _write_blob(
+        layout, json.dumps(config).encode())
+    mdesc["digest"], mdesc["size"] = _write_blob(layout, json.dumps(manifest).encode())
+    with open(os.path.join(layout, "index.json"), "w") as f:
+        json.dump(index, f)
+    layers_before = set(os.listdir(os.path.join(strata.root, "layers")))
+    with pytest.raises(grpc.RpcError) as e:
+        csi.publish("lie", pods / "t", f"oci:{layout}:lie")
+    assert e.value.code() == grpc.StatusCode.DATA_LOSS
+    assert "DiffID" in e.value.details()
+    assert set(os.listdir(os.path.join(strata.root, "layers"))) == layers_before
+    assert os.listdir(os.path.join(strata.root, "tmp")) == []
+    assert not (pods / "t").exists()
+
+
+def test_references_are_recomputed_after_a_crash(tmp_path, images):
+    p = StrataProcess(str(tmp_path)).start()
+    try:
+        p.csi.publish("refs", tmp_path / "pod", images.app)
+        p.stop(signal.SIGKILL)
+        st = State(os.path.join(p.root, "state.db"))
+        with st.transaction() as tx:
+            good = tx.refcounts()
+            tx.drop_all_refs()  # lost references would let GC take a mounted layer…
+            tx.add_refs("pub:/no/such/target", list(good))  # …and stale ones pin forever
+        st.close()
+        p.start()
+        st = State(os.path.join(p.root, "state.db"))
+        with st.transaction() as tx:
+            assert tx.refcounts() == good
+            assert {h for _, h in tx.holders()} == {f"pub:{tmp_path / 'pod'}"}
+        st.close()
+        p.csi.unpublish("refs", tmp_path / "pod")
+    finally:
+        p.stop()
+        unmount_all_under(str(tmp_path))
