@@ -112,9 +112,11 @@ def main():
         layers = LayerStore(store, state)
         mounter = Mounter()
         vm = VolumeManager(store, state, layers, mounter)
-        from csi.image.resolver import Resolver
+        from csi.image.layout import OciLayout
+        from csi.image.reference import parse
 
-        src, img = Resolver().resolve(image)
+        src = OciLayout(parse(image))
+        img = src.resolve()
         ids = layers.ensure(src, img)  # warm: layers on the node
         lowers = [layers.path(i) for i in reversed(ids)]
         work = os.path.join(root, "work")

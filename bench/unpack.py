@@ -23,14 +23,16 @@ HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHILD = r"""
 import json, os, resource, sys, time
 sys.path.insert(0, sys.argv[1])
-from csi.image.resolver import Resolver
+from csi.image.layout import OciLayout
+from csi.image.reference import parse
 from csi.store.layers import LayerStore
 from csi.store.state import State
 root, ref = sys.argv[2], sys.argv[3]
 for sub in ("tmp", "layers", "volumes"):
     os.makedirs(os.path.join(root, sub), exist_ok=True)
 state = State(os.path.join(root, "state.db"))
-src, image = Resolver().resolve(ref)
+src = OciLayout(parse(ref))
+image = src.resolve()
 t0 = time.perf_counter()
 LayerStore(root, state).ensure(src, image)
 dt = time.perf_counter() - t0

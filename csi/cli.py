@@ -1,6 +1,7 @@
 """The `strata` command.
 
   serve   run the CSI plugin (node service, optional controller, metrics)
+  pull    pull an image into the node's store, with progress (like `docker pull`)
   gc      collect unreferenced layers now, by policy (safe while the server runs)
   ls      images and layers in the store, with sizes and references
   df      disk use and what layer sharing saves, like `docker system df`
@@ -39,6 +40,31 @@ def _gc_opts(p) -> None:
     _opt(p, "--gc-min-age", D.gc_min_age, "seconds a layer stays after its last use")
 
 
+def _list_opt(p, flag: str, help_: str) -> None:
+    env = flag.lstrip("-").replace("-", "_")
+    default = [x for x in env_default(env).split(",") if x]
+    p.add_argument(flag, action="append", default=None,
+                   help=f"{help_}; repeatable (env STRATA_{env.upper()}, comma-separated)")
+    p.set_defaults(**{env + "_env": default})
+
+
+def _registry_opts(p) -> None:
+    _opt(p, "--registry-config", D.registry_config, "docker config.json with node-wide "
+         "registry credentials")
+    _list_opt(p, "--registry-ca", "a PEM file of CAs to trust for registries, beside the "
+              "system's")
+    _list_opt(p, "--insecure-registry", "HOST:PORT to reach over plain HTTP (e.g. kind's "
+              "local registry)")
+    _list_opt(p, "--registry-mirror", "REGISTRY=URL: try this mirror first, e.g. "
+              "docker.io=https://mirror.example")
+    _opt(p, "--registry-timeout", D.registry_timeout, "seconds to connect to a registry")
+    _opt(p, "--registry-read-timeout", D.registry_read_timeout, "seconds a registry may be "
+         "silent mid-request")
+    _opt(p, "--registry-retries", D.registry_retries, "retries on 429, 5xx and dropped "
+         "connections (exponential backoff with jitter)")
+    _opt(p, "--tag-ttl", D.tag_ttl, "seconds a tag's resolution is trusted (IfNotPresent)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="strata", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -54,6 +80,15 @@ def _parser() -> argparse.ArgumentParser:
     _opt(serve, "--grace-seconds", D.grace_seconds,
          "how long running RPCs may take to finish on SIGTERM")
     _gc_opts(serve)
+    _registry_opts(serve)
+    _opt(serve, "--pull-wait", D.pull_wait, "seconds NodePublish waits for a pull before "
+         "answering ABORTED (the pull goes on; the kubelet's retry joins it)")
+    pull = sub.add_parser("pull", help="pull an image into the store, with progress")
+    pull.add_argument("image", help="e.g. nginx:1.27 or registry:5000/team/app@sha256:…")
+    pull.add_argument("--pull-policy", default="Always",
+                      choices=("IfNotPresent", "Always", "Never"))
+    _root_opt(pull)
+    _registry_opts(pull)
     gc = sub.add_parser("gc", help="collect unreferenced layers now")
     _root_opt(gc)
     _gc_opts(gc)
@@ -79,9 +114,24 @@ def _config(args, parser) -> Config:
             gc_low_percent=float(getattr(args, "gc_low_percent", D.gc_low_percent)),
             gc_max_bytes=int(getattr(args, "gc_max_bytes", D.gc_max_bytes)),
             gc_min_age=float(getattr(args, "gc_min_age", D.gc_min_age)),
+            registry_config=getattr(args, "registry_config", ""),
+            registry_ca=_listed(args, "registry_ca"),
+            insecure_registries=_listed(args, "insecure_registry"),
+            registry_mirrors=_listed(args, "registry_mirror"),
+            registry_timeout=float(getattr(args, "registry_timeout", D.registry_timeout)),
+            registry_read_timeout=float(getattr(args, "registry_read_timeout",
+                                                D.registry_read_timeout)),
+            registry_retries=int(getattr(args, "registry_retries", D.registry_retries)),
+            tag_ttl=float(getattr(args, "tag_ttl", D.tag_ttl)),
+            pull_wait=float(getattr(args, "pull_wait", D.pull_wait)),
         ).validate()
     except (StrataError, ValueError) as e:
         parser.error(str(e))
+
+
+def _listed(args, name: str) -> tuple[str, ...]:
+    given = getattr(args, name, None)
+    return tuple(given if given is not None else getattr(args, name + "_env", []))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,6 +150,10 @@ def main(argv: list[str] | None = None) -> int:
         from csi.server import serve
 
         return serve(config)
+    if args.command == "pull":
+        from csi import store_cli
+
+        return store_cli.pull(config, args.image, args.pull_policy)
     if not os.path.exists(os.path.join(config.root, "state.db")):
         print(f"strata: no store at {config.root}", file=sys.stderr)
         return 1

@@ -5,6 +5,7 @@ import os
 import re
 
 from csi.errors import InvalidArgument
+from csi.image.registry import Options
 from csi.store.gc import Policy
 
 ENV_PREFIX = "STRATA_"
@@ -24,6 +25,27 @@ class Config:
     gc_low_percent: float = 80.0
     gc_max_bytes: int = 0
     gc_min_age: float = 300.0  # a warm cache, like the kubelet's image GC minimum age
+    registry_config: str = ""  # a docker config.json with node-wide credentials
+    registry_ca: tuple[str, ...] = ()
+    insecure_registries: tuple[str, ...] = ()
+    registry_mirrors: tuple[str, ...] = ()  # "REGISTRY=URL"
+    registry_timeout: float = 10.0  # connect
+    registry_read_timeout: float = 60.0
+    registry_retries: int = 4
+    tag_ttl: float = 300.0
+    pull_wait: float = 100.0  # below the kubelet's ~2 min NodePublish deadline
+
+    @property
+    def registry(self) -> Options:
+        mirrors = []
+        for m in self.registry_mirrors:
+            registry, sep, url = m.partition("=")
+            if not sep or not registry or not url:
+                raise InvalidArgument(f"--registry-mirror must be REGISTRY=URL, got {m!r}")
+            mirrors.append((registry, url))
+        return Options(ca_files=self.registry_ca, insecure=frozenset(self.insecure_registries),
+                       mirrors=tuple(mirrors), connect_timeout=self.registry_timeout,
+                       read_timeout=self.registry_read_timeout, retries=self.registry_retries)
 
     @property
     def gc(self) -> Policy:
@@ -58,6 +80,13 @@ class Config:
             self.gc.validate()
         except ValueError as e:
             raise InvalidArgument(str(e)) from None
+        self.registry  # noqa: B018 - parses the mirrors
+        for path in self.registry_ca + ((self.registry_config,) if self.registry_config else ()):
+            if not os.path.isfile(path):
+                raise InvalidArgument(f"{path} does not exist")
+        if self.tag_ttl < 0 or self.pull_wait < 0 or self.registry_retries < 0:
+            raise InvalidArgument("--tag-ttl, --pull-wait and --registry-retries must not be "
+                                  "negative")
         return self
 
 

@@ -28,6 +28,12 @@ class FailedPrecondition(StrataError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class PermissionDenied(StrataError):
+    """The registry refused our credentials (or we had none it would accept)."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 class ResourceExhausted(StrataError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 

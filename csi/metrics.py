@@ -37,6 +37,28 @@ class Metrics:
         self.gc_freed = Counter(
             "strata_gc_freed_bytes_total", "Bytes freed by GC.", registry=self.registry)
 
+        self.pulls = Counter(
+            "strata_pulls", "Image pulls by result: pulled (from a registry), present (on the "
+            "node already), or the gRPC code of the failure.", ["result"],
+            registry=self.registry)
+        self.pull_seconds = Histogram(
+            "strata_pull_seconds", "Time to pull an image and unpack its missing layers.",
+            buckets=(0.01, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+            registry=self.registry)
+        self.blob_bytes = Counter(
+            "strata_blob_fetched_bytes", "Compressed bytes downloaded from registries.",
+            registry=self.registry)
+        self.blob_fetches = Counter(
+            "strata_blob_fetches", "Blobs downloaded (and verified) from registries.",
+            registry=self.registry)
+
+    def on_pull(self, result: str, seconds: float) -> None:
+        self.pulls.labels(result).inc()
+        self.pull_seconds.observe(seconds)
+
+    def on_blob(self, size: int) -> None:
+        self.blob_fetches.inc()
+
     def on_collect(self, result) -> None:
         self.gc_removed.inc(len(result.removed))
         self.gc_freed.inc(result.freed_bytes)

@@ -40,7 +40,7 @@ class Provisioner:
         if not image:
             raise InvalidArgument("parameter 'image' is required (the image to mount)")
         # Resolving now turns a typo into an error at PVC creation, not at pod start.
-        self._resolver.resolve(image)
+        self._resolver.check(image)
         capacity = spec.required_bytes or spec.limit_bytes
         with self._state.transaction() as tx:
             existing = tx.controller_volume(spec.name)

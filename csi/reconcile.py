@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 def reconcile(root: str, state: State, mounter: Mounter) -> None:
     tmp = os.path.join(root, "tmp")
     for name in os.listdir(tmp):
+        if name.startswith("blob-") and name.endswith(".partial"):
+            continue  # a download to resume with Range; its digest is checked at the end
         remove_tree(os.path.join(tmp, name), ignore_errors=True)
 
     with state.transaction() as tx:

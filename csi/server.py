@@ -19,13 +19,17 @@ from prometheus_client import start_http_server
 from csi.config import Config, parse_host_port
 from csi.controller import ControllerService
 from csi.identity import IdentityService
+from csi.image.auth import Keyring
+from csi.image.registry import RegistryClient
 from csi.interceptors import RpcInterceptor
 from csi.metrics import Metrics
 from csi.mount.syscalls import Mounter
 from csi.node import NodeService
 from csi.proto import csi_pb2_grpc
 from csi.provision import Provisioner
+from csi.pulls import Puller
 from csi.reconcile import reconcile
+from csi.store.blobs import BlobStore
 from csi.store.gc import Collector
 from csi.store.layers import LayerStore
 from csi.store.state import State
@@ -45,6 +49,22 @@ def _bind_path(path: str) -> None:
         pass
 
 
+def build_puller(config: Config, state: State, layers: LayerStore,
+                 metrics: Metrics | None = None, on_bytes=None) -> Puller:
+    """The pull path shared by the server and `strata pull`."""
+    def count_bytes(n: int) -> None:
+        if metrics is not None:
+            metrics.blob_bytes.inc(n)
+        if on_bytes is not None:
+            on_bytes(n)
+
+    client = RegistryClient(config.registry, on_bytes=count_bytes)
+    keyring = Keyring.from_file(config.registry_config) if config.registry_config else None
+    blobs = BlobStore(config.root, on_fetch=metrics.on_blob if metrics else None)
+    return Puller(state, layers, blobs, client, keyring, tag_ttl=config.tag_ttl,
+                  on_pull=metrics.on_pull if metrics else None)
+
+
 class Plugin:
     def __init__(self, config: Config, metrics: Metrics | None = None,
                  mounter: Mounter | None = None):
@@ -59,7 +79,9 @@ class Plugin:
         reconcile(root, self.state, self.mounter)
         self.layers = LayerStore(root, self.state, on_unpack=self.metrics.on_unpack)
         self.gc = Collector(self.layers, config.gc, on_collect=self.metrics.on_collect)
-        self.volumes = VolumeManager(root, self.state, self.layers, self.mounter, gc=self.gc)
+        self.puller = build_puller(config, self.state, self.layers, metrics=self.metrics)
+        self.volumes = VolumeManager(root, self.state, self.layers, self.mounter,
+                                     puller=self.puller, gc=self.gc)
         self.gc.collect()  # released while we were down, or a policy that changed
         self.provisioner = Provisioner(self.state)
         self.metrics.install_store(self.state)
@@ -77,7 +99,8 @@ class Plugin:
         identity = IdentityService(controller=has_controller, ready=lambda: True)
         node = self._server()
         csi_pb2_grpc.add_IdentityServicer_to_server(identity, node)
-        csi_pb2_grpc.add_NodeServicer_to_server(NodeService(self.volumes, cfg.node_id), node)
+        csi_pb2_grpc.add_NodeServicer_to_server(
+            NodeService(self.volumes, cfg.node_id, pull_wait=cfg.pull_wait), node)
         if same:
             csi_pb2_grpc.add_ControllerServicer_to_server(
                 ControllerService(self.provisioner), node)

@@ -19,6 +19,49 @@ def _open(config: Config) -> State:
     return State(os.path.join(config.root, "state.db"))
 
 
+def pull(config: Config, image: str, policy: str) -> int:
+    """`strata pull`: the server's own pull path, printing progress like `docker pull`."""
+    import threading
+    import time
+
+    from csi.errors import StrataError
+    from csi.server import build_puller
+
+    for sub in ("tmp", "layers", "blobs"):
+        os.makedirs(os.path.join(config.root, sub), mode=0o700, exist_ok=True)
+    state = _open(config)
+    progress = {"bytes": 0, "layers": 0}
+    layers = LayerStore(config.root, state, on_unpack=lambda layer, s, n: progress.update(
+        layers=progress["layers"] + 1))
+    puller = build_puller(config, state, layers, on_bytes=lambda n: progress.update(
+        bytes=progress["bytes"] + n))
+    done = threading.Event()
+
+    def report():
+        while not done.wait(0.5):
+            print(f"  {human(progress['bytes'])} downloaded, {progress['layers']} layers "
+                  "unpacked", flush=True)
+
+    ticker = threading.Thread(target=report, daemon=True)
+    started = time.monotonic()
+    print(f"pulling {image}", flush=True)
+    ticker.start()
+    try:
+        _, img = puller.pull(image, {}, policy, wait=None)
+    except StrataError as e:
+        print(f"strata pull: {e.code.name}: {e}")
+        return 1
+    finally:
+        done.set()
+        ticker.join()
+        state.close()
+    print(f"{img.name}: {len(img.layers)} layers present, {human(progress['bytes'])} "
+          f"downloaded, {progress['layers']} layers unpacked in "
+          f"{time.monotonic() - started:.1f}s")
+    print(f"digest: {img.manifest_digest}")
+    return 0
+
+
 def gc(config: Config) -> int:
     state = _open(config)
     try:

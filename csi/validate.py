@@ -20,6 +20,7 @@ SUPPORTED_MODES = {
 READER_MODES = {Mode.SINGLE_NODE_READER_ONLY, Mode.MULTI_NODE_READER_ONLY}
 EPHEMERAL_KEY = "csi.storage.k8s.io/ephemeral"
 MAX_ID = 128  # CSI: identifiers SHOULD be at most 128 bytes
+PULL_POLICIES = ("IfNotPresent", "Always", "Never")
 
 
 def require(value: str, field: str) -> str:
@@ -68,18 +69,27 @@ def image(context, field: str = "volume_context") -> str:
     return value
 
 
-def stage(req: csi_pb2.NodeStageVolumeRequest) -> StageSpec:
+def pull_policy(context) -> str:
+    policy = context.get("pullPolicy", "IfNotPresent")
+    if policy not in PULL_POLICIES:
+        raise InvalidArgument(f"volume_context['pullPolicy'] must be one of "
+                              f"{', '.join(PULL_POLICIES)}, got {policy!r}")
+    return policy
+
+
+def stage(req: csi_pb2.NodeStageVolumeRequest, wait: float | None = None) -> StageSpec:
     vid = volume_id(req.volume_id)
     staging = path(req.staging_target_path, "staging_target_path")
     mode = capability(req.volume_capability)
-    return StageSpec(vid, staging, image(req.volume_context), mode, dict(req.secrets))
+    return StageSpec(vid, staging, image(req.volume_context), mode, dict(req.secrets),
+                     pull_policy(req.volume_context), wait)
 
 
 def unstage(req: csi_pb2.NodeUnstageVolumeRequest) -> tuple[str, str]:
     return volume_id(req.volume_id), path(req.staging_target_path, "staging_target_path")
 
 
-def publish(req: csi_pb2.NodePublishVolumeRequest) -> PublishSpec:
+def publish(req: csi_pb2.NodePublishVolumeRequest, wait: float | None = None) -> PublishSpec:
     vid = volume_id(req.volume_id)
     target = path(req.target_path, "target_path")
     mode = capability(req.volume_capability)
@@ -91,7 +101,9 @@ def publish(req: csi_pb2.NodePublishVolumeRequest) -> PublishSpec:
                               "staging_target_path is set")
     img = req.volume_context.get("image", "") if staging else image(req.volume_context)
     readonly = req.readonly or mode in READER_MODES
-    return PublishSpec(vid, target, img, readonly, mode, staging, dict(req.secrets))
+    policy = pull_policy(req.volume_context) if not staging else ""
+    return PublishSpec(vid, target, img, readonly, mode, staging, dict(req.secrets), policy,
+                       wait)
 
 
 def unpublish(req: csi_pb2.NodeUnpublishVolumeRequest) -> tuple[str, str]:

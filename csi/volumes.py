@@ -15,9 +15,10 @@ import secrets
 import time
 
 from csi.errors import AlreadyExists, FailedPrecondition, Internal, NotFound
-from csi.image.resolver import Resolver
 from csi.mount import spec as mount_spec
 from csi.mount.syscalls import Mounter
+from csi.pulls import Puller
+from csi.store.blobs import BlobStore
 from csi.store.gc import Collector
 from csi.store.layers import LayerStore
 from csi.store.state import Publication, Stage, State, pub_holder, stage_holder
@@ -37,6 +38,8 @@ class StageSpec:
     image: str
     access_mode: int
     secrets: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+    pull_policy: str = ""
+    wait: float | None = None  # seconds a pull may take before the RPC answers ABORTED
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +51,8 @@ class PublishSpec:
     access_mode: int
     staging_path: str = ""  # empty for inline ephemeral volumes
     secrets: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+    pull_policy: str = ""
+    wait: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +69,7 @@ class VolumeStats:
 
 class VolumeManager:
     def __init__(self, root: str, state: State, layers: LayerStore, mounter: Mounter,
-                 resolver: Resolver | None = None, clock=time.time, locks=None,
+                 puller: Puller | None = None, clock=time.time, locks=None,
                  gc: Collector | None = None):
         from csi.locks import KeyedLock
 
@@ -73,7 +78,7 @@ class VolumeManager:
         self._state = state
         self._layers = layers
         self._mounter = mounter
-        self._resolver = resolver or Resolver()
+        self._puller = puller or Puller(state, layers, BlobStore(root))
         self._clock = clock
         self._locks = locks or KeyedLock()
         self._gc = gc
@@ -91,8 +96,8 @@ class VolumeManager:
                     return
                 raise AlreadyExists(f"volume {s.volume_id} is already staged at "
                                     f"{existing.staging_path} with image {existing.image}")
-            source, image = self._resolver.resolve(s.image, s.secrets)
             unpacked = self._layers.unpacked
+            source, image = self._puller.pull(s.image, s.secrets, s.pull_policy, s.wait)
             with self._layers.acquire(source, image) as layer_ids:
                 with self._state.transaction() as tx:
                     tx.put_stage(Stage(s.volume_id, s.staging_path, s.image,
@@ -159,8 +164,8 @@ class VolumeManager:
                     layer_ids = list(tx.image(stage.manifest_digest).layer_ids)
                 self._mount(p, stage.image, stage.manifest_digest, layer_ids)
                 return
-            source, image = self._resolver.resolve(p.image, p.secrets)
             unpacked = self._layers.unpacked
+            source, image = self._puller.pull(p.image, p.secrets, p.pull_policy, p.wait)
             with self._layers.acquire(source, image) as layer_ids:
                 self._mount(p, p.image, image.manifest_digest, layer_ids)
         if self._layers.unpacked != unpacked:

@@ -1,12 +1,14 @@
-"""Turns the `image` volume attribute into a resolved Image and the source of its blobs."""
+"""Checks the `image` attribute where no pull should happen yet (CreateVolume)."""
 
 from csi.image import reference
 from csi.image.layout import OciLayout
-from csi.image.manifest import Image
 
 
 class Resolver:
-    def resolve(self, image: str, secrets: dict[str, str] | None = None) -> tuple[OciLayout, Image]:
+    def check(self, image: str) -> None:
+        """Syntax for every reference; a local OCI layout is also resolved, so a typo fails
+        at PVC creation, not at pod start. Registry images are not contacted here: the
+        node pulls them with the pod's own pull secrets."""
         ref = reference.parse(image)
-        source = OciLayout(ref)
-        return source, source.resolve()
+        if isinstance(ref, reference.LayoutReference):
+            OciLayout(ref).resolve()

@@ -68,8 +68,10 @@ class LayerStore:
         try:
             ids = [self._ensure_leased(source, desc, holder) for desc in image.layers]
             with self.state.transaction() as tx:
-                tx.put_image(ImageRecord(image.manifest_digest, image.name,
-                                         image.config_digest, tuple(ids), self._clock()))
+                tx.put_image(ImageRecord(
+                    image.manifest_digest, image.name, image.config_digest, tuple(ids),
+                    self._clock(),
+                    tuple((d.digest, d.media_type, d.size, d.diff_id) for d in image.layers)))
             yield ids
         finally:
             with self.state.transaction() as tx:

@@ -14,7 +14,20 @@ import threading
 import time
 from collections.abc import Iterator
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+# Each entry upgrades from the version before it; a fresh database runs them all.
+_MIGRATIONS = {
+    1: None,  # _SCHEMA below
+    2: """
+ALTER TABLE images ADD COLUMN layers TEXT NOT NULL DEFAULT '[]';  -- JSON layer descriptors
+CREATE TABLE tags (
+    name TEXT PRIMARY KEY,          -- canonical reference without digest: registry/repo:tag
+    manifest_digest TEXT NOT NULL,
+    resolved REAL NOT NULL          -- when the registry last said so (for --tag-ttl)
+);
+""",
+}
 
 _SCHEMA = """
 CREATE TABLE layers (
@@ -82,6 +95,16 @@ class ImageRecord:
     name: str
     config_digest: str
     layer_ids: tuple[str, ...]
+    resolved: float
+    # (digest, media_type, size, diff_id) per layer, base first: enough to rebuild the
+    # image without the network when every layer is still on the node.
+    layers: tuple[tuple[str, str, int, str], ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Tag:
+    name: str
+    manifest_digest: str
     resolved: float
 
 
@@ -177,9 +200,17 @@ class Tx:
         self._c.execute("DELETE FROM images WHERE layer_ids LIKE ?", (f'%"{layer_id}"%',))
 
     def put_image(self, img: ImageRecord) -> None:
-        self._c.execute("INSERT OR REPLACE INTO images VALUES (?,?,?,?,?)",
+        self._c.execute("INSERT OR REPLACE INTO images VALUES (?,?,?,?,?,?)",
                         (img.manifest_digest, img.name, img.config_digest,
-                         json.dumps(list(img.layer_ids)), img.resolved))
+                         json.dumps(list(img.layer_ids)), img.resolved,
+                         json.dumps([list(x) for x in img.layers])))
+
+    # tags
+    def tag(self, name: str) -> Tag | None:
+        return self._one(Tag, "SELECT * FROM tags WHERE name=?", name)
+
+    def put_tag(self, t: Tag) -> None:
+        self._c.execute("INSERT OR REPLACE INTO tags VALUES (?,?,?)", dataclasses.astuple(t))
 
     # stages
     def stage(self, volume_id: str) -> Stage | None:
@@ -259,7 +290,8 @@ class Tx:
 
 
 def _image(row) -> ImageRecord:
-    return ImageRecord(row[0], row[1], row[2], tuple(json.loads(row[3])), row[4])
+    return ImageRecord(row[0], row[1], row[2], tuple(json.loads(row[3])), row[4],
+                       tuple(tuple(x) for x in json.loads(row[5])))
 
 
 def _pub(row) -> Publication:
@@ -288,17 +320,19 @@ class State:
 
     def _migrate(self) -> None:
         with self._lock:
-            version = self._db.execute("PRAGMA user_version").fetchone()[0]
-            if version == SCHEMA_VERSION:
-                return
-            if version != 0:
-                raise RuntimeError(f"{self.path}: schema version {version} is newer than this "
-                                   f"strata understands ({SCHEMA_VERSION})")
+            # The version is read inside the write lock: two processes opening a fresh
+            # database at once must not both create the schema.
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                for stmt in _SCHEMA.split(";"):
-                    if stmt.strip():
-                        self._db.execute(stmt)
+                version = self._db.execute("PRAGMA user_version").fetchone()[0]
+                if version > SCHEMA_VERSION:
+                    raise RuntimeError(f"{self.path}: schema version {version} is newer than "
+                                       f"this strata understands ({SCHEMA_VERSION})")
+                for v in range(version + 1, SCHEMA_VERSION + 1):
+                    script = _MIGRATIONS[v] or _SCHEMA
+                    for stmt in script.split(";"):
+                        if stmt.strip():
+                            self._db.execute(stmt)
                 self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
                 self._db.execute("COMMIT")
             except BaseException:

@@ -57,7 +57,7 @@ def test_missing_fields_are_invalid_argument(csi, field, req, needle):
 
 
 @pytest.mark.parametrize("image,code,needle", [
-    ("nginx:1.27", grpc.StatusCode.INVALID_ARGUMENT, "registry references"),
+    ("Nginx:1.27", grpc.StatusCode.INVALID_ARGUMENT, "must be lowercase"),
     ("oci:relative/path:1", grpc.StatusCode.INVALID_ARGUMENT, "absolute"),
     ("oci:/x:bad tag", grpc.StatusCode.INVALID_ARGUMENT, "malformed"),
     ("oci:/no/such/layout:1", grpc.StatusCode.NOT_FOUND, "no OCI image layout"),

@@ -26,7 +26,8 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from csi.errors import StrataError
-from csi.image.resolver import Resolver
+from csi.image.layout import OciLayout
+from csi.image.reference import parse as parse_reference
 from csi.store.layers import LayerStore
 from csi.store.state import State
 from tests.data import hostile
@@ -36,6 +37,11 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root: unpacking lchowns, mknods 0:0 "
                        "whiteouts and sets trusted.* xattrs"),
 ]
+
+
+def _resolve(ref: str):
+    source = OciLayout(parse_reference(ref))
+    return source, source.resolve()
 
 
 @pytest.fixture(scope="session")
@@ -180,10 +186,10 @@ def run_case(case: hostile.Case, sandbox: str) -> list[str]:
         layers = []
         if case.base is not None:
             base = (case.base, hostile.TAR_MT, "sha256:" + hashlib.sha256(case.base).hexdigest())
-            store.ensure(*Resolver().resolve(hostile.write_layout(layout, "base", [base])))
+            store.ensure(*_resolve(hostile.write_layout(layout, "base", [base])))
             layers.append(base)
         layers.append((case.blob_bytes(), case.media_type, case.diff_id))
-        source, image = Resolver().resolve(hostile.write_layout(layout, "hostile", layers))
+        source, image = _resolve(hostile.write_layout(layout, "hostile", layers))
         with state.transaction() as tx:
             rows_before = {layer.id for layer in tx.layers()}
 

@@ -17,11 +17,10 @@ class StubResolver:
         self.calls = []
         self.error = error
 
-    def resolve(self, image, secrets=None):
+    def check(self, image):
         self.calls.append(image)
         if self.error:
             raise self.error
-        return None, None
 
 
 @pytest.fixture

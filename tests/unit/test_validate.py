@@ -120,7 +120,7 @@ def test_supported_modes(mode):
 def test_publish_ephemeral_spec():
     spec = validate.publish(publish_req(secrets={"password": "x"}))
     assert spec == PublishSpec("vol-1", "/pods/p/volumes/v/mount", IMAGE, False,
-                               Mode.SINGLE_NODE_WRITER, "")
+                               Mode.SINGLE_NODE_WRITER, "", pull_policy="IfNotPresent")
     assert spec.secrets == {"password": "x"}
 
 
@@ -201,7 +201,8 @@ def test_publish_target_normalised():
 def test_stage_spec():
     spec = validate.stage(stage_req(staging_target_path="/staging/vol-1/",
                                     secrets={"k": "v"}))
-    assert spec == StageSpec("vol-1", "/staging/vol-1", IMAGE, Mode.SINGLE_NODE_WRITER)
+    assert spec == StageSpec("vol-1", "/staging/vol-1", IMAGE, Mode.SINGLE_NODE_WRITER,
+                             pull_policy="IfNotPresent")
     assert spec.secrets == {"k": "v"}
 
 
@@ -305,3 +306,18 @@ def test_validate_capabilities():
     refused(validate.validate_capabilities,
             csi_pb2.ValidateVolumeCapabilitiesRequest(volume_capabilities=[cap()]),
             "volume_id is required")
+
+
+@pytest.mark.parametrize("policy", ["IfNotPresent", "Always", "Never"])
+def test_pull_policy_is_carried(policy):
+    req = publish_req()
+    req.volume_context["pullPolicy"] = policy
+    assert validate.publish(req, wait=7.5).pull_policy == policy
+    assert validate.publish(req, wait=7.5).wait == 7.5
+
+
+def test_unknown_pull_policy_is_invalid():
+    req = publish_req()
+    req.volume_context["pullPolicy"] = "Sometimes"
+    with pytest.raises(InvalidArgument, match="pullPolicy"):
+        validate.publish(req)

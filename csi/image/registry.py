@@ -1,0 +1,428 @@
+"""A client for the OCI Distribution API (Docker Registry HTTP API v2).
+
+Resolves a reference to an image (manifest, index → the node's platform, config DiffIDs)
+and streams blobs, with the registry semantics a kubelet pull has: the WWW-Authenticate
+challenge flow (anonymous or credentialed bearer tokens, scoped per repository and cached
+until they expire; or basic auth), redirects to blob storage (without our credentials),
+`Range` resume of a cut download, TLS verified against the system CAs plus `--registry-ca`,
+plain HTTP for `--insecure-registry` hosts, mirrors tried before the origin, connect and
+read timeouts, and retries with exponential backoff and jitter on 429, 5xx and dropped
+connections (honouring Retry-After). Every error names the image and the registry's text.
+"""
+
+import dataclasses
+import email.utils
+import hashlib
+import http.client
+import json
+import logging
+import random
+import re
+import ssl
+import time
+import urllib.parse
+from typing import BinaryIO
+
+from csi.errors import (
+    DataLoss,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    StrataError,
+    Unavailable,
+)
+from csi.image import manifest as mf
+from csi.image.auth import Credentials
+from csi.image.reference import RegistryReference
+from csi.image.verify import VerifyingReader
+
+log = logging.getLogger(__name__)
+
+ACCEPT = ", ".join([mf.OCI_INDEX, mf.OCI_MANIFEST, mf.DOCKER_LIST, mf.DOCKER_MANIFEST])
+SCHEMA1 = {"application/vnd.docker.distribution.manifest.v1+json",
+           "application/vnd.docker.distribution.manifest.v1+prettyjws"}
+RETRY_STATUS = {429, 500, 502, 503, 504}
+REDIRECT_STATUS = {301, 302, 303, 307, 308}
+CHUNK = 1 << 20
+USER_AGENT = "strata-csi"
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    ca_files: tuple[str, ...] = ()
+    insecure: frozenset[str] = frozenset()  # HOST:PORT served over plain HTTP
+    mirrors: tuple[tuple[str, str], ...] = ()  # (registry, base URL), tried in order
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+    retries: int = 4
+    backoff: float = 0.5
+    backoff_max: float = 10.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Endpoint:
+    scheme: str
+    host: str  # HOST[:PORT], IPv6 bracketed
+    mirror: bool = False
+
+    def __str__(self) -> str:
+        return f"{self.scheme}://{self.host}"
+
+
+class _Retry(Exception):
+    def __init__(self, why: str, delay: float | None = None):
+        super().__init__(why)
+        self.delay = delay
+
+
+def _registry_error(body: bytes) -> str:
+    try:
+        errors = json.loads(body).get("errors") or []
+        return "; ".join(f"{e.get('code', '')}: {e.get('message', '')}".strip(": ")
+                         for e in errors) or body[:200].decode("utf-8", "replace")
+    except (ValueError, AttributeError):
+        return body[:200].decode("utf-8", "replace").strip()
+
+
+def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
+    scheme, _, rest = header.strip().partition(" ")
+    params = dict(re.findall(r'(\w+)="([^"]*)"', rest))
+    return scheme.lower(), params
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    if value.strip().isdigit():
+        return float(value)
+    try:
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+class RegistryClient:
+    def __init__(self, options: Options | None = None, sleep=time.sleep, rng=random.random,
+                 on_bytes=None):
+        self.options = options or Options()
+        self._sleep = sleep
+        self._rng = rng
+        self._ssl: ssl.SSLContext | None = None
+        self._tokens: dict[tuple, tuple[str, float]] = {}
+        self._basic: dict[str, Credentials] = {}
+        self._on_bytes = on_bytes or (lambda n: None)
+
+    # -- transport ---------------------------------------------------------------------
+    def _context(self) -> ssl.SSLContext:
+        if self._ssl is None:
+            ctx = ssl.create_default_context()
+            for ca in self.options.ca_files:
+                ctx.load_verify_locations(cafile=ca)
+            self._ssl = ctx
+        return self._ssl
+
+    def endpoints(self, ref: RegistryReference) -> list[Endpoint]:
+        out = []
+        for registry, url in self.options.mirrors:
+            if registry == ref.registry:
+                u = urllib.parse.urlsplit(url if "://" in url else "https://" + url)
+                out.append(Endpoint(u.scheme, u.netloc, mirror=True))
+        host = ref.api_host
+        out.append(Endpoint("http" if host in self.options.insecure else "https", host))
+        return out
+
+    def _open(self, scheme: str, host: str, method: str, target: str, headers: dict):
+        u = urllib.parse.urlsplit(f"//{host}")
+        port = u.port
+        hostname = u.hostname or host
+        if scheme == "https":
+            conn = http.client.HTTPSConnection(hostname, port, context=self._context(),
+                                               timeout=self.options.connect_timeout)
+        else:
+            conn = http.client.HTTPConnection(hostname, port,
+                                              timeout=self.options.connect_timeout)
+        try:
+            conn.connect()
+            conn.sock.settimeout(self.options.read_timeout)
+            conn.request(method, target, headers={"User-Agent": USER_AGENT, **headers})
+            return conn, conn.getresponse()
+        except BaseException:
+            conn.close()
+            raise
+
+    def _auth_header(self, ep: Endpoint, repo: str, creds: Credentials | None) -> dict:
+        key = (ep.host, f"repository:{repo}:pull", creds.fingerprint() if creds else "")
+        token = self._tokens.get(key)
+        if token and token[1] > time.monotonic():
+            return {"Authorization": f"Bearer {token[0]}"}
+        basic = self._basic.get(ep.host)
+        if basic:
+            import base64
+
+            pair = base64.b64encode(f"{basic.username}:{basic.password}".encode()).decode()
+            return {"Authorization": f"Basic {pair}"}
+        return {}
+
+    def _authenticate(self, ep: Endpoint, challenge: str, repo: str,
+                      creds: Credentials | None, what: str) -> None:
+        scheme, params = parse_challenge(challenge)
+        if scheme == "basic":
+            if creds is None:
+                raise PermissionDenied(f"{what}: {ep.host} requires credentials and no pull "
+                                       "secret or node config has any for it")
+            self._basic[ep.host] = creds
+            return
+        if scheme != "bearer" or "realm" not in params:
+            raise PermissionDenied(f"{what}: unsupported authentication challenge {challenge!r}")
+        scope = f"repository:{repo}:pull"
+        query = {"scope": scope}
+        if params.get("service"):
+            query["service"] = params["service"]
+        realm = urllib.parse.urlsplit(params["realm"])
+        headers = {}
+        if creds is not None:
+            import base64
+
+            pair = base64.b64encode(f"{creds.username}:{creds.password}".encode()).decode()
+            headers["Authorization"] = f"Basic {pair}"
+        target = (realm.path or "/") + "?" + urllib.parse.urlencode(query)
+        status, _, body = self._simple(realm.scheme, realm.netloc, "GET", target, headers,
+                                       f"{what}: token from {realm.netloc}")
+        if status in (401, 403):
+            raise PermissionDenied(f"{what}: the token service refused "
+                                   f"{'our credentials' if creds else 'anonymous access'}: "
+                                   f"{_registry_error(body)}")
+        if status != 200:
+            raise Unavailable(f"{what}: token service answered {status}: "
+                              f"{_registry_error(body)}")
+        try:
+            doc = json.loads(body)
+            token = doc.get("token") or doc["access_token"]
+            expires = float(doc.get("expires_in") or 60)
+        except (ValueError, KeyError, TypeError):
+            raise Unavailable(f"{what}: the token service sent no token") from None
+        key = (ep.host, scope, creds.fingerprint() if creds else "")
+        # Refresh a little early so a token never expires in flight.
+        self._tokens[key] = (token, time.monotonic() + max(1.0, expires - 10))
+
+    def _backoff(self, attempt: int, hint: float | None) -> float:
+        if hint is not None:
+            return min(hint, self.options.backoff_max * 6)
+        base = min(self.options.backoff_max, self.options.backoff * (2 ** attempt))
+        return base * (0.5 + self._rng())  # jitter: 0.5x-1.5x
+
+    def _simple(self, scheme, host, method, target, headers, what) -> tuple[int, dict, bytes]:
+        """One request with retries; the whole body read. For tokens and manifests."""
+        def once():
+            conn, resp = self._open(scheme, host, method, target, headers)
+            try:
+                body = resp.read(mf.MAX_MANIFEST_BYTES + 1)
+                return resp.status, dict(resp.headers), body
+            finally:
+                conn.close()
+
+        return self._with_retries(once, what)
+
+    def _with_retries(self, fn, what: str):
+        last = ""
+        for attempt in range(self.options.retries + 1):
+            try:
+                result = fn()
+                status = result[0] if isinstance(result, tuple) else None
+                if status in RETRY_STATUS:
+                    hdrs = result[1] if isinstance(result[1], dict) else {}
+                    raise _Retry(f"HTTP {status}: {_registry_error(result[2])}",
+                                 _retry_after(hdrs.get("Retry-After")))
+                return result
+            except _Retry as e:
+                last, hint = str(e), e.delay
+            except (OSError, http.client.HTTPException) as e:
+                if isinstance(e, ssl.SSLCertVerificationError):
+                    raise Unavailable(f"{what}: TLS verification failed: {e.verify_message}; "
+                                      "add the registry's CA with --registry-ca") from None
+                last, hint = f"{type(e).__name__}: {e}", None
+            if attempt < self.options.retries:
+                delay = self._backoff(attempt, hint)
+                log.info("%s: %s; retrying in %.1fs", what, last, delay)
+                self._sleep(delay)
+        raise Unavailable(f"{what}: {last} (after {self.options.retries + 1} attempts)")
+
+    def _registry_call(self, ep: Endpoint, method: str, path: str, repo: str,
+                       creds: Credentials | None, what: str, headers=None):
+        """A registry API call with authentication; returns (status, headers, body)."""
+        for _ in range(2):
+            h = {**(headers or {}), **self._auth_header(ep, repo, creds)}
+            status, hdrs, body = self._simple(ep.scheme, ep.host, method, path, h, what)
+            if status == 401 and "WWW-Authenticate" in hdrs and "Authorization" not in h:
+                self._authenticate(ep, hdrs["WWW-Authenticate"], repo, creds, what)
+                continue
+            return status, hdrs, body
+        return status, hdrs, body
+
+    @staticmethod
+    def _check(status: int, body: bytes, what: str) -> None:
+        if status == 200:
+            return
+        text = _registry_error(body)
+        if status == 404:
+            raise NotFound(f"{what}: not found: {text}")
+        if status in (401, 403):
+            raise PermissionDenied(f"{what}: access denied: {text}")
+        if status == 400:
+            raise InvalidArgument(f"{what}: {text}")
+        raise Unavailable(f"{what}: HTTP {status}: {text}")
+
+    # -- the API -----------------------------------------------------------------------
+    def manifest(self, ep: Endpoint, ref: RegistryReference, reference: str,
+                 creds: Credentials | None) -> tuple[str, str, bytes]:
+        """(digest, media type, body) of a manifest or index, verified."""
+        what = f"image {ref}: manifest {reference} from {ep}"
+        status, hdrs, body = self._registry_call(
+            ep, "GET", f"/v2/{ref.repository}/manifests/{reference}", ref.repository, creds,
+            what, {"Accept": ACCEPT})
+        self._check(status, body, what)
+        if len(body) > mf.MAX_MANIFEST_BYTES:
+            raise InvalidArgument(f"{what}: larger than {mf.MAX_MANIFEST_BYTES} bytes")
+        digest = "sha256:" + hashlib.sha256(body).hexdigest()
+        claimed = hdrs.get("Docker-Content-Digest")
+        if reference.startswith("sha256:") and digest != reference:
+            raise DataLoss(f"{what}: content has digest {digest}, not the one asked for")
+        if claimed and claimed.startswith("sha256:") and claimed != digest:
+            raise DataLoss(f"{what}: content has digest {digest}, the registry says {claimed}")
+        media = hdrs.get("Content-Type", "").split(";")[0].strip()
+        try:
+            doc_media = json.loads(body).get("mediaType", "")
+            schema = json.loads(body).get("schemaVersion")
+        except (ValueError, AttributeError):
+            raise InvalidArgument(f"{what}: the manifest is not JSON") from None
+        if media in SCHEMA1 or schema == 1:
+            raise InvalidArgument(f"{what}: Docker schema 1 manifests are not supported; "
+                                  "push the image as OCI or Docker schema 2")
+        return digest, doc_media or media, body
+
+    def blob_bytes(self, ep: Endpoint, ref: RegistryReference, digest: str,
+                   creds: Credentials | None, what: str) -> bytes:
+        """A small blob (an image config), verified."""
+        _, _, body = self._with_retries(
+            lambda: self._follow(ep, ref, digest, creds, what, 0, None), what)
+        got = "sha256:" + hashlib.sha256(body).hexdigest()
+        if got != digest:
+            raise DataLoss(f"{what}: digest mismatch: expected {digest}, got {got}")
+        return body
+
+    def _follow(self, ep, ref, digest, creds, what, offset, out):
+        """GET a blob, following redirects to blob storage: into `out` from `offset`
+        (streamed), or whole into the returned body when `out` is None. A retryable status
+        is returned for the caller's retry loop; other failures raise."""
+        scheme, host = ep.scheme, ep.host
+        target = f"/v2/{ref.repository}/blobs/{digest}"
+        send_auth, authenticated = True, False
+        for _hop in range(8):
+            headers = {"Range": f"bytes={offset}-"} if offset else {}
+            if send_auth:
+                headers.update(self._auth_header(ep, ref.repository, creds))
+            conn, resp = self._open(scheme, host, "GET", target, headers)
+            try:
+                challenge = resp.headers.get("WWW-Authenticate")
+                if resp.status == 401 and send_auth and challenge and not authenticated:
+                    resp.read()
+                    self._authenticate(ep, challenge, ref.repository, creds, what)
+                    authenticated = True
+                    continue
+                if resp.status in REDIRECT_STATUS and resp.headers.get("Location"):
+                    u = urllib.parse.urlsplit(urllib.parse.urljoin(
+                        f"{scheme}://{host}{target}", resp.headers["Location"]))
+                    # Blob storage gets a signed URL, never our registry credentials.
+                    send_auth = send_auth and u.netloc == ep.host
+                    scheme, host = u.scheme, u.netloc
+                    target = u.path + (f"?{u.query}" if u.query else "")
+                    resp.read()
+                    continue
+                if resp.status not in (200, 206):
+                    body = resp.read(64 << 10)
+                    if resp.status in RETRY_STATUS:
+                        return resp.status, dict(resp.headers), body
+                    self._check(resp.status, body, what)
+                if out is None:
+                    return resp.status, dict(resp.headers), resp.read()
+                if resp.status == 200 and offset:
+                    out.seek(0)
+                    out.truncate()  # the server ignored Range: start over
+                while chunk := resp.read(CHUNK):
+                    out.write(chunk)
+                    self._on_bytes(len(chunk))
+                return resp.status, dict(resp.headers), b""
+            finally:
+                conn.close()
+        raise Unavailable(f"{what}: too many redirects")
+
+    def fetch_blob(self, ep: Endpoint, ref: RegistryReference, digest: str, size: int,
+                   creds: Credentials | None, offset: int, out: BinaryIO) -> None:
+        """Append blob bytes from `offset` to `out`, resuming with Range after a cut."""
+        what = f"image {ref}: blob {digest} from {ep}"
+
+        def once():
+            start = out.tell()
+            result = self._follow(ep, ref, digest, creds, what, start, out)
+            if result[0] in RETRY_STATUS:
+                return result
+            if out.tell() < size:
+                raise http.client.IncompleteRead(b"", size - out.tell())
+            return result
+
+        self._with_retries(once, what)
+
+    # -- resolving an image ------------------------------------------------------------
+    def resolve(self, ref: RegistryReference, creds_for) -> tuple[mf.Image, "RegistrySource"]:
+        """Resolve on the first endpoint that has the image: mirrors, then the origin."""
+        endpoints = self.endpoints(ref)
+        for ep in endpoints:
+            creds = creds_for(ep.host if ep.mirror else ref.registry, ref.repository)
+            try:
+                return self._resolve_at(ep, ref, creds), RegistrySource(self, ep, ref, creds)
+            except StrataError as e:
+                if not ep.mirror:
+                    raise
+                log.warning("mirror %s failed for %s (%s); trying the next endpoint", ep,
+                            ref, e)
+        raise AssertionError("unreachable: the origin is always the last endpoint")
+
+    def _resolve_at(self, ep: Endpoint, ref: RegistryReference,
+                    creds: Credentials | None) -> mf.Image:
+        digest, media, body = self.manifest(ep, ref, ref.reference, creds)
+        for _ in range(4):
+            if media not in mf.INDEX_TYPES and "manifests" not in json.loads(body):
+                break
+            entries = mf.parse_index(body, f"image {ref} index")
+            chosen = mf.select_platform(entries, f"image {ref}")
+            digest, media, body = self.manifest(ep, ref, chosen.digest, creds)
+        config_desc, layers = mf.parse_manifest(body, f"image {ref} manifest {digest}")
+        config = self.blob_bytes(ep, ref, config_desc.digest, creds,
+                                 f"image {ref}: config {config_desc.digest}")
+        diff_ids = mf.parse_config_diff_ids(config, f"image {ref} config")
+        if len(diff_ids) != len(layers):
+            raise InvalidArgument(f"image {ref}: {len(layers)} layers but {len(diff_ids)} "
+                                  "diff_ids in the config")
+        return mf.Image(
+            name=str(ref), manifest_digest=digest, config_digest=config_desc.digest,
+            layers=tuple(mf.LayerDesc(d.digest, d.media_type, d.size, diff)
+                         for d, diff in zip(layers, diff_ids, strict=True)))
+
+
+class RegistrySource:
+    """Blobs of one resolved image, downloaded into a blob store on first use."""
+
+    def __init__(self, client: RegistryClient, ep: Endpoint, ref: RegistryReference,
+                 creds: Credentials | None):
+        self.client, self.ep, self.ref, self.creds = client, ep, ref, creds
+        self.blobs = None  # a BlobStore, set by whoever uses the source
+
+    def open_blob(self, layer: mf.LayerDesc) -> VerifyingReader:
+        def fetch(offset: int, out: BinaryIO) -> None:
+            self.client.fetch_blob(self.ep, self.ref, layer.digest, layer.size, self.creds,
+                                   offset, out)
+
+        path = self.blobs.get(layer.digest, layer.size, fetch,
+                              f"image {self.ref}: layer {layer.digest}")
+        return VerifyingReader(open(path, "rb"), layer.digest, layer.size,
+                               f"image {self.ref}: layer {layer.digest}")

@@ -1,0 +1,161 @@
+"""Image pulls as the kubelet does them: reference rules, pull policies, pull secrets, and
+its deadline.
+
+`Puller.pull()` turns the `image` attribute into an image whose layers are all on the node.
+For a registry image the work runs as a background job keyed by (image, policy,
+credentials): a kubelet gives NodePublish about two minutes and then retries the same call,
+so when the wait runs out the RPC answers ABORTED ("still pulling") and the retry joins the
+job that is still running instead of starting again. Blobs are single-flight in the blob
+store too, so racing pods and retries download each blob once.
+
+Policies (`pullPolicy` volume attribute): IfNotPresent (default; a digest never needs the
+network once present, a tag is re-resolved at most every --tag-ttl), Always (resolve the tag
+at each publish, reuse unchanged layers), Never (only what the node has, else
+FAILED_PRECONDITION).
+"""
+
+import logging
+import threading
+import time
+
+from csi.errors import Aborted, FailedPrecondition, InvalidArgument, StrataError
+from csi.image import reference
+from csi.image.auth import Keyring
+from csi.image.layout import OciLayout
+from csi.image.manifest import Image, LayerDesc
+from csi.image.registry import RegistryClient
+from csi.store.blobs import BlobStore
+from csi.store.layers import LayerStore
+from csi.store.state import State, Tag
+
+log = logging.getLogger(__name__)
+
+POLICIES = ("IfNotPresent", "Always", "Never")
+
+
+class LocalSource:
+    """An image whose layers are all on the node: no blob is ever needed."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def open_blob(self, layer: LayerDesc):
+        raise Aborted(f"image {self.name}: layer {layer.diff_id} was collected while being "
+                      "published; retry")
+
+
+class _Job:
+    def __init__(self):
+        self.done = threading.Event()
+        self.result = None
+        self.error: BaseException | None = None
+        self.started = time.monotonic()
+
+
+class Puller:
+    def __init__(self, state: State, layers: LayerStore, blobs: BlobStore,
+                 client: RegistryClient | None = None, node_keyring: Keyring | None = None,
+                 tag_ttl: float = 300.0, clock=time.time, on_pull=None, keep_blobs=False):
+        self._state = state
+        self._layers = layers
+        self._blobs = blobs
+        self._client = client or RegistryClient()
+        self._node_keyring = node_keyring or Keyring()
+        self._tag_ttl = tag_ttl
+        self._clock = clock
+        self._on_pull = on_pull or (lambda result, seconds: None)
+        self._keep_blobs = keep_blobs
+        self._mu = threading.Lock()
+        self._jobs: dict[tuple, _Job] = {}
+
+    def pull(self, image: str, secrets: dict | None = None, policy: str = "",
+             wait: float | None = None):
+        """(source, Image) with every layer present. Raises Aborted when `wait` seconds pass
+        while a registry pull is still running (it goes on; the next call joins it)."""
+        policy = policy or "IfNotPresent"
+        if policy not in POLICIES:
+            raise InvalidArgument(f"pullPolicy {policy!r} is not one of {', '.join(POLICIES)}")
+        ref = reference.parse(image)
+        if isinstance(ref, reference.LayoutReference):
+            source = OciLayout(ref)
+            img = source.resolve()
+            self._layers.ensure(source, img)
+            return source, img
+        keyring = Keyring.from_secrets(secrets or {}, base=self._node_keyring)
+        creds = keyring.lookup(ref.registry, ref.repository)
+        key = (str(ref), policy, creds.fingerprint() if creds else "")
+        with self._mu:
+            job = self._jobs.get(key)
+            if job is None:
+                job = self._jobs[key] = _Job()
+                threading.Thread(target=self._run, args=(key, job, ref, keyring, policy),
+                                 name=f"pull {ref}", daemon=True).start()
+        if not job.done.wait(wait):
+            raise Aborted(f"image {ref}: still pulling after "
+                          f"{time.monotonic() - job.started:.0f}s; the pull goes on and the "
+                          "next attempt joins it")
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+    def _run(self, key, job: _Job, ref, keyring: Keyring, policy: str) -> None:
+        started = time.monotonic()
+        try:
+            job.result = self._pull(ref, keyring, policy)
+            outcome = "present" if isinstance(job.result[0], LocalSource) else "pulled"
+        except BaseException as e:
+            job.error = e
+            outcome = e.code.name.lower() if isinstance(e, StrataError) else "error"
+            if not isinstance(e, StrataError):
+                log.exception("pull of %s failed", ref)
+        finally:
+            with self._mu:
+                self._jobs.pop(key, None)
+            job.done.set()
+        self._on_pull(outcome, time.monotonic() - started)
+
+    def _pull(self, ref: reference.RegistryReference, keyring: Keyring, policy: str):
+        local = self._local(ref, max_age=None if policy == "Never" else self._tag_ttl)
+        if policy == "Never":
+            if local is None:
+                raise FailedPrecondition(f"image {ref} is not on this node and pullPolicy is "
+                                         "Never")
+            return LocalSource(str(ref)), local
+        if local is not None and policy == "IfNotPresent":
+            log.info("image %s is present (%s), not pulling", ref, local.manifest_digest)
+            return LocalSource(str(ref)), local
+        img, source = self._client.resolve(ref, keyring.lookup)
+        source.blobs = self._blobs
+        if not ref.digest:
+            with self._state.transaction() as tx:
+                tx.put_tag(Tag(_tag_name(ref), img.manifest_digest, self._clock()))
+        self._layers.ensure(source, img)
+        if not self._keep_blobs:
+            for layer in img.layers:  # unpacked: the compressed copy is only a cache
+                self._blobs.remove(layer.digest)
+        log.info("pulled %s (%s): %d layers", ref, img.manifest_digest, len(img.layers))
+        return source, img
+
+    def _local(self, ref: reference.RegistryReference, max_age: float | None) -> Image | None:
+        """The image from records alone, when every layer is on the node (and, for a tag,
+        its resolution is younger than max_age)."""
+        with self._state.transaction() as tx:
+            digest = ref.digest
+            if not digest:
+                tag = tx.tag(_tag_name(ref))
+                if tag is None or (max_age is not None
+                                   and self._clock() - tag.resolved > max_age):
+                    return None
+                digest = tag.manifest_digest
+            rec = tx.image(digest)
+            if rec is None or not rec.layers:
+                return None
+            if any(tx.layer_by_diff_id(d[3]) is None for d in rec.layers):
+                return None
+        return Image(name=str(ref), manifest_digest=rec.manifest_digest,
+                     config_digest=rec.config_digest,
+                     layers=tuple(LayerDesc(*d) for d in rec.layers))
+
+
+def _tag_name(ref: reference.RegistryReference) -> str:
+    return f"{ref.name}:{ref.tag}"

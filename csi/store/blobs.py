@@ -1,0 +1,110 @@
+"""The blob cache: compressed blobs by sha256 digest in `blobs/sha256/HEX`.
+
+A download goes to `tmp/blob-HEX.partial` and is renamed into place only once its size and
+digest match. An interrupted download keeps its partial file, so the next attempt resumes
+with an HTTP Range request instead of starting again; racing requests for one blob share a
+single download (single-flight), whatever the number of pods and kubelet retries.
+Layer blobs are a cache: once a layer is unpacked its blob may be pruned.
+"""
+
+import errno
+import fcntl
+import hashlib
+import logging
+import os
+from collections.abc import Callable
+from typing import BinaryIO
+
+from csi.errors import DataLoss, ResourceExhausted
+from csi.locks import SingleFlight
+
+log = logging.getLogger(__name__)
+
+# fetch(offset, out) appends the blob from byte `offset` to `out` (a file opened for append
+# holding the first `offset` bytes); when the server ignores the Range request it must
+# truncate `out` and write the whole blob.
+Fetch = Callable[[int, BinaryIO], None]
+
+
+class BlobStore:
+    def __init__(self, root: str, on_fetch=None):
+        self.dir = os.path.join(root, "blobs", "sha256")
+        self.tmp_dir = os.path.join(root, "tmp")
+        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        os.makedirs(self.tmp_dir, mode=0o700, exist_ok=True)
+        self._flights = SingleFlight()
+        self._on_fetch = on_fetch or (lambda nbytes: None)
+
+    def path(self, digest: str) -> str:
+        return os.path.join(self.dir, digest.partition(":")[2])
+
+    def has(self, digest: str, size: int | None = None) -> bool:
+        try:
+            st = os.stat(self.path(digest))
+        except FileNotFoundError:
+            return False
+        return size is None or st.st_size == size
+
+    def get(self, digest: str, size: int, fetch: Fetch, what: str) -> str:
+        """The path of the verified blob, downloading it (once) if it is not here."""
+        if self.has(digest, size):
+            return self.path(digest)
+        return self._flights.do(digest, lambda: self._download(digest, size, fetch, what))
+
+    def remove(self, digest: str) -> None:
+        try:
+            os.unlink(self.path(digest))
+        except FileNotFoundError:
+            pass
+
+    def _download(self, digest: str, size: int, fetch: Fetch, what: str) -> str:
+        final = self.path(digest)
+        if self.has(digest, size):
+            return final
+        partial = os.path.join(self.tmp_dir, f"blob-{digest.partition(':')[2]}.partial")
+        try:
+            with open(partial, "ab") as out:
+                # Another process (`strata pull` beside the server) may be fetching it too.
+                fcntl.flock(out, fcntl.LOCK_EX)
+                if self.has(digest, size):
+                    return final
+                have = out.seek(0, os.SEEK_END)
+                if have > size:
+                    out.truncate(0)
+                    have = 0
+                if have < size:
+                    fetch(have, out)
+                out.flush()
+                written = out.tell()
+            if written != size:
+                raise DataLoss(f"{what}: got {written} bytes, the descriptor says {size}")
+            got = _sha256_file(partial)
+            if got != digest:
+                raise DataLoss(f"{what}: digest mismatch: expected {digest}, got {got}; the "
+                               "downloaded bytes were discarded")
+            os.rename(partial, final)
+        except DataLoss:
+            _unlink(partial)  # bad bytes are never kept, not even for a resume
+            raise
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                _unlink(partial)
+                raise ResourceExhausted(f"no space left downloading {what}") from e
+            raise  # a cut connection: the partial file stays for the next resume
+        self._on_fetch(size)
+        return final
+
+
+def _sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
