@@ -33,6 +33,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/publish.py
 	$(PY) bench/unpack.py
+	$(PY) bench/pull.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -2,8 +2,9 @@
 of the same blob, measured in the same run, plus strata's peak RSS.
 
 The layer is built from real files on this machine (by default the Python standard library
-without site-packages: ~250 MB in ~10k entries), gzip-compressed by GNU gzip. Each contender unpacks into a fresh directory on the same filesystem, with the page
-cache dropped first (PERFORMANCE.md: a mass delete slows the next writes for a while).
+without site-packages: ~250 MB in ~10k entries), gzip-compressed by GNU gzip. Each contender
+unpacks into a fresh directory on the same filesystem, with the page cache dropped first
+(PERFORMANCE.md: a mass delete slows the next writes for a while).
 """
 
 import argparse
