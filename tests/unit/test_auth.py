@@ -1,0 +1,70 @@
+"""Pull-secret parsing and the kubelet's credential matching."""
+
+import base64
+import json
+
+import pytest
+
+from csi.errors import InvalidArgument
+from csi.image.auth import Credentials, Keyring, parse_config
+
+
+def cfg(auths: dict) -> str:
+    return json.dumps({"auths": auths})
+
+
+def b64(s: str) -> str:
+    return base64.b64encode(s.encode()).decode()
+
+
+def test_dockerconfigjson_auth_and_username_password_forms():
+    entries = parse_config(cfg({
+        "https://index.docker.io/v1/": {"auth": b64("hub:pw")},
+        "registry.example:5000": {"username": "u", "password": "p:with:colons"},
+    }), "secret")
+    assert entries == [("docker.io", "", Credentials("hub", "pw")),
+                       ("registry.example:5000", "", Credentials("u", "p:with:colons"))]
+
+
+def test_legacy_dockercfg_without_auths_wrapper():
+    data = json.dumps({"quay.io": {"auth": b64("q:w")}})
+    assert Keyring.from_secrets({".dockercfg": data}).lookup("quay.io", "x") == \
+        Credentials("q", "w")
+
+
+@pytest.mark.parametrize("data", ["not json", "[]", json.dumps({"auths": []}),
+                                  cfg({"h": {"auth": "!!!notbase64"}})])
+def test_malformed_secrets_are_invalid_argument(data):
+    with pytest.raises(InvalidArgument):
+        parse_config(data, "pull secret")
+
+
+def test_lookup_rules():
+    ring = Keyring.from_secrets({".dockerconfigjson": cfg({
+        "docker.io": {"auth": b64("hub:1")},
+        "*.example.com": {"auth": b64("glob:2")},
+        "reg.example.com/team": {"auth": b64("team:3")},
+        "reg.example.com/team/app": {"auth": b64("app:4")},
+        "localhost:5000": {"auth": b64("local:5")},
+    })})
+    assert ring.lookup("registry-1.docker.io", "library/nginx").username == "hub"
+    assert ring.lookup("index.docker.io", "library/nginx").username == "hub"
+    assert ring.lookup("reg.example.com", "other/x").username == "glob"
+    assert ring.lookup("reg.example.com", "team/x").username == "team"
+    assert ring.lookup("reg.example.com", "team/app").username == "app"  # longest prefix
+    assert ring.lookup("reg.example.com", "teammate/x").username == "glob"  # not a prefix
+    assert ring.lookup("localhost:5000", "a").username == "local"
+    assert ring.lookup("localhost:5001", "a") is None
+    assert ring.lookup("example.com", "a") is None  # *.example.com needs a subdomain
+
+
+def test_pod_secret_wins_over_node_config():
+    node = Keyring(parse_config(cfg({"r.io": {"auth": b64("node:1")}}), "node"))
+    ring = Keyring.from_secrets({".dockerconfigjson": cfg({"r.io": {"auth": b64("pod:2")}})},
+                                base=node)
+    assert ring.lookup("r.io", "x").username == "pod"
+    assert Keyring.from_secrets({}, base=node).lookup("r.io", "x").username == "node"
+
+
+def test_credentials_never_print_their_password():
+    assert "pw" not in repr(Credentials("u", "pw"))

@@ -1,0 +1,93 @@
+"""The blob cache: verify, resume, discard bad bytes, one download per blob."""
+
+import hashlib
+import http.client
+import threading
+
+import pytest
+
+from csi.errors import DataLoss
+from csi.store.blobs import BlobStore
+
+DATA = bytes(range(256)) * 1000
+DIGEST = "sha256:" + hashlib.sha256(DATA).hexdigest()
+
+
+def test_download_verifies_and_stores(tmp_path):
+    store = BlobStore(str(tmp_path))
+    calls = []
+
+    def fetch(offset, out):
+        calls.append(offset)
+        out.write(DATA[offset:])
+
+    path = store.get(DIGEST, len(DATA), fetch, "blob")
+    with open(path, "rb") as f:
+        assert f.read() == DATA
+    assert store.get(DIGEST, len(DATA), fetch, "blob") == path  # cached: no fetch
+    assert calls == [0]
+
+
+def test_a_cut_download_resumes_from_the_partial_file(tmp_path):
+    store = BlobStore(str(tmp_path))
+
+    def cut(offset, out):
+        out.write(DATA[offset:1000])
+        raise http.client.IncompleteRead(b"", len(DATA) - 1000)
+
+    with pytest.raises(http.client.IncompleteRead):
+        store.get(DIGEST, len(DATA), cut, "blob")
+    offsets = []
+
+    def resume(offset, out):
+        offsets.append(offset)
+        out.write(DATA[offset:])
+
+    store.get(DIGEST, len(DATA), resume, "blob")
+    assert offsets == [1000]
+
+
+def test_wrong_bytes_are_data_loss_and_discarded(tmp_path):
+    store = BlobStore(str(tmp_path))
+    bad = bytearray(DATA)
+    bad[500] ^= 1
+    with pytest.raises(DataLoss, match="digest mismatch"):
+        store.get(DIGEST, len(DATA), lambda o, out: out.write(bytes(bad[o:])), "blob")
+    assert not store.has(DIGEST)
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_server_ignoring_range_restarts_cleanly(tmp_path):
+    store = BlobStore(str(tmp_path))
+    with pytest.raises(OSError):
+        store.get(DIGEST, len(DATA), lambda o, out: (out.write(DATA[:10]),
+                                                     (_ for _ in ()).throw(OSError("reset"))),
+                  "blob")
+
+    def whole(offset, out):  # a 200 instead of 206: start over
+        out.seek(0)
+        out.truncate()
+        out.write(DATA)
+
+    store.get(DIGEST, len(DATA), whole, "blob")
+    assert store.has(DIGEST, len(DATA))
+
+
+def test_racing_gets_download_once(tmp_path):
+    store = BlobStore(str(tmp_path))
+    gate = threading.Event()
+    calls = []
+
+    def slow(offset, out):
+        calls.append(offset)
+        gate.wait(5)
+        out.write(DATA)
+
+    threads = [threading.Thread(target=store.get, args=(DIGEST, len(DATA), slow, "b"))
+               for _ in range(8)]
+    for t in threads:
+        t.start()
+    gate.set()
+    for t in threads:
+        t.join(10)
+    assert calls == [0]
