@@ -10,6 +10,7 @@ read timeouts, and retries with exponential backoff and jitter on 429, 5xx and d
 connections (honouring Retry-After). Every error names the image and the registry's text.
 """
 
+import base64
 import dataclasses
 import email.utils
 import hashlib
@@ -84,6 +85,10 @@ def _registry_error(body: bytes) -> str:
         return body[:200].decode("utf-8", "replace").strip()
 
 
+def _basic(creds: Credentials) -> str:
+    return base64.b64encode(f"{creds.username}:{creds.password}".encode()).decode()
+
+
 def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
     scheme, _, rest = header.strip().partition(" ")
     params = dict(re.findall(r'(\w+)="([^"]*)"', rest))
@@ -109,7 +114,7 @@ class RegistryClient:
         self._rng = rng
         self._ssl: ssl.SSLContext | None = None
         self._tokens: dict[tuple, tuple[str, float]] = {}
-        self._basic: dict[str, Credentials] = {}
+        self._basic_hosts: set[str] = set()
         self._on_bytes = on_bytes or (lambda n: None)
 
     # -- transport ---------------------------------------------------------------------
@@ -155,12 +160,8 @@ class RegistryClient:
         token = self._tokens.get(key)
         if token and token[1] > time.monotonic():
             return {"Authorization": f"Bearer {token[0]}"}
-        basic = self._basic.get(ep.host)
-        if basic:
-            import base64
-
-            pair = base64.b64encode(f"{basic.username}:{basic.password}".encode()).decode()
-            return {"Authorization": f"Basic {pair}"}
+        if creds is not None and ep.host in self._basic_hosts:
+            return {"Authorization": f"Basic {_basic(creds)}"}
         return {}
 
     def _authenticate(self, ep: Endpoint, challenge: str, repo: str,
@@ -170,7 +171,9 @@ class RegistryClient:
             if creds is None:
                 raise PermissionDenied(f"{what}: {ep.host} requires credentials and no pull "
                                        "secret or node config has any for it")
-            self._basic[ep.host] = creds
+            # Remember only that the host wants basic auth: each request sends its own
+            # caller's credentials, never another pod's.
+            self._basic_hosts.add(ep.host)
             return
         if scheme != "bearer" or "realm" not in params:
             raise PermissionDenied(f"{what}: unsupported authentication challenge {challenge!r}")
@@ -181,10 +184,7 @@ class RegistryClient:
         realm = urllib.parse.urlsplit(params["realm"])
         headers = {}
         if creds is not None:
-            import base64
-
-            pair = base64.b64encode(f"{creds.username}:{creds.password}".encode()).decode()
-            headers["Authorization"] = f"Basic {pair}"
+            headers["Authorization"] = f"Basic {_basic(creds)}"
         target = (realm.path or "/") + "?" + urllib.parse.urlencode(query)
         status, _, body = self._simple(realm.scheme, realm.netloc, "GET", target, headers,
                                        f"{what}: token from {realm.netloc}")
@@ -217,7 +217,9 @@ class RegistryClient:
             conn, resp = self._open(scheme, host, method, target, headers)
             try:
                 body = resp.read(mf.MAX_MANIFEST_BYTES + 1)
-                return resp.status, dict(resp.headers), body
+                # The headers stay a Message: Go registries send "Www-Authenticate", and
+                # lookups must ignore case.
+                return resp.status, resp.headers, body
             finally:
                 conn.close()
 
@@ -230,9 +232,8 @@ class RegistryClient:
                 result = fn()
                 status = result[0] if isinstance(result, tuple) else None
                 if status in RETRY_STATUS:
-                    hdrs = result[1] if isinstance(result[1], dict) else {}
                     raise _Retry(f"HTTP {status}: {_registry_error(result[2])}",
-                                 _retry_after(hdrs.get("Retry-After")))
+                                 _retry_after(result[1].get("Retry-After")))
                 return result
             except _Retry as e:
                 last, hint = str(e), e.delay
@@ -341,17 +342,17 @@ class RegistryClient:
                 if resp.status not in (200, 206):
                     body = resp.read(64 << 10)
                     if resp.status in RETRY_STATUS:
-                        return resp.status, dict(resp.headers), body
+                        return resp.status, resp.headers, body
                     self._check(resp.status, body, what)
                 if out is None:
-                    return resp.status, dict(resp.headers), resp.read()
+                    return resp.status, resp.headers, resp.read()
                 if resp.status == 200 and offset:
                     out.seek(0)
                     out.truncate()  # the server ignored Range: start over
                 while chunk := resp.read(CHUNK):
                     out.write(chunk)
                     self._on_bytes(len(chunk))
-                return resp.status, dict(resp.headers), b""
+                return resp.status, resp.headers, b""
             finally:
                 conn.close()
         raise Unavailable(f"{what}: too many redirects")

@@ -31,15 +31,35 @@ def tally(junit: str) -> dict[str, int]:
     return counts
 
 
+@pytest.fixture(params=["registry", "layout"])
+def image_source(request, images, tmp_path_factory):
+    """(image reference, extra `strata serve` flags): an image in a real registry (the
+    kubelet's case), and the same image as a local OCI layout."""
+    if request.param == "layout":
+        yield images.app, ()
+        return
+    import shutil
+
+    from tests.registry import Registry, push
+
+    if shutil.which("docker-registry") is None and not os.environ.get("CI"):
+        pytest.skip("docker-registry is not installed (.ci/run installs it)")
+    layout, tag = images.app[len("oci:"):].rsplit(":", 1)
+    with Registry() as reg:
+        push(layout, tag, reg, "strata/app", "1")
+        yield f"{reg.host}/strata/app:1", ("--insecure-registry", reg.host)
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason=ROOT_REASON)
-def test_csi_sanity(tmp_path, images):
+def test_csi_sanity(tmp_path, image_source):
     if not os.path.exists(BINARY):
         if os.environ.get("CI"):
             pytest.fail(f"csi-sanity not found at {BINARY}")
         pytest.skip(f"csi-sanity not found at {BINARY} (set CSI_SANITY)")
-    plugin = StrataProcess(str(tmp_path)).start()
+    image, flags = image_source
+    plugin = StrataProcess(str(tmp_path), extra_args=flags).start()
     params = tmp_path / "params.yaml"
-    params.write_text(f"image: {images.app}\n")
+    params.write_text(f"image: {image}\n")
     junit = tmp_path / "sanity.xml"
     try:
         run = subprocess.run(

@@ -1,0 +1,398 @@
+"""Pulling from a real registry (Debian's docker-registry on 127.0.0.1), as the kubelet
+would: references, policies, pull secrets, TLS, token auth, mirrors, and faults injected by
+a proxy of our own in front of the registry."""
+
+import base64
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+
+from csi.image.build import LayerBuilder, write_image
+from csi.mount.mountinfo import MountTable
+from csi.store.state import State
+from tests.conftest import (
+    ROOT_REASON,
+    StrataProcess,
+    app_layer,
+    base_layer,
+    free_port,
+    scrape,
+    unmount_all_under,
+)
+from tests.faultproxy import FaultProxy
+from tests.registry import Registry, push
+
+MISSING = [t for t in ("docker-registry", "skopeo", "htpasswd") if shutil.which(t) is None]
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason=ROOT_REASON),
+    pytest.mark.skipif(bool(MISSING) and not os.environ.get("CI"),
+                       reason=f"missing {', '.join(MISSING)} (.ci/run installs them)"),
+]
+ALICE = ("alice", "secret")
+
+
+def dockerconfig(host: str, user: str, password: str) -> dict[str, str]:
+    auth = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return {".dockerconfigjson": json.dumps({"auths": {host: {"auth": auth}}})}
+
+
+@pytest.fixture(scope="module")
+def layout(tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("reg-images") / "layout")
+    write_image(path, "app", [base_layer(), app_layer()])
+    big = LayerBuilder().file("data/big.bin", os.urandom(3 << 20))  # fresh bytes: a cold pull
+    write_image(path, "big", [base_layer(), big])
+    return path
+
+
+@pytest.fixture(scope="module")
+def plain(layout):
+    with Registry() as reg:
+        reg.digests = {"app": push(layout, "app", reg, "team/app", "1.0"),
+                       "big": push(layout, "big", reg, "team/big", "1.0")}
+        push(layout, "app", reg, "team/app-v2s2", "1.0", format="v2s2")
+        yield reg
+
+
+@pytest.fixture(scope="module")
+def secure(layout):
+    """TLS with its own CA, and htpasswd basic auth."""
+    with Registry(tls=True, auth="htpasswd") as reg:
+        push(layout, "app", reg, "team/app", "1.0", creds=ALICE)
+        yield reg
+
+
+@pytest.fixture(scope="module")
+def tokens(layout):
+    """The Docker token flow, with a token server of the tests' own."""
+    with Registry(auth="token") as reg:
+        push(layout, "app", reg, "team/app", "1.0", creds=ALICE)
+        yield reg
+
+
+@pytest.fixture
+def plugin(tmp_path):
+    started = []
+
+    def start(*args):
+        p = StrataProcess(str(tmp_path / f"p{len(started)}"), metrics_port=free_port(),
+                          extra_args=tuple(args))
+        os.makedirs(p.base)
+        started.append(p)
+        return p.start()
+
+    yield start
+    for p in started:
+        p.stop(signal.SIGKILL)
+    unmount_all_under(str(tmp_path))
+
+
+def published(p, target, image, vid="v", **kw) -> str:
+    p.csi.publish(vid, target, image, **kw)
+    try:
+        return (target / "etc/motd").read_text()
+    finally:
+        p.csi.unpublish(vid, target)
+
+
+def store_is_clean(p) -> None:
+    """No blob, partial download or layer that state.db does not account for."""
+    assert [n for n in os.listdir(os.path.join(p.root, "tmp"))
+            if not n.endswith(".partial")] == []
+    st = State(os.path.join(p.root, "state.db"))
+    try:
+        with st.transaction() as tx:
+            recorded = {x.id for x in tx.layers()}
+    finally:
+        st.close()
+    assert set(os.listdir(os.path.join(p.root, "layers"))) == recorded
+
+
+# -- references and formats ------------------------------------------------------------------
+def test_pull_by_tag_digest_and_tag_at_digest(plugin, plain, tmp_path):
+    p = plugin("--insecure-registry", plain.host)
+    d = plain.digests["app"]
+    for i, ref in enumerate([f"{plain.host}/team/app:1.0", f"{plain.host}/team/app@{d}",
+                             f"{plain.host}/team/app:1.0@{d}"]):
+        assert published(p, tmp_path / f"t{i}", ref, vid=f"v{i}") == "app motd\n"
+    m = scrape(p.metrics_port)
+    assert m['strata_pulls_total{result="pulled"}'] >= 1
+    assert m["strata_blob_fetches_total"] == 2, "each layer blob downloaded once"
+    assert m["strata_layer_unpacks_total"] == 2
+    store_is_clean(p)
+    assert os.listdir(os.path.join(p.root, "blobs", "sha256")) == [], "unpacked blobs pruned"
+
+
+def test_docker_schema2_manifests(plugin, plain, tmp_path):
+    p = plugin("--insecure-registry", plain.host)
+    assert published(p, tmp_path / "t", f"{plain.host}/team/app-v2s2:1.0") == "app motd\n"
+
+
+@pytest.mark.parametrize("ref,needle", [
+    ("team/nope:1.0", "MANIFEST_UNKNOWN"),  # distribution 2.8 answers so for both
+    ("team/app:nope", "MANIFEST_UNKNOWN"),
+])
+def test_unknown_repository_or_tag_is_not_found(plugin, plain, tmp_path, ref, needle):
+    p = plugin("--insecure-registry", plain.host)
+    with pytest.raises(grpc.RpcError) as e:
+        p.csi.publish("v", tmp_path / "t", f"{plain.host}/{ref}")
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    assert needle in e.value.details() and plain.host in e.value.details()
+    assert not (tmp_path / "t").exists()
+
+
+# -- pull policies ---------------------------------------------------------------------------
+def test_pull_policies(plugin, plain, tmp_path):
+    with FaultProxy(plain.host) as proxy:
+        p = plugin("--insecure-registry", proxy.host, "--tag-ttl", "3600")
+        image = f"{proxy.host}/team/app:1.0"
+        with pytest.raises(grpc.RpcError) as e:
+            published(p, tmp_path / "n", image, pullPolicy="Never")
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert sum(proxy.counts.values()) == 0, "Never must not touch the network"
+
+        published(p, tmp_path / "a", image)  # IfNotPresent, cold
+        after_first = sum(proxy.counts.values())
+        published(p, tmp_path / "b", image)  # IfNotPresent, warm: no request at all
+        published(p, tmp_path / "c", image, pullPolicy="Never")
+        assert sum(proxy.counts.values()) == after_first
+
+        manifests = len(proxy.requests_to("/manifests/", method="GET"))
+        published(p, tmp_path / "d", image, pullPolicy="Always")
+        assert len(proxy.requests_to("/manifests/", method="GET")) == manifests + 1, \
+            "Always resolves the tag"
+        layer_gets = [n for path, n in proxy.counts.items()
+                      if "/blobs/" in path and path.split(":")[-1] in _layer_digests(plain)]
+        assert layer_gets == [1, 1], "layers are reused, never downloaded again"
+        m = scrape(p.metrics_port)
+        assert m['strata_pulls_total{result="present"}'] >= 2
+        assert m['strata_pulls_total{result="failed_precondition"}'] == 1
+
+
+def test_tag_ttl_rechecks_the_tag_but_reuses_layers(plugin, plain, tmp_path):
+    with FaultProxy(plain.host) as proxy:
+        p = plugin("--insecure-registry", proxy.host, "--tag-ttl", "0")
+        image = f"{proxy.host}/team/app:1.0"
+        published(p, tmp_path / "a", image)
+        blobs = len([r for r in proxy.log if "/blobs/" in r.path])
+        published(p, tmp_path / "b", image)
+        manifests = [r for r in proxy.log if "/manifests/" in r.path]
+        assert len(manifests) == 2
+        assert len([r for r in proxy.log if "/blobs/" in r.path]) == blobs + 1  # config only
+
+
+# -- auth and transport ----------------------------------------------------------------------
+def test_tls_and_basic_auth_with_a_pull_secret(plugin, secure, tmp_path):
+    image = f"{secure.host}/team/app:1.0"
+    p = plugin("--registry-ca", secure.ca_file)
+    secret = dockerconfig(secure.host, *ALICE)
+    p.csi.node.NodePublishVolume(_req("ok", tmp_path / "ok", image, secret), timeout=60)
+    assert (tmp_path / "ok/etc/motd").read_text() == "app motd\n"
+    p.csi.unpublish("ok", tmp_path / "ok")
+    for name, secrets in (("none", {}), ("wrong", dockerconfig(secure.host, "alice", "no"))):
+        with pytest.raises(grpc.RpcError) as e:
+            p.csi.node.NodePublishVolume(_req(name, tmp_path / name, f"{image}x", secrets),
+                                         timeout=60)
+        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED, e.value.details()
+    log = p.read_log()
+    assert base64.b64encode(b"alice:secret").decode() not in log, "credentials never logged"
+    assert "***stripped***" in log
+
+
+def test_tls_without_the_ca_is_unavailable(plugin, secure, tmp_path):
+    p = plugin("--registry-retries", "0")
+    with pytest.raises(grpc.RpcError) as e:
+        p.csi.node.NodePublishVolume(_req("v", tmp_path / "t", f"{secure.host}/team/app:1.0",
+                                          dockerconfig(secure.host, *ALICE)), timeout=60)
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "TLS" in e.value.details()
+
+
+def test_node_level_registry_config(plugin, secure, tmp_path):
+    cfg = tmp_path / "config.json"
+    cfg.write_text(dockerconfig(secure.host, *ALICE)[".dockerconfigjson"])
+    p = plugin("--registry-ca", secure.ca_file, "--registry-config", str(cfg))
+    assert published(p, tmp_path / "t", f"{secure.host}/team/app:1.0") == "app motd\n"
+
+
+def test_token_auth_tokens_are_scoped_and_cached(plugin, tokens, tmp_path):
+    p = plugin("--insecure-registry", tokens.host)
+    image = f"{tokens.host}/team/app:1.0"
+    with pytest.raises(grpc.RpcError) as e:
+        p.csi.publish("anon", tmp_path / "anon", image)
+    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    before = len(tokens.token_requests)
+    p.csi.node.NodePublishVolume(_req("v", tmp_path / "t", image,
+                                      dockerconfig(tokens.host, *ALICE)), timeout=60)
+    assert (tmp_path / "t/etc/motd").read_text() == "app motd\n"
+    p.csi.unpublish("v", tmp_path / "t")
+    granted = tokens.token_requests[before:]
+    # manifest + config + 2 layers on one cached token, scoped to the repository
+    assert len(granted) == 1, [r.scopes for r in granted]
+    assert granted[0].user == "alice"
+    assert granted[0].scopes == ["repository:team/app:pull"]
+
+
+def test_mirror_is_tried_first_and_falls_back_to_the_origin(plugin, plain, tmp_path):
+    with FaultProxy(plain.host) as mirror:
+        mirror.fail(503, times=None)  # a mirror that is down
+        p = plugin("--insecure-registry", plain.host, "--registry-retries", "0",
+                   "--registry-mirror", f"{plain.host}=http://{mirror.host}")
+        assert published(p, tmp_path / "t", f"{plain.host}/team/app:1.0") == "app motd\n"
+        assert mirror.log, "the mirror was asked first"
+    with FaultProxy(plain.host) as mirror:
+        p = plugin("--insecure-registry", plain.host, "--registry-mirror",
+                   f"{plain.host}=http://{mirror.host}")
+        assert published(p, tmp_path / "u", f"{plain.host}/team/app:1.0") == "app motd\n"
+        assert mirror.requests_to("/blobs/"), "a working mirror serves the blobs"
+
+
+# -- faults ----------------------------------------------------------------------------------
+def test_5xx_burst_and_429_retry_after_are_retried(plugin, plain, tmp_path):
+    with FaultProxy(plain.host) as proxy:
+        proxy.fail(503, times=3, path="/manifests/")
+        proxy.fail(429, times=1, headers={"Retry-After": "1"}, path="/blobs/")
+        p = plugin("--insecure-registry", proxy.host)
+        assert published(p, tmp_path / "t", f"{proxy.host}/team/app:1.0") == "app motd\n"
+        assert [r.status for r in proxy.log[:4]] == [503, 503, 503, 200]
+        store_is_clean(p)
+
+
+def test_a_connection_cut_mid_blob_resumes_with_range(plugin, plain, tmp_path):
+    with FaultProxy(plain.host) as proxy:
+        proxy.cut_after(1 << 20, times=1, path=_big_layer_digest(plain))
+        p = plugin("--insecure-registry", proxy.host)
+        image = f"{proxy.host}/team/big:1.0"
+        p.csi.publish("v", tmp_path / "t", image)
+        assert (tmp_path / "t/data/big.bin").stat().st_size == 3 << 20
+        p.csi.unpublish("v", tmp_path / "t")
+        ranged = [r for r in proxy.log if r.headers.get("Range", "").startswith("bytes=")]
+        assert ranged and ranged[0].headers["Range"] != "bytes=0-", "resumed, not restarted"
+        m = scrape(p.metrics_port)
+        # about 3 MiB of incompressible layer plus the small ones: nothing fetched twice
+        assert m["strata_blob_fetched_bytes_total"] < (3 << 20) + (512 << 10)
+        store_is_clean(p)
+
+
+def test_wrong_bytes_are_data_loss_and_nothing_is_kept(plugin, plain, tmp_path):
+    with FaultProxy(plain.host) as proxy:
+        proxy.corrupt(times=None, path="/blobs/sha256:" + _big_layer_digest(plain))
+        p = plugin("--insecure-registry", proxy.host, "--registry-retries", "1")
+        with pytest.raises(grpc.RpcError) as e:
+            p.csi.publish("v", tmp_path / "t", f"{proxy.host}/team/big:1.0")
+        assert e.value.code() == grpc.StatusCode.DATA_LOSS
+        assert "team/big" in e.value.details()
+        big = _big_layer_digest(plain)
+        kept = os.listdir(os.path.join(p.root, "blobs", "sha256"))
+        assert big not in kept, "the corrupt blob is never kept"
+        for name in kept:  # what is kept (the intact base layer) is verified
+            with open(os.path.join(p.root, "blobs", "sha256", name), "rb") as f:
+                assert hashlib.sha256(f.read()).hexdigest() == name
+        assert [n for n in os.listdir(os.path.join(p.root, "tmp"))] == []
+        store_is_clean(p)
+        assert not (tmp_path / "t").exists()
+        proxy.clear()
+        p.csi.publish("v", tmp_path / "t", f"{proxy.host}/team/big:1.0")  # now it works
+        p.csi.unpublish("v", tmp_path / "t")
+
+
+def test_a_registry_that_never_answers_is_unavailable_then_recovers(plugin, plain, tmp_path):
+    with FaultProxy(plain.host) as proxy:
+        proxy.hang(30, times=None)
+        p = plugin("--insecure-registry", proxy.host, "--registry-read-timeout", "0.5",
+                   "--registry-retries", "1")
+        with pytest.raises(grpc.RpcError) as e:
+            p.csi.publish("v", tmp_path / "t", f"{proxy.host}/team/app:1.0")
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "timed out" in e.value.details()
+        proxy.clear()
+        assert published(p, tmp_path / "t", f"{proxy.host}/team/app:1.0") == "app motd\n"
+        store_is_clean(p)
+
+
+# -- the kubelet's deadline and racing pods --------------------------------------------------
+def test_a_slow_pull_outlives_the_deadline_and_the_retry_joins_it(plugin, plain, tmp_path):
+    with FaultProxy(plain.host) as proxy:
+        proxy.delay(3, times=1, path="/blobs/sha256:" + _big_layer_digest(plain))
+        p = plugin("--insecure-registry", proxy.host, "--pull-wait", "0.5")
+        image = f"{proxy.host}/team/big:1.0"
+        with pytest.raises(grpc.RpcError) as e:
+            p.csi.publish("v", tmp_path / "t", image)
+        assert e.value.code() == grpc.StatusCode.ABORTED
+        assert "still pulling" in e.value.details()
+        assert not (tmp_path / "t").exists()
+        for _ in range(40):  # the kubelet retries with backoff
+            try:
+                p.csi.publish("v", tmp_path / "t", image)
+                break
+            except grpc.RpcError as err:
+                assert err.code() == grpc.StatusCode.ABORTED
+        assert (tmp_path / "t/data/big.bin").exists()
+        p.csi.unpublish("v", tmp_path / "t")
+        per_blob = [n for path, n in proxy.counts.items() if "/blobs/" in path]
+        assert per_blob and max(per_blob) == 1, f"one download per blob: {proxy.counts}"
+
+
+def test_32_racing_pods_download_each_blob_once(plugin, plain, tmp_path):
+    with FaultProxy(plain.host) as proxy:
+        p = plugin("--insecure-registry", proxy.host)
+        image = f"{proxy.host}/team/big:1.0"
+        (tmp_path / "pods").mkdir()
+        with ThreadPoolExecutor(32) as pool:
+            list(pool.map(lambda i: p.csi.publish(f"r{i}", tmp_path / "pods" / f"{i}", image),
+                          range(32)))
+        per_blob = [n for path, n in proxy.counts.items() if "/blobs/" in path]
+        assert len(per_blob) == 3 and max(per_blob) == 1, proxy.counts
+        with ThreadPoolExecutor(32) as pool:
+            list(pool.map(lambda i: p.csi.unpublish(f"r{i}", tmp_path / "pods" / f"{i}"),
+                          range(32)))
+        assert not MountTable().under(str(tmp_path / "pods"))
+
+
+def test_strata_pull_cli(plain, tmp_path):
+    root = tmp_path / "store"
+    out = subprocess.run([sys.executable, "-m", "csi", "pull", f"{plain.host}/team/big:1.0",
+                          "--root", str(root), "--insecure-registry", plain.host],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "2 layers present" in out.stdout and "downloaded" in out.stdout
+    assert f"digest: {plain.digests['big']}" in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "csi", "pull", f"{plain.host}/team/nope:1",
+                          "--root", str(root), "--insecure-registry", plain.host],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "NOT_FOUND" in bad.stdout
+
+
+def _req(vid, target, image, secrets):
+    from csi.proto import csi_pb2
+    from tests.conftest import mount_cap
+
+    return csi_pb2.NodePublishVolumeRequest(
+        volume_id=vid, target_path=str(target), volume_capability=mount_cap(),
+        volume_context={"image": image, "csi.storage.k8s.io/ephemeral": "true"},
+        secrets=secrets)
+
+
+def _layer_digests(reg, repo: str = "team/app") -> list[str]:
+    from tests.registry import registry_get
+
+    status, _, body = registry_get(reg, f"/v2/{repo}/manifests/1.0")
+    assert status == 200
+    return [x["digest"].split(":")[1] for x in json.loads(body)["layers"]]
+
+
+def _big_layer_digest(reg) -> str:
+    """The hex digest of team/big's own (top) layer blob."""
+    from tests.registry import registry_get
+
+    status, _, body = registry_get(reg, "/v2/team/big/manifests/1.0")
+    assert status == 200
+    return json.loads(body)["layers"][-1]["digest"].split(":")[1]
