@@ -124,6 +124,16 @@ class Puller:
         if local is not None and policy == "IfNotPresent":
             log.info("image %s is present (%s), not pulling", ref, local.manifest_digest)
             return LocalSource(str(ref)), local
+        if not ref.digest:
+            # A tag we have seen: ask (HEAD) whether it moved before fetching anything.
+            known = self._local(ref, max_age=None)
+            if known is not None and \
+                    self._client.head_digest(ref, keyring.lookup) == known.manifest_digest:
+                with self._state.transaction() as tx:
+                    tx.put_tag(Tag(_tag_name(ref), known.manifest_digest, self._clock()))
+                log.info("image %s: tag unchanged (%s), not pulling", ref,
+                         known.manifest_digest)
+                return LocalSource(str(ref)), known
         img, source = self._client.resolve(ref, keyring.lookup)
         source.blobs = self._blobs
         if not ref.digest:

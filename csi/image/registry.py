@@ -373,6 +373,24 @@ class RegistryClient:
 
         self._with_retries(once, what)
 
+    def head_digest(self, ref: RegistryReference, creds_for) -> str | None:
+        """What the tag points at now, from a HEAD request (no manifest body, no config);
+        None when no endpoint says (the caller then resolves in full)."""
+        for ep in self.endpoints(ref):
+            creds = creds_for(ep.host if ep.mirror else ref.registry, ref.repository)
+            what = f"image {ref}: HEAD manifest {ref.reference} from {ep}"
+            try:
+                status, hdrs, _ = self._registry_call(
+                    ep, "HEAD", f"/v2/{ref.repository}/manifests/{ref.reference}",
+                    ref.repository, creds, what, {"Accept": ACCEPT})
+            except StrataError as e:
+                log.info("%s: %s", what, e)
+                continue
+            digest = hdrs.get("Docker-Content-Digest", "") if status == 200 else ""
+            if digest.startswith("sha256:"):
+                return digest
+        return None
+
     # -- resolving an image ------------------------------------------------------------
     def resolve(self, ref: RegistryReference, creds_for) -> tuple[mf.Image, "RegistrySource"]:
         """Resolve on the first endpoint that has the image: mirrors, then the origin."""

@@ -165,16 +165,33 @@ def test_pull_policies(plugin, plain, tmp_path):
         published(p, tmp_path / "c", image, pullPolicy="Never")
         assert sum(proxy.counts.values()) == after_first
 
-        manifests = len(proxy.requests_to("/manifests/", method="GET"))
+        heads = len(proxy.requests_to("/manifests/", method="HEAD"))
+        blobs = len(proxy.requests_to("/blobs/"))
         published(p, tmp_path / "d", image, pullPolicy="Always")
-        assert len(proxy.requests_to("/manifests/", method="GET")) == manifests + 1, \
-            "Always resolves the tag"
+        assert len(proxy.requests_to("/manifests/", method="HEAD")) == heads + 1, \
+            "Always asks the registry where the tag points"
+        assert len(proxy.requests_to("/blobs/")) == blobs, "an unchanged tag fetches nothing"
         layer_gets = [n for path, n in proxy.counts.items()
                       if "/blobs/" in path and path.split(":")[-1] in _layer_digests(plain)]
         assert layer_gets == [1, 1], "layers are reused, never downloaded again"
         m = scrape(p.metrics_port)
         assert m['strata_pulls_total{result="present"}'] >= 2
         assert m['strata_pulls_total{result="failed_precondition"}'] == 1
+
+
+def test_a_moved_tag_is_pulled_again_reusing_shared_layers(plugin, plain, layout, tmp_path):
+    with FaultProxy(plain.host) as proxy:
+        p = plugin("--insecure-registry", proxy.host, "--tag-ttl", "0")
+        image = f"{proxy.host}/team/moving:1"
+        push(layout, "app", plain, "team/moving", "1")
+        assert published(p, tmp_path / "a", image) == "app motd\n"
+        push(layout, "big", plain, "team/moving", "1")  # the tag moves to another image
+        p.csi.publish("b", tmp_path / "b", image)
+        assert (tmp_path / "b/data/big.bin").exists()
+        p.csi.unpublish("b", tmp_path / "b")
+        base = _layer_digests(plain, "team/big")[0]
+        assert proxy.counts[f"/v2/team/moving/blobs/sha256:{base}"] == 1, \
+            "the shared base layer is not downloaded again"
 
 
 def test_tag_ttl_rechecks_the_tag_but_reuses_layers(plugin, plain, tmp_path):
@@ -184,9 +201,8 @@ def test_tag_ttl_rechecks_the_tag_but_reuses_layers(plugin, plain, tmp_path):
         published(p, tmp_path / "a", image)
         blobs = len([r for r in proxy.log if "/blobs/" in r.path])
         published(p, tmp_path / "b", image)
-        manifests = [r for r in proxy.log if "/manifests/" in r.path]
-        assert len(manifests) == 2
-        assert len([r for r in proxy.log if "/blobs/" in r.path]) == blobs + 1  # config only
+        assert [r.method for r in proxy.log if "/manifests/" in r.path] == ["GET", "HEAD"]
+        assert len([r for r in proxy.log if "/blobs/" in r.path]) == blobs
 
 
 # -- auth and transport ----------------------------------------------------------------------
@@ -396,3 +412,47 @@ def _big_layer_digest(reg) -> str:
     status, _, body = registry_get(reg, "/v2/team/big/manifests/1.0")
     assert status == 200
     return json.loads(body)["layers"][-1]["digest"].split(":")[1]
+
+
+def test_blob_redirects_are_followed_without_our_credentials(plugin, tokens, plain, tmp_path):
+    """A registry that hands blobs out from object storage: the redirect is followed, and the
+    storage host never sees the registry's bearer token."""
+    with FaultProxy(plain.host) as storage, FaultProxy(tokens.host) as front:
+        front.redirect_blobs_to(storage.url)
+        p = plugin("--insecure-registry", front.host)
+        image = f"{front.host}/team/app:1.0"
+        p.csi.node.NodePublishVolume(_req("v", tmp_path / "t", image,
+                                          dockerconfig(front.host, *ALICE)), timeout=60)
+        assert (tmp_path / "t/etc/motd").read_text() == "app motd\n"
+        p.csi.unpublish("v", tmp_path / "t")
+        assert len(storage.requests_to("/blobs/")) == 3  # config and two layers
+        assert all("Authorization" not in e.headers for e in storage.log)
+        assert all("Authorization" in e.headers for e in front.requests_to("/blobs/")
+                   if e.status == 307)
+
+
+def test_an_index_is_narrowed_to_the_nodes_platform(plugin, plain, tmp_path):
+    from csi.image.manifest import node_platform
+    from tests.registry import registry_get
+
+    layout = str(tmp_path / "multi")
+    os_, arch, variant = node_platform()
+    other = "arm64" if arch != "arm64" else "amd64"
+    entries = []
+    for a in (other, arch):
+        write_image(layout, a, [LayerBuilder().file("etc/motd", f"built for {a}\n")])
+        digest = push(layout, a, plain, "team/multi", a)
+        status, _, body = registry_get(plain, f"/v2/team/multi/manifests/{digest}")
+        entries.append({"mediaType": "application/vnd.oci.image.manifest.v1+json",
+                        "digest": digest, "size": len(body),
+                        "platform": {"os": "linux", "architecture": a,
+                                     **({"variant": variant} if a == arch and variant else {})}})
+    index = json.dumps({"schemaVersion": 2,
+                        "mediaType": "application/vnd.oci.image.index.v1+json",
+                        "manifests": entries}).encode()
+    status, _, body = registry_get(plain, "/v2/team/multi/manifests/latest", method="PUT",
+                                   data=index, headers={
+                                       "Content-Type": "application/vnd.oci.image.index.v1+json"})
+    assert status == 201, body
+    p = plugin("--insecure-registry", plain.host)
+    assert published(p, tmp_path / "t", f"{plain.host}/team/multi") == f"built for {arch}\n"
