@@ -35,9 +35,9 @@ def pct(xs, p):
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
 
 
-def summary(name, xs, base=None):
+def summary(name, xs, base=None, vs="bare"):
     p50, p99 = pct(xs, 50) * 1e3, pct(xs, 99) * 1e3
-    ratio = f"  {statistics.median(xs) / statistics.median(base):5.2f}x bare" if base else ""
+    ratio = f"  {statistics.median(xs) / statistics.median(base):5.2f}x {vs}" if base else ""
     print(f"  {name:<8} p50 {p50:7.3f} ms   p99 {p99:7.3f} ms{ratio}")
 
 
@@ -97,6 +97,33 @@ def bench_rpc(sock, image, work, n):
     return out
 
 
+def bench_scale(vm, image, work, live_counts=(10, 1000), n=100):
+    """Warm publish+unpublish p50 with `live` other publications mounted (mountinfo and
+    state grow with them), and a /metrics scrape with the last count live."""
+    from prometheus_client import generate_latest
+
+    from csi.metrics import Metrics
+
+    out, live_targets, scrape = {}, [], None
+    for live in live_counts:
+        while len(live_targets) < live:
+            t = os.path.join(work, f"live{len(live_targets)}")
+            vm.publish(PublishSpec(f"live-{len(live_targets)}", t, image, False, 1))
+            live_targets.append(t)
+        out[live] = bench_manager(vm, image, work, n)
+        if live >= 200:
+            metrics = Metrics()
+            metrics.install_store(vm._state)
+            scrape = []
+            for _ in range(20):
+                t0 = time.perf_counter()
+                generate_latest(metrics.registry)
+                scrape.append(time.perf_counter() - t0)
+    for i, t in enumerate(live_targets):
+        vm.unpublish(f"live-{i}", t)
+    return out, scrape
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("-n", type=int, default=300)
@@ -126,6 +153,7 @@ def main():
         bare = bench_bare(mounter, lowers, work, args.n, bare_mount)
         mgr_pub: list[float] = []
         mgr = bench_manager(vm, image, work, args.n, mgr_pub)
+        scale, scrape = bench_scale(vm, image, work)
         state.close()
 
         sock = os.path.join(root, "csi.sock")
@@ -145,6 +173,11 @@ def main():
         print("warm NodePublish alone (server side) against one bare overlay mount(2):")
         summary("mount(2)", bare_mount)
         summary("publish", mgr_pub, bare_mount)
+        print("warm publish+unpublish with other publications live:")
+        for live, xs in scale.items():
+            summary(f"{live} live", xs, scale[min(scale)], vs=f"{min(scale)} live")
+        summary("/metrics", scrape)
+        print(f"  (/metrics scraped with {max(scale)} live publications)")
     finally:
         if proc is not None:
             proc.send_signal(signal.SIGTERM)

@@ -1,8 +1,18 @@
-"""The kernel's mount table (/proc/self/mountinfo), parsed. The path is injectable for tests."""
+"""The kernel's mount table (/proc/self/mountinfo), parsed. The path is injectable for tests.
 
+"Is this path a mount point?" is asked on every publish and unpublish. Parsing mountinfo
+costs time in proportion to the node's mounts (about 30 ms with a thousand publications), so
+the live table answers it with statx(2)'s STATX_ATTR_MOUNT_ROOT (Linux 5.8) in constant time,
+and falls back to mountinfo where the kernel or libc cannot say.
+"""
+
+import ctypes
+import ctypes.util
 import dataclasses
+import errno
 import os
 import re
+import sys
 
 _OCTAL = re.compile(r"\\([0-7]{3})")
 
@@ -46,8 +56,41 @@ def parse(text: str) -> list[MountInfo]:
     return mounts
 
 
+LIVE = "/proc/self/mountinfo"
+AT_FDCWD = -100
+AT_SYMLINK_NOFOLLOW = 0x100
+AT_STATX_DONT_SYNC = 0x4000
+STATX_BASIC_STATS = 0x7FF
+STATX_ATTR_MOUNT_ROOT = 0x2000
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+_statx = getattr(_libc, "statx", None)  # glibc >= 2.28
+if _statx is not None:
+    _statx.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint,
+                       ctypes.c_void_p]
+
+
+def mount_root(path: str) -> bool | None:
+    """Whether `path` is the root of a mount, from statx; None when it cannot tell."""
+    if _statx is None:
+        return None
+    buf = ctypes.create_string_buffer(256)  # struct statx
+    rc = _statx(AT_FDCWD, os.fsencode(path), AT_SYMLINK_NOFOLLOW | AT_STATX_DONT_SYNC,
+                STATX_BASIC_STATS, buf)
+    if rc != 0:
+        err = ctypes.get_errno()
+        if err in (errno.ENOENT, errno.ENOTDIR):
+            return False
+        return None
+    attributes = int.from_bytes(buf.raw[8:16], sys.byteorder)  # stx_attributes
+    supported = int.from_bytes(buf.raw[56:64], sys.byteorder)  # stx_attributes_mask
+    if not supported & STATX_ATTR_MOUNT_ROOT:
+        return None
+    return bool(attributes & STATX_ATTR_MOUNT_ROOT)
+
+
 class MountTable:
-    def __init__(self, path: str = "/proc/self/mountinfo"):
+    def __init__(self, path: str = LIVE):
         self._path = path
 
     def mounts(self) -> list[MountInfo]:
@@ -60,6 +103,10 @@ class MountTable:
         return [m for m in self.mounts() if m.mount_point == path]
 
     def is_mountpoint(self, path: str) -> bool:
+        if self._path == LIVE:
+            answer = mount_root(path)
+            if answer is not None:
+                return answer
         return bool(self.at(path))
 
     def under(self, prefix: str) -> list[MountInfo]:
