@@ -88,6 +88,17 @@ class Plugin:
         self._servers: list[tuple[grpc.Server, str]] = []
         self._http = None
 
+    def ready(self) -> bool:
+        """Probe's answer: the store's database answers and its directories are there."""
+        try:
+            with self.state.transaction() as tx:
+                tx.refcount("")
+        except Exception:
+            log.exception("probe: the store's database does not answer")
+            return False
+        return all(os.path.isdir(os.path.join(self.config.root, d))
+                   for d in ("tmp", "layers", "volumes"))
+
     def _server(self) -> grpc.Server:
         return grpc.server(futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="rpc"),
                            interceptors=[RpcInterceptor(self.metrics)])
@@ -96,7 +107,7 @@ class Plugin:
         cfg = self.config
         same = cfg.controller_endpoint and cfg.controller_socket_path == cfg.socket_path
         has_controller = bool(cfg.controller_endpoint)
-        identity = IdentityService(controller=has_controller, ready=lambda: True)
+        identity = IdentityService(controller=has_controller, ready=self.ready)
         node = self._server()
         csi_pb2_grpc.add_IdentityServicer_to_server(identity, node)
         csi_pb2_grpc.add_NodeServicer_to_server(

@@ -87,3 +87,16 @@ def test_metrics_endpoint(plugin, images, tmp_path):
         plugin.csi.unpublish("metrics-b", tmp_path / "m2")
     finally:
         plugin.stop()
+
+
+def test_probe_reports_a_broken_store(plugin):
+    plugin.start()
+    probe = lambda: plugin.csi.identity.Probe(csi_pb2.ProbeRequest(), timeout=10).ready.value  # noqa: E731
+    assert probe() is True
+    layers = os.path.join(plugin.root, "layers")
+    os.rename(layers, layers + ".gone")
+    try:
+        assert probe() is False
+    finally:
+        os.rename(layers + ".gone", layers)
+    assert probe() is True
