@@ -5,6 +5,7 @@
   gc      collect unreferenced layers now, by policy (safe while the server runs)
   ls      images and layers in the store, with sizes and references
   df      disk use and what layer sharing saves, like `docker system df`
+  diff    what a publication changed (A added, C changed, D deleted), like `docker diff`
   demo    build a demo image, publish it to two pods, show copy-on-write, clean up
 """
 
@@ -94,6 +95,9 @@ def _parser() -> argparse.ArgumentParser:
     _gc_opts(gc)
     for name, help_ in (("ls", "list images and layers"), ("df", "show disk use and sharing")):
         _root_opt(sub.add_parser(name, help=help_))
+    diff = sub.add_parser("diff", help="what a publication changed, like `docker diff`")
+    diff.add_argument("target", help="the publication's target path")
+    _root_opt(diff)
     demo = sub.add_parser("demo", help="build a demo image, publish it to two pods, show "
                           "copy-on-write, clean up (no cluster, no network)")
     demo.add_argument("--keep", action="store_true", help="keep the temporary root")
@@ -159,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     from csi import store_cli
 
+    if args.command == "diff":
+        return store_cli.diff(config, args.target)
     return {"gc": store_cli.gc, "ls": store_cli.ls, "df": store_cli.df}[args.command](config)
 
 

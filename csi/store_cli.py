@@ -117,6 +117,32 @@ def df(config: Config) -> int:
     return 0
 
 
+def diff(config: Config, target: str) -> int:
+    """`strata diff TARGET`: what a publication changed, like `docker diff`."""
+    from csi.inspect import diff as classify
+    from csi.volumes import canonical
+
+    state = _open(config)
+    try:
+        with state.transaction() as tx:
+            pub = tx.publication(canonical(os.path.abspath(target)))
+            image = tx.image(pub.manifest_digest) if pub else None
+    finally:
+        state.close()
+    if pub is None or image is None:
+        print(f"strata diff: nothing is published at {target}")
+        return 1
+    upper = os.path.join(config.root, "volumes", pub.key, "upper")
+    if not os.path.isdir(upper):
+        print(f"{target} is a read-only publication: nothing can change")
+        return 0
+    lowers = [os.path.join(config.root, "layers", lid, "fs")
+              for lid in dict.fromkeys(reversed(image.layer_ids))]
+    for kind, path in classify(upper, lowers):
+        print(f"{kind} {path}")
+    return 0
+
+
 def _ago(t: float) -> str:
     import time
 

@@ -114,3 +114,24 @@ def test_df_reports_sharing(plugins, images, tmp_path):
     assert "3 publications would take" in df
     for i in range(3):
         p.csi.unpublish(f"pod{i}", tmp_path / f"pod{i}")
+
+
+def test_strata_diff_shows_what_a_pod_changed(plugins, images, tmp_path):
+    p = plugins()
+    t = tmp_path / "pod"
+    p.csi.publish("d", t, images.app)
+    try:
+        with open(t / "etc/motd", "a") as f:
+            f.write("changed\n")
+        (t / "srv/new.txt").write_text("new")
+        os.unlink(t / "usr/lib/python3/json/decoder.py")
+        (t / "var/cache/new").unlink()
+        out = subprocess.run([sys.executable, "-m", "csi", "diff", str(t), "--root", p.root],
+                             capture_output=True, text=True, check=True).stdout.splitlines()
+        assert "C /etc/motd" in out
+        assert "A /srv/new.txt" in out
+        assert "D /usr/lib/python3/json/decoder.py" in out
+        assert "D /var/cache/new" in out
+        assert not any(line.endswith("/usr/bin/tool") for line in out), "untouched: not listed"
+    finally:
+        p.csi.unpublish("d", t)
