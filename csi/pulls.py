@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 
-from csi.errors import Aborted, FailedPrecondition, InvalidArgument, StrataError
+from csi.errors import Aborted, FailedPrecondition, InvalidArgument, StrataError, Unavailable
 from csi.image import reference
 from csi.image.auth import Keyring
 from csi.image.layout import OciLayout
@@ -50,12 +50,20 @@ class _Job:
         self.result = None
         self.error: BaseException | None = None
         self.started = time.monotonic()
+        self.finished = 0.0
+        self.delivered = False  # someone has been told how it ended
 
 
 class Puller:
+    # A failed job nobody heard about yet stays this long, so that a kubelet retry arriving
+    # after a pull failed in the background gets that failure instead of a fresh attempt
+    # answering ABORTED again. Once told, the next call tries afresh.
+    RETAIN = 30.0
+
     def __init__(self, state: State, layers: LayerStore, blobs: BlobStore,
                  client: RegistryClient | None = None, node_keyring: Keyring | None = None,
-                 tag_ttl: float = 300.0, clock=time.time, on_pull=None, keep_blobs=False):
+                 tag_ttl: float = 300.0, clock=time.time, on_pull=None, keep_blobs=False,
+                 max_waiting: int = 48):
         self._state = state
         self._layers = layers
         self._blobs = blobs
@@ -67,6 +75,8 @@ class Puller:
         self._keep_blobs = keep_blobs
         self._mu = threading.Lock()
         self._jobs: dict[tuple, _Job] = {}
+        # RPC threads waiting on pulls are bounded, so Probe and unpublish always get one.
+        self._waiting = threading.BoundedSemaphore(max_waiting)
 
     def pull(self, image: str, secrets: dict | None = None, policy: str = "",
              wait: float | None = None):
@@ -81,24 +91,46 @@ class Puller:
             img = source.resolve()
             self._layers.ensure(source, img)
             return source, img
+        # What the node has answers without a job: a digest never changes, and a tag is
+        # trusted for --tag-ttl (Never trusts it forever).
+        if policy == "Never" or policy == "IfNotPresent" or ref.digest:
+            local = self._local(ref, max_age=None if policy == "Never" else self._tag_ttl)
+            if local is not None:
+                self._on_pull("present", 0.0)
+                return LocalSource(str(ref)), local
+            if policy == "Never":
+                self._on_pull("failed_precondition", 0.0)
+                raise FailedPrecondition(f"image {ref} is not on this node and pullPolicy is "
+                                         "Never")
         keyring = Keyring.from_secrets(secrets or {}, base=self._node_keyring)
         creds = keyring.lookup(ref.registry, ref.repository)
         key = (str(ref), policy, creds.fingerprint() if creds else "")
+        now = time.monotonic()
         with self._mu:
+            for k in [k for k, j in self._jobs.items()
+                      if j.done.is_set() and now - j.finished > self.RETAIN]:
+                del self._jobs[k]
             job = self._jobs.get(key)
-            if job is None:
+            if job is None or (job.done.is_set() and (job.error is None or job.delivered)):
                 job = self._jobs[key] = _Job()
-                threading.Thread(target=self._run, args=(key, job, ref, keyring, policy),
+                threading.Thread(target=self._run, args=(job, ref, keyring, policy),
                                  name=f"pull {ref}", daemon=True).start()
-        if not job.done.wait(wait):
+        if not self._waiting.acquire(blocking=False):
+            raise Aborted(f"image {ref}: too many publishes are waiting on pulls; retry")
+        try:
+            finished = job.done.wait(wait)
+        finally:
+            self._waiting.release()
+        if not finished:
             raise Aborted(f"image {ref}: still pulling after "
                           f"{time.monotonic() - job.started:.0f}s; the pull goes on and the "
                           "next attempt joins it")
         if job.error is not None:
+            job.delivered = True
             raise job.error
         return job.result
 
-    def _run(self, key, job: _Job, ref, keyring: Keyring, policy: str) -> None:
+    def _run(self, job: _Job, ref, keyring: Keyring, policy: str) -> None:
         started = time.monotonic()
         try:
             job.result = self._pull(ref, keyring, policy)
@@ -109,42 +141,42 @@ class Puller:
             if not isinstance(e, StrataError):
                 log.exception("pull of %s failed", ref)
         finally:
-            with self._mu:
-                self._jobs.pop(key, None)
+            job.finished = time.monotonic()
             job.done.set()
         self._on_pull(outcome, time.monotonic() - started)
 
     def _pull(self, ref: reference.RegistryReference, keyring: Keyring, policy: str):
-        local = self._local(ref, max_age=None if policy == "Never" else self._tag_ttl)
-        if policy == "Never":
-            if local is None:
-                raise FailedPrecondition(f"image {ref} is not on this node and pullPolicy is "
-                                         "Never")
-            return LocalSource(str(ref)), local
-        if local is not None and policy == "IfNotPresent":
-            log.info("image %s is present (%s), not pulling", ref, local.manifest_digest)
-            return LocalSource(str(ref)), local
-        if not ref.digest:
+        known = None if ref.digest else self._local(ref, max_age=None)
+        if known is not None:
             # A tag we have seen: ask (HEAD) whether it moved before fetching anything.
-            known = self._local(ref, max_age=None)
-            if known is not None and \
-                    self._client.head_digest(ref, keyring.lookup) == known.manifest_digest:
-                with self._state.transaction() as tx:
-                    tx.put_tag(Tag(_tag_name(ref), known.manifest_digest, self._clock()))
-                log.info("image %s: tag unchanged (%s), not pulling", ref,
-                         known.manifest_digest)
+            try:
+                now_at = self._client.head_digest(ref, keyring.lookup)
+                if now_at == known.manifest_digest:
+                    self._record_tag(ref, known.manifest_digest)
+                    log.info("image %s: tag unchanged (%s)", ref, known.manifest_digest)
+                    return LocalSource(str(ref)), known
+                img, source = self._client.resolve(ref, keyring.lookup)
+            except Unavailable as e:
+                if policy != "IfNotPresent":
+                    raise
+                # The kubelet uses the image it has when the registry cannot be reached.
+                log.warning("image %s: %s; using the copy on this node", ref, e)
                 return LocalSource(str(ref)), known
-        img, source = self._client.resolve(ref, keyring.lookup)
+        else:
+            img, source = self._client.resolve(ref, keyring.lookup)
         source.blobs = self._blobs
-        if not ref.digest:
-            with self._state.transaction() as tx:
-                tx.put_tag(Tag(_tag_name(ref), img.manifest_digest, self._clock()))
         self._layers.ensure(source, img)
+        if not ref.digest:  # only once the layers are in place
+            self._record_tag(ref, img.index_digest or img.manifest_digest)
         if not self._keep_blobs:
             for layer in img.layers:  # unpacked: the compressed copy is only a cache
                 self._blobs.remove(layer.digest)
         log.info("pulled %s (%s): %d layers", ref, img.manifest_digest, len(img.layers))
         return source, img
+
+    def _record_tag(self, ref: reference.RegistryReference, digest: str) -> None:
+        with self._state.transaction() as tx:
+            tx.put_tag(Tag(_tag_name(ref), digest, self._clock()))
 
     def _local(self, ref: reference.RegistryReference, max_age: float | None) -> Image | None:
         """The image from records alone, when every layer is on the node (and, for a tag,

@@ -100,7 +100,9 @@ class Plugin:
                    for d in ("tmp", "layers", "volumes"))
 
     def _server(self) -> grpc.Server:
-        return grpc.server(futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="rpc"),
+        # Publishes may wait on pulls (at most 48 at once, see Puller): the rest of the pool
+        # keeps Probe, unpublish and stats answering.
+        return grpc.server(futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="rpc"),
                            interceptors=[RpcInterceptor(self.metrics)])
 
     def start(self) -> None:

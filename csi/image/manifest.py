@@ -68,6 +68,7 @@ class Image:
     manifest_digest: str
     config_digest: str
     layers: tuple[LayerDesc, ...]
+    index_digest: str = ""  # the index the reference named, when it named one
 
 
 def _load(data: bytes, what: str) -> dict:

@@ -13,6 +13,7 @@ connections (honouring Retry-After). Every error names the image and the registr
 import base64
 import dataclasses
 import email.utils
+import errno
 import hashlib
 import http.client
 import json
@@ -29,6 +30,7 @@ from csi.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    ResourceExhausted,
     StrataError,
     Unavailable,
 )
@@ -58,6 +60,9 @@ class Options:
     retries: int = 4
     backoff: float = 0.5
     backoff_max: float = 10.0
+    # A transfer slower than this fails (and is retried, resuming): a registry that trickles
+    # a byte every few seconds would otherwise never trip the per-read timeout.
+    min_rate: float = 64 * 1024  # bytes per second
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,12 +82,14 @@ class _Retry(Exception):
 
 
 def _registry_error(body: bytes) -> str:
+    """The registry's own error text (distribution's {"errors": [{code, message}]})."""
     try:
         errors = json.loads(body).get("errors") or []
-        return "; ".join(f"{e.get('code', '')}: {e.get('message', '')}".strip(": ")
-                         for e in errors) or body[:200].decode("utf-8", "replace")
-    except (ValueError, AttributeError):
-        return body[:200].decode("utf-8", "replace").strip()
+        text = "; ".join(f"{e.get('code', '')}: {e.get('message', '')}".strip(": ")
+                         for e in errors)
+    except Exception:  # anything malformed: fall back to the raw text
+        text = ""
+    return text or body[:200].decode("utf-8", "replace").strip()
 
 
 def _basic(creds: Credentials) -> str:
@@ -155,8 +162,37 @@ class RegistryClient:
             conn.close()
             raise
 
+    def _read(self, resp, limit: int, what: str, out: BinaryIO | None = None) -> bytes:
+        """The body, read as it arrives under a wall-clock deadline (read timeout plus
+        `limit` at the minimum rate); more than `limit` bytes is DataLoss. Streamed into
+        `out` when given."""
+        expected = min(limit, resp.length) if resp.length is not None else limit
+        deadline = time.monotonic() + self.options.read_timeout + \
+            expected / self.options.min_rate
+        chunks, got = [], 0
+        while chunk := resp.read1(CHUNK):
+            got += len(chunk)
+            if got > limit:
+                raise DataLoss(f"{what}: more than the {limit} bytes expected; discarded")
+            if out is None:
+                chunks.append(chunk)
+            else:
+                out.write(chunk)
+                self._on_bytes(len(chunk))
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"transfer slower than {self.options.min_rate:.0f} bytes/s")
+        if resp.length:  # the connection closed before Content-Length bytes came
+            raise http.client.IncompleteRead(b"", resp.length)
+        return b"".join(chunks)
+
+    def _token_key(self, ep: Endpoint, repo: str, creds: Credentials | None) -> tuple:
+        return (ep.host, f"repository:{repo}:pull", creds.fingerprint() if creds else "")
+
+    def _forget_token(self, ep: Endpoint, repo: str, creds: Credentials | None) -> None:
+        self._tokens.pop(self._token_key(ep, repo, creds), None)
+
     def _auth_header(self, ep: Endpoint, repo: str, creds: Credentials | None) -> dict:
-        key = (ep.host, f"repository:{repo}:pull", creds.fingerprint() if creds else "")
+        key = self._token_key(ep, repo, creds)
         token = self._tokens.get(key)
         if token and token[1] > time.monotonic():
             return {"Authorization": f"Bearer {token[0]}"}
@@ -199,11 +235,15 @@ class RegistryClient:
             doc = json.loads(body)
             token = doc.get("token") or doc["access_token"]
             expires = float(doc.get("expires_in") or 60)
-        except (ValueError, KeyError, TypeError):
+            if not isinstance(token, str) or not token:
+                raise TypeError
+        except (ValueError, KeyError, TypeError, AttributeError):
             raise Unavailable(f"{what}: the token service sent no token") from None
-        key = (ep.host, scope, creds.fingerprint() if creds else "")
+        now = time.monotonic()
+        if len(self._tokens) > 256:  # keep the cache bounded: drop what has expired
+            self._tokens = {k: v for k, v in self._tokens.items() if v[1] > now}
         # Refresh a little early so a token never expires in flight.
-        self._tokens[key] = (token, time.monotonic() + max(1.0, expires - 10))
+        self._tokens[self._token_key(ep, repo, creds)] = (token, now + max(1.0, expires - 10))
 
     def _backoff(self, attempt: int, hint: float | None) -> float:
         if hint is not None:
@@ -216,7 +256,7 @@ class RegistryClient:
         def once():
             conn, resp = self._open(scheme, host, method, target, headers)
             try:
-                body = resp.read(mf.MAX_MANIFEST_BYTES + 1)
+                body = self._read(resp, mf.MAX_MANIFEST_BYTES, what)
                 # The headers stay a Message: Go registries send "Www-Authenticate", and
                 # lookups must ignore case.
                 return resp.status, resp.headers, body
@@ -241,7 +281,11 @@ class RegistryClient:
                 if isinstance(e, ssl.SSLCertVerificationError):
                     raise Unavailable(f"{what}: TLS verification failed: {e.verify_message}; "
                                       "add the registry's CA with --registry-ca") from None
+                if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise ResourceExhausted(f"{what}: no space left on the store") from e
                 last, hint = f"{type(e).__name__}: {e}", None
+            except ValueError as e:  # e.g. a redirect to a URL with a malformed port
+                raise Unavailable(f"{what}: malformed response: {e}") from None
             if attempt < self.options.retries:
                 delay = self._backoff(attempt, hint)
                 log.info("%s: %s; retrying in %.1fs", what, last, delay)
@@ -251,14 +295,18 @@ class RegistryClient:
     def _registry_call(self, ep: Endpoint, method: str, path: str, repo: str,
                        creds: Credentials | None, what: str, headers=None):
         """A registry API call with authentication; returns (status, headers, body)."""
-        for _ in range(2):
+        authenticated = False
+        while True:
             h = {**(headers or {}), **self._auth_header(ep, repo, creds)}
             status, hdrs, body = self._simple(ep.scheme, ep.host, method, path, h, what)
-            if status == 401 and "WWW-Authenticate" in hdrs and "Authorization" not in h:
-                self._authenticate(ep, hdrs["WWW-Authenticate"], repo, creds, what)
-                continue
-            return status, hdrs, body
-        return status, hdrs, body
+            challenge = hdrs.get("WWW-Authenticate")
+            if status != 401 or not challenge or authenticated:
+                return status, hdrs, body
+            # No credentials yet, or a cached token the registry no longer accepts
+            # (revoked, rotated key, clock skew): authenticate afresh, once.
+            self._forget_token(ep, repo, creds)
+            self._authenticate(ep, challenge, repo, creds, what)
+            authenticated = True
 
     @staticmethod
     def _check(status: int, body: bytes, what: str) -> None:
@@ -301,20 +349,21 @@ class RegistryClient:
                                   "push the image as OCI or Docker schema 2")
         return digest, doc_media or media, body
 
-    def blob_bytes(self, ep: Endpoint, ref: RegistryReference, digest: str,
+    def blob_bytes(self, ep: Endpoint, ref: RegistryReference, desc: mf.Descriptor,
                    creds: Credentials | None, what: str) -> bytes:
         """A small blob (an image config), verified."""
         _, _, body = self._with_retries(
-            lambda: self._follow(ep, ref, digest, creds, what, 0, None), what)
+            lambda: self._follow(ep, ref, desc.digest, desc.size, creds, what, 0, None), what)
         got = "sha256:" + hashlib.sha256(body).hexdigest()
-        if got != digest:
-            raise DataLoss(f"{what}: digest mismatch: expected {digest}, got {got}")
+        if got != desc.digest:
+            raise DataLoss(f"{what}: digest mismatch: expected {desc.digest}, got {got}")
         return body
 
-    def _follow(self, ep, ref, digest, creds, what, offset, out):
+    def _follow(self, ep, ref, digest, size, creds, what, offset, out):
         """GET a blob, following redirects to blob storage: into `out` from `offset`
-        (streamed), or whole into the returned body when `out` is None. A retryable status
-        is returned for the caller's retry loop; other failures raise."""
+        (streamed), or whole into the returned body when `out` is None; never more than
+        `size` bytes. A retryable status is returned for the caller's retry loop; other
+        failures raise."""
         scheme, host = ep.scheme, ep.host
         target = f"/v2/{ref.repository}/blobs/{digest}"
         send_auth, authenticated = True, False
@@ -326,18 +375,20 @@ class RegistryClient:
             try:
                 challenge = resp.headers.get("WWW-Authenticate")
                 if resp.status == 401 and send_auth and challenge and not authenticated:
-                    resp.read()
+                    resp.read(64 << 10)
+                    self._forget_token(ep, ref.repository, creds)
                     self._authenticate(ep, challenge, ref.repository, creds, what)
                     authenticated = True
                     continue
                 if resp.status in REDIRECT_STATUS and resp.headers.get("Location"):
                     u = urllib.parse.urlsplit(urllib.parse.urljoin(
                         f"{scheme}://{host}{target}", resp.headers["Location"]))
-                    # Blob storage gets a signed URL, never our registry credentials.
-                    send_auth = send_auth and u.netloc == ep.host
+                    # Blob storage gets a signed URL, never our registry credentials; nor
+                    # does the registry itself over a downgraded scheme.
+                    send_auth = send_auth and u.netloc == ep.host and u.scheme == ep.scheme
                     scheme, host = u.scheme, u.netloc
                     target = u.path + (f"?{u.query}" if u.query else "")
-                    resp.read()
+                    resp.read(64 << 10)
                     continue
                 if resp.status not in (200, 206):
                     body = resp.read(64 << 10)
@@ -345,13 +396,12 @@ class RegistryClient:
                         return resp.status, resp.headers, body
                     self._check(resp.status, body, what)
                 if out is None:
-                    return resp.status, resp.headers, resp.read()
+                    return resp.status, resp.headers, self._read(resp, size, what)
                 if resp.status == 200 and offset:
                     out.seek(0)
                     out.truncate()  # the server ignored Range: start over
-                while chunk := resp.read(CHUNK):
-                    out.write(chunk)
-                    self._on_bytes(len(chunk))
+                    offset = 0
+                self._read(resp, size - offset, what, out)
                 return resp.status, resp.headers, b""
             finally:
                 conn.close()
@@ -363,11 +413,8 @@ class RegistryClient:
         what = f"image {ref}: blob {digest} from {ep}"
 
         def once():
-            start = out.tell()
-            result = self._follow(ep, ref, digest, creds, what, start, out)
-            if result[0] in RETRY_STATUS:
-                return result
-            if out.tell() < size:
+            result = self._follow(ep, ref, digest, size, creds, what, out.tell(), out)
+            if result[0] not in RETRY_STATUS and out.tell() < size:
                 raise http.client.IncompleteRead(b"", size - out.tell())
             return result
 
@@ -393,22 +440,26 @@ class RegistryClient:
 
     # -- resolving an image ------------------------------------------------------------
     def resolve(self, ref: RegistryReference, creds_for) -> tuple[mf.Image, "RegistrySource"]:
-        """Resolve on the first endpoint that has the image: mirrors, then the origin."""
-        endpoints = self.endpoints(ref)
-        for ep in endpoints:
-            creds = creds_for(ep.host if ep.mirror else ref.registry, ref.repository)
+        """Resolve on the first endpoint that has the image: mirrors, then the origin. The
+        source may fetch blobs from that endpoint and, should it fail, the later ones."""
+        candidates = [(ep, creds_for(ep.host if ep.mirror else ref.registry, ref.repository))
+                      for ep in self.endpoints(ref)]
+        for i, (ep, creds) in enumerate(candidates):
             try:
-                return self._resolve_at(ep, ref, creds), RegistrySource(self, ep, ref, creds)
+                image = self._resolve_at(ep, ref, creds)
             except StrataError as e:
                 if not ep.mirror:
                     raise
                 log.warning("mirror %s failed for %s (%s); trying the next endpoint", ep,
                             ref, e)
+                continue
+            return image, RegistrySource(self, ref, candidates[i:])
         raise AssertionError("unreachable: the origin is always the last endpoint")
 
     def _resolve_at(self, ep: Endpoint, ref: RegistryReference,
                     creds: Credentials | None) -> mf.Image:
         digest, media, body = self.manifest(ep, ref, ref.reference, creds)
+        top = digest
         for _ in range(4):
             if media not in mf.INDEX_TYPES and "manifests" not in json.loads(body):
                 break
@@ -416,7 +467,7 @@ class RegistryClient:
             chosen = mf.select_platform(entries, f"image {ref}")
             digest, media, body = self.manifest(ep, ref, chosen.digest, creds)
         config_desc, layers = mf.parse_manifest(body, f"image {ref} manifest {digest}")
-        config = self.blob_bytes(ep, ref, config_desc.digest, creds,
+        config = self.blob_bytes(ep, ref, config_desc, creds,
                                  f"image {ref}: config {config_desc.digest}")
         diff_ids = mf.parse_config_diff_ids(config, f"image {ref} config")
         if len(diff_ids) != len(layers):
@@ -425,21 +476,32 @@ class RegistryClient:
         return mf.Image(
             name=str(ref), manifest_digest=digest, config_digest=config_desc.digest,
             layers=tuple(mf.LayerDesc(d.digest, d.media_type, d.size, diff)
-                         for d, diff in zip(layers, diff_ids, strict=True)))
+                         for d, diff in zip(layers, diff_ids, strict=True)),
+            index_digest=top if top != digest else "")
 
 
 class RegistrySource:
-    """Blobs of one resolved image, downloaded into a blob store on first use."""
+    """Blobs of one resolved image, downloaded into a blob store on first use, from the
+    endpoint that resolved it or, failing that, the ones after it (a mirror's origin)."""
 
-    def __init__(self, client: RegistryClient, ep: Endpoint, ref: RegistryReference,
-                 creds: Credentials | None):
-        self.client, self.ep, self.ref, self.creds = client, ep, ref, creds
+    def __init__(self, client: RegistryClient, ref: RegistryReference,
+                 candidates: list[tuple[Endpoint, Credentials | None]]):
+        self.client, self.ref, self.candidates = client, ref, candidates
         self.blobs = None  # a BlobStore, set by whoever uses the source
 
     def open_blob(self, layer: mf.LayerDesc) -> VerifyingReader:
         def fetch(offset: int, out: BinaryIO) -> None:
-            self.client.fetch_blob(self.ep, self.ref, layer.digest, layer.size, self.creds,
-                                   offset, out)
+            for i, (ep, creds) in enumerate(self.candidates):
+                try:
+                    self.client.fetch_blob(ep, self.ref, layer.digest, layer.size, creds,
+                                           out.tell(), out)
+                    return
+                except (DataLoss, ResourceExhausted):
+                    raise
+                except StrataError as e:
+                    if i == len(self.candidates) - 1:
+                        raise
+                    log.warning("%s: %s; trying %s", ep, e, self.candidates[i + 1][0])
 
         path = self.blobs.get(layer.digest, layer.size, fetch,
                               f"image {self.ref}: layer {layer.digest}")

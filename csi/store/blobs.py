@@ -83,8 +83,8 @@ class BlobStore:
                 raise DataLoss(f"{what}: digest mismatch: expected {digest}, got {got}; the "
                                "downloaded bytes were discarded")
             os.rename(partial, final)
-        except DataLoss:
-            _unlink(partial)  # bad bytes are never kept, not even for a resume
+        except (DataLoss, ResourceExhausted):
+            _unlink(partial)  # bad bytes are never kept, nor a partial filling a full disk
             raise
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):

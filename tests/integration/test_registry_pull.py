@@ -456,3 +456,69 @@ def test_an_index_is_narrowed_to_the_nodes_platform(plugin, plain, tmp_path):
     assert status == 201, body
     p = plugin("--insecure-registry", plain.host)
     assert published(p, tmp_path / "t", f"{plain.host}/team/multi") == f"built for {arch}\n"
+    # Known by the index's own digest and by the tag: no network needed any more.
+    index_digest = "sha256:" + hashlib.sha256(index).hexdigest()
+    for ref in (f"{plain.host}/team/multi@{index_digest}", f"{plain.host}/team/multi"):
+        assert published(p, tmp_path / "n", ref, pullPolicy="Never") == f"built for {arch}\n"
+
+
+
+def test_if_not_present_uses_the_local_copy_when_the_registry_is_down(plugin, plain, tmp_path):
+    with FaultProxy(plain.host) as proxy:
+        p = plugin("--insecure-registry", proxy.host, "--tag-ttl", "0",
+                   "--registry-retries", "0")
+        image = f"{proxy.host}/team/app:1.0"
+        published(p, tmp_path / "a", image)
+        proxy.fail(503, times=None)
+        assert published(p, tmp_path / "b", image) == "app motd\n"  # like the kubelet
+        with pytest.raises(grpc.RpcError) as e:
+            published(p, tmp_path / "c", image, pullPolicy="Always")
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_pull_that_fails_after_the_deadline_reports_its_error(plugin, plain, tmp_path):
+    with FaultProxy(plain.host) as proxy:
+        proxy.delay(1.5, times=1, path="/manifests/")
+        proxy.fail(503, times=None, path="/blobs/")
+        p = plugin("--insecure-registry", proxy.host, "--pull-wait", "0.3",
+                   "--registry-retries", "0")
+        image = f"{proxy.host}/team/app:1.0"
+        with pytest.raises(grpc.RpcError) as e:
+            p.csi.publish("v", tmp_path / "t", image)
+        assert e.value.code() == grpc.StatusCode.ABORTED
+        import time
+
+        time.sleep(2.5)  # the background pull fails meanwhile
+        with pytest.raises(grpc.RpcError) as e:
+            p.csi.publish("v", tmp_path / "t", image)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE, "the retry learns why"
+        assert "503" in e.value.details()
+
+
+def test_blobs_fall_back_from_a_failing_mirror_to_the_origin(plugin, plain, tmp_path):
+    with FaultProxy(plain.host) as mirror:
+        mirror.fail(503, times=None, path="/blobs/sha256:" + _big_layer_digest(plain))
+        p = plugin("--insecure-registry", plain.host, "--registry-retries", "0",
+                   "--registry-mirror", f"{plain.host}=http://{mirror.host}")
+        p.csi.publish("v", tmp_path / "t", f"{plain.host}/team/big:1.0")
+        assert (tmp_path / "t/data/big.bin").stat().st_size == 3 << 20
+        p.csi.unpublish("v", tmp_path / "t")
+
+
+def test_a_full_disk_while_downloading_is_resource_exhausted(plain, tmp_path):
+    root = tmp_path / "small"
+    root.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "strata-test", str(root)],
+                   check=True)
+    p = StrataProcess(str(tmp_path / "run"), root=str(root / "store"),
+                      extra_args=("--insecure-registry", plain.host))
+    os.makedirs(p.base)
+    try:
+        p.start()
+        with pytest.raises(grpc.RpcError) as e:
+            p.csi.publish("v", tmp_path / "t", f"{plain.host}/team/big:1.0")
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e.value.details()
+        assert os.listdir(root / "store" / "tmp") == [], "no partial download fills the disk"
+    finally:
+        p.stop()
+        unmount_all_under(str(tmp_path))

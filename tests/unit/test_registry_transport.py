@@ -1,0 +1,88 @@
+"""The registry client's transport limits against a misbehaving HTTP server on loopback."""
+
+import socket
+import threading
+import time
+
+import pytest
+
+from csi.errors import DataLoss, Unavailable
+from csi.image.reference import parse
+from csi.image.registry import Endpoint, Options, RegistryClient, _registry_error
+
+
+class Server:
+    """Answers every connection with `head` then `body`, `delay` seconds between bytes."""
+
+    def __init__(self, head: bytes, body: bytes, delay: float = 0.0):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.head, self.body, self.delay = head, body, delay
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.sock.getsockname()[1]}"
+
+    def _serve(self):
+        self.sock.settimeout(0.2)
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            with conn:
+                try:
+                    conn.recv(65536)
+                    conn.sendall(self.head)
+                    if self.delay:
+                        for b in self.body:
+                            if self.stop.wait(self.delay):
+                                break
+                            conn.sendall(bytes([b]))
+                    else:
+                        conn.sendall(self.body)
+                except OSError:
+                    pass
+
+    def close(self):
+        self.stop.set()
+        self.thread.join(5)
+        self.sock.close()
+
+
+@pytest.fixture
+def server():
+    servers = []
+    yield lambda *a, **kw: servers.append(Server(*a, **kw)) or servers[-1]
+    for s in servers:
+        s.close()
+
+
+def test_a_trickling_registry_times_out(server):
+    srv = server(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n", b"x" * 1000, delay=0.1)
+    client = RegistryClient(Options(read_timeout=0.5, min_rate=1000, retries=0))
+    ep = Endpoint("http", srv.host)
+    started = time.monotonic()
+    with pytest.raises(Unavailable, match="slower than"):
+        client.manifest(ep, parse(f"{srv.host}/a:1"), "1", None)
+    assert time.monotonic() - started < 5, "one byte every 0.1 s never trips a 0.5 s read " \
+        "timeout; the transfer deadline must"
+
+
+def test_a_blob_longer_than_its_descriptor_is_data_loss(server, tmp_path):
+    srv = server(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n", b"y" * 100)
+    client = RegistryClient(Options(retries=0))
+    with open(tmp_path / "blob", "ab") as out, pytest.raises(DataLoss, match="more than"):
+        client.fetch_blob(Endpoint("http", srv.host), parse(f"{srv.host}/a:1"),
+                          "sha256:" + "0" * 64, 10, None, 0, out)
+    assert (tmp_path / "blob").stat().st_size <= 10 + 65536  # stopped at the first chunk
+
+
+def test_malformed_error_bodies_do_not_crash():
+    assert _registry_error(b'{"errors": 5}') == '{"errors": 5}'
+    assert _registry_error(b'{"errors": [5]}') == '{"errors": [5]}'
+    assert _registry_error(b"\xff\xfe") != ""
