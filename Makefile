@@ -18,6 +18,7 @@ demo: $(STAMP)
 	$(VENV)/bin/strata demo
 
 test: $(STAMP)
+	bash scripts/system-deps.sh
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 unit: $(STAMP)

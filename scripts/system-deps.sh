@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Debian packages the tests need beside the virtualenv. Installs only what is missing, so
+# `make test` stays fast once they are there. Used by `make test` and by .ci/run.
+#   make, util-linux (umount), python3-venv: the front door and its virtualenv
+#   umoci: the reference unpacker for the differential test
+#   docker-registry, skopeo, apache2-utils (htpasswd -B), openssl: the real registry the
+#   pull tests run against, the push tool, and the auth/TLS material for it
+set -euo pipefail
+tools=(make:make umount:util-linux umoci:umoci docker-registry:docker-registry
+       skopeo:skopeo htpasswd:apache2-utils openssl:openssl)
+missing=()
+for t in "${tools[@]}"; do
+  command -v "${t%%:*}" >/dev/null 2>&1 || missing+=("${t#*:}")
+done
+python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
+[ ${#missing[@]} -eq 0 ] && exit 0
+if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
+  echo "missing system packages: ${missing[*]} (install them as root; tests that need them skip)" >&2
+  exit 0
+fi
+echo "installing ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
