@@ -27,6 +27,7 @@ sys.path.insert(0, HERE)
 
 import grpc  # noqa: E402
 
+from bench._util import drop_caches, free_port  # noqa: E402
 from csi.image.build import LayerBuilder, write_image  # noqa: E402
 from csi.proto import csi_pb2, csi_pb2_grpc  # noqa: E402
 
@@ -36,19 +37,6 @@ BASE_PKGS = ("encodings", "email", "json", "http", "asyncio", "xml", "unittest",
              "urllib", "tkinter", "idlelib", "ensurepip")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def drop_caches() -> None:
-    subprocess.run(["sync"], check=True)
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-    except OSError:
-        pass
 
 
 def build(layout: str) -> None:

@@ -20,6 +20,9 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, HERE)
+
+from bench._util import drop_caches  # noqa: E402
 
 CHILD = r"""
 import json, os, resource, sys, time
@@ -41,14 +44,6 @@ print(json.dumps({"seconds": dt,
                   "rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
 """
 
-
-def drop_caches():
-    subprocess.run(["sync"], check=True)
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-    except OSError:
-        pass
 
 
 def build_layer(work: str, sources: list[str]) -> tuple[str, int, int]:

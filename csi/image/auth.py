@@ -12,10 +12,10 @@ matching path prefix wins.
 import base64
 import dataclasses
 import fnmatch
-import json
 import re
 
 from csi.errors import InvalidArgument
+from csi.image.manifest import json_object
 
 DOCKER_HUB_ALIASES = {"docker.io", "index.docker.io", "registry-1.docker.io"}
 SECRET_KEYS = (".dockerconfigjson", ".dockercfg")
@@ -47,12 +47,7 @@ def _normalise_key(key: str) -> tuple[str, str]:
 
 
 def parse_config(data: str | bytes, what: str) -> list[tuple[str, str, Credentials]]:
-    try:
-        doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise InvalidArgument(f"{what} is not valid JSON: {e}") from None
-    if not isinstance(doc, dict):
-        raise InvalidArgument(f"{what} is not a JSON object")
+    doc = json_object(data, what)
     auths = doc.get("auths", doc if "auths" not in doc else {})
     if not isinstance(auths, dict):
         raise InvalidArgument(f"{what}: 'auths' is not an object")

@@ -71,7 +71,7 @@ class Image:
     index_digest: str = ""  # the index the reference named, when it named one
 
 
-def _load(data: bytes, what: str) -> dict:
+def json_object(data: str | bytes, what: str) -> dict:
     try:
         doc = json.loads(data)
     except (ValueError, UnicodeDecodeError) as e:
@@ -103,7 +103,7 @@ def descriptor(d: object, what: str) -> Descriptor:
 
 
 def parse_index(data: bytes, what: str) -> list[Descriptor]:
-    doc = _load(data, what)
+    doc = json_object(data, what)
     if doc.get("schemaVersion") != 2:
         raise InvalidArgument(f"{what}: schemaVersion {doc.get('schemaVersion')!r} is not 2")
     manifests = doc.get("manifests")
@@ -114,7 +114,7 @@ def parse_index(data: bytes, what: str) -> list[Descriptor]:
 
 def parse_manifest(data: bytes, what: str) -> tuple[Descriptor, list[Descriptor]]:
     """Return (config descriptor, layer descriptors bottom first)."""
-    doc = _load(data, what)
+    doc = json_object(data, what)
     if doc.get("schemaVersion") != 2:
         raise InvalidArgument(f"{what}: schema {doc.get('schemaVersion')!r} manifests are not "
                               "supported (only OCI and Docker schema 2)")
@@ -136,7 +136,7 @@ def parse_manifest(data: bytes, what: str) -> tuple[Descriptor, list[Descriptor]
 
 
 def parse_config_diff_ids(data: bytes, what: str) -> list[str]:
-    doc = _load(data, what)
+    doc = json_object(data, what)
     rootfs = doc.get("rootfs")
     diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
     if not isinstance(diff_ids, list) or rootfs.get("type") != "layers":
