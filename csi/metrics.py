@@ -52,9 +52,11 @@ class Metrics:
             "strata_blob_fetches", "Blobs downloaded (and verified) from registries.",
             registry=self.registry)
 
-    def on_pull(self, result: str, seconds: float) -> None:
+    def on_pull(self, result: str, seconds: float | None) -> None:
+        """`seconds` is None for answers from the node's records alone (no pull ran)."""
         self.pulls.labels(result).inc()
-        self.pull_seconds.observe(seconds)
+        if seconds is not None:
+            self.pull_seconds.observe(seconds)
 
     def on_blob(self, size: int) -> None:
         self.blob_fetches.inc()

@@ -96,10 +96,10 @@ class Puller:
         if policy == "Never" or policy == "IfNotPresent" or ref.digest:
             local = self._local(ref, max_age=None if policy == "Never" else self._tag_ttl)
             if local is not None:
-                self._on_pull("present", 0.0)
+                self._on_pull("present", None)
                 return LocalSource(str(ref)), local
             if policy == "Never":
-                self._on_pull("failed_precondition", 0.0)
+                self._on_pull("failed_precondition", None)
                 raise FailedPrecondition(f"image {ref} is not on this node and pullPolicy is "
                                          "Never")
         keyring = Keyring.from_secrets(secrets or {}, base=self._node_keyring)

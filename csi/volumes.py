@@ -15,6 +15,7 @@ import secrets
 import time
 
 from csi.errors import AlreadyExists, FailedPrecondition, Internal, NotFound
+from csi.locks import KeyedLock
 from csi.mount import spec as mount_spec
 from csi.mount.syscalls import Mounter
 from csi.pulls import Puller
@@ -71,8 +72,6 @@ class VolumeManager:
     def __init__(self, root: str, state: State, layers: LayerStore, mounter: Mounter,
                  puller: Puller | None = None, clock=time.time, locks=None,
                  gc: Collector | None = None):
-        from csi.locks import KeyedLock
-
         self.volumes_dir = os.path.join(root, "volumes")
         os.makedirs(self.volumes_dir, mode=0o700, exist_ok=True)
         self._state = state
