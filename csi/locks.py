@@ -1,6 +1,8 @@
 """Per-key locks and single-flight: one unpack per layer however many requests race for it."""
 
 import contextlib
+import fcntl
+import os
 import threading
 from collections.abc import Callable, Iterator
 from typing import TypeVar
@@ -83,3 +85,29 @@ class SingleFlight:
             with self._mu:
                 del self._calls[key]
             call.done.set()
+
+
+class FileLock:
+    """A lock between threads *and* processes (`strata gc` beside `strata serve`): a thread
+    lock, then flock(2) on a file that lives as long as the store."""
+
+    def __init__(self, path: str):
+        self._path = path
+        self._mu = threading.Lock()
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+
+    def __enter__(self) -> "FileLock":
+        self._mu.acquire()
+        try:
+            self._fd = os.open(self._path, os.O_RDWR | os.O_CLOEXEC)
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        except BaseException:
+            self._mu.release()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            os.close(self._fd)  # closing drops the flock
+        finally:
+            self._mu.release()

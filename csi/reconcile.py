@@ -10,6 +10,7 @@ that the kubelet's retry finds its target free).
 
 import logging
 import os
+import time
 
 from csi.mount.syscalls import Mounter
 from csi.store.state import State, pub_holder, stage_holder
@@ -17,13 +18,17 @@ from csi.store.tree import remove_tree
 
 log = logging.getLogger(__name__)
 
+PARTIAL_MAX_AGE = 24 * 3600  # a partial download nobody resumed for a day is dropped
+
 
 def reconcile(root: str, state: State, mounter: Mounter) -> None:
     tmp = os.path.join(root, "tmp")
     for name in os.listdir(tmp):
-        if name.startswith("blob-") and name.endswith(".partial"):
+        path = os.path.join(tmp, name)
+        if name.startswith("blob-") and name.endswith(".partial") and \
+                time.time() - os.lstat(path).st_mtime < PARTIAL_MAX_AGE:
             continue  # a download to resume with Range; its digest is checked at the end
-        remove_tree(os.path.join(tmp, name), ignore_errors=True)
+        remove_tree(path, ignore_errors=True)
 
     with state.transaction() as tx:
         pubs = tx.publications()

@@ -16,7 +16,6 @@ import logging
 import os
 import secrets
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from typing import Protocol
@@ -24,7 +23,7 @@ from typing import Protocol
 from csi.errors import Aborted, DataLoss, Internal, InvalidArgument, ResourceExhausted, StrataError
 from csi.image.manifest import Image, LayerDesc
 from csi.image.verify import VerifyingReader
-from csi.locks import SingleFlight
+from csi.locks import FileLock, SingleFlight
 from csi.store import unpack
 from csi.store.compression import decompress
 from csi.store.state import ImageRecord, Layer, State, lease_holder
@@ -52,7 +51,8 @@ class LayerStore:
         self.state = state
         self._clock = clock
         self._flights = SingleFlight()
-        self._dirs = threading.Lock()  # orders layer-dir renames between unpack and GC
+        # Orders layer-dir renames between unpack and GC, across processes too.
+        self._dirs = FileLock(os.path.join(root, "layers.lock"))
         self.unpacked = 0
         self._on_unpack = on_unpack or (lambda layer, seconds, nbytes: None)
 

@@ -327,3 +327,29 @@ def test_singleflight_waiters_can_refuse_a_shared_error():
     waiter.join(5)
     assert isinstance(results["bad"], ValueError)
     assert results["good"] == "ok"
+
+
+def test_file_lock_excludes_another_process(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from csi.locks import FileLock
+
+    path = str(tmp_path / "store.lock")
+    lock = FileLock(path)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time\n"
+        f"fd = os.open({path!r}, os.O_RDWR)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "print('held', flush=True)\n"
+        "time.sleep(0.5)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        started = time.monotonic()
+        with lock:
+            waited = time.monotonic() - started
+        assert waited > 0.2, "the lock waited for the other process"
+    finally:
+        holder.wait(5)
+        holder.stdout.close()
