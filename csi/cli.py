@@ -82,6 +82,8 @@ def _parser() -> argparse.ArgumentParser:
          "how long running RPCs may take to finish on SIGTERM")
     _gc_opts(serve)
     _registry_opts(serve)
+    _list_opt(serve, "--oci-layout-root", "allow oci:/PATH images only below this directory "
+              "(default: anywhere)")
     _opt(serve, "--pull-wait", D.pull_wait, "seconds NodePublish waits for a pull before "
          "answering ABORTED (the pull goes on; the kubelet's retry joins it)")
     pull = sub.add_parser("pull", help="pull an image into the store, with progress")
@@ -128,6 +130,7 @@ def _config(args, parser) -> Config:
             registry_retries=int(getattr(args, "registry_retries", D.registry_retries)),
             tag_ttl=float(getattr(args, "tag_ttl", D.tag_ttl)),
             pull_wait=float(getattr(args, "pull_wait", D.pull_wait)),
+            oci_layout_roots=_listed(args, "oci_layout_root"),
         ).validate()
     except (StrataError, ValueError) as e:
         parser.error(str(e))

@@ -34,6 +34,7 @@ class Config:
     registry_retries: int = 4
     tag_ttl: float = 300.0
     pull_wait: float = 100.0  # below the kubelet's ~2 min NodePublish deadline
+    oci_layout_roots: tuple[str, ...] = ()  # where oci: images may live; empty: anywhere
 
     @property
     def registry(self) -> Options:

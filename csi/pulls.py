@@ -24,6 +24,7 @@ from csi.image.auth import Keyring
 from csi.image.layout import OciLayout
 from csi.image.manifest import Image, LayerDesc
 from csi.image.registry import RegistryClient
+from csi.image.resolver import check_layout_allowed
 from csi.store.blobs import BlobStore
 from csi.store.layers import LayerStore
 from csi.store.state import State, Tag
@@ -63,7 +64,7 @@ class Puller:
     def __init__(self, state: State, layers: LayerStore, blobs: BlobStore,
                  client: RegistryClient | None = None, node_keyring: Keyring | None = None,
                  tag_ttl: float = 300.0, clock=time.time, on_pull=None, keep_blobs=False,
-                 max_waiting: int = 48):
+                 max_waiting: int = 48, layout_roots: tuple[str, ...] = ()):
         self._state = state
         self._layers = layers
         self._blobs = blobs
@@ -73,6 +74,7 @@ class Puller:
         self._clock = clock
         self._on_pull = on_pull or (lambda result, seconds: None)
         self._keep_blobs = keep_blobs
+        self._layout_roots = layout_roots
         self._mu = threading.Lock()
         self._jobs: dict[tuple, _Job] = {}
         # RPC threads waiting on pulls are bounded, so Probe and unpublish always get one.
@@ -87,6 +89,7 @@ class Puller:
             raise InvalidArgument(f"pullPolicy {policy!r} is not one of {', '.join(POLICIES)}")
         ref = reference.parse(image)
         if isinstance(ref, reference.LayoutReference):
+            check_layout_allowed(ref, self._layout_roots)
             source = OciLayout(ref)
             img = source.resolve()
             self._layers.ensure(source, img)

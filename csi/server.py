@@ -21,6 +21,7 @@ from csi.controller import ControllerService
 from csi.identity import IdentityService
 from csi.image.auth import Keyring
 from csi.image.registry import RegistryClient
+from csi.image.resolver import Resolver
 from csi.interceptors import RpcInterceptor
 from csi.metrics import Metrics
 from csi.mount.syscalls import Mounter
@@ -62,7 +63,8 @@ def build_puller(config: Config, state: State, layers: LayerStore,
     keyring = Keyring.from_file(config.registry_config) if config.registry_config else None
     blobs = BlobStore(config.root, on_fetch=metrics.on_blob if metrics else None)
     return Puller(state, layers, blobs, client, keyring, tag_ttl=config.tag_ttl,
-                  on_pull=metrics.on_pull if metrics else None)
+                  on_pull=metrics.on_pull if metrics else None,
+                  layout_roots=config.oci_layout_roots)
 
 
 class Plugin:
@@ -83,7 +85,7 @@ class Plugin:
         self.volumes = VolumeManager(root, self.state, self.layers, self.mounter,
                                      puller=self.puller, gc=self.gc)
         self.gc.collect()  # released while we were down, or a policy that changed
-        self.provisioner = Provisioner(self.state)
+        self.provisioner = Provisioner(self.state, Resolver(config.oci_layout_roots))
         self.metrics.install_store(self.state)
         self._servers: list[tuple[grpc.Server, str]] = []
         self._http = None

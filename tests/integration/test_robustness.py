@@ -166,3 +166,28 @@ def test_references_are_recomputed_after_a_crash(tmp_path, images):
     finally:
         p.stop()
         unmount_all_under(str(tmp_path))
+
+
+def test_oci_layout_roots_confine_local_images(tmp_path):
+    import grpc
+
+    allowed, elsewhere = tmp_path / "allowed", tmp_path / "elsewhere"
+    write_image(str(allowed / "ok"), "x", [LayerBuilder().file("f", "ok\n")])
+    write_image(str(elsewhere), "x", [LayerBuilder().file("f", "x\n")])
+    (allowed / "sneaky").symlink_to(elsewhere)  # inside by name, outside in fact
+    p = StrataProcess(str(tmp_path / "p"), extra_args=("--oci-layout-root", str(allowed)))
+    os.makedirs(p.base)
+    p.start()
+    try:
+        p.csi.publish("in", tmp_path / "in", f"oci:{allowed}/ok:x")
+        assert (tmp_path / "in" / "f").read_text() == "ok\n"
+        p.csi.unpublish("in", tmp_path / "in")
+        for ref in (f"oci:{elsewhere}:x", f"oci:{allowed}/sneaky:x"):
+            with pytest.raises(grpc.RpcError) as e:
+                p.csi.publish("out", tmp_path / "out", ref)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "--oci-layout-root" in e.value.details()
+            assert not (tmp_path / "out").exists()
+    finally:
+        p.stop()
+        unmount_all_under(str(tmp_path))
