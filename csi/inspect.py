@@ -5,9 +5,10 @@ a lower entry copied up on first write, or a directory whose contents changed), 
 an overlay whiteout, a 0:0 character device, hiding the lower entry).
 """
 
+import dataclasses
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 OPAQUE = "trusted.overlay.opaque"
 
@@ -60,20 +61,57 @@ def _under_opaque(upper: str, rel: str) -> bool:
     return any(_opaque(os.path.join(upper, *parts[: i + 1])) for i in range(len(parts)))
 
 
-def diff(upper: str, lowers: Sequence[str]) -> list[tuple[str, str]]:
-    """[(kind, /path)] sorted by path; `lowers` nearest first."""
-    out = []
+def entries(upper: str, lowers: Sequence[str]) -> Iterator[tuple[str, str, os.stat_result]]:
+    """(kind, /path, lstat) for every entry of the upper layer; `lowers` nearest first."""
     for dirpath, dirnames, filenames in os.walk(upper):
-        for name in sorted(dirnames + filenames):
+        for name in dirnames + filenames:
             p = os.path.join(dirpath, name)
             rel = os.path.relpath(p, upper)
-            st = os.lstat(p)
+            try:
+                st = os.lstat(p)
+            except FileNotFoundError:
+                continue  # the pod deleted it while we looked
             below = not _under_opaque(upper, rel) and _in_lowers(rel, lowers)
             if _is_whiteout(st):
                 if below:
-                    out.append(("D", "/" + rel))
-            elif below:
-                out.append(("C", "/" + rel))
+                    yield "D", "/" + rel, st
             else:
-                out.append(("A", "/" + rel))
-    return sorted(out, key=lambda e: e[1])
+                yield ("C" if below else "A"), "/" + rel, st
+
+
+def diff(upper: str, lowers: Sequence[str]) -> list[tuple[str, str]]:
+    """[(kind, /path)] sorted by path; `lowers` nearest first."""
+    return sorted(((kind, path) for kind, path, _ in entries(upper, lowers)),
+                  key=lambda e: e[1])
+
+
+@dataclasses.dataclass(frozen=True)
+class CopyUp:
+    """What a publication's writes cost, counting files (not the directories around them):
+    lower files copied up on first write, files created, lower entries deleted."""
+
+    copied_files: int = 0
+    copied_bytes: int = 0
+    created_files: int = 0
+    created_bytes: int = 0
+    deleted: int = 0
+
+    def __add__(self, other: "CopyUp") -> "CopyUp":
+        return CopyUp(self.copied_files + other.copied_files,
+                      self.copied_bytes + other.copied_bytes,
+                      self.created_files + other.created_files,
+                      self.created_bytes + other.created_bytes,
+                      self.deleted + other.deleted)
+
+
+def copy_up(upper: str, lowers: Sequence[str]) -> CopyUp:
+    counts = dict.fromkeys(("copied_files", "copied_bytes", "created_files", "created_bytes",
+                            "deleted"), 0)
+    for kind, _, st in entries(upper, lowers):
+        if kind == "D":
+            counts["deleted"] += 1
+        elif not stat.S_ISDIR(st.st_mode):
+            prefix = "copied" if kind == "C" else "created"
+            counts[prefix + "_files"] += 1
+            counts[prefix + "_bytes"] += st.st_blocks * 512
+    return CopyUp(**counts)

@@ -4,9 +4,13 @@ Store gauges are computed at scrape time from state.db (StoreCollector), so they
 drift from the truth; RPC latency is recorded by the server's interceptor.
 """
 
+import os
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
+from csi.inspect import CopyUp, copy_up
 from csi.store.report import sharing
 from csi.store.state import State
 
@@ -70,15 +74,40 @@ class Metrics:
         self.unpack_seconds.observe(seconds)
         self.unpack_bytes.inc(nbytes)
 
-    def install_store(self, state: State) -> None:
-        self.registry.register(StoreCollector(state))
+    def install_store(self, state: State, root: str = "") -> None:
+        self.registry.register(StoreCollector(state, root))
 
 
 class StoreCollector:
-    """Layers, references, physical bytes and the bytes that sharing saves, at scrape time."""
+    """Layers, references, physical bytes, the bytes that sharing saves, and the copy-up the
+    pods cause, at scrape time. Walking an upper layer costs time in proportion to what the
+    pod wrote, so each publication's walk is reused for `copy_up_ttl` seconds."""
 
-    def __init__(self, state: State):
+    def __init__(self, state: State, root: str = "", clock=time.monotonic,
+                 copy_up_ttl: float = 15.0):
         self._state = state
+        self._root = root
+        self._clock = clock
+        self._ttl = copy_up_ttl
+        self._copy_up: dict[str, tuple[float, CopyUp]] = {}
+
+    def _copy_up_of(self, pubs, images) -> CopyUp:
+        layer_ids = {i.manifest_digest: i.layer_ids for i in images}
+        now, total, live = self._clock(), CopyUp(), set()
+        for p in pubs:
+            live.add(p.key)
+            cached = self._copy_up.get(p.key)
+            if cached is None or now - cached[0] > self._ttl:
+                upper = os.path.join(self._root, "volumes", p.key, "upper")
+                lowers = [os.path.join(self._root, "layers", lid, "fs")
+                          for lid in dict.fromkeys(reversed(layer_ids.get(p.manifest_digest,
+                                                                          ())))]
+                cached = (now, copy_up(upper, lowers) if os.path.isdir(upper) else CopyUp())
+                self._copy_up[p.key] = cached
+            total += cached[1]
+        for key in set(self._copy_up) - live:
+            del self._copy_up[key]
+        return total
 
     def describe(self):
         return []  # computed at scrape time; no fixed description to pre-register
@@ -107,5 +136,21 @@ class StoreCollector:
                                 value=share.saved_bytes)
         yield GaugeMetricFamily("strata_publications", "Volumes mounted at target paths.",
                                 value=len(pubs))
+        if self._root:
+            cu = self._copy_up_of(pubs, images)
+            files = GaugeMetricFamily(
+                "strata_copy_up_files", "Files in the pods' writable layers: lower files "
+                "copied up on first write, files created, lower entries deleted (whiteouts).",
+                labels=["kind"])
+            files.add_metric(["copied"], cu.copied_files)
+            files.add_metric(["created"], cu.created_files)
+            files.add_metric(["deleted"], cu.deleted)
+            yield files
+            data = GaugeMetricFamily(
+                "strata_copy_up_bytes", "Bytes in the pods' writable layers: copied up from "
+                "the shared layers, or created.", labels=["kind"])
+            data.add_metric(["copied"], cu.copied_bytes)
+            data.add_metric(["created"], cu.created_bytes)
+            yield data
         yield GaugeMetricFamily("strata_stages", "Volumes staged on this node.",
                                 value=len(stages))

@@ -86,7 +86,7 @@ class Plugin:
                                      puller=self.puller, gc=self.gc)
         self.gc.collect()  # released while we were down, or a policy that changed
         self.provisioner = Provisioner(self.state, Resolver(config.oci_layout_roots))
-        self.metrics.install_store(self.state)
+        self.metrics.install_store(self.state, root)
         self._servers: list[tuple[grpc.Server, str]] = []
         self._http = None
 
