@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
 from csi.inspect import CopyUp, copy_up
+from csi.store.layers import lower_dirs
 from csi.store.report import sharing
 from csi.store.state import State
 
@@ -99,9 +100,7 @@ class StoreCollector:
             cached = self._copy_up.get(p.key)
             if cached is None or now - cached[0] > self._ttl:
                 upper = os.path.join(self._root, "volumes", p.key, "upper")
-                lowers = [os.path.join(self._root, "layers", lid, "fs")
-                          for lid in dict.fromkeys(reversed(layer_ids.get(p.manifest_digest,
-                                                                          ())))]
+                lowers = lower_dirs(self._root, layer_ids.get(p.manifest_digest, ()))
                 cached = (now, copy_up(upper, lowers) if os.path.isdir(upper) else CopyUp())
                 self._copy_up[p.key] = cached
             total += cached[1]

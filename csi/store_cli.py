@@ -9,7 +9,7 @@ import os
 
 from csi.config import Config
 from csi.store.gc import Collector
-from csi.store.layers import LayerStore
+from csi.store.layers import LayerStore, lower_dirs
 from csi.store.report import human, image_rows, sharing
 from csi.store.state import State
 from csi.store.usage import usage
@@ -136,9 +136,7 @@ def diff(config: Config, target: str) -> int:
     if not os.path.isdir(upper):
         print(f"{target} is a read-only publication: nothing can change")
         return 0
-    lowers = [os.path.join(config.root, "layers", lid, "fs")
-              for lid in dict.fromkeys(reversed(image.layer_ids))]
-    for kind, path in classify(upper, lowers):
+    for kind, path in classify(upper, lower_dirs(config.root, image.layer_ids)):
         print(f"{kind} {path}")
     return 0
 

@@ -21,7 +21,7 @@ from csi.mount.syscalls import Mounter
 from csi.pulls import Puller
 from csi.store.blobs import BlobStore
 from csi.store.gc import Collector
-from csi.store.layers import LayerStore
+from csi.store.layers import LayerStore, lower_dirs
 from csi.store.state import Publication, Stage, State, pub_holder, stage_holder
 from csi.store.tree import remove_tree
 from csi.store.usage import usage
@@ -177,9 +177,7 @@ class VolumeManager:
 
     def _mount(self, p: PublishSpec, image_name: str, manifest_digest: str,
                layer_ids: list[str]) -> None:
-        # Nearest first. A layer an image lists twice appears once, at its topmost place:
-        # overlay refuses a repeated lowerdir, and the lower copy would be hidden anyway.
-        lowers = [self._layers.path(i) for i in dict.fromkeys(reversed(layer_ids))]
+        lowers = lower_dirs(self._layers.root, layer_ids)
         key = secrets.token_hex(8)
         vdir = os.path.join(self.volumes_dir, key)
         created_target = False
@@ -262,10 +260,8 @@ class VolumeManager:
         with self._state.transaction() as tx:
             tx.delete_publication(pub.target)
             tx.drop_refs(pub_holder(pub.target))
-        try:
+        try:  # a read-only publication has none: remove_tree accepts a missing path
             remove_tree(os.path.join(self.volumes_dir, pub.key))
-        except FileNotFoundError:
-            pass  # a read-only publication has no upper layer
         except OSError as e:
             log.error("cannot remove upper layer %s: %s", pub.key, e)
 

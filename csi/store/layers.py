@@ -37,6 +37,14 @@ class BlobSource(Protocol):
     def open_blob(self, layer: LayerDesc) -> VerifyingReader: ...
 
 
+def lower_dirs(root: str, layer_ids) -> list[str]:
+    """An image's layer directories as overlay wants its lowerdirs: nearest (topmost) first,
+    and a layer the image lists twice only once, at its topmost place (overlay refuses a
+    repeated lowerdir, and the lower copy would be hidden anyway)."""
+    return [os.path.join(root, "layers", lid, "fs")
+            for lid in dict.fromkeys(reversed(tuple(layer_ids)))]
+
+
 def layer_id(diff_id: str) -> str:
     return diff_id.partition(":")[2][:16]
 
