@@ -341,14 +341,19 @@ def _token_handler(ts: TokenServer) -> type[http.server.BaseHTTPRequestHandler]:
             rec = TokenRequest(self.command, url.path, user if ok else None, service, scopes,
                                0, [], dict(self.headers.items()))
             forced = ts._take_failure()
+            # Record before answering: a client that has its answer must find its request
+            # in `requests` (recording after the send raced with the test's next line).
             if url.path != "/token":
                 rec.status = 404
+                ts._record(rec)
                 self._send(404, {"errors": [{"code": "NOT_FOUND"}]})
             elif forced is not None:
                 rec.status = forced
+                ts._record(rec)
                 self._send(forced, {"errors": [{"code": "INJECTED", "message": "injected"}]})
             elif not ok or (user is None and not ts.anonymous_pull):
                 rec.status = 401
+                ts._record(rec)
                 self._send(401, {"errors": [{"code": "UNAUTHORIZED",
                                              "message": "authentication required"}]},
                            {"WWW-Authenticate": 'Basic realm="strata-test-token"'})
@@ -357,9 +362,9 @@ def _token_handler(ts: TokenServer) -> type[http.server.BaseHTTPRequestHandler]:
                 rec.granted = ts.grant(user, scopes)
                 token = ts.issue(rec.granted, subject=user or "")
                 issued = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+                ts._record(rec)
                 self._send(200, {"token": token, "access_token": token,
                                  "expires_in": ts.ttl, "issued_at": issued})
-            ts._record(rec)
 
         def do_GET(self):
             params = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
