@@ -165,7 +165,9 @@ class TokenServer:
     """Docker token-flow auth server (https://distribution.github.io/distribution/spec/auth/
     token/): `GET /token?service=S&scope=repository:NAME:ACTIONS` (scope may repeat), with
     optional Basic auth, answers `{"token", "access_token", "expires_in", "issued_at"}`.
-    `POST /token` with an OAuth2 password-grant form is accepted too.
+    `POST /token` with an OAuth2 form is accepted too: the password grant, and the
+    refresh-token grant for the identity tokens in `refresh_tokens` (token -> user), which
+    is how `docker login` to an OAuth registry stores `identitytoken`.
 
     Tokens are RS256 JWTs signed by a fresh self-signed RSA key (via `openssl dgst`), with
     `x5c` = [the certificate]; the registry trusts them through `rootcertbundle = cert_file`.
@@ -185,6 +187,7 @@ class TokenServer:
         self.tls = tls
         self.requests: list[TokenRequest] = []
         self.fail_next: list[int] = []  # statuses to answer the next requests with, in order
+        self.refresh_tokens: dict[str, str] = {}  # OAuth2 refresh token -> user
         self._lock = threading.Lock()
         self._own_dir = workdir is None
         self.workdir = workdir or tempfile.mkdtemp(prefix="strata-token-")
@@ -375,9 +378,14 @@ def _token_handler(ts: TokenServer) -> type[http.server.BaseHTTPRequestHandler]:
             n = int(self.headers.get("Content-Length") or 0)
             form = urllib.parse.parse_qs(self.rfile.read(n).decode(errors="replace"))
             ok, user = ts._check_basic(self.headers.get("Authorization"))
-            if (form.get("grant_type") or [""])[0] == "password":
+            grant = (form.get("grant_type") or [""])[0]
+            if grant == "password":
                 user = (form.get("username") or [""])[0]
                 ok = user in ts.users and ts.users[user] == (form.get("password") or [""])[0]
+            elif grant == "refresh_token":
+                # RFC 6749 §6, with the client_id the distribution spec requires
+                user = ts.refresh_tokens.get((form.get("refresh_token") or [""])[0])
+                ok = user is not None and bool((form.get("client_id") or [""])[0])
             self._answer(form, user, ok)
 
     return Handler

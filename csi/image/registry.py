@@ -143,7 +143,8 @@ class RegistryClient:
         out.append(Endpoint("http" if host in self.options.insecure else "https", host))
         return out
 
-    def _open(self, scheme: str, host: str, method: str, target: str, headers: dict):
+    def _open(self, scheme: str, host: str, method: str, target: str, headers: dict,
+              body: bytes | None = None):
         u = urllib.parse.urlsplit(f"//{host}")
         port = u.port
         hostname = u.hostname or host
@@ -156,7 +157,8 @@ class RegistryClient:
         try:
             conn.connect()
             conn.sock.settimeout(self.options.read_timeout)
-            conn.request(method, target, headers={"User-Agent": USER_AGENT, **headers})
+            conn.request(method, target, body=body,
+                         headers={"User-Agent": USER_AGENT, **headers})
             return conn, conn.getresponse()
         except BaseException:
             conn.close()
@@ -218,12 +220,25 @@ class RegistryClient:
         if params.get("service"):
             query["service"] = params["service"]
         realm = urllib.parse.urlsplit(params["realm"])
-        headers = {}
-        if creds is not None:
-            headers["Authorization"] = f"Basic {_basic(creds)}"
-        target = (realm.path or "/") + "?" + urllib.parse.urlencode(query)
-        status, _, body = self._simple(realm.scheme, realm.netloc, "GET", target, headers,
-                                       f"{what}: token from {realm.netloc}")
+        if creds is not None and creds.identity_token:
+            # An identity token (docker config's `identitytoken`, what `docker login` keeps
+            # for OAuth registries such as ACR) is an OAuth2 refresh token: exchange it by
+            # POST, as docker and containerd do; the password grant is never tried with it.
+            form = urllib.parse.urlencode({**query, "grant_type": "refresh_token",
+                                           "refresh_token": creds.identity_token,
+                                           "client_id": USER_AGENT}).encode()
+            status, _, body = self._simple(
+                realm.scheme, realm.netloc, "POST", realm.path or "/",
+                {"Content-Type": "application/x-www-form-urlencoded"},
+                f"{what}: token from {realm.netloc}", body=form)
+        else:
+            headers = {}
+            if creds is not None:
+                headers["Authorization"] = f"Basic {_basic(creds)}"
+            target = (realm.path or "/") + "?" + "&".join(
+                q for q in (realm.query, urllib.parse.urlencode(query)) if q)
+            status, _, body = self._simple(realm.scheme, realm.netloc, "GET", target, headers,
+                                           f"{what}: token from {realm.netloc}")
         if status in (401, 403):
             raise PermissionDenied(f"{what}: the token service refused "
                                    f"{'our credentials' if creds else 'anonymous access'}: "
@@ -251,15 +266,16 @@ class RegistryClient:
         base = min(self.options.backoff_max, self.options.backoff * (2 ** attempt))
         return base * (0.5 + self._rng())  # jitter: 0.5x-1.5x
 
-    def _simple(self, scheme, host, method, target, headers, what) -> tuple[int, dict, bytes]:
+    def _simple(self, scheme, host, method, target, headers, what,
+                body: bytes | None = None) -> tuple[int, dict, bytes]:
         """One request with retries; the whole body read. For tokens and manifests."""
         def once():
-            conn, resp = self._open(scheme, host, method, target, headers)
+            conn, resp = self._open(scheme, host, method, target, headers, body)
             try:
-                body = self._read(resp, mf.MAX_MANIFEST_BYTES, what)
+                data = self._read(resp, mf.MAX_MANIFEST_BYTES, what)
                 # The headers stay a Message: Go registries send "Www-Authenticate", and
                 # lookups must ignore case.
-                return resp.status, resp.headers, body
+                return resp.status, resp.headers, data
             finally:
                 conn.close()
 

@@ -258,6 +258,36 @@ def test_token_auth_tokens_are_scoped_and_cached(plugin, tokens, tmp_path):
     assert granted[0].scopes == ["repository:team/app:pull"]
 
 
+def test_identity_tokens_are_exchanged_as_oauth2_refresh_tokens(plugin, tokens, tmp_path):
+    """`docker login` to an OAuth registry (ACR, for one) stores an `identitytoken` and a
+    placeholder user instead of a password; the token is a refresh token to POST."""
+    tokens.token_server.refresh_tokens["rt-alice"] = "alice"
+    p = plugin("--insecure-registry", tokens.host)
+    image = f"{tokens.host}/team/app:1.0"
+
+    def secret(identity_token):
+        entry = {"username": "00000000-0000-0000-0000-000000000000",
+                 "identitytoken": identity_token}
+        return {".dockerconfigjson": json.dumps({"auths": {tokens.host: entry}})}
+
+    before = len(tokens.token_requests)
+    p.csi.node.NodePublishVolume(_req("v", tmp_path / "t", image, secret("rt-alice")),
+                                 timeout=60)
+    assert (tmp_path / "t/etc/motd").read_text() == "app motd\n"
+    p.csi.unpublish("v", tmp_path / "t")
+    [req] = tokens.token_requests[before:]
+    assert (req.method, req.user, req.status) == ("POST", "alice", 200)
+    assert req.scopes == ["repository:team/app:pull"] and req.service == tokens.service
+    assert "authorization" not in {k.lower() for k in req.headers}, "no password grant"
+
+    with pytest.raises(grpc.RpcError) as e:  # Always: the image is on the node by now
+        p.csi.node.NodePublishVolume(_req("w", tmp_path / "w", image, secret("revoked"),
+                                          pullPolicy="Always"), timeout=60)
+    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "refused our credentials" in e.value.details()
+    assert not (tmp_path / "w").exists()
+
+
 def test_mirror_is_tried_first_and_falls_back_to_the_origin(plugin, plain, tmp_path):
     with FaultProxy(plain.host) as mirror:
         mirror.fail(503, times=None)  # a mirror that is down
@@ -388,13 +418,13 @@ def test_strata_pull_cli(plain, tmp_path):
     assert bad.returncode == 1 and "NOT_FOUND" in bad.stdout
 
 
-def _req(vid, target, image, secrets):
+def _req(vid, target, image, secrets, **attrs):
     from csi.proto import csi_pb2
     from tests.conftest import mount_cap
 
     return csi_pb2.NodePublishVolumeRequest(
         volume_id=vid, target_path=str(target), volume_capability=mount_cap(),
-        volume_context={"image": image, "csi.storage.k8s.io/ephemeral": "true"},
+        volume_context={"image": image, "csi.storage.k8s.io/ephemeral": "true", **attrs},
         secrets=secrets)
 
 
