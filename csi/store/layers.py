@@ -76,13 +76,14 @@ class LayerStore:
         try:
             ids = [self._ensure_leased(source, desc, holder) for desc in image.layers]
             with self.state.transaction() as tx:
-                # An image named through an index is recorded under the index digest too,
-                # so that `repo@sha256:<index>` and a tag pointing at it resolve locally.
-                for digest in filter(None, (image.manifest_digest, image.index_digest)):
-                    tx.put_image(ImageRecord(
-                        digest, image.name, image.config_digest, tuple(ids), self._clock(),
-                        tuple((d.digest, d.media_type, d.size, d.diff_id)
-                              for d in image.layers)))
+                tx.put_image(ImageRecord(
+                    image.manifest_digest, image.name, image.config_digest, tuple(ids),
+                    self._clock(), tuple((d.digest, d.media_type, d.size, d.diff_id)
+                                         for d in image.layers)))
+                # An image named through an index is known by the index digest too, so
+                # that `repo@sha256:<index>` and a tag pointing at it resolve locally.
+                if image.index_digest and image.index_digest != image.manifest_digest:
+                    tx.put_alias(image.index_digest, image.manifest_digest)
             yield ids
         finally:
             with self.state.transaction() as tx:

@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Each entry upgrades from the version before it; a fresh database runs them all.
 _MIGRATIONS = {
@@ -26,6 +26,22 @@ CREATE TABLE tags (
     manifest_digest TEXT NOT NULL,
     resolved REAL NOT NULL          -- when the registry last said so (for --tag-ttl)
 );
+""",
+    3: """
+CREATE TABLE image_aliases (
+    digest TEXT PRIMARY KEY,        -- an index (manifest list) digest a reference named
+    manifest_digest TEXT NOT NULL   -- the platform manifest it resolved to on this node
+);
+-- Version 2 recorded an image named through an index twice, as two identical rows. Keep
+-- the row the tags do not name (the platform manifest) and make the other an alias.
+INSERT INTO image_aliases
+    SELECT a.manifest_digest, MIN(b.manifest_digest) FROM images a JOIN images b
+        ON a.config_digest = b.config_digest AND a.layer_ids = b.layer_ids
+       AND a.manifest_digest <> b.manifest_digest
+    WHERE a.manifest_digest IN (SELECT manifest_digest FROM tags)
+      AND b.manifest_digest NOT IN (SELECT manifest_digest FROM tags)
+    GROUP BY a.manifest_digest;
+DELETE FROM images WHERE manifest_digest IN (SELECT digest FROM image_aliases);
 """,
 }
 
@@ -188,16 +204,27 @@ class Tx:
                             [(now, i) for i in layer_ids])
 
     # images
-    def image(self, manifest_digest: str) -> ImageRecord | None:
-        row = self._c.execute("SELECT * FROM images WHERE manifest_digest=?",
-                              (manifest_digest,)).fetchone()
+    def image(self, digest: str) -> ImageRecord | None:
+        """The image with this manifest digest, or that an index with this digest resolved
+        to on this node."""
+        row = self._c.execute(
+            "SELECT * FROM images WHERE manifest_digest = coalesce("
+            "(SELECT manifest_digest FROM image_aliases WHERE digest=?), ?)",
+            (digest, digest)).fetchone()
         return _image(row) if row else None
 
     def images(self) -> list[ImageRecord]:
+        """Each image once, under its platform manifest digest (never an index's)."""
         return [_image(r) for r in self._c.execute("SELECT * FROM images ORDER BY name")]
+
+    def put_alias(self, digest: str, manifest_digest: str) -> None:
+        self._c.execute("INSERT OR REPLACE INTO image_aliases VALUES (?,?)",
+                        (digest, manifest_digest))
 
     def delete_images_with_layer(self, layer_id: str) -> None:
         self._c.execute("DELETE FROM images WHERE layer_ids LIKE ?", (f'%"{layer_id}"%',))
+        self._c.execute("DELETE FROM image_aliases WHERE manifest_digest NOT IN "
+                        "(SELECT manifest_digest FROM images)")
 
     def put_image(self, img: ImageRecord) -> None:
         self._c.execute("INSERT OR REPLACE INTO images VALUES (?,?,?,?,?,?)",

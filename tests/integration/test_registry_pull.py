@@ -491,6 +491,12 @@ def test_an_index_is_narrowed_to_the_nodes_platform(plugin, plain, tmp_path):
     index_digest = "sha256:" + hashlib.sha256(index).hexdigest()
     for ref in (f"{plain.host}/team/multi@{index_digest}", f"{plain.host}/team/multi"):
         assert published(p, tmp_path / "n", ref, pullPolicy="Never") == f"built for {arch}\n"
+    # ... yet it is one image on the node, listed once under its platform manifest.
+    ls = subprocess.run([sys.executable, "-m", "csi", "ls", "--root", p.root],
+                        capture_output=True, text=True, check=True).stdout
+    rows = [line for line in ls.splitlines() if "team/multi" in line]
+    assert len(rows) == 1, ls
+    assert entries[1]["digest"][7:19] in rows[0]
 
 
 

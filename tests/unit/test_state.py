@@ -356,3 +356,43 @@ def test_delete_images_with_layer(db):
         tx.delete_images_with_layer("top2")
     with db.transaction() as tx:
         assert tx.images() == []
+
+
+D4 = "sha256:" + "4" * 64
+
+
+def test_an_index_digest_is_an_alias_not_a_second_image(db):
+    img = ImageRecord(D3, "reg/app:1", D2, ("base", "top"), 1.0)
+    with db.transaction() as tx:
+        tx.put_image(img)
+        tx.put_alias(D4, D3)  # the index D4 resolved to the platform manifest D3
+    with db.transaction() as tx:
+        assert tx.image(D4) == img and tx.image(D3) == img
+        assert tx.images() == [img], "listed once"
+        tx.delete_images_with_layer("top")
+    with db.transaction() as tx:
+        assert tx.image(D4) is None
+        assert raw(db.path, "SELECT * FROM image_aliases") == []
+
+
+def test_migration_3_folds_the_duplicate_rows_version_2_wrote(tmp_path, monkeypatch):
+    path = str(tmp_path / "state.db")
+    monkeypatch.setattr(st, "SCHEMA_VERSION", 2)
+    s = State(path)
+    with s.transaction() as tx:
+        for digest in (D4, D3):  # v2: once under the index digest, once under the manifest
+            tx._c.execute("INSERT INTO images VALUES (?,?,?,?,?,?)",
+                          (digest, "reg/app:1", D2, '["base", "top"]', 1.0, "[]"))
+        tx._c.execute("INSERT INTO images VALUES (?,?,?,?,?,?)",
+                      (D1, "reg/other:1", D2, '["x"]', 1.0, "[]"))
+        tx.put_tag(st.Tag("reg/app:1", D4, 1.0))
+    s.close()
+    monkeypatch.undo()
+    s = State(path)
+    try:
+        with s.transaction() as tx:
+            assert [i.manifest_digest for i in tx.images()] == [D3, D1]
+            assert tx.image(D4).manifest_digest == D3
+        assert raw(path, "PRAGMA user_version") == [(st.SCHEMA_VERSION,)]
+    finally:
+        s.close()
