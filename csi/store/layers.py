@@ -184,6 +184,13 @@ class LayerStore:
                     if clash is not None and clash.diff_id != desc.diff_id:
                         raise Internal(f"layer id {lid} collides: {clash.diff_id} vs "
                                        f"{desc.diff_id}")
+                    if clash is not None:
+                        # Another process (`strata pull` beside the server: single-flight
+                        # is per process) recorded it first; its directory may already be
+                        # under a pod's overlay, so ours is the one to go.
+                        remove_tree(work, ignore_errors=True)
+                        log.info("layer %s was unpacked meanwhile by another process", lid)
+                        return clash
                     # Unrecorded, so a leftover of a crash between rename and record.
                     self._discard(final)
                     os.rename(work, final)

@@ -85,3 +85,59 @@ def test_publishes_racing_an_immediate_gc_never_lose_a_layer(plugin, fresh_image
     assert m["strata_layers"] == 0
     assert not MountTable().under(str(tmp_path / "pods"))
     assert os.listdir(os.path.join(p.root, "tmp")) == []
+
+
+def test_a_second_process_unpacking_the_same_layer_leaves_the_recorded_one_alone(
+        fresh_image, tmp_path):
+    """`strata pull` runs its own LayerStore on the server's root: single-flight is per
+    process, so both may unpack one layer. The loser must drop its copy, not replace the
+    directory the winner recorded (which a pod's overlay may already use)."""
+    import threading
+
+    from csi.image import reference
+    from csi.image.layout import OciLayout
+    from csi.store.layers import LayerStore
+    from csi.store.state import State
+
+    root = str(tmp_path / "store")
+    os.makedirs(root)
+    states = [State(os.path.join(root, "state.db")) for _ in range(2)]
+    server, cli = (LayerStore(root, s) for s in states)
+    source = OciLayout(reference.parse(fresh_image))
+    image = source.resolve()
+    opened, go = threading.Event(), threading.Event()
+
+    class Gated:  # the CLI's download starts before the server's and ends after it
+        def open_blob(self, desc):
+            opened.set()
+            assert go.wait(30)
+            return source.open_blob(desc)
+
+    errors = []
+    thread = threading.Thread(target=lambda: errors.extend(
+        _catch(lambda: cli.ensure(Gated(), image))))
+    thread.start()
+    try:
+        assert opened.wait(30)
+        with server.acquire(source, image) as ids:
+            before = {lid: os.stat(server.path(lid)).st_ino for lid in ids}
+            go.set()
+            thread.join(60)
+            assert not errors, errors
+            assert {lid: os.stat(server.path(lid)).st_ino for lid in ids} == before
+            assert os.path.isfile(os.path.join(server.path(ids[1]), "unique"))
+        assert os.listdir(os.path.join(root, "tmp")) == []
+        assert server.unpacked == 3 and cli.unpacked == 0
+    finally:
+        go.set()
+        thread.join(60)
+        for s in states:
+            s.close()
+
+
+def _catch(fn) -> list[BaseException]:
+    try:
+        fn()
+    except BaseException as e:  # reported by the test's assertion
+        return [e]
+    return []
