@@ -40,20 +40,26 @@ def reconcile(root: str, state: State, mounter: Mounter) -> None:
                         p.target)
             tx.delete_publication(p.target)
         # References are derived data: rebuild them from what exists.
-        known = {i.manifest_digest: i.layer_ids for i in tx.images()}
         tx.drop_all_refs()
-        for p in tx.publications():
-            tx.add_refs(pub_holder(p.target), list(known.get(p.manifest_digest, ())))
-        for s in tx.stages():
-            tx.add_refs(stage_holder(s.volume_id), list(known.get(s.manifest_digest, ())))
-        live_keys = {p.key for p in tx.publications()}
-        layer_ids = {layer.id for layer in tx.layers()}
         missing = [layer.id for layer in tx.layers()
                    if not os.path.isdir(os.path.join(root, "layers", layer.id, "fs"))]
         for lid in missing:
-            log.error("layer %s is recorded but its directory is gone; forgetting it", lid)
-            tx.delete_layer_refs(lid)
+            log.error("layer %s is recorded but its directory is gone; forgetting it and "
+                      "the images that contain it (they are pulled again when used)", lid)
+            tx.delete_images_with_layer(lid)
             tx.delete_layer(lid)
+        for holder, what, digest in (
+                [(pub_holder(p.target), f"publication at {p.target}", p.manifest_digest)
+                 for p in tx.publications()]
+                + [(stage_holder(s.volume_id), f"stage of {s.volume_id}", s.manifest_digest)
+                   for s in tx.stages()]):
+            image = tx.image(digest)
+            if image is None:  # a lost layer: its next publish pulls the image again
+                log.error("%s: image %s is no longer complete on this node", what, digest)
+                continue
+            tx.add_refs(holder, list(image.layer_ids))
+        live_keys = {p.key for p in tx.publications()}
+        layer_ids = {layer.id for layer in tx.layers()}
     for p in gone:
         remove_tree(os.path.join(root, "volumes", p.key), ignore_errors=True)
 
@@ -73,28 +79,31 @@ def reconcile(root: str, state: State, mounter: Mounter) -> None:
 def _unmount_unrecorded(root: str, recorded: set[str], mounter: Mounter) -> None:
     """Mounts of our layers or upper dirs that no publication records come from a publish
     that crashed between mount(2) and its record: the kubelet never got OK for them and will
-    retry, which must find the target free. Unmount them (their upper dirs go below)."""
+    retry, which must find the target free. Unmount them (their upper dirs go below).
+
+    A bind of a live publication (the kubelet's subPath mounts, or a copy that mount
+    propagation made) is not one of them: it shares the recorded mount's superblock (an
+    overlay's device is its own) or, for a one-layer bind, its device and root."""
     volumes = os.path.join(root, "volumes") + "/"
     layers = os.path.join(root, "layers")
-    layer_inodes = set()
-    for lid in os.listdir(layers):
-        try:
-            st = os.stat(os.path.join(layers, lid, "fs"))
-            layer_inodes.add((st.st_dev, st.st_ino))
-        except OSError:
-            pass
-    for m in mounter.table.mounts():
+    layer_roots = tuple(f"/layers/{lid}/fs" for lid in os.listdir(layers))
+    st = os.stat(layers)
+    store_device = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+    mounts = mounter.table.mounts()
+    live = {m.device if m.fstype == "overlay" else (m.device, m.root)
+            for m in mounts if m.mount_point in recorded}
+    for m in mounts:
         if m.mount_point in recorded:
             continue
         if m.fstype == "overlay":
             ours = volumes in m.super_options or (layers + "/") in m.super_options
+            bind_of_live = m.device in live
         else:  # a read-only view of a one-layer image is a bind mount of the layer
-            try:
-                st = os.stat(m.mount_point)
-                ours = (st.st_dev, st.st_ino) in layer_inodes
-            except OSError:
-                ours = False
-        if ours:
+            # From mountinfo alone: stat(2) on a foreign mount could hang (a dead NFS).
+            ours = m.device == store_device and m.root.endswith(layer_roots) if \
+                layer_roots else False
+            bind_of_live = (m.device, m.root) in live
+        if ours and not bind_of_live:
             log.warning("unmounting %s: a strata mount that no publication records "
                         "(a publish interrupted before it was recorded)", m.mount_point)
             try:

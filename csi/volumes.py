@@ -88,24 +88,46 @@ class VolumeManager:
         with self._locks.hold("vol:" + s.volume_id):
             with self._state.transaction() as tx:
                 existing = tx.stage(s.volume_id)
-            if existing is not None:
-                if existing.staging_path == s.staging_path and existing.image == s.image:
-                    log.info("volume %s already staged at %s, nothing to do", s.volume_id,
-                             s.staging_path)
-                    return
-                raise AlreadyExists(f"volume {s.volume_id} is already staged at "
-                                    f"{existing.staging_path} with image {existing.image}")
             unpacked = self._layers.unpacked
-            source, image = self._puller.pull(s.image, s.secrets, s.pull_policy, s.wait)
-            with self._layers.acquire(source, image) as layer_ids:
-                with self._state.transaction() as tx:
-                    tx.put_stage(Stage(s.volume_id, s.staging_path, s.image,
-                                       image.manifest_digest, s.access_mode, self._clock()))
-                    tx.add_refs(stage_holder(s.volume_id), layer_ids)
-            log.info("staged volume %s: image %s (%s), %d layers", s.volume_id, s.image,
-                     image.manifest_digest, len(layer_ids))
+            if existing is not None:
+                if existing.staging_path != s.staging_path or existing.image != s.image:
+                    raise AlreadyExists(f"volume {s.volume_id} is already staged at "
+                                        f"{existing.staging_path} with image {existing.image}")
+                self._stage_layers(existing, s.secrets, s.pull_policy, s.wait)
+                log.info("volume %s already staged at %s, nothing to do", s.volume_id,
+                         s.staging_path)
+            else:
+                source, image = self._puller.pull(s.image, s.secrets, s.pull_policy, s.wait)
+                with self._layers.acquire(source, image) as layer_ids:
+                    with self._state.transaction() as tx:
+                        tx.put_stage(Stage(s.volume_id, s.staging_path, s.image,
+                                           image.manifest_digest, s.access_mode,
+                                           self._clock()))
+                        tx.add_refs(stage_holder(s.volume_id), layer_ids)
+                log.info("staged volume %s: image %s (%s), %d layers", s.volume_id, s.image,
+                         image.manifest_digest, len(layer_ids))
         if self._layers.unpacked != unpacked:
             self._collect()  # the store grew: an LRU policy may need to make room
+
+    def _stage_layers(self, stage: Stage, secrets: dict, policy: str,
+                      wait: float | None) -> list[str]:
+        """The layers a stage pins. If start-up found one of them lost and forgot the image,
+        pull it again and re-pin it: the kubelet stages a volume once, so whichever call
+        comes next (a publish, or a repeated stage) repairs the stage."""
+        with self._state.transaction() as tx:
+            image = tx.image(stage.manifest_digest)
+        if image is not None:
+            return list(image.layer_ids)
+        log.warning("volume %s: staged image %s is no longer complete on this node; pulling "
+                    "it again", stage.volume_id, stage.image)
+        source, pulled = self._puller.pull(stage.image, secrets, policy, wait)
+        with self._layers.acquire(source, pulled) as layer_ids:
+            with self._state.transaction() as tx:
+                tx.delete_stage(stage.volume_id)
+                tx.put_stage(dataclasses.replace(stage, manifest_digest=pulled.manifest_digest))
+                tx.drop_refs(stage_holder(stage.volume_id))
+                tx.add_refs(stage_holder(stage.volume_id), layer_ids)
+        return layer_ids
 
     def unstage(self, volume_id: str, staging_path: str) -> None:
         staging_path = canonical(staging_path)
@@ -116,14 +138,18 @@ class VolumeManager:
                     log.info("volume %s is not staged, nothing to do", volume_id)
                     return
                 if st.staging_path != staging_path:
-                    raise NotFound(f"volume {volume_id} is staged at {st.staging_path}, "
-                                   f"not {staging_path}")
+                    # CSI: "not staged to the staging_target_path" -> OK, and leave the
+                    # stage that exists alone.
+                    log.info("volume %s is staged at %s, not %s: nothing to do", volume_id,
+                             st.staging_path, staging_path)
+                    return
                 pubs = [p.target for p in tx.publications(volume_id) if p.staging_path]
                 if pubs:
                     raise FailedPrecondition(f"volume {volume_id} is still published at "
                                              f"{', '.join(pubs)}; unpublish it first")
                 tx.delete_stage(volume_id)
-                tx.drop_refs(stage_holder(volume_id))
+                released = tx.drop_refs(stage_holder(volume_id))
+                tx.touch_layers(released, self._clock())  # --gc-min-age counts from here
             log.info("unstaged volume %s", volume_id)
         self._collect()
 
@@ -131,6 +157,11 @@ class VolumeManager:
     def publish(self, p: PublishSpec) -> None:
         p = dataclasses.replace(p, target=canonical(p.target),
                                 staging_path=canonical(p.staging_path) if p.staging_path else "")
+        if os.path.islink(p.target):
+            # mount(2) would follow it, but the mount table, statx and umount2(NOFOLLOW)
+            # would not: the record and the kernel would disagree about where we mounted.
+            raise FailedPrecondition(f"target {p.target} is a symbolic link; the kubelet "
+                                     "passes a directory or nothing")
         with self._locks.hold("vol:" + p.volume_id, "target:" + p.target):
             with self._state.transaction() as tx:
                 existing = tx.publication(p.target)
@@ -159,9 +190,13 @@ class VolumeManager:
                     raise FailedPrecondition(f"volume {p.volume_id} is not staged at "
                                              f"{p.staging_path}")
                 # The stage's references pin these layers; the volume lock keeps it staged.
+                unpacked = self._layers.unpacked
+                layer_ids = self._stage_layers(stage, p.secrets, p.pull_policy, p.wait)
                 with self._state.transaction() as tx:
-                    layer_ids = list(tx.image(stage.manifest_digest).layer_ids)
+                    stage = tx.stage(p.volume_id)
                 self._mount(p, stage.image, stage.manifest_digest, layer_ids)
+                if self._layers.unpacked != unpacked:
+                    self._collect()
                 return
             unpacked = self._layers.unpacked
             source, image = self._puller.pull(p.image, p.secrets, p.pull_policy, p.wait)
@@ -259,7 +294,8 @@ class VolumeManager:
             raise Internal(f"{pub.target} is still mounted after unmount")
         with self._state.transaction() as tx:
             tx.delete_publication(pub.target)
-            tx.drop_refs(pub_holder(pub.target))
+            released = tx.drop_refs(pub_holder(pub.target))
+            tx.touch_layers(released, self._clock())  # --gc-min-age counts from here
         try:  # a read-only publication has none: remove_tree accepts a missing path
             remove_tree(os.path.join(self.volumes_dir, pub.key))
         except OSError as e:

@@ -1,6 +1,7 @@
 """Shared fixtures: test images (built once per session), a real `strata serve` process on
 real unix sockets, and clean-up that unmounts whatever a test left, even when it failed."""
 
+import json
 import os
 import random
 import signal
@@ -91,12 +92,17 @@ class Images:
         self.other = f"oci:{layout}:other"
         self.plain = f"oci:{layout}:plain"
         self.zstd = f"oci:{layout}:zstd"
-        # A layout whose top layer blob has one byte flipped (digest mismatch).
+        # A layout whose top layer blob has one byte flipped (digest mismatch). That layer
+        # is unique to it: a store that already holds a layer by DiffID never reads its
+        # blob again, so corrupting the shared base would prove nothing.
         corrupt = os.path.join(root, "corrupt")
-        write_image(corrupt, "bad", [base_layer(), LayerBuilder().file("x", "y" * 5000)])
-        blobs = os.path.join(corrupt, "blobs", "sha256")
-        biggest = max(os.listdir(blobs), key=lambda n: os.path.getsize(os.path.join(blobs, n)))
-        path = os.path.join(blobs, biggest)
+        write_image(corrupt, "bad", [base_layer(),
+                                     LayerBuilder().file("x", os.urandom(5000).hex())])
+        with open(os.path.join(corrupt, "index.json")) as f:
+            manifest = json.load(f)["manifests"][0]["digest"]
+        with open(os.path.join(corrupt, "blobs", *manifest.split(":"))) as f:
+            top = json.load(f)["layers"][-1]["digest"]
+        path = os.path.join(corrupt, "blobs", *top.split(":"))
         with open(path, "r+b") as f:
             f.seek(os.path.getsize(path) // 2)
             byte = f.read(1)

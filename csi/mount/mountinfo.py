@@ -27,6 +27,7 @@ class MountInfo:
     source: str
     options: str
     super_options: str
+    device: str = ""  # "major:minor" of the superblock: shared by every bind of one mount
 
 
 def _unescape(field: str) -> str:
@@ -51,6 +52,7 @@ def parse(text: str) -> list[MountInfo]:
                 fstype=fields[sep + 1],
                 source=_unescape(fields[sep + 2]),
                 super_options=fields[sep + 3] if len(fields) > sep + 3 else "",
+                device=fields[2],
             )
         )
     return mounts

@@ -277,8 +277,10 @@ class Tx:
         self._c.executemany("INSERT OR IGNORE INTO refs VALUES (?,?)",
                             [(i, holder) for i in layer_ids])
 
-    def drop_refs(self, holder: str) -> None:
-        self._c.execute("DELETE FROM refs WHERE holder=?", (holder,))
+    def drop_refs(self, holder: str) -> list[str]:
+        """Drop a holder's references; returns the layer IDs it held."""
+        return [r[0] for r in self._c.execute(
+            "DELETE FROM refs WHERE holder=? RETURNING layer_id", (holder,))]
 
     def drop_all_refs(self) -> None:
         self._c.execute("DELETE FROM refs")
@@ -373,10 +375,13 @@ class State:
             cur.execute("BEGIN IMMEDIATE")
             try:
                 yield Tx(cur)
+                cur.execute("COMMIT")
             except BaseException:
-                cur.execute("ROLLBACK")
+                # Also when COMMIT itself fails (SQLITE_FULL, IOERR): a transaction left
+                # open would make every later BEGIN fail on this shared connection.
+                if self._db.in_transaction:
+                    cur.execute("ROLLBACK")
                 raise
-            cur.execute("COMMIT")
 
     def close(self) -> None:
         with self._lock:

@@ -152,6 +152,10 @@ def test_staged_volume_publishes_to_several_pods(csi, pods, images):
         with pytest.raises(grpc.RpcError) as e:
             csi.unstage("pv-1", staging)
         assert code_of(e) == grpc.StatusCode.FAILED_PRECONDITION
+        # CSI: not staged at *this* path -> OK, and the real stage is left alone.
+        csi.unstage("pv-1", pods / "elsewhere")
+        csi.publish("pv-1", pods / "c2", staging=staging, mode=Mode.SINGLE_NODE_MULTI_WRITER)
+        csi.unpublish("pv-1", pods / "c2")
         with pytest.raises(grpc.RpcError) as e:
             csi.publish("pv-2", pods / "c", staging=staging)
         assert code_of(e) == grpc.StatusCode.FAILED_PRECONDITION

@@ -2,8 +2,11 @@
 interrupted publishes."""
 
 import os
+import shutil
 import signal
+import subprocess
 
+import grpc
 import pytest
 
 from csi.image.build import LayerBuilder, write_image
@@ -67,6 +70,74 @@ def test_image_listing_a_layer_twice(csi, pods, tmp_path):
         assert (t / "b").read_text() == "from b\n"
     finally:
         csi.unpublish("aba", t)
+
+
+def test_a_target_that_is_itself_a_symlink_is_refused(csi, pods, images):
+    """mount(2) follows a symlinked target but the mount table and umount2(NOFOLLOW) do
+    not: the record and the kernel would disagree, and repeats would stack overlays."""
+    real = pods / "real"
+    real.mkdir()
+    (pods / "vol").symlink_to(real)
+    with pytest.raises(grpc.RpcError) as e:
+        csi.publish("symlink-target", pods / "vol", images.app)
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "symbolic link" in e.value.details()
+    assert not MountTable().under(str(pods))
+    assert os.listdir(real) == []
+
+
+def test_a_subpath_bind_of_a_live_publication_survives_a_restart(tmp_path, images):
+    """The kubelet bind-mounts subPath volumes out of the published target; such a bind
+    shares the overlay's superblock but is not a leftover to unmount at start-up."""
+    p = StrataProcess(str(tmp_path)).start()
+    target, sub = tmp_path / "pod" / "vol", tmp_path / "volume-subpaths" / "c0"
+    target.parent.mkdir()
+    sub.mkdir(parents=True)
+    try:
+        for readonly in (False, True):
+            p.csi.publish("subpath", target, images.app, readonly=readonly)
+            subprocess.run(["mount", "--bind", str(target / "etc"), str(sub)], check=True)
+            p.stop()
+            p.start()
+            assert MountTable().is_mountpoint(str(sub)), "the subPath bind was unmounted"
+            assert (sub / "motd").read_text() == "app motd\n"
+            subprocess.run(["umount", str(sub)], check=True)
+            p.csi.unpublish("subpath", target)
+        assert not MountTable().under(str(tmp_path))
+    finally:
+        p.stop()
+        unmount_all_under(str(tmp_path))
+
+
+def test_a_lost_layer_directory_is_pulled_again_and_restarts_stay_clean(tmp_path, images):
+    """Start-up forgets a layer whose directory vanished, and the images containing it; a
+    stage that pinned it is repaired by the next publish (the kubelet stages only once),
+    and later restarts do not trip over the forgotten layer."""
+    p = StrataProcess(str(tmp_path)).start()
+    staging, target = tmp_path / "staging", tmp_path / "pod"
+    try:
+        p.csi.stage("lost", staging, images.app)
+        p.stop()
+        layers = os.path.join(p.root, "layers")
+        lost = sorted(os.listdir(layers))[0]
+        shutil.rmtree(os.path.join(layers, lost))
+        p.start()
+        p.csi.publish("lost", target, staging=staging)
+        assert (target / "etc/motd").read_text() == "app motd\n"
+        assert os.path.isdir(os.path.join(layers, lost, "fs")), "pulled again"
+        p.stop()
+        p.start()  # nothing left that points at a layer which is not there
+        st = State(os.path.join(p.root, "state.db"))
+        with st.transaction() as tx:
+            [stage] = tx.stages()
+            assert set(tx.image(stage.manifest_digest).layer_ids) == {
+                lid for lid, n in tx.refcounts().items() if n == 2}
+        st.close()
+        p.csi.unpublish("lost", target)
+        p.csi.unstage("lost", staging)
+    finally:
+        p.stop()
+        unmount_all_under(str(tmp_path))
 
 
 def test_publish_interrupted_before_its_record(tmp_path, images):

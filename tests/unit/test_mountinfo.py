@@ -22,7 +22,8 @@ def test_parse_plain_line():
     [m] = parse("23 22 0:21 / /proc rw,nosuid,nodev,noexec,relatime - proc proc rw\n")
     assert m == MountInfo(mount_id=23, parent_id=22, mount_point="/proc", root="/",
                           fstype="proc", source="proc",
-                          options="rw,nosuid,nodev,noexec,relatime", super_options="rw")
+                          options="rw,nosuid,nodev,noexec,relatime", super_options="rw",
+                          device="0:21")
 
 
 @pytest.mark.parametrize("optional", ["", "shared:1 ", "shared:40 master:2 ",

@@ -113,6 +113,18 @@ def test_transaction_rolls_back_on_exception(db):
     assert raw(db.path, "SELECT COUNT(*) FROM layers") == [(0,)]
 
 
+def test_a_failed_commit_rolls_back_and_leaves_the_connection_usable(db):
+    # A deferred foreign-key check fails at COMMIT itself (as SQLITE_FULL would).
+    with pytest.raises(sqlite3.IntegrityError):
+        with db.transaction() as tx:
+            tx._c.execute("PRAGMA defer_foreign_keys=ON")
+            tx.add_refs("pub:/t", ["no-such-layer"])
+    with db.transaction() as tx:  # "cannot start a transaction within a transaction"?
+        assert tx.refcounts() == {}
+        tx.put_layer(layer())
+    assert raw(db.path, "SELECT COUNT(*) FROM layers") == [(1,)]
+
+
 def test_transaction_usable_after_rollback(db):
     with pytest.raises(ValueError):
         with db.transaction():
