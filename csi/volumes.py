@@ -206,7 +206,9 @@ class VolumeManager:
             self._collect()
 
     def _same(self, pub: Publication, p: PublishSpec) -> bool:
+        """CSI: a repeat with a different capability or readonly is ALREADY_EXISTS."""
         return (pub.volume_id == p.volume_id and pub.readonly == p.readonly
+                and pub.access_mode == p.access_mode
                 and pub.staging_path == p.staging_path
                 and (p.staging_path != "" or pub.image == p.image))
 

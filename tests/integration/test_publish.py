@@ -127,6 +127,9 @@ def test_publish_is_idempotent_and_conflicts_are_already_exists(csi, pods, image
         with pytest.raises(grpc.RpcError) as e:
             csi.publish("idem-vol", t, images.app, readonly=True)
         assert code_of(e) == grpc.StatusCode.ALREADY_EXISTS
+        with pytest.raises(grpc.RpcError) as e:  # another access mode
+            csi.publish("idem-vol", t, images.app, mode=Mode.SINGLE_NODE_MULTI_WRITER)
+        assert code_of(e) == grpc.StatusCode.ALREADY_EXISTS
         assert len(MountTable().at(str(t))) == 1
     finally:
         csi.unpublish("idem-vol", t)
