@@ -111,3 +111,29 @@ class FileLock:
             os.close(self._fd)  # closing drops the flock
         finally:
             self._mu.release()
+
+
+class StoreUsers:
+    """Which processes use a store: each one (`strata serve`, `strata pull`, `strata gc`)
+    holds a shared flock on `store.lock` for as long as it runs. Start-up may empty tmp/
+    and delete unrecorded layer directories only when it can take the lock exclusively;
+    otherwise another process may be mid-unpack there."""
+
+    def __init__(self, root: str):
+        self._fd = os.open(os.path.join(root, "store.lock"),
+                           os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+    def alone(self) -> bool:
+        """Take the lock exclusively if nobody else holds it (then call share())."""
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+
+    def share(self) -> "StoreUsers":
+        fcntl.flock(self._fd, fcntl.LOCK_SH)
+        return self
+
+    def close(self) -> None:
+        os.close(self._fd)

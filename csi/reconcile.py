@@ -21,9 +21,15 @@ log = logging.getLogger(__name__)
 PARTIAL_MAX_AGE = 24 * 3600  # a partial download nobody resumed for a day is dropped
 
 
-def reconcile(root: str, state: State, mounter: Mounter) -> None:
+def reconcile(root: str, state: State, mounter: Mounter, alone: bool = True) -> None:
+    """`alone`: no other process uses the store (see locks.StoreUsers). When one does (a
+    `strata pull` mid-unpack), tmp/ and unrecorded layer directories are left for the
+    next start."""
     tmp = os.path.join(root, "tmp")
-    for name in os.listdir(tmp):
+    if not alone:
+        log.warning("another strata process uses %s: tmp/ and unrecorded layer directories "
+                    "are left for the next start", root)
+    for name in os.listdir(tmp) if alone else ():
         path = os.path.join(tmp, name)
         if name.startswith("blob-") and name.endswith(".partial") and \
                 time.time() - os.lstat(path).st_mtime < PARTIAL_MAX_AGE:
@@ -69,7 +75,7 @@ def reconcile(root: str, state: State, mounter: Mounter) -> None:
             log.warning("removing unrecorded volume directory %s", key)
             remove_tree(os.path.join(volumes, key), ignore_errors=True)
     layers = os.path.join(root, "layers")
-    for lid in os.listdir(layers):
+    for lid in os.listdir(layers) if alone else ():
         if lid not in layer_ids:
             log.warning("removing unrecorded layer directory %s", lid)
             remove_tree(os.path.join(layers, lid), ignore_errors=True)

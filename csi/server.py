@@ -23,6 +23,7 @@ from csi.image.auth import Keyring
 from csi.image.registry import RegistryClient
 from csi.image.resolver import Resolver
 from csi.interceptors import RpcInterceptor
+from csi.locks import StoreUsers
 from csi.metrics import Metrics
 from csi.mount.syscalls import Mounter
 from csi.node import NodeService
@@ -78,7 +79,9 @@ class Plugin:
         self.metrics = metrics or Metrics()
         self.state = State(os.path.join(root, "state.db"))
         self.mounter = mounter or Mounter()
-        reconcile(root, self.state, self.mounter)
+        self._users = StoreUsers(root)
+        reconcile(root, self.state, self.mounter, alone=self._users.alone())
+        self._users.share()
         self.layers = LayerStore(root, self.state, on_unpack=self.metrics.on_unpack)
         self.gc = Collector(self.layers, config.gc, on_collect=self.metrics.on_collect)
         self.puller = build_puller(config, self.state, self.layers, metrics=self.metrics)
@@ -155,6 +158,7 @@ class Plugin:
             server.server_close()
             self._http = None
         self.state.close()
+        self._users.close()
         log.info("stopped")
 
 

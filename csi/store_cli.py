@@ -8,6 +8,7 @@ re-checked in the deleting transaction.
 import os
 
 from csi.config import Config
+from csi.locks import StoreUsers
 from csi.store.gc import Collector
 from csi.store.layers import LayerStore, lower_dirs
 from csi.store.report import human, image_rows, sharing
@@ -29,6 +30,7 @@ def pull(config: Config, image: str, policy: str) -> int:
 
     for sub in ("tmp", "layers", "blobs"):
         os.makedirs(os.path.join(config.root, sub), mode=0o700, exist_ok=True)
+    users = StoreUsers(config.root).share()  # a server starting meanwhile keeps our tmp/
     state = _open(config)
     progress = {"bytes": 0, "layers": 0}
     layers = LayerStore(config.root, state, on_unpack=lambda layer, s, n: progress.update(
@@ -55,6 +57,7 @@ def pull(config: Config, image: str, policy: str) -> int:
         done.set()
         ticker.join()
         state.close()
+        users.close()
     print(f"{img.name}: {len(img.layers)} layers present, {human(progress['bytes'])} "
           f"downloaded, {progress['layers']} layers unpacked in "
           f"{time.monotonic() - started:.1f}s")
@@ -63,11 +66,13 @@ def pull(config: Config, image: str, policy: str) -> int:
 
 
 def gc(config: Config) -> int:
+    users = StoreUsers(config.root).share()
     state = _open(config)
     try:
         result = Collector(LayerStore(config.root, state), config.gc).collect()
     finally:
         state.close()
+        users.close()
     print(f"removed {len(result.removed)} layers, freed {human(result.freed_bytes)}")
     for lid in result.removed:
         print(f"  {lid}")

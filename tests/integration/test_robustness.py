@@ -5,6 +5,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 
 import grpc
 import pytest
@@ -260,5 +261,37 @@ def test_oci_layout_roots_confine_local_images(tmp_path):
             assert "--oci-layout-root" in e.value.details()
             assert not (tmp_path / "out").exists()
     finally:
+        p.stop()
+        unmount_all_under(str(tmp_path))
+
+
+def test_start_up_leaves_tmp_alone_while_another_process_uses_the_store(tmp_path):
+    """`strata pull` beside a (re)starting server: its half-unpacked layer in tmp/ and the
+    layer directory it is about to record are not crash leftovers."""
+    p = StrataProcess(str(tmp_path)).start()
+    p.stop()
+    work = os.path.join(p.root, "tmp", "unpack-abc-123")
+    renamed = os.path.join(p.root, "layers", "abc")
+    os.makedirs(os.path.join(work, "fs"))
+    os.makedirs(os.path.join(renamed, "fs"))
+    holder = subprocess.Popen(  # holds the store the way `strata pull` does
+        [sys.executable, "-c", "import sys, time\nfrom csi.locks import StoreUsers\n"
+         "StoreUsers(sys.argv[1]).share()\nprint('held', flush=True)\ntime.sleep(60)",
+         p.root], stdout=subprocess.PIPE, text=True, cwd=os.path.dirname(os.path.dirname(
+             os.path.dirname(os.path.abspath(__file__)))))
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        p.start()
+        assert os.path.isdir(work) and os.path.isdir(renamed)
+        assert "another strata process uses" in p.read_log()
+        p.stop()
+        holder.kill()
+        holder.wait()
+        p.start()  # alone now: both are leftovers
+        assert not os.path.exists(work) and not os.path.exists(renamed)
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
         p.stop()
         unmount_all_under(str(tmp_path))
