@@ -4,7 +4,9 @@ Store gauges are computed at scrape time from state.db (StoreCollector), so they
 drift from the truth; RPC latency is recorded by the server's interceptor.
 """
 
+import logging
 import os
+import threading
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -12,8 +14,11 @@ from prometheus_client.core import GaugeMetricFamily
 
 from csi.inspect import CopyUp, copy_up
 from csi.store.layers import lower_dirs
+from csi.store.pagecache import Meter
 from csi.store.report import sharing
 from csi.store.state import State
+
+log = logging.getLogger(__name__)
 
 RPC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,
                30, 60, 120)
@@ -79,6 +84,58 @@ class Metrics:
         self.registry.register(StoreCollector(state, root))
 
 
+class PageCacheSampler:
+    """Resident page-cache bytes per layer, measured by a background thread at most every
+    `ttl` seconds: a scrape reads the last sample and never walks a layer itself (a big
+    layer has tens of thousands of files)."""
+
+    def __init__(self, root: str, ttl: float = 30.0, meter: Meter | None = None,
+                 clock=time.monotonic):
+        self._root, self._ttl, self._clock = root, ttl, clock
+        self._meter = meter or Meter()
+        self._mu = threading.Lock()
+        self._sample: dict[str, int] = {}
+        self._taken = float("-inf")
+        self._running = False
+
+    def get(self, layer_ids: set[str]) -> dict[str, int]:
+        with self._mu:
+            stale = self._clock() - self._taken > self._ttl or \
+                not layer_ids <= self._sample.keys()
+            if stale and not self._running:
+                self._running = True
+                threading.Thread(target=self._refresh, args=(set(layer_ids),),
+                                 name="page-cache", daemon=True).start()
+            return {lid: self._sample.get(lid, 0) for lid in layer_ids}
+
+    def refresh(self, layer_ids: set[str]) -> dict[str, int]:
+        """Measure now (the thread's work; tests call it directly)."""
+        sample = {lid: self._meter.tree(os.path.join(self._root, "layers", lid, "fs"))
+                  for lid in layer_ids}
+        with self._mu:
+            self._sample, self._taken = sample, self._clock()
+        return sample
+
+    def _refresh(self, layer_ids: set[str]) -> None:
+        try:
+            self.refresh(layer_ids)
+        except Exception:
+            log.exception("measuring the layers' page cache failed")
+        finally:
+            with self._mu:
+                self._running = False
+
+
+def pods_per_layer(images, pubs) -> dict[str, int]:
+    """How many publications read each layer (a layer twice in one image counts once)."""
+    layer_ids = {i.manifest_digest: i.layer_ids for i in images}
+    count: dict[str, int] = {}
+    for p in pubs:
+        for lid in set(layer_ids.get(p.manifest_digest, ())):
+            count[lid] = count.get(lid, 0) + 1
+    return count
+
+
 class StoreCollector:
     """Layers, references, physical bytes, the bytes that sharing saves, and the copy-up the
     pods cause, at scrape time. Walking an upper layer costs time in proportion to what the
@@ -91,6 +148,7 @@ class StoreCollector:
         self._clock = clock
         self._ttl = copy_up_ttl
         self._copy_up: dict[str, tuple[float, CopyUp]] = {}
+        self.page_cache = PageCacheSampler(root) if root else None
 
     def _copy_up_of(self, pubs, images) -> CopyUp:
         layer_ids = {i.manifest_digest: i.layer_ids for i in images}
@@ -151,5 +209,16 @@ class StoreCollector:
             data.add_metric(["copied"], cu.copied_bytes)
             data.add_metric(["created"], cu.created_bytes)
             yield data
+        if self.page_cache is not None:
+            pods = pods_per_layer(images, pubs)
+            resident = self.page_cache.get(set(pods))
+            yield GaugeMetricFamily(
+                "strata_layer_page_cache_bytes", "Bytes of the layers that publications use "
+                "in the page cache: cached once, read by every pod that shares the layer "
+                "(sampled at most every 30 s).", value=sum(resident.values()))
+            yield GaugeMetricFamily(
+                "strata_page_cache_saved_bytes", "Page cache that sharing saves: what a "
+                "private copy of each layer per pod would cache again, (pods-1) times its "
+                "resident bytes.", value=sum(resident[lid] * (pods[lid] - 1) for lid in pods))
         yield GaugeMetricFamily("strata_stages", "Volumes staged on this node.",
                                 value=len(stages))

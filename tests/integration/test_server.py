@@ -3,9 +3,11 @@
 import os
 import signal
 import socket
+import time
 
 import pytest
 
+from csi.image.build import LayerBuilder, write_image
 from csi.mount.mountinfo import MountTable
 from csi.proto import csi_pb2
 from tests.conftest import ROOT_REASON, StrataProcess, free_port, scrape, unmount_all_under
@@ -124,3 +126,36 @@ def test_copy_up_metrics(plugin, images, tmp_path):
         plugin.csi.unpublish("cu-b", b)
     m = scrape(plugin.metrics_port)
     assert m['strata_copy_up_files{kind="copied"}'] == 0, "gone with the publications"
+
+
+def test_page_cache_metrics_count_one_cached_copy_for_every_pod(plugin, tmp_path):
+    """Three pods share a layer; one pod reads a 4 MiB file through its overlay. The page
+    cache holds the lower file once, and a copy per pod would have held it three times."""
+    from csi.store.pagecache import Meter
+
+    layout = str(tmp_path / "layout")
+    big = os.urandom(4 << 20)
+    write_image(layout, "pc", [LayerBuilder().file("data/big", big)])
+    plugin.start()
+    pods = [tmp_path / f"pod{i}" for i in range(3)]
+    try:
+        for i, pod in enumerate(pods):
+            plugin.csi.publish(f"pc-{i}", pod, f"oci:{layout}:pc")
+        [lid] = os.listdir(os.path.join(plugin.root, "layers"))
+        lower = os.path.join(plugin.root, "layers", lid, "fs", "data", "big")
+        with open(lower, "rb") as f:  # start cold (unpack wrote it through the cache)
+            os.fsync(f.fileno())
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        on_tmpfs = Meter().file(lower) == len(big)  # tmpfs cannot drop its pages
+        assert (pods[0] / "data/big").read_bytes() == big  # read through one overlay
+        assert Meter().file(lower) == len(big), "the overlay read cached the lower file"
+        deadline = time.monotonic() + 20
+        while (m := scrape(plugin.metrics_port))["strata_layer_page_cache_bytes"] < len(big):
+            assert time.monotonic() < deadline, "no page-cache sample"
+            time.sleep(0.05)
+        assert m["strata_layer_page_cache_bytes"] < 2 * len(big) or on_tmpfs
+        assert m["strata_page_cache_saved_bytes"] >= 2 * len(big)
+        assert m["strata_page_cache_saved_bytes"] == 2 * m["strata_layer_page_cache_bytes"]
+    finally:
+        for i, pod in enumerate(pods):
+            plugin.csi.unpublish(f"pc-{i}", pod)

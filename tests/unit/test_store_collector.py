@@ -42,3 +42,45 @@ def test_copy_up_walks_are_reused_for_the_ttl(tmp_path):
     now[0] += 6
     assert values(registry)['strata_copy_up_files{kind="created"}'] == 1, "walked again"
     state.close()
+
+
+def test_page_cache_saved_counts_each_extra_pod_once_per_layer(tmp_path):
+    from csi.metrics import pods_per_layer
+
+    D = ["sha256:" + c * 64 for c in "abc"]
+    images = [ImageRecord(D[0], "app", D[2], ("base", "app", "base"), 0),  # base twice
+              ImageRecord(D[1], "other", D[2], ("base",), 0)]
+    pubs = [Publication(f"/t{i}", f"v{i}", f"k{i}", "img", digest, False, "", 1, 0)
+            for i, digest in enumerate([D[0], D[0], D[1]])]
+    assert pods_per_layer(images, pubs) == {"base": 3, "app": 2}
+
+
+def test_page_cache_is_sampled_in_the_background_and_scrapes_read_the_sample(tmp_path):
+    import time
+
+    root = str(tmp_path)
+    for lid, size in (("l1", 3 * 4096), ("l2", 5 * 4096)):
+        os.makedirs(tmp_path / f"layers/{lid}/fs")
+        (tmp_path / f"layers/{lid}/fs/f").write_bytes(os.urandom(size))  # written: resident
+    state = State(str(tmp_path / "state.db"))
+    digest = "sha256:" + "a" * 64
+    with state.transaction() as tx:
+        for lid in ("l1", "l2"):
+            tx.put_layer(Layer(lid, "sha256:" + lid[-1] * 64, 4096, 0, 0))
+        tx.put_image(ImageRecord(digest, "img", "sha256:" + "c" * 64, ("l1", "l2"), 0))
+        for i in range(3):
+            tx.put_publication(Publication(f"/t{i}", f"v{i}", f"k{i}", "img", digest, False,
+                                           "", 1, 0))
+    registry = CollectorRegistry()
+    collector = StoreCollector(state, root)
+    registry.register(collector)
+    first = values(registry)  # starts the sampler; this scrape does not wait for it
+    assert first["strata_page_cache_saved_bytes"] in (0, 2 * 8 * 4096)
+    deadline = time.monotonic() + 10
+    while values(registry)["strata_layer_page_cache_bytes"] == 0:
+        assert time.monotonic() < deadline, "the background sample never arrived"
+        time.sleep(0.02)
+    m = values(registry)
+    assert m["strata_layer_page_cache_bytes"] == 8 * 4096
+    assert m["strata_page_cache_saved_bytes"] == 2 * 8 * 4096  # three pods, one cached copy
+    state.close()
