@@ -9,16 +9,20 @@ job that is still running instead of starting again. Blobs are single-flight in 
 store too, so racing pods and retries download each blob once.
 
 Policies (`pullPolicy` volume attribute): IfNotPresent (default; a digest never needs the
-network once present, a tag is re-resolved at most every --tag-ttl), Always (resolve the tag
-at each publish, reuse unchanged layers), Never (only what the node has, else
-FAILED_PRECONDITION).
+network once present, a tag is re-resolved at most every --tag-ttl, and when that refresh
+fails for any reason the copy on the node is used, since the kubelet's IfNotPresent would
+not have asked the registry at all), Always (resolve the tag at each publish, reuse
+unchanged layers), Never (only what the node has, else FAILED_PRECONDITION).
+
+A tag is recorded against the digest it named: an index's for a multi-arch image, whose
+platform manifest is the image record. A HEAD's Docker-Content-Digest is compared with that.
 """
 
 import logging
 import threading
 import time
 
-from csi.errors import Aborted, FailedPrecondition, InvalidArgument, StrataError, Unavailable
+from csi.errors import Aborted, FailedPrecondition, InvalidArgument, StrataError
 from csi.image import reference
 from csi.image.auth import Keyring
 from csi.image.layout import OciLayout
@@ -150,23 +154,29 @@ class Puller:
 
     def _pull(self, ref: reference.RegistryReference, keyring: Keyring, policy: str):
         known = None if ref.digest else self._local(ref, max_age=None)
-        if known is not None:
-            # A tag we have seen: ask (HEAD) whether it moved before fetching anything.
-            try:
-                now_at = self._client.head_digest(ref, keyring.lookup)
-                if now_at == known.manifest_digest:
-                    self._record_tag(ref, known.manifest_digest)
-                    log.info("image %s: tag unchanged (%s)", ref, known.manifest_digest)
-                    return LocalSource(str(ref)), known
-                img, source = self._client.resolve(ref, keyring.lookup)
-            except Unavailable as e:
-                if policy != "IfNotPresent":
-                    raise
-                # The kubelet uses the image it has when the registry cannot be reached.
-                log.warning("image %s: %s; using the copy on this node", ref, e)
+        if known is None:
+            return self._fetch(ref, keyring)
+        # A tag we have seen: ask (HEAD) whether it moved before fetching anything. The tag
+        # names the index of a multi-arch image, and that is what the HEAD answers with.
+        recorded = known.index_digest or known.manifest_digest
+        try:
+            if self._client.head_digest(ref, keyring.lookup) == recorded:
+                self._record_tag(ref, recorded)
+                log.info("image %s: tag unchanged (%s)", ref, recorded)
                 return LocalSource(str(ref)), known
-        else:
-            img, source = self._client.resolve(ref, keyring.lookup)
+            return self._fetch(ref, keyring)
+        except StrataError as e:
+            if policy != "IfNotPresent":
+                raise
+            # The image is on the node, so the kubelet's IfNotPresent would never have asked
+            # the registry: an expired pull secret, a deleted tag or a registry that is down
+            # only means the tag is not refreshed this time.
+            log.warning("image %s: refreshing the tag failed (%s); using the copy on this "
+                        "node", ref, e)
+            return LocalSource(str(ref)), known
+
+    def _fetch(self, ref: reference.RegistryReference, keyring: Keyring):
+        img, source = self._client.resolve(ref, keyring.lookup)
         source.blobs = self._blobs
         self._layers.ensure(source, img)
         if not ref.digest:  # only once the layers are in place
@@ -199,7 +209,8 @@ class Puller:
                 return None
         return Image(name=str(ref), manifest_digest=rec.manifest_digest,
                      config_digest=rec.config_digest,
-                     layers=tuple(LayerDesc(*d) for d in rec.layers))
+                     layers=tuple(LayerDesc(*d) for d in rec.layers),
+                     index_digest=digest if digest != rec.manifest_digest else "")
 
 
 def _tag_name(ref: reference.RegistryReference) -> str:

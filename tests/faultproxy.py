@@ -16,6 +16,9 @@ includes the query string); each fires `times` times (None = forever) and is the
         proxy.corrupt(path=r"/blobs/")                       # same length, bytes flipped
         proxy.hang(5)                                        # read the request, say nothing
         proxy.redirect_blobs_to(reg.url)                     # 307 to another server
+        proxy.redirect_to(other.url, path=r"^/v2/.+/manifests/",  # any path, renamed
+                          rewrite=(r"^/v2/", "/v2/prod/"))
+        proxy.partial_from_zero(path=r"/blobs/")             # 206, but from byte 0
         ...
         proxy.counts["/v2/library/app/blobs/sha256:..."]     # requests per path (no query)
         proxy.log                                            # every request, in order
@@ -47,6 +50,7 @@ BLOB_PATH = r"^/v2/.+/blobs/[a-z0-9]+:[a-f0-9]+(\?.*)?$"
 @dataclasses.dataclass
 class Rule:
     action: str                     # "fail" | "cut" | "corrupt" | "hang" | "delay" | "redirect"
+                                    # | "partial0"
     method: str | None = None       # regex on the method, None = any
     path: str | None = None         # regex searched in the path (with query), None = any
     times: int | None = 1           # how many more times it fires; None = forever
@@ -56,6 +60,7 @@ class Rule:
     nbytes: int = 0                 # cut: body bytes sent before the connection is closed
     seconds: float = 0.0            # hang / delay
     location: str = ""              # redirect: base URL the path is appended to
+    rewrite: tuple[str, str] | None = None  # redirect: (regex, replacement) applied to the path
     offset: int | None = None       # corrupt: which byte (default: the middle one)
     hits: int = 0                   # how many times it fired
 
@@ -141,8 +146,24 @@ class FaultProxy:
                           status: int = 307) -> Rule:
         """Answer blob GET/HEADs with a redirect to `other_url` + the same path (as registries
         backed by object storage do)."""
-        return self.add(Rule("redirect", "GET|HEAD", BLOB_PATH, times, status=status,
-                             location=other_url.rstrip("/")))
+        return self.redirect_to(other_url, times, method="GET|HEAD", path=BLOB_PATH,
+                                status=status)
+
+    def redirect_to(self, other_url: str, times: int | None = None, *,
+                    method: str | None = None, path: str | None = None, status: int = 307,
+                    rewrite: tuple[str, str] | None = None) -> Rule:
+        """Answer with a redirect to `other_url` + the path, first rewritten by
+        `re.sub(*rewrite, path)` when given: registry.k8s.io sends `/v2/NAME/...` to
+        `https://REGION-docker.pkg.dev/v2/k8s-artifacts-prod/images/NAME/...`."""
+        return self.add(Rule("redirect", method, path, times, status=status,
+                             location=other_url.rstrip("/"), rewrite=rewrite))
+
+    def partial_from_zero(self, times: int | None = 1, *, method: str | None = None,
+                          path: str | None = None) -> Rule:
+        """Relay the request without its Range header and answer 206 Partial Content with
+        the whole body and `Content-Range: bytes 0-LAST/SIZE`, whatever offset was asked
+        for (a cache that mishandles Range)."""
+        return self.add(Rule("partial0", method, path, times))
 
     def clear(self) -> None:
         with self._lock:
@@ -301,7 +322,8 @@ def _handler(proxy: FaultProxy) -> type[http.server.BaseHTTPRequestHandler]:
                            length=len(data))
                 return
             if action == "redirect":
-                hdrs = [("Location", rule.location + path), ("Content-Type", "text/plain")]
+                to = re.sub(*rule.rewrite, path, count=1) if rule.rewrite else path
+                hdrs = [("Location", rule.location + to), ("Content-Type", "text/plain")]
                 self._send(rule.status, hdrs, b"", entry, length=0)
                 return
             if action == "delay":
@@ -313,7 +335,8 @@ def _handler(proxy: FaultProxy) -> type[http.server.BaseHTTPRequestHandler]:
             try:
                 conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
                 for k, v in self.headers.items():
-                    if k.lower() not in HOP_BY_HOP:
+                    if k.lower() not in HOP_BY_HOP and not (
+                            action == "partial0" and k.lower() == "range"):
                         conn.putheader(k, v)
                 if body or method in ("POST", "PUT", "PATCH"):
                     conn.putheader("Content-Length", str(len(body)))
@@ -336,6 +359,10 @@ def _handler(proxy: FaultProxy) -> type[http.server.BaseHTTPRequestHandler]:
                 length = int(cl[0]) if cl else None
             elif status in (204, 304) or status < 200:
                 length = None
+            if action == "partial0" and status == 200 and data:
+                status = 206
+                hdrs = [(k, v) for k, v in hdrs if k.lower() != "content-range"]
+                hdrs.append(("Content-Range", f"bytes 0-{len(data) - 1}/{len(data)}"))
             if action == "corrupt" and data:
                 at = len(data) // 2 if rule.offset is None else rule.offset % len(data)
                 data = data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1:]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import datetime
+import hashlib
 import http.server
 import json
 import os
@@ -799,3 +800,35 @@ def push(layout_dir: str, tag: str, registry: Registry, repo: str, dest_tag: str
                                f"registry log tail:\n{registry.log_tail()}")
         with open(digestfile) as f:
             return f.read().strip()
+
+
+# -- raw uploads (for documents skopeo would not write: indexes, foreign configs) ----------
+def upload_blob(registry: Registry, repo: str, data: bytes,
+                creds: tuple[str, str] | None = None) -> str:
+    """Push one blob with a monolithic upload (POST, then PUT ?digest=); returns its digest."""
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    status, headers, body = registry_get(registry, f"/v2/{repo}/blobs/uploads/", creds=creds,
+                                         method="POST", data=b"")
+    if status != 202:
+        raise RuntimeError(f"blob upload refused: HTTP {status}: {body[:200]!r}")
+    u = urllib.parse.urlsplit(urllib.parse.urljoin(registry.url + "/", headers["location"]))
+    query = "&".join(q for q in (u.query, urllib.parse.urlencode({"digest": digest})) if q)
+    status, _, body = registry_get(registry, f"{u.path}?{query}", creds=creds, method="PUT",
+                                   data=data,
+                                   headers={"Content-Type": "application/octet-stream"})
+    if status != 201:
+        raise RuntimeError(f"blob upload refused: HTTP {status}: {body[:200]!r}")
+    return digest
+
+
+def put_manifest(registry: Registry, repo: str, reference: str, doc: dict,
+                 creds: tuple[str, str] | None = None) -> tuple[str, bytes]:
+    """PUT a manifest or index (its `mediaType` as Content-Type) under `reference`;
+    returns (digest, the bytes sent)."""
+    data = json.dumps(doc).encode()
+    status, _, body = registry_get(registry, f"/v2/{repo}/manifests/{reference}", creds=creds,
+                                   method="PUT", data=data,
+                                   headers={"Content-Type": doc["mediaType"]})
+    if status != 201:
+        raise RuntimeError(f"manifest PUT refused: HTTP {status}: {body[:200]!r}")
+    return "sha256:" + hashlib.sha256(data).hexdigest(), data

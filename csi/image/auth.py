@@ -4,9 +4,13 @@ Pull secrets reach NodePublish/NodeStage as CSI `secrets`: the data of a
 `kubernetes.io/dockerconfigjson` Secret, i.e. a `.dockerconfigjson` key holding
 `{"auths": {"HOST": {"auth": base64(user:pass)} | {"username", "password"}}}` (or the legacy
 `.dockercfg` without the "auths" wrapper). The node may also have a docker `config.json`
-(`--registry-config`). Keys are matched like the kubelet's credential provider: scheme and
-`/v1/` suffixes ignored, Docker Hub's aliases unified, `*.domain` globs, and the longest
-matching path prefix wins.
+(`--registry-config`). Keys are matched like the kubelet's credential provider (keyring
+`URLsMatch`): scheme and `/v1/`, `/v2/` prefixes ignored, Docker Hub's aliases unified, host
+and port split apart (IPv6 literals unbracketed), each dot-separated part of the host matched
+as a glob against the same part of the registry (so `*.example.com` covers `a.example.com`
+but neither `example.com` nor `a.b.example.com`), ports equal, and the longest matching path
+prefix wins. An entry with no username, password or identity token is not credentials: it
+is what `docker login` writes beside a `credsStore`, and is skipped.
 """
 
 import base64
@@ -38,12 +42,32 @@ def _normalise_key(key: str) -> tuple[str, str]:
     """A config key → (host glob, path prefix)."""
     key = re.sub(r"^[a-z]+://", "", key.strip().lower())
     host, _, path = key.partition("/")
-    path = path.strip("/")
-    if path in ("v1", "v2"):
-        path = ""
+    path = re.sub(r"^v[12](/|$)", "", path.strip("/"))  # docker treats /v1/, /v2/ as the host
     if host in DOCKER_HUB_ALIASES:
         host = "docker.io"
     return host, path
+
+
+def _split_host(host: str) -> tuple[list[str], str]:
+    """HOST[:PORT] → (dot-separated parts of the host, port), as Go's net.SplitHostPort
+    splits them: `[::1]:5000` → (["::1"], "5000"), `[::1]` → (["::1"], "")."""
+    if host.startswith("["):
+        addr, _, rest = host[1:].partition("]")
+        return [addr], rest[1:] if rest.startswith(":") else ""
+    if host.count(":") == 1:
+        host, _, port = host.partition(":")
+        return host.split("."), port
+    return host.split("."), ""  # no port (or a bare IPv6 address: one part, no dots)
+
+
+def host_matches(glob: str, host: str) -> bool:
+    """Whether a config key's host (a glob per part, kubelet `URLsMatch`) covers `host`."""
+    glob_parts, glob_port = _split_host(glob)
+    parts, port = _split_host(host)
+    if glob_port != port or len(glob_parts) != len(parts):
+        return False
+    # Per part, never on the raw key: brackets are gone, and `*` cannot cross a dot.
+    return all(fnmatch.fnmatchcase(p, g) for g, p in zip(glob_parts, parts, strict=True))
 
 
 def parse_config(data: str | bytes, what: str) -> list[tuple[str, str, Credentials]]:
@@ -63,6 +87,10 @@ def parse_config(data: str | bytes, what: str) -> list[tuple[str, str, Credentia
                 raise InvalidArgument(f"{what}: the 'auth' of {key!r} is not base64 "
                                       "user:password") from None
         creds = Credentials(str(user), str(password), str(entry.get("identitytoken", "")))
+        if not (creds.username or creds.password or creds.identity_token):
+            # `{"auths": {"HOST": {}}, "credsStore": "desktop"}`: the secret is in a helper
+            # the node cannot run. Sending `Basic Og==` (":") would only be refused.
+            continue
         out.append((*_normalise_key(key), creds))
     return out
 
@@ -90,7 +118,7 @@ class Keyring:
         host = "docker.io" if registry.lower() in DOCKER_HUB_ALIASES else registry.lower()
         best, best_len = None, -1
         for i, (glob, prefix, creds) in enumerate(self._entries):
-            if not fnmatch.fnmatchcase(host, glob):
+            if not host_matches(glob, host):
                 continue
             if prefix and not (repository == prefix or repository.startswith(prefix + "/")):
                 continue

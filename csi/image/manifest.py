@@ -156,12 +156,40 @@ def node_platform() -> tuple[str, str, str]:
     return "linux", arch.get(machine, machine), variant
 
 
+def platform_candidates(entries: list[Descriptor],
+                        want: tuple[str, str, str] | None = None) -> list[Descriptor]:
+    """The index entries the node may run, best first, as containerd ranks them: its
+    OS/architecture with the node's variant (or none), then with another variant, then
+    entries that name no platform at all (whose config says what they are for)."""
+    os_, arch, variant = want or node_platform()
+    same = [e for e in entries if e.platform[0] == os_ and e.platform[1] == arch]
+    exact = [e for e in same if e.platform[2] in ("", variant)]
+    unlabelled = [e for e in entries if e.platform == ("", "", "")]
+    return exact + [e for e in same if e not in exact] + unlabelled
+
+
+def config_platform(data: bytes, what: str) -> tuple[str, str, str]:
+    """The platform an image config says it is for."""
+    doc = json_object(data, what)
+    return (str(doc.get("os", "")), str(doc.get("architecture", "")),
+            str(doc.get("variant", "")))
+
+
+def runs_on(plat: tuple[str, str, str], want: tuple[str, str, str] | None = None) -> bool:
+    """Whether an image for `plat` (from its config) runs on the node: same OS and
+    architecture; the variant is not a reason to refuse, as in platform_candidates."""
+    return tuple(plat[:2]) == tuple((want or node_platform())[:2])
+
+
+def no_platform(what: str, want: tuple[str, str, str] | None = None) -> InvalidArgument:
+    os_, arch, variant = want or node_platform()
+    return InvalidArgument(f"{what} has no manifest for platform {os_}/{arch}"
+                           f"{'/' + variant if variant else ''}")
+
+
 def select_platform(entries: list[Descriptor], what: str,
                     want: tuple[str, str, str] | None = None) -> Descriptor:
-    os_, arch, variant = want or node_platform()
-    candidates = [e for e in entries if e.platform[0] == os_ and e.platform[1] == arch]
-    exact = [e for e in candidates if e.platform[2] in ("", variant)]
-    if exact or candidates:
-        return (exact or candidates)[0]
-    raise InvalidArgument(f"{what} has no manifest for platform {os_}/{arch}"
-                          f"{'/' + variant if variant else ''}")
+    candidates = platform_candidates(entries, want)
+    if not candidates:
+        raise no_platform(what, want)
+    return candidates[0]

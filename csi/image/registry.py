@@ -3,11 +3,13 @@
 Resolves a reference to an image (manifest, index → the node's platform, config DiffIDs)
 and streams blobs, with the registry semantics a kubelet pull has: the WWW-Authenticate
 challenge flow (anonymous or credentialed bearer tokens, scoped per repository and cached
-until they expire; or basic auth), redirects to blob storage (without our credentials),
-`Range` resume of a cut download, TLS verified against the system CAs plus `--registry-ca`,
-plain HTTP for `--insecure-registry` hosts, mirrors tried before the origin, connect and
-read timeouts, and retries with exponential backoff and jitter on 429, 5xx and dropped
-connections (honouring Retry-After). Every error names the image and the registry's text.
+until they expire; or basic auth), redirects of any request (registry.k8s.io sends its API
+calls to another registry; blobs go to object storage) that never carry our credentials to
+another host, `Range` resume of a cut download, TLS verified against the system CAs plus
+`--registry-ca`, plain HTTP for `--insecure-registry` hosts, mirrors tried before the
+origin, connect and read timeouts, and retries with exponential backoff and jitter on 429,
+5xx and dropped connections (honouring Retry-After). Every error names the image and the
+registry's text.
 """
 
 import base64
@@ -21,6 +23,7 @@ import logging
 import random
 import re
 import ssl
+import threading
 import time
 import urllib.parse
 from typing import BinaryIO
@@ -46,6 +49,7 @@ SCHEMA1 = {"application/vnd.docker.distribution.manifest.v1+json",
            "application/vnd.docker.distribution.manifest.v1+prettyjws"}
 RETRY_STATUS = {429, 500, 502, 503, 504}
 REDIRECT_STATUS = {301, 302, 303, 307, 308}
+MAX_REDIRECTS = 10  # Go's http.Client default, which containerd and docker use
 CHUNK = 1 << 20
 USER_AGENT = "strata-csi"
 
@@ -81,6 +85,45 @@ class _Retry(Exception):
         self.delay = delay
 
 
+def _location(scheme: str, host: str, target: str, location: str,
+              what: str) -> tuple[str, str, str]:
+    """Where a redirect from scheme://host/target goes: (scheme, host, path?query)."""
+    u = urllib.parse.urlsplit(urllib.parse.urljoin(f"{scheme}://{host}{target}", location))
+    if u.scheme not in ("http", "https") or not u.netloc:
+        raise Unavailable(f"{what}: redirected to an unusable location {location!r}")
+    return u.scheme, u.netloc, (u.path or "/") + (f"?{u.query}" if u.query else "")
+
+
+def _repository_in(path: str) -> str:
+    """The repository an API path names (`/v2/NAME/manifests/REF`), or ""."""
+    m = re.fullmatch(r"/v2/(.+)/(?:manifests|blobs)/[^/]+", urllib.parse.urlsplit(path).path)
+    return m.group(1) if m else ""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Hop:
+    """Where a registry call has got to through redirects, and what it may present there.
+    At the endpoint itself: the caller's credentials and repository. Anywhere else (another
+    host, or the endpoint over another scheme): no credentials of ours, ever; a host that
+    challenges gets an anonymous token for the repository its own URL names, as containerd
+    does (the CRI plugin hands a pull secret only to the host it was matched to), e.g.
+    registry.k8s.io → `REGION-docker.pkg.dev/v2/k8s-artifacts-prod/images/NAME`."""
+
+    scheme: str
+    host: str
+    target: str  # path and query
+    repo: str
+    creds: Credentials | None
+    own: bool = True
+
+    def redirect(self, location: str, what: str) -> "_Hop":
+        scheme, host, target = _location(self.scheme, self.host, self.target, location, what)
+        if self.own and (scheme, host) == (self.scheme, self.host):
+            return dataclasses.replace(self, target=target,
+                                       repo=_repository_in(target) or self.repo)
+        return _Hop(scheme, host, target, _repository_in(target) or self.repo, None, own=False)
+
+
 def _registry_error(body: bytes) -> str:
     """The registry's own error text (distribution's {"errors": [{code, message}]})."""
     try:
@@ -102,6 +145,12 @@ def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
     return scheme.lower(), params
 
 
+def _range_starts_at(content_range: str, offset: int) -> bool:
+    """Whether a 206's `Content-Range: bytes START-END/TOTAL` starts at `offset`."""
+    m = re.fullmatch(r"\s*bytes\s+(\d+)-\d+/(?:\d+|\*)\s*", content_range, re.IGNORECASE)
+    return m is not None and int(m.group(1)) == offset
+
+
 def _retry_after(value: str | None) -> float | None:
     if not value:
         return None
@@ -120,8 +169,11 @@ class RegistryClient:
         self._sleep = sleep
         self._rng = rng
         self._ssl: ssl.SSLContext | None = None
+        # Tokens by (scheme, host, scope, credentials), and the origins that asked for basic
+        # auth. Pull threads share them: every access holds the lock.
         self._tokens: dict[tuple, tuple[str, float]] = {}
-        self._basic_hosts: set[str] = set()
+        self._basic_hosts: set[tuple[str, str]] = set()
+        self._tokens_lock = threading.Lock()
         self._on_bytes = on_bytes or (lambda n: None)
 
     # -- transport ---------------------------------------------------------------------
@@ -164,10 +216,20 @@ class RegistryClient:
             conn.close()
             raise
 
-    def _read(self, resp, limit: int, what: str, out: BinaryIO | None = None) -> bytes:
+    def _read(self, resp, limit: int, what: str, out: BinaryIO | None = None,
+              too_large=None) -> bytes:
         """The body, read as it arrives under a wall-clock deadline (read timeout plus
-        `limit` at the minimum rate); more than `limit` bytes is DataLoss. Streamed into
-        `out` when given."""
+        `limit` at the minimum rate). Streamed into `out` when given. More than `limit`
+        bytes is DataLoss (a blob longer than its descriptor), or `too_large` when given
+        (a manifest over the size strata accepts)."""
+        def oversize(got: str) -> Exception:
+            if too_large is None:
+                return DataLoss(f"{what}: {got} than the {limit} bytes expected; discarded")
+            return too_large(f"{what}: larger than {limit} bytes, the most strata accepts "
+                             "for a manifest")
+
+        if resp.length is not None and resp.length > limit:
+            raise oversize(f"Content-Length {resp.length}, more")
         expected = min(limit, resp.length) if resp.length is not None else limit
         deadline = time.monotonic() + self.options.read_timeout + \
             expected / self.options.min_rate
@@ -175,7 +237,7 @@ class RegistryClient:
         while chunk := resp.read1(CHUNK):
             got += len(chunk)
             if got > limit:
-                raise DataLoss(f"{what}: more than the {limit} bytes expected; discarded")
+                raise oversize("more")
             if out is None:
                 chunks.append(chunk)
             else:
@@ -187,47 +249,55 @@ class RegistryClient:
             raise http.client.IncompleteRead(b"", resp.length)
         return b"".join(chunks)
 
-    def _token_key(self, ep: Endpoint, repo: str, creds: Credentials | None) -> tuple:
-        return (ep.host, f"repository:{repo}:pull", creds.fingerprint() if creds else "")
+    @staticmethod
+    def _token_key(hop: _Hop) -> tuple:
+        return (hop.scheme, hop.host, f"repository:{hop.repo}:pull",
+                hop.creds.fingerprint() if hop.creds else "")
 
-    def _forget_token(self, ep: Endpoint, repo: str, creds: Credentials | None) -> None:
-        self._tokens.pop(self._token_key(ep, repo, creds), None)
+    def _forget_token(self, hop: _Hop) -> None:
+        with self._tokens_lock:
+            self._tokens.pop(self._token_key(hop), None)
 
-    def _auth_header(self, ep: Endpoint, repo: str, creds: Credentials | None) -> dict:
-        key = self._token_key(ep, repo, creds)
-        token = self._tokens.get(key)
+    def _auth_header(self, hop: _Hop) -> dict:
+        with self._tokens_lock:
+            token = self._tokens.get(self._token_key(hop))
+            basic = (hop.scheme, hop.host) in self._basic_hosts
         if token and token[1] > time.monotonic():
             return {"Authorization": f"Bearer {token[0]}"}
-        if creds is not None and ep.host in self._basic_hosts:
-            return {"Authorization": f"Basic {_basic(creds)}"}
+        if hop.creds is not None and basic:
+            return {"Authorization": f"Basic {_basic(hop.creds)}"}
         return {}
 
-    def _authenticate(self, ep: Endpoint, challenge: str, repo: str,
-                      creds: Credentials | None, what: str) -> None:
+    def _authenticate(self, hop: _Hop, challenge: str, what: str) -> None:
+        repo, creds = hop.repo, hop.creds
         scheme, params = parse_challenge(challenge)
         if scheme == "basic":
             if creds is None:
-                raise PermissionDenied(f"{what}: {ep.host} requires credentials and no pull "
+                raise PermissionDenied(f"{what}: {hop.host} requires credentials and no pull "
                                        "secret or node config has any for it")
             # Remember only that the host wants basic auth: each request sends its own
             # caller's credentials, never another pod's.
-            self._basic_hosts.add(ep.host)
+            with self._tokens_lock:
+                self._basic_hosts.add((hop.scheme, hop.host))
             return
         if scheme != "bearer" or "realm" not in params:
             raise PermissionDenied(f"{what}: unsupported authentication challenge {challenge!r}")
-        scope = f"repository:{repo}:pull"
-        query = {"scope": scope}
-        if params.get("service"):
-            query["service"] = params["service"]
+        # Our repository, plus the pull scopes the challenge names (containerd asks for both):
+        # a registry we were redirected to may call the repository something else.
+        scopes = [f"repository:{repo}:pull"]
+        scopes += [x for x in params.get("scope", "").split()
+                   if x not in scopes and re.fullmatch(r"repository:[^:\s]+:pull", x)]
+        service = [("service", params["service"])] if params.get("service") else []
         realm = urllib.parse.urlsplit(params["realm"])
         if creds is not None and creds.identity_token:
             # An identity token (docker config's `identitytoken`, what `docker login` keeps
             # for OAuth registries such as ACR) is an OAuth2 refresh token: exchange it by
             # POST, as docker and containerd do; the password grant is never tried with it.
-            form = urllib.parse.urlencode({**query, "grant_type": "refresh_token",
-                                           "refresh_token": creds.identity_token,
-                                           "client_id": USER_AGENT}).encode()
-            status, _, body = self._simple(
+            form = urllib.parse.urlencode([("scope", " ".join(scopes)), *service,
+                                           ("grant_type", "refresh_token"),
+                                           ("refresh_token", creds.identity_token),
+                                           ("client_id", USER_AGENT)]).encode()
+            status, _, body = self._request(
                 realm.scheme, realm.netloc, "POST", realm.path or "/",
                 {"Content-Type": "application/x-www-form-urlencoded"},
                 f"{what}: token from {realm.netloc}", body=form)
@@ -236,9 +306,10 @@ class RegistryClient:
             if creds is not None:
                 headers["Authorization"] = f"Basic {_basic(creds)}"
             target = (realm.path or "/") + "?" + "&".join(
-                q for q in (realm.query, urllib.parse.urlencode(query)) if q)
-            status, _, body = self._simple(realm.scheme, realm.netloc, "GET", target, headers,
-                                           f"{what}: token from {realm.netloc}")
+                q for q in (realm.query, urllib.parse.urlencode(
+                    [*(("scope", x) for x in scopes), *service])) if q)
+            status, _, body = self._request(realm.scheme, realm.netloc, "GET", target,
+                                            headers, f"{what}: token from {realm.netloc}")
         if status in (401, 403):
             raise PermissionDenied(f"{what}: the token service refused "
                                    f"{'our credentials' if creds else 'anonymous access'}: "
@@ -255,10 +326,12 @@ class RegistryClient:
         except (ValueError, KeyError, TypeError, AttributeError):
             raise Unavailable(f"{what}: the token service sent no token") from None
         now = time.monotonic()
-        if len(self._tokens) > 256:  # keep the cache bounded: drop what has expired
-            self._tokens = {k: v for k, v in self._tokens.items() if v[1] > now}
-        # Refresh a little early so a token never expires in flight.
-        self._tokens[self._token_key(ep, repo, creds)] = (token, now + max(1.0, expires - 10))
+        with self._tokens_lock:
+            if len(self._tokens) > 256:  # keep the cache bounded: drop what has expired
+                for k in [k for k, v in self._tokens.items() if v[1] <= now]:
+                    del self._tokens[k]
+            # Refresh a little early so a token never expires in flight.
+            self._tokens[self._token_key(hop)] = (token, now + max(1.0, expires - 10))
 
     def _backoff(self, attempt: int, hint: float | None) -> float:
         if hint is not None:
@@ -268,15 +341,18 @@ class RegistryClient:
 
     def _simple(self, scheme, host, method, target, headers, what,
                 body: bytes | None = None) -> tuple[int, dict, bytes]:
-        """One request with retries; the whole body read. For tokens and manifests."""
+        """One request with retries; the whole body read. For tokens and manifests: a body
+        over the manifest limit is refused as INVALID_ARGUMENT (it is not corrupt, only
+        more than strata accepts, as containerd refuses manifests over 4 MiB)."""
         def once():
             conn, resp = self._open(scheme, host, method, target, headers, body)
             try:
-                data = self._read(resp, mf.MAX_MANIFEST_BYTES, what)
+                data = self._read(resp, mf.MAX_MANIFEST_BYTES, what, too_large=InvalidArgument)
                 # The headers stay a Message: Go registries send "Www-Authenticate", and
                 # lookups must ignore case.
                 return resp.status, resp.headers, data
             finally:
+                resp.close()  # a response cut short still holds the socket
                 conn.close()
 
         return self._with_retries(once, what)
@@ -308,21 +384,53 @@ class RegistryClient:
                 self._sleep(delay)
         raise Unavailable(f"{what}: {last} (after {self.options.retries + 1} attempts)")
 
+    def _request(self, scheme, host, method, target, headers, what,
+                 body: bytes | None = None) -> tuple[int, dict, bytes]:
+        """`_simple`, following redirects (a token service that moved): 301/302/303 turn a
+        POST into a GET as every HTTP client does; our Authorization never goes to another
+        host or scheme, nor does a form holding a refresh token."""
+        origin = (scheme, host)
+        for _ in range(MAX_REDIRECTS + 1):
+            status, hdrs, data = self._simple(scheme, host, method, target, headers, what, body)
+            location = hdrs.get("Location")
+            if status not in REDIRECT_STATUS or not location:
+                return status, hdrs, data
+            scheme, host, target = _location(scheme, host, target, location, what)
+            if status in (301, 302, 303) and method == "POST":
+                method, body = "GET", None
+                headers = {k: v for k, v in headers.items() if k.lower() != "content-type"}
+            if (scheme, host) != origin:
+                if body is not None:
+                    raise Unavailable(f"{what}: the token service redirected our credentials "
+                                      f"to {scheme}://{host}; not followed")
+                headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
+        raise Unavailable(f"{what}: more than {MAX_REDIRECTS} redirects")
+
     def _registry_call(self, ep: Endpoint, method: str, path: str, repo: str,
                        creds: Credentials | None, what: str, headers=None):
-        """A registry API call with authentication; returns (status, headers, body)."""
-        authenticated = False
+        """A registry API call with authentication, following redirects; returns (status,
+        headers, body) of the last response."""
+        hop = _Hop(ep.scheme, ep.host, path, repo, creds)
+        authenticated: set[tuple[str, str]] = set()
+        redirects = 0
         while True:
-            h = {**(headers or {}), **self._auth_header(ep, repo, creds)}
-            status, hdrs, body = self._simple(ep.scheme, ep.host, method, path, h, what)
+            h = {**(headers or {}), **self._auth_header(hop)}
+            status, hdrs, body = self._simple(hop.scheme, hop.host, method, hop.target, h, what)
             challenge = hdrs.get("WWW-Authenticate")
-            if status != 401 or not challenge or authenticated:
+            if status == 401 and challenge and (hop.scheme, hop.host) not in authenticated:
+                # No credentials yet, or a cached token the registry no longer accepts
+                # (revoked, rotated key, clock skew): authenticate afresh, once per host.
+                self._forget_token(hop)
+                self._authenticate(hop, challenge, what)
+                authenticated.add((hop.scheme, hop.host))
+                continue
+            location = hdrs.get("Location")
+            if status not in REDIRECT_STATUS or not location:
                 return status, hdrs, body
-            # No credentials yet, or a cached token the registry no longer accepts
-            # (revoked, rotated key, clock skew): authenticate afresh, once.
-            self._forget_token(ep, repo, creds)
-            self._authenticate(ep, challenge, repo, creds, what)
-            authenticated = True
+            redirects += 1
+            if redirects > MAX_REDIRECTS:
+                raise Unavailable(f"{what}: more than {MAX_REDIRECTS} redirects")
+            hop = hop.redirect(location, what)
 
     @staticmethod
     def _check(status: int, body: bytes, what: str) -> None:
@@ -346,8 +454,6 @@ class RegistryClient:
             ep, "GET", f"/v2/{ref.repository}/manifests/{reference}", ref.repository, creds,
             what, {"Accept": ACCEPT})
         self._check(status, body, what)
-        if len(body) > mf.MAX_MANIFEST_BYTES:
-            raise InvalidArgument(f"{what}: larger than {mf.MAX_MANIFEST_BYTES} bytes")
         digest = "sha256:" + hashlib.sha256(body).hexdigest()
         claimed = hdrs.get("Docker-Content-Digest")
         if reference.startswith("sha256:") and digest != reference:
@@ -380,30 +486,30 @@ class RegistryClient:
         (streamed), or whole into the returned body when `out` is None; never more than
         `size` bytes. A retryable status is returned for the caller's retry loop; other
         failures raise."""
-        scheme, host = ep.scheme, ep.host
-        target = f"/v2/{ref.repository}/blobs/{digest}"
-        send_auth, authenticated = True, False
-        for _hop in range(8):
+        hop = _Hop(ep.scheme, ep.host, f"/v2/{ref.repository}/blobs/{digest}",
+                   ref.repository, creds)
+        authenticated: set[tuple[str, str]] = set()
+        redirects = 0
+        while True:
             headers = {"Range": f"bytes={offset}-"} if offset else {}
-            if send_auth:
-                headers.update(self._auth_header(ep, ref.repository, creds))
-            conn, resp = self._open(scheme, host, "GET", target, headers)
+            headers.update(self._auth_header(hop))
+            conn, resp = self._open(hop.scheme, hop.host, "GET", hop.target, headers)
             try:
                 challenge = resp.headers.get("WWW-Authenticate")
-                if resp.status == 401 and send_auth and challenge and not authenticated:
+                if (resp.status == 401 and challenge
+                        and (hop.scheme, hop.host) not in authenticated):
                     resp.read(64 << 10)
-                    self._forget_token(ep, ref.repository, creds)
-                    self._authenticate(ep, challenge, ref.repository, creds, what)
-                    authenticated = True
+                    self._forget_token(hop)
+                    self._authenticate(hop, challenge, what)
+                    authenticated.add((hop.scheme, hop.host))
                     continue
                 if resp.status in REDIRECT_STATUS and resp.headers.get("Location"):
-                    u = urllib.parse.urlsplit(urllib.parse.urljoin(
-                        f"{scheme}://{host}{target}", resp.headers["Location"]))
+                    redirects += 1
+                    if redirects > MAX_REDIRECTS:
+                        raise Unavailable(f"{what}: more than {MAX_REDIRECTS} redirects")
                     # Blob storage gets a signed URL, never our registry credentials; nor
                     # does the registry itself over a downgraded scheme.
-                    send_auth = send_auth and u.netloc == ep.host and u.scheme == ep.scheme
-                    scheme, host = u.scheme, u.netloc
-                    target = u.path + (f"?{u.query}" if u.query else "")
+                    hop = hop.redirect(resp.headers["Location"], what)
                     resp.read(64 << 10)
                     continue
                 if resp.status not in (200, 206):
@@ -413,6 +519,16 @@ class RegistryClient:
                     self._check(resp.status, body, what)
                 if out is None:
                     return resp.status, resp.headers, self._read(resp, size, what)
+                if offset and resp.status == 206 and not _range_starts_at(
+                        resp.headers.get("Content-Range", ""), offset):
+                    # Partial content, but not from where we asked (containerd refuses such
+                    # an answer too): appending it would corrupt the blob. Ask for all of it.
+                    log.info("%s: asked for bytes from %d, got Content-Range %r; starting "
+                             "over", what, offset, resp.headers.get("Content-Range"))
+                    out.seek(0)
+                    out.truncate()
+                    offset = 0
+                    continue
                 if resp.status == 200 and offset:
                     out.seek(0)
                     out.truncate()  # the server ignored Range: start over
@@ -420,8 +536,8 @@ class RegistryClient:
                 self._read(resp, size - offset, what, out)
                 return resp.status, resp.headers, b""
             finally:
+                resp.close()  # a response cut short still holds the socket
                 conn.close()
-        raise Unavailable(f"{what}: too many redirects")
 
     def fetch_blob(self, ep: Endpoint, ref: RegistryReference, digest: str, size: int,
                    creds: Credentials | None, offset: int, out: BinaryIO) -> None:
@@ -475,16 +591,39 @@ class RegistryClient:
     def _resolve_at(self, ep: Endpoint, ref: RegistryReference,
                     creds: Credentials | None) -> mf.Image:
         digest, media, body = self.manifest(ep, ref, ref.reference, creds)
-        top = digest
-        for _ in range(4):
-            if media not in mf.INDEX_TYPES and "manifests" not in json.loads(body):
-                break
-            entries = mf.parse_index(body, f"image {ref} index")
-            chosen = mf.select_platform(entries, f"image {ref}")
-            digest, media, body = self.manifest(ep, ref, chosen.digest, creds)
+        image = self._narrow(ep, ref, creds, digest, media, body, depth=0, check=False)
+        if image is None:
+            raise mf.no_platform(f"image {ref}")
+        return dataclasses.replace(
+            image, index_digest=digest if digest != image.manifest_digest else "")
+
+    def _narrow(self, ep: Endpoint, ref: RegistryReference, creds: Credentials | None,
+                digest: str, media: str, body: bytes, depth: int,
+                check: bool) -> mf.Image | None:
+        """The image a manifest describes, an index narrowed to the node's platform (best
+        entry first); None when nothing in it is for the node. `check`: the manifest came
+        from an index entry naming no platform, so its config must say it is for the node
+        (containerd's images.Manifest does the same)."""
+        if media in mf.INDEX_TYPES or "manifests" in json.loads(body):
+            if depth >= 4:
+                raise InvalidArgument(f"image {ref}: indexes nested more than 4 deep")
+            entries = mf.parse_index(body, f"image {ref} index {digest}")
+            for entry in mf.platform_candidates(entries):
+                d, m, b = self.manifest(ep, ref, entry.digest, creds)
+                image = self._narrow(ep, ref, creds, d, m, b, depth + 1,
+                                     check=entry.platform == ("", "", ""))
+                if image is not None:
+                    return image
+            return None
         config_desc, layers = mf.parse_manifest(body, f"image {ref} manifest {digest}")
         config = self.blob_bytes(ep, ref, config_desc, creds,
                                  f"image {ref}: config {config_desc.digest}")
+        if check:
+            plat = mf.config_platform(config, f"image {ref} config")
+            if not mf.runs_on(plat):
+                log.info("image %s: index entry %s names no platform and its config says "
+                         "%s; skipped", ref, digest, "/".join(p for p in plat if p) or "none")
+                return None
         diff_ids = mf.parse_config_diff_ids(config, f"image {ref} config")
         if len(diff_ids) != len(layers):
             raise InvalidArgument(f"image {ref}: {len(layers)} layers but {len(diff_ids)} "
@@ -492,8 +631,7 @@ class RegistryClient:
         return mf.Image(
             name=str(ref), manifest_digest=digest, config_digest=config_desc.digest,
             layers=tuple(mf.LayerDesc(d.digest, d.media_type, d.size, diff)
-                         for d, diff in zip(layers, diff_ids, strict=True)),
-            index_digest=top if top != digest else "")
+                         for d, diff in zip(layers, diff_ids, strict=True)))
 
 
 class RegistrySource:

@@ -21,8 +21,9 @@ from csi.locks import SingleFlight
 log = logging.getLogger(__name__)
 
 # fetch(offset, out) appends the blob from byte `offset` to `out` (a file opened for append
-# holding the first `offset` bytes); when the server ignores the Range request it must
-# truncate `out` and write the whole blob.
+# holding the first `offset` bytes); when the server ignores the Range request, or answers
+# with a Content-Range that does not start at `offset`, it must truncate `out` and write the
+# whole blob.
 Fetch = Callable[[int, BinaryIO], None]
 
 

@@ -29,7 +29,7 @@ from tests.conftest import (
     unmount_all_under,
 )
 from tests.faultproxy import FaultProxy
-from tests.registry import Registry, push
+from tests.registry import Registry, TokenServer, push, put_manifest, registry_get, upload_blob
 
 MISSING = [t for t in ("docker-registry", "skopeo", "htpasswd") if shutil.which(t) is None]
 pytestmark = [
@@ -76,6 +76,20 @@ def tokens(layout):
     """The Docker token flow, with a token server of the tests' own."""
     with Registry(auth="token") as reg:
         push(layout, "app", reg, "team/app", "1.0", creds=ALICE)
+        yield reg
+
+
+@pytest.fixture(scope="module")
+def anon(layout):
+    """Token auth that lets anyone pull (Artifact Registry's public repositories behind
+    registry.k8s.io do this), its realm reached through a proxy (`anon.realm_proxy`).
+    `prod/team/app` holds app as 1.0 and big as 2.0."""
+    with TokenServer(dict([ALICE]), anonymous_pull=True) as ts, \
+            FaultProxy(ts.host) as realm_proxy, \
+            Registry(auth="token", token_server=ts, realm=realm_proxy.url + "/token") as reg:
+        push(layout, "app", reg, "prod/team/app", "1.0", creds=ALICE)
+        push(layout, "big", reg, "prod/team/app", "2.0", creds=ALICE)
+        reg.realm_proxy = realm_proxy
         yield reg
 
 
@@ -462,33 +476,38 @@ def test_blob_redirects_are_followed_without_our_credentials(plugin, tokens, pla
                    if e.status == 307)
 
 
-def test_an_index_is_narrowed_to_the_nodes_platform(plugin, plain, tmp_path):
+def _push_multi_arch(reg, workdir, repo: str, tag: str) -> tuple[str, list[dict]]:
+    """An index under `repo:tag` with an image for another architecture first, then one for
+    the node's, each printing "built for ARCH" in /etc/motd; returns (index digest,
+    entries)."""
     from csi.image.manifest import node_platform
-    from tests.registry import registry_get
 
-    layout = str(tmp_path / "multi")
+    layout = str(workdir / "multi")
     os_, arch, variant = node_platform()
     other = "arm64" if arch != "arm64" else "amd64"
     entries = []
     for a in (other, arch):
         write_image(layout, a, [LayerBuilder().file("etc/motd", f"built for {a}\n")])
-        digest = push(layout, a, plain, "team/multi", a)
-        status, _, body = registry_get(plain, f"/v2/team/multi/manifests/{digest}")
+        digest = push(layout, a, reg, repo, a)
+        status, _, body = registry_get(reg, f"/v2/{repo}/manifests/{digest}")
         entries.append({"mediaType": "application/vnd.oci.image.manifest.v1+json",
                         "digest": digest, "size": len(body),
                         "platform": {"os": "linux", "architecture": a,
                                      **({"variant": variant} if a == arch and variant else {})}})
-    index = json.dumps({"schemaVersion": 2,
-                        "mediaType": "application/vnd.oci.image.index.v1+json",
-                        "manifests": entries}).encode()
-    status, _, body = registry_get(plain, "/v2/team/multi/manifests/latest", method="PUT",
-                                   data=index, headers={
-                                       "Content-Type": "application/vnd.oci.image.index.v1+json"})
-    assert status == 201, body
+    index_digest, _ = put_manifest(reg, repo, tag, {
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": entries})
+    return index_digest, entries
+
+
+def test_an_index_is_narrowed_to_the_nodes_platform(plugin, plain, tmp_path):
+    from csi.image.manifest import node_platform
+
+    arch = node_platform()[1]
+    index_digest, entries = _push_multi_arch(plain, tmp_path, "team/multi", "latest")
     p = plugin("--insecure-registry", plain.host)
     assert published(p, tmp_path / "t", f"{plain.host}/team/multi") == f"built for {arch}\n"
     # Known by the index's own digest and by the tag: no network needed any more.
-    index_digest = "sha256:" + hashlib.sha256(index).hexdigest()
     for ref in (f"{plain.host}/team/multi@{index_digest}", f"{plain.host}/team/multi"):
         assert published(p, tmp_path / "n", ref, pullPolicy="Never") == f"built for {arch}\n"
     # ... yet it is one image on the node, listed once under its platform manifest.
@@ -563,3 +582,186 @@ def test_a_full_disk_while_downloading_is_resource_exhausted(plain, tmp_path):
     finally:
         p.stop()
         unmount_all_under(str(tmp_path))
+
+
+# -- redirects of API calls, tags of multi-arch images, IfNotPresent, odd indexes, Range ------
+def _publish_with(p, target, image, secrets, vid="v", **attrs) -> str:
+    p.csi.node.NodePublishVolume(_req(vid, target, image, secrets, **attrs), timeout=60)
+    try:
+        return (target / "etc/motd").read_text()
+    finally:
+        p.csi.unpublish(vid, target)
+
+
+def test_registry_api_redirects_are_followed_without_our_credentials(plugin, tokens, anon,
+                                                                      tmp_path):
+    """registry.k8s.io answers /v2/NAME/... with a redirect to the registry that holds the
+    image, under another name (REGION-docker.pkg.dev/v2/k8s-artifacts-prod/images/NAME/...),
+    which wants a token of its own. Manifests, HEADs and blobs follow the redirect; the other
+    host gets an anonymous token for its repository, never our credentials or token."""
+    with FaultProxy(tokens.host) as front, FaultProxy(anon.host) as other:
+        p = plugin("--insecure-registry", front.host)
+        secret = dockerconfig(front.host, *ALICE)
+        before = len(anon.token_requests)
+        assert _publish_with(p, tmp_path / "a", f"{front.host}/team/app:1.0", secret) == \
+            "app motd\n"  # front itself, authenticated: its token is cached now
+        front.redirect_to(other.url, path=r"^/v2/.+/(manifests|blobs)/",
+                          rewrite=(r"^/v2/", "/v2/prod/"))
+        seen = len(front.log)
+        image = f"{front.host}/team/app:2.0"  # big, only in `anon`
+        p.csi.node.NodePublishVolume(_req("b", tmp_path / "b", image, secret), timeout=60)
+        assert (tmp_path / "b/data/big.bin").stat().st_size == 3 << 20
+        p.csi.unpublish("b", tmp_path / "b")
+        _publish_with(p, tmp_path / "c", image, secret, pullPolicy="Always")  # a HEAD
+
+        assert [e.method for e in other.requests_to("/manifests/")] == ["GET", "GET", "HEAD"]
+        assert other.requests_to("/blobs/"), "config and layer came from the other host"
+        assert {e.status for e in front.log[seen:]} == {307}
+        ours = {e.headers["Authorization"] for e in front.log if "Authorization" in e.headers}
+        assert ours, "front was sent its bearer token"
+        assert not ours & {e.headers.get("Authorization") for e in other.log}
+        granted = anon.token_requests[before:]
+        assert [(r.user, r.scopes) for r in granted] == [
+            (None, ["repository:prod/team/app:pull"])], "one anonymous token, cached"
+        assert "authorization" not in {k.lower() for k in granted[0].headers}
+
+
+def test_a_token_service_that_redirects_is_followed_without_our_credentials(plugin, anon,
+                                                                            tmp_path):
+    """A realm that answers 307 to the real token service on another host: followed, but the
+    pull secret's basic credentials stay behind (the anonymous token still pulls)."""
+    realm = anon.realm_proxy
+    realm.redirect_to(anon.token_server.url, path=r"^/token")
+    try:
+        before, seen = len(anon.token_requests), len(realm.log)
+        p = plugin("--insecure-registry", anon.host)
+        assert _publish_with(p, tmp_path / "t", f"{anon.host}/prod/team/app:1.0",
+                             dockerconfig(anon.host, *ALICE)) == "app motd\n"
+        assert [(e.status, "Authorization" in e.headers) for e in realm.log[seen:]] == [
+            (307, True)], "the realm got the credentials it asked for, once"
+        granted = anon.token_requests[before:]
+        assert [(r.user, r.status) for r in granted] == [(None, 200)]
+        assert "authorization" not in {k.lower() for k in granted[0].headers}
+    finally:
+        realm.clear()
+
+
+def test_an_unchanged_multi_arch_tag_costs_one_head(plugin, plain, tmp_path):
+    """The tag names the index; the HEAD answers with the index digest. Comparing that with
+    the platform manifest would fetch index, manifest and config at every --tag-ttl (GETs
+    that Docker Hub rate-limits)."""
+    from csi.image.manifest import node_platform
+
+    _push_multi_arch(plain, tmp_path, "team/multi-head", "1")
+    with FaultProxy(plain.host) as proxy:
+        p = plugin("--insecure-registry", proxy.host, "--tag-ttl", "0")
+        image = f"{proxy.host}/team/multi-head:1"
+        motd = f"built for {node_platform()[1]}\n"
+        assert published(p, tmp_path / "a", image) == motd
+        seen = len(proxy.log)
+        assert published(p, tmp_path / "b", image) == motd
+        assert published(p, tmp_path / "c", image, pullPolicy="Always") == motd
+        assert [(e.method, e.path) for e in proxy.log[seen:]] == [
+            ("HEAD", "/v2/team/multi-head/manifests/1")] * 2
+
+
+@pytest.mark.parametrize("status,code", [
+    (503, grpc.StatusCode.UNAVAILABLE),
+    (403, grpc.StatusCode.PERMISSION_DENIED),  # an expired or revoked pull secret
+    (404, grpc.StatusCode.NOT_FOUND),  # the tag (or repository) deleted upstream
+])
+def test_if_not_present_uses_the_local_copy_whatever_the_registry_says(plugin, plain,
+                                                                       tmp_path, status,
+                                                                       code):
+    """The kubelet's IfNotPresent never asks the registry about an image the node has; the
+    tag refresh after --tag-ttl must not make a present image fail. Always does fail."""
+    with FaultProxy(plain.host) as proxy:
+        p = plugin("--insecure-registry", proxy.host, "--tag-ttl", "0",
+                   "--registry-retries", "0")
+        image = f"{proxy.host}/team/app:1.0"
+        published(p, tmp_path / "a", image)
+        proxy.fail(status, times=None)
+        assert published(p, tmp_path / "b", image) == "app motd\n"  # like the kubelet
+        assert proxy.requests_to("/manifests/1.0"), "the refresh was tried"
+        with pytest.raises(grpc.RpcError) as e:
+            published(p, tmp_path / "c", image, pullPolicy="Always")
+        assert e.value.code() == code
+
+
+def test_if_not_present_survives_a_pull_secret_the_token_service_refuses(plugin, tokens,
+                                                                         tmp_path):
+    p = plugin("--insecure-registry", tokens.host, "--tag-ttl", "0")
+    image = f"{tokens.host}/team/app:1.0"
+    assert _publish_with(p, tmp_path / "a", image, dockerconfig(tokens.host, *ALICE)) == \
+        "app motd\n"
+    before = len(tokens.token_requests)
+    expired = dockerconfig(tokens.host, "alice", "rotated")
+    assert _publish_with(p, tmp_path / "b", image, expired) == "app motd\n"
+    refused = [r.status for r in tokens.token_requests[before:]]
+    assert refused and set(refused) == {401}, "the refresh was tried"
+    with pytest.raises(grpc.RpcError) as e:
+        _publish_with(p, tmp_path / "c", image, expired, pullPolicy="Always")
+    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_index_entries_without_a_platform_rank_after_matching_ones(plugin, plain, layout,
+                                                                    tmp_path):
+    """containerd takes an index entry that names no platform when nothing names the node's,
+    if the image's config says it is for the node's OS and architecture."""
+    from csi.image.manifest import node_platform
+
+    repo = "team/noplat"
+    app = push(layout, "app", plain, repo, "app")
+    big = push(layout, "big", plain, repo, "big")
+    # big again, with a config saying it is for another architecture
+    _, _, body = registry_get(plain, f"/v2/{repo}/manifests/{big}")
+    foreign = json.loads(body)
+    _, _, config = registry_get(plain, f"/v2/{repo}/blobs/{foreign['config']['digest']}")
+    other = "arm64" if node_platform()[1] != "arm64" else "amd64"
+    config = json.dumps({**json.loads(config), "architecture": other}).encode()
+    foreign["config"] = {**foreign["config"], "digest": upload_blob(plain, repo, config),
+                         "size": len(config)}
+    foreign_digest, foreign_body = put_manifest(plain, repo, "foreign", foreign)
+
+    def entry(digest, platform=None):
+        _, _, body = registry_get(plain, f"/v2/{repo}/manifests/{digest}")
+        return {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": digest,
+                "size": len(body), **({"platform": platform} if platform else {})}
+
+    def index(tag, *entries):
+        put_manifest(plain, repo, tag, {
+            "schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": list(entries)})
+
+    os_, arch, variant = node_platform()
+    mine = {"os": os_, "architecture": arch, **({"variant": variant} if variant else {})}
+    index("unlabelled", entry(foreign_digest), entry(app))
+    index("ranked", entry(app), entry(big, mine))
+    p = plugin("--insecure-registry", plain.host)
+    # the foreign one comes first but its config says otherwise: app
+    p.csi.publish("u", tmp_path / "u", f"{plain.host}/{repo}:unlabelled")
+    assert (tmp_path / "u/etc/motd").read_text() == "app motd\n"
+    assert not (tmp_path / "u/data/big.bin").exists()
+    p.csi.unpublish("u", tmp_path / "u")
+    # an entry naming the node's platform beats an unlabelled one listed before it: big
+    p.csi.publish("r", tmp_path / "r", f"{plain.host}/{repo}:ranked")
+    assert (tmp_path / "r/data/big.bin").exists()
+    p.csi.unpublish("r", tmp_path / "r")
+
+
+def test_a_resume_answered_from_byte_zero_starts_over(plugin, plain, tmp_path):
+    """A 206 whose Content-Range does not start at the offset asked for is not appended (it
+    would duplicate the first bytes); the download starts again from zero."""
+    big = _big_layer_digest(plain)
+    with FaultProxy(plain.host) as proxy:
+        proxy.cut_after(1 << 20, times=1, path=big)
+        proxy.partial_from_zero(times=1, path=big)
+        p = plugin("--insecure-registry", proxy.host, "--registry-retries", "1")
+        p.csi.publish("v", tmp_path / "t", f"{proxy.host}/team/big:1.0")
+        assert (tmp_path / "t/data/big.bin").stat().st_size == 3 << 20
+        p.csi.unpublish("v", tmp_path / "t")
+        got = [(e.fault, e.status, e.headers.get("Range")) for e in proxy.requests_to(big)]
+        assert got[0] == ("cut", 200, None)
+        assert got[1][:2] == ("partial0", 206) and got[1][2] != "bytes=0-"
+        assert got[2:] == [(None, 200, None)], "asked again for the whole blob"
+        store_is_clean(p)

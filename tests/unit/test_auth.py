@@ -68,3 +68,58 @@ def test_pod_secret_wins_over_node_config():
 
 def test_credentials_never_print_their_password():
     assert "pw" not in repr(Credentials("u", "pw"))
+
+
+@pytest.mark.parametrize("key,registry,matches", [
+    # IPv6 literals: brackets are not a glob character class, the port is compared apart
+    ("[::1]:5000", "[::1]:5000", True),
+    ("[::1]:5000", "[::1]:5001", False),
+    ("[::1]", "[::1]", True),
+    ("[::1]", "[::1]:5000", False),
+    ("[fd00::1]:5000", "[::1]:5000", False),
+    ("http://[::1]:5000/v2/", "[::1]:5000", True),
+    # `*` globs one dot-separated part, never across a dot
+    ("*.example.com", "a.example.com", True),
+    ("*.example.com", "a.b.example.com", False),
+    ("*.example.com", "example.com", False),
+    ("*.*.example.com", "a.b.example.com", True),
+    ("registry-*.example.com", "registry-eu.example.com", True),
+    ("*.example.com", "a.example.com:5000", False),  # ports must be equal
+    ("*.example.com:5000", "a.example.com:5000", True),
+    ("*", "localhost", True),
+    ("*", "a.b", False),
+    ("10.0.0.*:5000", "10.0.0.7:5000", True),
+])
+def test_hosts_match_like_the_kubelet_keyring(key, registry, matches):
+    ring = Keyring.from_secrets({".dockerconfigjson": cfg({key: {"auth": b64("u:p")}})})
+    assert (ring.lookup(registry, "team/app") is not None) == matches
+
+
+def test_v1_and_v2_path_prefixes_mean_the_whole_registry():
+    ring = Keyring.from_secrets({".dockerconfigjson": cfg({
+        "https://r.io/v2/": {"auth": b64("all:1")},
+        "https://r.io/v1/team": {"auth": b64("team:2")},
+    })})
+    assert ring.lookup("r.io", "other/x").username == "all"
+    assert ring.lookup("r.io", "team/x").username == "team"
+
+
+@pytest.mark.parametrize("entry", [
+    {},  # what `docker login` writes beside "credsStore"
+    {"auth": ""},
+    {"auth": b64(":")},
+    {"username": "", "password": "", "email": "x@example.com"},
+])
+def test_entries_without_credentials_are_skipped(entry):
+    data = json.dumps({"auths": {"r.io": entry}, "credsStore": "desktop"})
+    assert parse_config(data, "secret") == []
+    assert Keyring.from_secrets({".dockerconfigjson": data}).lookup("r.io", "a") is None
+    # ... so a less specific entry that has credentials still applies
+    node = Keyring(parse_config(cfg({"*.io": {"auth": b64("node:1")}}), "node"))
+    assert Keyring.from_secrets({".dockerconfigjson": data}, base=node).lookup(
+        "r.io", "a").username == "node"
+
+
+def test_an_identity_token_alone_is_credentials():
+    [(_, _, creds)] = parse_config(cfg({"r.io": {"identitytoken": "rt"}}), "secret")
+    assert creds == Credentials("", "", "rt")

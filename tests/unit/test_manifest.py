@@ -311,3 +311,36 @@ def test_node_platform_shape():
 def test_node_platform_mapping(monkeypatch, machine, expected):
     monkeypatch.setattr(mf.platform, "machine", lambda: machine)
     assert mf.node_platform() == expected
+
+
+def unlabelled(digest):
+    return mf.Descriptor(mf.OCI_MANIFEST, digest, 1)
+
+
+def test_an_entry_without_platform_is_taken_when_nothing_names_the_node():
+    entries = [entry(D["1"], arch="arm64"), unlabelled(D["2"])]
+    assert mf.select_platform(entries, "i", ("linux", "amd64", "")).digest == D["2"]
+    assert mf.select_platform([unlabelled(D["3"])], "i", ("linux", "s390x", "")).digest == \
+        D["3"]
+
+
+def test_candidates_rank_exact_then_other_variant_then_unlabelled():
+    entries = [unlabelled(D["1"]), entry(D["2"], arch="arm", variant="v6"),
+               entry(D["3"], arch="amd64"), entry(D["4"], arch="arm", variant="v7"),
+               entry(D["5"], os_="windows", arch="arm", variant="v7"), unlabelled(D["6"])]
+    ranked = mf.platform_candidates(entries, ("linux", "arm", "v7"))
+    assert [e.digest for e in ranked] == [D["4"], D["2"], D["1"], D["6"]]
+    assert mf.platform_candidates(entries[2:5], ("linux", "riscv64", "")) == []
+
+
+def test_an_entry_with_only_some_platform_fields_is_not_unlabelled():
+    partial = mf.Descriptor(mf.OCI_MANIFEST, D["1"], 1, platform=("", "amd64", ""))
+    assert mf.platform_candidates([partial], ("linux", "amd64", "")) == []
+
+
+def test_the_config_says_which_platform_an_unlabelled_entry_is_for():
+    config = dumps({"os": "linux", "architecture": "arm64", "variant": "v8", "rootfs": {}})
+    assert mf.config_platform(config, "cfg") == ("linux", "arm64", "v8")
+    assert mf.runs_on(("linux", "arm64", ""), ("linux", "arm64", "v8"))
+    assert not mf.runs_on(("linux", "arm64", "v8"), ("linux", "amd64", ""))
+    assert not mf.runs_on(("", "", ""), ("linux", "amd64", ""))  # says nothing: not ours

@@ -6,7 +6,8 @@ import time
 
 import pytest
 
-from csi.errors import DataLoss, Unavailable
+from csi.errors import DataLoss, InvalidArgument, Unavailable
+from csi.image.manifest import MAX_MANIFEST_BYTES
 from csi.image.reference import parse
 from csi.image.registry import Endpoint, Options, RegistryClient, _registry_error
 
@@ -86,3 +87,18 @@ def test_malformed_error_bodies_do_not_crash():
     assert _registry_error(b'{"errors": 5}') == '{"errors": 5}'
     assert _registry_error(b'{"errors": [5]}') == '{"errors": [5]}'
     assert _registry_error(b"\xff\xfe") != ""
+
+
+@pytest.mark.parametrize("framing", ["content-length", "until-close"])
+def test_a_manifest_over_the_limit_is_invalid_argument(server, framing):
+    """Too large to accept is not corruption: INVALID_ARGUMENT naming image and limit."""
+    body = b'{"schemaVersion": 2, "pad": "' + b"x" * MAX_MANIFEST_BYTES + b'"}'
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/vnd.oci.image.manifest.v1+json\r\n"
+    head += (f"Content-Length: {len(body)}\r\n" if framing == "content-length"
+             else "Connection: close\r\n").encode() + b"\r\n"
+    srv = server(head, body)
+    client = RegistryClient(Options(retries=0))
+    with pytest.raises(InvalidArgument) as e:
+        client.manifest(Endpoint("http", srv.host), parse(f"{srv.host}/team/app:1"), "1", None)
+    assert f"image {srv.host}/team/app:1" in str(e.value)
+    assert str(MAX_MANIFEST_BYTES) in str(e.value)
