@@ -99,8 +99,10 @@ class Puller:
             self._layers.ensure(source, img)
             return source, img
         # What the node has answers without a job: a digest never changes, and a tag is
-        # trusted for --tag-ttl (Never trusts it forever).
-        if policy == "Never" or policy == "IfNotPresent" or ref.digest:
+        # trusted for --tag-ttl (Never trusts it forever). Always asks the registry even
+        # for a digest it has, as the kubelet's pull would: with the pod's own credentials,
+        # so a pod without access cannot use a private image another pod brought.
+        if policy != "Always":
             local = self._local(ref, max_age=None if policy == "Never" else self._tag_ttl)
             if local is not None:
                 self._on_pull("present", None)
@@ -153,16 +155,18 @@ class Puller:
         self._on_pull(outcome, time.monotonic() - started)
 
     def _pull(self, ref: reference.RegistryReference, keyring: Keyring, policy: str):
-        known = None if ref.digest else self._local(ref, max_age=None)
+        known = self._local(ref, max_age=None)
         if known is None:
             return self._fetch(ref, keyring)
-        # A tag we have seen: ask (HEAD) whether it moved before fetching anything. The tag
-        # names the index of a multi-arch image, and that is what the HEAD answers with.
-        recorded = known.index_digest or known.manifest_digest
+        # An image we have: ask (HEAD) whether the tag moved, or for a digest whether these
+        # credentials may read it, before fetching anything. A tag names the index of a
+        # multi-arch image, and that is what the HEAD answers with.
+        recorded = ref.digest or known.index_digest or known.manifest_digest
         try:
             if self._client.head_digest(ref, keyring.lookup) == recorded:
-                self._record_tag(ref, recorded)
-                log.info("image %s: tag unchanged (%s)", ref, recorded)
+                if not ref.digest:
+                    self._record_tag(ref, recorded)
+                log.info("image %s: the registry confirms %s", ref, recorded)
                 return LocalSource(str(ref)), known
             return self._fetch(ref, keyring)
         except StrataError as e:

@@ -302,6 +302,30 @@ def test_identity_tokens_are_exchanged_as_oauth2_refresh_tokens(plugin, tokens, 
     assert not (tmp_path / "w").exists()
 
 
+def test_always_checks_the_pods_own_access_even_to_a_digest_on_the_node(plugin, tokens,
+                                                                         tmp_path):
+    """A private image pulled by one pod stays on the node. IfNotPresent then serves it to
+    anyone (as the kubelet does), but Always asks the registry with the pod's credentials,
+    as the kubelet's pull would, even for a digest."""
+    from tests.registry import registry_get
+
+    p = plugin("--insecure-registry", tokens.host)
+    status, hdrs, _ = registry_get(tokens, "/v2/team/app/manifests/1.0", creds=ALICE)
+    assert status == 200
+    image = f"{tokens.host}/team/app@{hdrs['docker-content-digest']}"
+    secret = dockerconfig(tokens.host, *ALICE)
+    assert _publish_with(p, tmp_path / "a", image, secret) == "app motd\n"
+    before = len(tokens.token_requests)
+    assert _publish_with(p, tmp_path / "b", image, secret, pullPolicy="Always") == \
+        "app motd\n"
+    assert [r.user for r in tokens.token_requests[before:]] in ([], ["alice"])
+    assert _publish_with(p, tmp_path / "c", image, {}) == "app motd\n"  # IfNotPresent
+    with pytest.raises(grpc.RpcError) as e:
+        _publish_with(p, tmp_path / "d", image, {}, pullPolicy="Always")
+    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert not (tmp_path / "d").exists()
+
+
 def test_mirror_is_tried_first_and_falls_back_to_the_origin(plugin, plain, tmp_path):
     with FaultProxy(plain.host) as mirror:
         mirror.fail(503, times=None)  # a mirror that is down
