@@ -45,25 +45,29 @@ def reconcile(root: str, state: State, mounter: Mounter, alone: bool = True) -> 
             log.warning("publication of %s at %s lost its mount; forgetting it", p.volume_id,
                         p.target)
             tx.delete_publication(p.target)
-        # References are derived data: rebuild them from what exists.
+        # References are derived data: rebuild them from what exists. Each holder's layers
+        # are read before a lost layer takes its image record with it: the layers that are
+        # still there stay referenced (a live overlay may use them).
+        holders = [(pub_holder(p.target), f"publication at {p.target}", p.manifest_digest)
+                   for p in tx.publications()]
+        holders += [(stage_holder(s.volume_id), f"stage of {s.volume_id}", s.manifest_digest)
+                    for s in tx.stages()]
+        held = {}
+        for holder, _, digest in holders:
+            image = tx.image(digest)
+            held[holder] = list(image.layer_ids) if image is not None else []
         tx.drop_all_refs()
-        missing = [layer.id for layer in tx.layers()
-                   if not os.path.isdir(os.path.join(root, "layers", layer.id, "fs"))]
+        missing = {layer.id for layer in tx.layers()
+                   if not os.path.isdir(os.path.join(root, "layers", layer.id, "fs"))}
         for lid in missing:
             log.error("layer %s is recorded but its directory is gone; forgetting it and "
                       "the images that contain it (they are pulled again when used)", lid)
             tx.delete_images_with_layer(lid)
             tx.delete_layer(lid)
-        for holder, what, digest in (
-                [(pub_holder(p.target), f"publication at {p.target}", p.manifest_digest)
-                 for p in tx.publications()]
-                + [(stage_holder(s.volume_id), f"stage of {s.volume_id}", s.manifest_digest)
-                   for s in tx.stages()]):
-            image = tx.image(digest)
-            if image is None:  # a lost layer: its next publish pulls the image again
+        for holder, what, digest in holders:
+            if missing & set(held[holder]):  # its next publish pulls the image again
                 log.error("%s: image %s is no longer complete on this node", what, digest)
-                continue
-            tx.add_refs(holder, list(image.layer_ids))
+            tx.add_refs(holder, [lid for lid in held[holder] if lid not in missing])
         live_keys = {p.key for p in tx.publications()}
         layer_ids = {layer.id for layer in tx.layers()}
     for p in gone:
@@ -88,16 +92,21 @@ def _unmount_unrecorded(root: str, recorded: set[str], mounter: Mounter) -> None
     retry, which must find the target free. Unmount them (their upper dirs go below).
 
     A bind of a live publication (the kubelet's subPath mounts, or a copy that mount
-    propagation made) is not one of them: it shares the recorded mount's superblock (an
-    overlay's device is its own) or, for a one-layer bind, its device and root."""
+    propagation made) is not one of them: it shares the recorded overlay's superblock (an
+    overlay's device is its own)."""
     volumes = os.path.join(root, "volumes") + "/"
     layers = os.path.join(root, "layers")
-    layer_roots = tuple(f"/layers/{lid}/fs" for lid in os.listdir(layers))
-    st = os.stat(layers)
-    store_device = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
     mounts = mounter.table.mounts()
-    live = {m.device if m.fstype == "overlay" else (m.device, m.root)
-            for m in mounts if m.mount_point in recorded}
+    # A view's mountinfo root is the layer's path inside the store's filesystem; find that
+    # filesystem (its mount holding layers/) to know the device and the path prefix.
+    real = os.path.realpath(layers)
+    home = max((m for m in mounts if real == m.mount_point or real.startswith(
+        m.mount_point.rstrip("/") + "/")), key=lambda m: len(m.mount_point), default=None)
+    views = set()
+    if home is not None:
+        inside = home.root.rstrip("/") + real[len(home.mount_point.rstrip("/")):]
+        views = {(home.device, f"{inside}/{lid}/fs") for lid in os.listdir(layers)}
+    live = {m.device for m in mounts if m.mount_point in recorded and m.fstype == "overlay"}
     for m in mounts:
         if m.mount_point in recorded:
             continue
@@ -106,9 +115,11 @@ def _unmount_unrecorded(root: str, recorded: set[str], mounter: Mounter) -> None
             bind_of_live = m.device in live
         else:  # a read-only view of a one-layer image is a bind mount of the layer
             # From mountinfo alone: stat(2) on a foreign mount could hang (a dead NFS).
-            ours = m.device == store_device and m.root.endswith(layer_roots) if \
-                layer_roots else False
-            bind_of_live = (m.device, m.root) in live
+            # Every view of one layer has the same device and root, so a leftover cannot be
+            # told from a copy of a live one: it is unmounted. A subPath bind of a view has
+            # a root below the layer's, so it is not ours.
+            ours = (m.device, m.root) in views
+            bind_of_live = False
         if ours and not bind_of_live:
             log.warning("unmounting %s: a strata mount that no publication records "
                         "(a publish interrupted before it was recorded)", m.mount_point)

@@ -295,3 +295,62 @@ def test_start_up_leaves_tmp_alone_while_another_process_uses_the_store(tmp_path
         holder.stdout.close()
         p.stop()
         unmount_all_under(str(tmp_path))
+
+
+def test_a_lost_layer_leaves_the_other_layers_of_live_pods_referenced(tmp_path, images):
+    """The image record goes with its lost layer, but the pod's overlay still uses the
+    image's other layers: GC must not take them."""
+    p = StrataProcess(str(tmp_path), extra_args=("--gc-policy", "immediate",
+                                                 "--gc-min-age", "0")).start()
+    target = tmp_path / "pod"
+    try:
+        p.csi.publish("v", target, images.app)
+        p.stop()
+        st = State(os.path.join(p.root, "state.db"))
+        with st.transaction() as tx:
+            [image] = tx.images()
+        st.close()
+        base, top = image.layer_ids
+        shutil.rmtree(os.path.join(p.root, "layers", top))
+        p.start()
+        st = State(os.path.join(p.root, "state.db"))
+        with st.transaction() as tx:
+            assert tx.refcounts() == {base: 1}
+        st.close()
+        assert os.path.isdir(os.path.join(p.root, "layers", base, "fs"))
+        assert MountTable().is_mountpoint(str(target))
+        p.csi.unpublish("v", target)
+    finally:
+        p.stop()
+        unmount_all_under(str(tmp_path))
+
+
+def test_one_layer_views_interrupted_or_not_and_another_store_s(tmp_path, images):
+    """Read-only views of a one-layer image are bind mounts of the layer, all alike: a
+    leftover beside a live view is still unmounted at start-up, and another strata with
+    its own root (same layer ID) leaves both alone."""
+    for name in ("one", "two"):
+        os.makedirs(tmp_path / name)
+    p = StrataProcess(str(tmp_path / "one")).start()
+    other = StrataProcess(str(tmp_path / "two"))
+    a, b = tmp_path / "podA", tmp_path / "podB"
+    try:
+        p.csi.publish("a", a, images.base, readonly=True)
+        p.csi.publish("b", b, images.base, readonly=True)
+        other.start()  # its start-up must not touch the first store's mounts
+        assert MountTable().is_mountpoint(str(a)) and MountTable().is_mountpoint(str(b))
+        p.stop(signal.SIGKILL)
+        st = State(os.path.join(p.root, "state.db"))
+        with st.transaction() as tx:
+            tx.delete_publication(str(b))  # as if it crashed between mount(2) and record
+        st.close()
+        p.start()
+        assert MountTable().is_mountpoint(str(a))
+        assert not MountTable().is_mountpoint(str(b))
+        p.csi.publish("b", b, images.base, readonly=True)  # the kubelet's retry
+        for vid, t in (("a", a), ("b", b)):
+            p.csi.unpublish(vid, t)
+    finally:
+        other.stop()
+        p.stop()
+        unmount_all_under(str(tmp_path))
