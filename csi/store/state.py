@@ -32,17 +32,10 @@ CREATE TABLE image_aliases (
     digest TEXT PRIMARY KEY,        -- an index (manifest list) digest a reference named
     manifest_digest TEXT NOT NULL   -- the platform manifest it resolved to on this node
 );
--- Version 2 recorded an image named through an index twice, as two identical rows. Keep
--- the row the tags do not name (the platform manifest) and make the other an alias.
-INSERT INTO image_aliases
-    SELECT a.manifest_digest, MIN(b.manifest_digest) FROM images a JOIN images b
-        ON a.config_digest = b.config_digest AND a.layer_ids = b.layer_ids
-       AND a.manifest_digest <> b.manifest_digest
-    WHERE a.manifest_digest IN (SELECT manifest_digest FROM tags)
-      AND b.manifest_digest NOT IN (SELECT manifest_digest FROM tags)
-    GROUP BY a.manifest_digest;
-DELETE FROM images WHERE manifest_digest IN (SELECT digest FROM image_aliases);
 """,
+    # Version 2 recorded an image named through an index twice, as two identical rows, and
+    # which one is the index cannot be told from the rows: put_alias folds them the next
+    # time that image is recorded, when it can.
 }
 
 _SCHEMA = """
@@ -218,6 +211,14 @@ class Tx:
         return [_image(r) for r in self._c.execute("SELECT * FROM images ORDER BY name")]
 
     def put_alias(self, digest: str, manifest_digest: str) -> None:
+        """Record that index `digest` resolved to `manifest_digest`. A row a version-2 store
+        kept under the index digest is folded into the manifest's, with the publications
+        and stages that named it."""
+        self._c.execute("DELETE FROM images WHERE manifest_digest=?", (digest,))
+        for table in ("publications", "stages"):
+            self._c.execute(f"UPDATE {table} SET manifest_digest=? WHERE manifest_digest=?",
+                            (manifest_digest, digest))
+        self._c.execute("DELETE FROM image_aliases WHERE digest=?", (manifest_digest,))
         self._c.execute("INSERT OR REPLACE INTO image_aliases VALUES (?,?)",
                         (digest, manifest_digest))
 
