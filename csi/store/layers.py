@@ -187,21 +187,25 @@ class LayerStore:
                     if clash is not None:
                         # Another process (`strata pull` beside the server: single-flight
                         # is per process) recorded it first; its directory may already be
-                        # under a pod's overlay, so ours is the one to go.
-                        remove_tree(work, ignore_errors=True)
-                        log.info("layer %s was unpacked meanwhile by another process", lid)
-                        return clash
-                    # Unrecorded, so a leftover of a crash between rename and record.
-                    self._discard(final)
-                    os.rename(work, final)
-                    renamed = True
-                    layer = Layer(lid, desc.diff_id, size, now, now)
-                    tx.put_layer(layer)
+                        # under a pod's overlay, so ours is the one to go (below, once
+                        # both locks are released: deleting a layer takes a while).
+                        layer = clash
+                    else:
+                        # Unrecorded, so a leftover of a crash between rename and record.
+                        self._discard(final)
+                        os.rename(work, final)
+                        renamed = True
+                        layer = Layer(lid, desc.diff_id, size, now, now)
+                        tx.put_layer(layer)
             except BaseException:  # the transaction rolled back: nothing may stay
                 remove_tree(work, ignore_errors=True)
                 if renamed:
                     self._discard(final)
                 raise
+        if not renamed:
+            remove_tree(work, ignore_errors=True)
+            log.info("layer %s was unpacked meanwhile by another process", lid)
+            return layer
         self.unpacked += 1
         seconds = time.monotonic() - started
         log.info("unpacked layer %s (%d entries, %d bytes) in %.2fs", lid, stats.entries,
