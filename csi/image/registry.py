@@ -298,7 +298,8 @@ class RegistryClient:
                                            ("refresh_token", creds.identity_token),
                                            ("client_id", USER_AGENT)]).encode()
             status, _, body = self._request(
-                realm.scheme, realm.netloc, "POST", realm.path or "/",
+                realm.scheme, realm.netloc, "POST",
+                (realm.path or "/") + (f"?{realm.query}" if realm.query else ""),
                 {"Content-Type": "application/x-www-form-urlencoded"},
                 f"{what}: token from {realm.netloc}", body=form)
         else:
@@ -566,6 +567,8 @@ class RegistryClient:
                 log.info("%s: %s", what, e)
                 continue
             digest = hdrs.get("Docker-Content-Digest", "") if status == 200 else ""
+            if status == 200 and not digest and ref.digest:
+                digest = ref.digest  # by digest, a 200 is the answer: the header is optional
             if digest.startswith("sha256:"):
                 return digest
         return None
