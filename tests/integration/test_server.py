@@ -159,3 +159,27 @@ def test_page_cache_metrics_count_one_cached_copy_for_every_pod(plugin, tmp_path
     finally:
         for i, pod in enumerate(pods):
             plugin.csi.unpublish(f"pc-{i}", pod)
+
+
+def test_node_and_controller_on_one_socket(tmp_path):
+    """What the DaemonSet does: the per-node csi-provisioner needs NodeGetInfo and the
+    Controller service on the socket it is given."""
+    from tests.conftest import Csi
+
+    proc = StrataProcess(str(tmp_path))
+    proc.ctrl_sock = proc.node_sock
+    proc.start()
+    try:
+        csi = Csi(proc.node_sock, proc.node_sock)
+        caps = csi.identity.GetPluginCapabilities(csi_pb2.GetPluginCapabilitiesRequest(),
+                                                  timeout=10)
+        assert [c.service.type for c in caps.capabilities] == [
+            csi_pb2.PluginCapability.Service.CONTROLLER_SERVICE]
+        assert csi.node.NodeGetInfo(csi_pb2.NodeGetInfoRequest(), timeout=10).node_id
+        rpcs = csi.controller.ControllerGetCapabilities(
+            csi_pb2.ControllerGetCapabilitiesRequest(), timeout=10).capabilities
+        assert [c.rpc.type for c in rpcs] == [
+            csi_pb2.ControllerServiceCapability.RPC.CREATE_DELETE_VOLUME]
+        csi.close()
+    finally:
+        proc.stop()

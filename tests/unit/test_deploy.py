@@ -101,6 +101,9 @@ def test_the_provisioner_talks_to_the_controller_on_its_own_node():
     prov = container("csi-provisioner")
     assert host_path_of(prov, flag(prov, "--csi-address")) == \
         host_path_of(container("strata"), config.controller_socket_path)
+    # --node-deployment calls NodeGetInfo on that socket too (and exits if it fails):
+    # strata serves Node and Controller on one socket when both endpoints are the same.
+    assert config.controller_socket_path == config.socket_path
     assert "--node-deployment" in prov["args"]
     env = {e["name"]: e for e in prov["env"]}
     assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
