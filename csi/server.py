@@ -80,8 +80,13 @@ class Plugin:
         self.state = State(os.path.join(root, "state.db"))
         self.mounter = mounter or Mounter()
         self._users = StoreUsers(root)
-        reconcile(root, self.state, self.mounter, alone=self._users.alone())
-        self._users.share()
+        try:
+            reconcile(root, self.state, self.mounter, alone=self._users.alone())
+            self._users.share()
+        except BaseException:
+            self._users.close()
+            self.state.close()
+            raise
         self.layers = LayerStore(root, self.state, on_unpack=self.metrics.on_unpack)
         self.gc = Collector(self.layers, config.gc, on_collect=self.metrics.on_collect)
         self.puller = build_puller(config, self.state, self.layers, metrics=self.metrics)
