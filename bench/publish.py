@@ -76,14 +76,12 @@ def bench_manager(vm, image, work, n, publish_only=None):
     return out
 
 
-def bench_rpc(sock, image, work, n):
-    channel = grpc.insecure_channel(f"unix://{sock}")
-    node = csi_pb2_grpc.NodeStub(channel)
+def bench_rpc(node, image, work, n):
     cap = csi_pb2.VolumeCapability(
         mount=csi_pb2.VolumeCapability.MountVolume(),
         access_mode=csi_pb2.VolumeCapability.AccessMode(mode=1))
     out = []
-    for i in range(n + 5):
+    for i in range(n):
         target = os.path.join(work, f"rpc{i}")
         t0 = time.perf_counter()
         node.NodePublishVolume(csi_pb2.NodePublishVolumeRequest(
@@ -91,9 +89,7 @@ def bench_rpc(sock, image, work, n):
             volume_context={"image": image, "csi.storage.k8s.io/ephemeral": "true"}))
         node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(
             volume_id=f"rpc-{i}", target_path=target))
-        if i >= 5:  # the first calls warm the channel and the layer cache
-            out.append(time.perf_counter() - t0)
-    channel.close()
+        out.append(time.perf_counter() - t0)
     return out
 
 
@@ -148,14 +144,6 @@ def main():
         lowers = [layers.path(i) for i in reversed(ids)]
         work = os.path.join(root, "work")
         os.mkdir(work)
-        bench_manager(vm, image, work, 5)
-        bare_mount: list[float] = []
-        bare = bench_bare(mounter, lowers, work, args.n, bare_mount)
-        mgr_pub: list[float] = []
-        mgr = bench_manager(vm, image, work, args.n, mgr_pub)
-        scale, scrape = bench_scale(vm, image, work, store)
-        state.close()
-
         sock = os.path.join(root, "csi.sock")
         log = open(os.path.join(root, "serve.log"), "w")
         proc = subprocess.Popen([sys.executable, "-m", "csi", "serve", "--endpoint",
@@ -164,7 +152,21 @@ def main():
                                 stdout=log, stderr=log)
         while not os.path.exists(sock):
             time.sleep(0.05)
-        rpc = bench_rpc(sock, image, work, args.n)
+        channel = grpc.insecure_channel(f"unix://{sock}")
+        node = csi_pb2_grpc.NodeStub(channel)
+        bench_manager(vm, image, work, 5)  # warm-up: the layer cache, the channel
+        bench_rpc(node, image, work, 5)
+        # Interleaved rounds: the machine's speed drifts (frequency, neighbours), and every
+        # contender should meet the same drift.
+        bare, mgr, rpc, bare_mount, mgr_pub = [], [], [], [], []
+        rounds = 10
+        for _ in range(rounds):
+            bare += bench_bare(mounter, lowers, work, args.n // rounds, bare_mount)
+            mgr += bench_manager(vm, image, work, args.n // rounds, mgr_pub)
+            rpc += bench_rpc(node, image, work, args.n // rounds)
+        channel.close()
+        scale, scrape = bench_scale(vm, image, work, store)
+        state.close()
 
         print(f"warm publish+unpublish cycle, {len(lowers)}-layer image, n={args.n}")
         summary("bare", bare)
