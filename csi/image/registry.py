@@ -662,5 +662,13 @@ class RegistrySource:
 
         path = self.blobs.get(layer.digest, layer.size, fetch,
                               f"image {self.ref}: layer {layer.digest}")
+
+        def evict():
+            # Verified when it was stored, so it rotted since (a crash before the data
+            # reached the disk): drop it, and the next attempt downloads it again.
+            log.warning("image %s: cached blob %s is corrupt; removing it", self.ref,
+                        layer.digest)
+            self.blobs.remove(layer.digest)
+
         return VerifyingReader(open(path, "rb"), layer.digest, layer.size,
-                               f"image {self.ref}: layer {layer.digest}")
+                               f"image {self.ref}: layer {layer.digest}", on_mismatch=evict)

@@ -15,11 +15,13 @@ class VerifyingReader:
     content does not match `digest` (and `size`, when known). Reading past the expected
     size fails at once, so a hostile source cannot make us hash forever."""
 
-    def __init__(self, raw: BinaryIO, digest: str, size: int | None, what: str):
+    def __init__(self, raw: BinaryIO, digest: str, size: int | None, what: str,
+                 on_mismatch=None):
         self._raw = raw
         self._digest = digest
         self._size = size
         self._what = what
+        self._on_mismatch = on_mismatch or (lambda: None)  # e.g. evict a corrupt cache entry
         self._hash = hashlib.sha256()
         self.bytes_read = 0
         self.verified = False
@@ -30,6 +32,7 @@ class VerifyingReader:
             self._hash.update(chunk)
             self.bytes_read += len(chunk)
             if self._size is not None and self.bytes_read > self._size:
+                self._on_mismatch()
                 raise DataLoss(f"{self._what}: more than the {self._size} bytes its descriptor "
                                "declares")
         elif n != 0:
@@ -54,9 +57,11 @@ class VerifyingReader:
             return
         got = "sha256:" + self._hash.hexdigest()
         if self._size is not None and self.bytes_read != self._size:
+            self._on_mismatch()
             raise DataLoss(f"{self._what}: size {self.bytes_read} does not match the "
                            f"declared {self._size}")
         if got != self._digest:
+            self._on_mismatch()
             raise DataLoss(f"{self._what}: digest mismatch: expected {self._digest}, got {got}")
         self.verified = True
 

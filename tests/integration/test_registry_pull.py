@@ -326,6 +326,28 @@ def test_always_checks_the_pods_own_access_even_to_a_digest_on_the_node(plugin, 
     assert not (tmp_path / "d").exists()
 
 
+def test_a_cached_blob_that_rotted_is_evicted_and_fetched_again(plugin, plain, tmp_path):
+    """A blob is verified when stored, but a crash before its data reached the disk can
+    leave the right size with the wrong bytes. Reading it fails with DATA_LOSS and evicts
+    it, so the kubelet's retry downloads it again instead of failing forever."""
+    p = plugin("--insecure-registry", plain.host)
+    from tests.registry import registry_get
+
+    [_, top] = _layer_digests(plain)
+    _, _, body = registry_get(plain, "/v2/team/app/manifests/1.0")
+    size = json.loads(body)["layers"][1]["size"]
+    cached = os.path.join(p.root, "blobs", "sha256", top)
+    with open(cached, "wb") as f:
+        f.write(b"\0" * size)
+    image = f"{plain.host}/team/app:1.0"
+    with pytest.raises(grpc.RpcError) as e:
+        p.csi.publish("v", tmp_path / "t", image)
+    assert e.value.code() == grpc.StatusCode.DATA_LOSS
+    assert not os.path.exists(cached), "the corrupt blob stays no longer"
+    assert published(p, tmp_path / "t", image) == "app motd\n"  # the retry
+    store_is_clean(p)
+
+
 def test_mirror_is_tried_first_and_falls_back_to_the_origin(plugin, plain, tmp_path):
     with FaultProxy(plain.host) as mirror:
         mirror.fail(503, times=None)  # a mirror that is down
