@@ -30,6 +30,7 @@ from typing import BinaryIO
 
 from csi.errors import (
     DataLoss,
+    Internal,
     InvalidArgument,
     NotFound,
     PermissionDenied,
@@ -241,7 +242,12 @@ class RegistryClient:
             if out is None:
                 chunks.append(chunk)
             else:
-                out.write(chunk)
+                try:
+                    out.write(chunk)
+                except OSError as e:  # the store, not the network: no retry, no UNAVAILABLE
+                    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                        raise ResourceExhausted(f"{what}: no space left on the store") from e
+                    raise Internal(f"{what}: cannot write to the store: {e}") from e
                 self._on_bytes(len(chunk))
             if time.monotonic() > deadline:
                 raise TimeoutError(f"transfer slower than {self.options.min_rate:.0f} bytes/s")
@@ -653,7 +659,7 @@ class RegistrySource:
                     self.client.fetch_blob(ep, self.ref, layer.digest, layer.size, creds,
                                            out.tell(), out)
                     return
-                except (DataLoss, ResourceExhausted):
+                except (DataLoss, ResourceExhausted, Internal):
                     raise
                 except StrataError as e:
                     if i == len(self.candidates) - 1:

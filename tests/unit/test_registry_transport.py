@@ -1,12 +1,14 @@
 """The registry client's transport limits against a misbehaving HTTP server on loopback."""
 
+import errno
+import os
 import socket
 import threading
 import time
 
 import pytest
 
-from csi.errors import DataLoss, InvalidArgument, Unavailable
+from csi.errors import DataLoss, Internal, InvalidArgument, ResourceExhausted, Unavailable
 from csi.image.manifest import MAX_MANIFEST_BYTES
 from csi.image.reference import parse
 from csi.image.registry import Endpoint, Options, RegistryClient, _registry_error
@@ -102,3 +104,30 @@ def test_a_manifest_over_the_limit_is_invalid_argument(server, framing):
         client.manifest(Endpoint("http", srv.host), parse(f"{srv.host}/team/app:1"), "1", None)
     assert f"image {srv.host}/team/app:1" in str(e.value)
     assert str(MAX_MANIFEST_BYTES) in str(e.value)
+
+
+@pytest.mark.parametrize("err,expected", [(errno.EIO, Internal), (errno.EROFS, Internal),
+                                          (errno.ENOSPC, ResourceExhausted)])
+def test_a_store_that_cannot_write_is_not_a_registry_failure(server, err, expected):
+    """A failing write to the blob cache is the node's problem: no retries against the
+    registry, and not UNAVAILABLE (which would blame the registry)."""
+    srv = server(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n", b"y" * 100)
+    client = RegistryClient(Options(retries=3, backoff=0.001))
+
+    class Broken:  # stands for the partial file on a failing disk
+        writes = 0
+
+        def write(self, data):
+            Broken.writes += 1
+            raise OSError(err, os.strerror(err))
+
+        def tell(self):
+            return 0
+
+        def truncate(self, n):
+            pass
+
+    with pytest.raises(expected, match="store"):
+        client.fetch_blob(Endpoint("http", srv.host), parse(f"{srv.host}/a:1"),
+                          "sha256:" + "0" * 64, 100, None, 0, Broken())
+    assert Broken.writes == 1, "not retried"
