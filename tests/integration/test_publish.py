@@ -248,3 +248,32 @@ def _lowers_of_app(csi, pods, images) -> str:
         return overlay_opts(t)["lowerdir"]
     finally:
         csi.unpublish("app-ref", t)
+
+
+def test_a_layer_labelled_gzip_that_is_plain_tar_is_unpacked(csi, pods, tmp_path):
+    """Some build tools label uncompressed layers tar+gzip; containerd reads the blob's
+    magic bytes, and so does strata (the DiffID still vouches for the content)."""
+    import hashlib
+    import json
+
+    from csi.image.build import LayerBuilder, write_image
+
+    layout = tmp_path / "mislabelled"
+    write_image(str(layout), "v1", [LayerBuilder().file("etc/motd", "plain tar\n")],
+                compression="none")
+    index = json.loads((layout / "index.json").read_text())
+    old = index["manifests"][0]["digest"]
+    manifest = json.loads((layout / "blobs" / "sha256" / old.split(":")[1]).read_bytes())
+    for desc in manifest["layers"]:
+        desc["mediaType"] = "application/vnd.oci.image.layer.v1.tar+gzip"
+    body = json.dumps(manifest).encode()
+    new = "sha256:" + hashlib.sha256(body).hexdigest()
+    (layout / "blobs" / "sha256" / new.split(":")[1]).write_bytes(body)
+    index["manifests"][0].update(digest=new, size=len(body))
+    (layout / "index.json").write_text(json.dumps(index))
+    t = pods / "mislabelled"
+    csi.publish("mislabelled", t, f"oci:{layout}:v1")
+    try:
+        assert (t / "etc/motd").read_text() == "plain tar\n"
+    finally:
+        csi.unpublish("mislabelled", t)
