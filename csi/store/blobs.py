@@ -64,9 +64,7 @@ class BlobStore:
             return final
         partial = os.path.join(self.tmp_dir, f"blob-{digest.partition(':')[2]}.partial")
         try:
-            with open(partial, "ab") as out:
-                # Another process (`strata pull` beside the server) may be fetching it too.
-                fcntl.flock(out, fcntl.LOCK_EX)
+            with _locked_append(partial) as out:
                 if self.has(digest, size):
                     return final
                 have = out.seek(0, os.SEEK_END)
@@ -94,6 +92,24 @@ class BlobStore:
             raise  # a cut connection: the partial file stays for the next resume
         self._on_fetch(size)
         return final
+
+
+def _locked_append(path: str) -> BinaryIO:
+    """`path` opened for append under an exclusive flock: another process (`strata pull`
+    beside the server) may be fetching the same blob. If the holder we waited for deleted
+    the file (bad bytes), our descriptor is an orphan: open the path again."""
+    while True:
+        out = open(path, "ab")
+        try:
+            fcntl.flock(out, fcntl.LOCK_EX)
+            if os.fstat(out.fileno()).st_ino == os.stat(path).st_ino:
+                return out
+        except FileNotFoundError:
+            pass
+        except BaseException:
+            out.close()
+            raise
+        out.close()
 
 
 def _sha256_file(path: str) -> str:

@@ -91,3 +91,39 @@ def test_racing_gets_download_once(tmp_path):
     for t in threads:
         t.join(10)
     assert calls == [0]
+
+
+def test_a_second_process_waiting_on_a_download_that_failed_starts_afresh(tmp_path):
+    """Two stores on one root stand for `strata serve` and `strata pull`: single-flight
+    does not join them, the partial file's flock orders them. When the first download is
+    bad bytes, its partial file is deleted; the waiter must not go on with the orphaned
+    descriptor it opened before (and then fail to find the file to hash)."""
+    first, second = BlobStore(str(tmp_path)), BlobStore(str(tmp_path))
+    started, release = threading.Event(), threading.Event()
+    errors = []
+
+    def bad(offset, out):
+        started.set()
+        assert release.wait(10)
+        out.write(b"x" * len(DATA))
+
+    def run_first():
+        try:
+            first.get(DIGEST, len(DATA), bad, "blob")
+        except DataLoss as e:
+            errors.append(e)
+
+    t = threading.Thread(target=run_first)
+    t.start()
+    assert started.wait(10)
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(
+        second.get(DIGEST, len(DATA), lambda o, out: out.write(DATA[o:]), "blob")))
+    waiter.start()  # blocks on the partial file's flock
+    waiter.join(0.3)
+    release.set()
+    t.join(10)
+    waiter.join(10)
+    assert len(errors) == 1 and got, "the second download went through"
+    with open(got[0], "rb") as f:
+        assert f.read() == DATA
