@@ -8,9 +8,10 @@ Pull secrets reach NodePublish/NodeStage as CSI `secrets`: the data of a
 `URLsMatch`): scheme and `/v1/`, `/v2/` prefixes ignored, Docker Hub's aliases unified, host
 and port split apart (IPv6 literals unbracketed), each dot-separated part of the host matched
 as a glob against the same part of the registry (so `*.example.com` covers `a.example.com`
-but neither `example.com` nor `a.b.example.com`), ports equal, and the longest matching path
-prefix wins. An entry with no username, password or identity token is not credentials: it
-is what `docker login` writes beside a `credsStore`, and is skipped.
+but neither `example.com` nor `a.b.example.com`), ports equal; the longest matching path
+prefix wins, then an exact host over a glob, then a pod's secret over the node's config.
+An entry with no username, password or identity token is not credentials: it is what
+`docker login` writes beside a `credsStore`, and is skipped.
 """
 
 import base64
@@ -116,14 +117,15 @@ class Keyring:
 
     def lookup(self, registry: str, repository: str) -> Credentials | None:
         host = "docker.io" if registry.lower() in DOCKER_HUB_ALIASES else registry.lower()
-        best, best_len = None, -1
+        best, best_score = None, (-1, False, -1)
         for i, (glob, prefix, creds) in enumerate(self._entries):
             if not host_matches(glob, host):
                 continue
             if prefix and not (repository == prefix or repository.startswith(prefix + "/")):
                 continue
-            # longest path prefix wins; among equals, the later source (a pod's secret)
-            score = len(prefix) * 1000 + i
-            if score > best_len:
-                best, best_len = creds, score
+            # The longest path prefix wins; then an exact host over a glob; then the later
+            # source (a pod's secret over the node's config).
+            score = (len(prefix), not any(c in glob for c in "*?["), i)
+            if score > best_score:
+                best, best_score = creds, score
         return best

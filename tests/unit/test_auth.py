@@ -66,6 +66,20 @@ def test_pod_secret_wins_over_node_config():
     assert Keyring.from_secrets({}, base=node).lookup("r.io", "x").username == "node"
 
 
+def test_an_exact_host_beats_a_glob_whatever_the_order():
+    for order in ([("reg.example.com", "exact:1"), ("*.example.com", "glob:2")],
+                  [("*.example.com", "glob:2"), ("reg.example.com", "exact:1")]):
+        ring = Keyring.from_secrets({".dockerconfigjson": cfg(
+            {key: {"auth": b64(auth)} for key, auth in order})})
+        assert ring.lookup("reg.example.com", "x").username == "exact"
+        assert ring.lookup("other.example.com", "x").username == "glob"
+    # a node's exact host still loses to nothing less than a pod's exact host
+    node = Keyring(parse_config(cfg({"reg.example.com": {"auth": b64("node:1")}}), "node"))
+    pod = {".dockerconfigjson": cfg({"*.example.com": {"auth": b64("pod:2")}})}
+    assert Keyring.from_secrets(pod, base=node).lookup("reg.example.com", "x").username == \
+        "node"
+
+
 def test_credentials_never_print_their_password():
     assert "pw" not in repr(Credentials("u", "pw"))
 
