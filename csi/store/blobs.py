@@ -63,9 +63,14 @@ class BlobStore:
         if self.has(digest, size):
             return final
         partial = os.path.join(self.tmp_dir, f"blob-{digest.partition(':')[2]}.partial")
-        try:
-            with _locked_append(partial) as out:
-                if self.has(digest, size):
+        # Everything from the first byte to the rename or the discard happens under the
+        # partial file's flock, so a process waiting on it finds either the blob in place,
+        # or a fresh file to fetch into, never bytes someone else is judging.
+        with _locked_append(partial) as out:
+            try:
+                if self.has(digest, size):  # the holder we waited for stored it
+                    if out.tell() == 0:
+                        _unlink(partial)
                     return final
                 have = out.seek(0, os.SEEK_END)
                 if have > size:
@@ -75,21 +80,21 @@ class BlobStore:
                     fetch(have, out)
                 out.flush()
                 written = out.tell()
-            if written != size:
-                raise DataLoss(f"{what}: got {written} bytes, the descriptor says {size}")
-            got = _sha256_file(partial)
-            if got != digest:
-                raise DataLoss(f"{what}: digest mismatch: expected {digest}, got {got}; the "
-                               "downloaded bytes were discarded")
-            os.rename(partial, final)
-        except (DataLoss, ResourceExhausted):
-            _unlink(partial)  # bad bytes are never kept, nor a partial filling a full disk
-            raise
-        except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                _unlink(partial)
-                raise ResourceExhausted(f"no space left downloading {what}") from e
-            raise  # a cut connection: the partial file stays for the next resume
+                if written != size:
+                    raise DataLoss(f"{what}: got {written} bytes, the descriptor says {size}")
+                got = _sha256_file(partial)
+                if got != digest:
+                    raise DataLoss(f"{what}: digest mismatch: expected {digest}, got {got}; "
+                                   "the downloaded bytes were discarded")
+                os.rename(partial, final)
+            except (DataLoss, ResourceExhausted):
+                _unlink(partial)  # bad bytes are never kept, nor a partial filling a disk
+                raise
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    _unlink(partial)
+                    raise ResourceExhausted(f"no space left downloading {what}") from e
+                raise  # a cut connection: the partial file stays for the next resume
         self._on_fetch(size)
         return final
 

@@ -3,6 +3,7 @@
 import hashlib
 import http.client
 import threading
+import time
 
 import pytest
 
@@ -119,11 +120,19 @@ def test_a_second_process_waiting_on_a_download_that_failed_starts_afresh(tmp_pa
     got = []
     waiter = threading.Thread(target=lambda: got.append(
         second.get(DIGEST, len(DATA), lambda o, out: out.write(DATA[o:]), "blob")))
-    waiter.start()  # blocks on the partial file's flock
-    waiter.join(0.3)
+    waiter.start()
+    deadline = time.monotonic() + 10
+    while not _someone_waits_on_a_flock():
+        assert time.monotonic() < deadline, "the second fetch never waited"
+        time.sleep(0.01)
     release.set()
     t.join(10)
     waiter.join(10)
     assert len(errors) == 1 and got, "the second download went through"
     with open(got[0], "rb") as f:
         assert f.read() == DATA
+
+
+def _someone_waits_on_a_flock() -> bool:
+    with open("/proc/locks") as f:
+        return "-> FLOCK" in f.read()
