@@ -10,7 +10,22 @@ def sha256_digest(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-class VerifyingReader:
+class ReadStream:
+    """The file-object surface io.BufferedReader, gzip and tarfile need, around `read`."""
+
+    def read(self, n: int = -1) -> bytes:
+        raise NotImplementedError
+
+    def readinto(self, b) -> int:
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+    def readable(self) -> bool:
+        return True
+
+
+class VerifyingReader(ReadStream):
     """Wraps a binary stream; hashes every byte read and, at EOF, raises DataLoss when the
     content does not match `digest` (and `size`, when known). Reading past the expected
     size fails at once, so a hostile source cannot make us hash forever."""
@@ -38,14 +53,6 @@ class VerifyingReader:
         elif n != 0:
             self._check()
         return chunk
-
-    def readinto(self, b) -> int:  # lets io.BufferedReader and gzip wrap us efficiently
-        data = self.read(len(b))
-        b[: len(data)] = data
-        return len(data)
-
-    def readable(self) -> bool:
-        return True
 
     def drain(self) -> None:
         """Read to EOF (formats such as tar may stop before the end) and verify."""

@@ -12,6 +12,7 @@ import logging
 from typing import BinaryIO
 
 from csi.errors import InvalidArgument
+from csi.image.verify import ReadStream
 
 try:  # ISA-L inflates 1.6-2x faster than zlib (PERFORMANCE.md); optional, as it is native
     from isal import igzip as _gzip
@@ -31,7 +32,7 @@ MAGIC = ((b"\x1f\x8b", "gzip"), (b"\x28\xb5\x2f\xfd", "zstd"))
 log = logging.getLogger(__name__)
 
 
-class _Prefixed:
+class _Prefixed(ReadStream):
     """A stream with its first bytes, already read to sniff them, put back in front."""
 
     def __init__(self, raw: BinaryIO, head: bytes):
@@ -45,14 +46,6 @@ class _Prefixed:
             return data
         data, self._head = self._head[:n], self._head[n:]
         return data if len(data) == n else data + self._raw.read(n - len(data))
-
-    def readinto(self, b) -> int:
-        data = self.read(len(b))
-        b[: len(data)] = data
-        return len(data)
-
-    def readable(self) -> bool:
-        return True
 
     def close(self) -> None:
         pass  # the blob belongs to the caller, who drains and closes it
