@@ -12,6 +12,7 @@ import logging
 import os
 import time
 
+from csi.mount.mountinfo import mount_id
 from csi.mount.syscalls import Mounter
 from csi.store.state import State, pub_holder, stage_holder
 from csi.store.tree import remove_tree
@@ -47,15 +48,19 @@ def reconcile(root: str, state: State, mounter: Mounter, alone: bool = True) -> 
             tx.delete_publication(p.target)
         # References are derived data: rebuild them from what exists. Each holder's layers
         # are read before a lost layer takes its image record with it: the layers that are
-        # still there stay referenced (a live overlay may use them).
+        # still there stay referenced (a live overlay may use them). A holder whose image a
+        # lost layer took at an earlier start keeps the references it has.
         holders = [(pub_holder(p.target), f"publication at {p.target}", p.manifest_digest)
                    for p in tx.publications()]
         holders += [(stage_holder(s.volume_id), f"stage of {s.volume_id}", s.manifest_digest)
                     for s in tx.stages()]
+        had: dict[str, list[str]] = {}
+        for lid, holder in tx.holders():
+            had.setdefault(holder, []).append(lid)
         held = {}
         for holder, _, digest in holders:
             image = tx.image(digest)
-            held[holder] = list(image.layer_ids) if image is not None else []
+            held[holder] = list(image.layer_ids) if image is not None else had.get(holder, [])
         tx.drop_all_refs()
         missing = {layer.id for layer in tx.layers()
                    if not os.path.isdir(os.path.join(root, "layers", layer.id, "fs"))}
@@ -93,33 +98,40 @@ def _unmount_unrecorded(root: str, recorded: set[str], mounter: Mounter) -> None
 
     A bind of a live publication (the kubelet's subPath mounts, or a copy that mount
     propagation made) is not one of them: it shares the recorded overlay's superblock (an
-    overlay's device is its own)."""
+    overlay's device is its own) or, for a one-layer view, the recorded view's peer group."""
     volumes = os.path.join(root, "volumes") + "/"
     layers = os.path.join(root, "layers")
     mounts = mounter.table.mounts()
-    # A view's mountinfo root is the layer's path inside the store's filesystem; find that
-    # filesystem (its mount holding layers/) to know the device and the path prefix.
+    # A view's mountinfo root is the layer's path inside the store's filesystem: find the
+    # mount layers/ is on (statx sees through stacked mounts; else the topmost match).
     real = os.path.realpath(layers)
-    home = max((m for m in mounts if real == m.mount_point or real.startswith(
-        m.mount_point.rstrip("/") + "/")), key=lambda m: len(m.mount_point), default=None)
+    store_mount = mount_id(real)
+    home = next((m for m in mounts if m.mount_id == store_mount), None)
+    if home is None:
+        covering = [m for m in mounts if real == m.mount_point
+                    or real.startswith(m.mount_point.rstrip("/") + "/")]
+        longest = max((len(m.mount_point) for m in covering), default=0)
+        home = next((m for m in reversed(covering) if len(m.mount_point) == longest), None)
     views = set()
     if home is not None:
         inside = home.root.rstrip("/") + real[len(home.mount_point.rstrip("/")):]
         views = {(home.device, f"{inside}/{lid}/fs") for lid in os.listdir(layers)}
-    live = {m.device for m in mounts if m.mount_point in recorded and m.fstype == "overlay"}
+    live = [m for m in mounts if m.mount_point in recorded]
+    live_overlays = {m.device for m in live if m.fstype == "overlay"}
+    # Unmounting a mount unmounts its propagated copies too: a copy of a live view (same
+    # peer group) must stay, or the recorded view would go with it.
+    live_groups = {m.peer_group for m in live if m.peer_group}
     for m in mounts:
         if m.mount_point in recorded:
             continue
         if m.fstype == "overlay":
             ours = volumes in m.super_options or (layers + "/") in m.super_options
-            bind_of_live = m.device in live
+            bind_of_live = m.device in live_overlays
         else:  # a read-only view of a one-layer image is a bind mount of the layer
             # From mountinfo alone: stat(2) on a foreign mount could hang (a dead NFS).
-            # Every view of one layer has the same device and root, so a leftover cannot be
-            # told from a copy of a live one: it is unmounted. A subPath bind of a view has
-            # a root below the layer's, so it is not ours.
+            # A subPath bind of a view has a root below the layer's, so it is not ours.
             ours = (m.device, m.root) in views
-            bind_of_live = False
+            bind_of_live = bool(m.peer_group) and m.peer_group in live_groups
         if ours and not bind_of_live:
             log.warning("unmounting %s: a strata mount that no publication records "
                         "(a publish interrupted before it was recorded)", m.mount_point)

@@ -28,6 +28,12 @@ class MountInfo:
     options: str
     super_options: str
     device: str = ""  # "major:minor" of the superblock: shared by every bind of one mount
+    optional: tuple[str, ...] = ()  # propagation: "shared:N" (peer group), "master:N", ...
+
+    @property
+    def peer_group(self) -> str:
+        """"shared:N" for a shared mount (its propagated copies carry the same), else ""."""
+        return next((f for f in self.optional if f.startswith("shared:")), "")
 
 
 def _unescape(field: str) -> str:
@@ -53,6 +59,7 @@ def parse(text: str) -> list[MountInfo]:
                 source=_unescape(fields[sep + 2]),
                 super_options=fields[sep + 3] if len(fields) > sep + 3 else "",
                 device=fields[2],
+                optional=tuple(fields[6:sep]),
             )
         )
     return mounts
@@ -64,6 +71,7 @@ AT_SYMLINK_NOFOLLOW = 0x100
 AT_STATX_DONT_SYNC = 0x4000
 STATX_BASIC_STATS = 0x7FF
 STATX_ATTR_MOUNT_ROOT = 0x2000
+STATX_MNT_ID = 0x1000
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 _statx = getattr(_libc, "statx", None)  # glibc >= 2.28
@@ -89,6 +97,20 @@ def mount_root(path: str) -> bool | None:
     if not supported & STATX_ATTR_MOUNT_ROOT:
         return None
     return bool(attributes & STATX_ATTR_MOUNT_ROOT)
+
+
+def mount_id(path: str) -> int | None:
+    """The ID (mountinfo's first field) of the mount `path` is on; None when statx cannot
+    say (Linux < 5.8). Unlike matching paths against mountinfo, it sees through stacked
+    and hidden mounts."""
+    if _statx is None:
+        return None
+    buf = ctypes.create_string_buffer(256)  # struct statx
+    if _statx(AT_FDCWD, os.fsencode(path), AT_STATX_DONT_SYNC, STATX_MNT_ID, buf) != 0:
+        return None
+    if not int.from_bytes(buf.raw[0:4], sys.byteorder) & STATX_MNT_ID:  # stx_mask
+        return None
+    return int.from_bytes(buf.raw[144:152], sys.byteorder)  # stx_mnt_id
 
 
 class MountTable:

@@ -32,6 +32,9 @@ def test_optional_fields_do_not_shift_the_rest(optional):
     [m] = parse(f"101 30 0:55 / /t rw,relatime {optional}- overlay overlay rw,lowerdir=/a:/b")
     assert (m.mount_id, m.parent_id, m.mount_point, m.options) == (101, 30, "/t", "rw,relatime")
     assert (m.fstype, m.source, m.super_options) == ("overlay", "overlay", "rw,lowerdir=/a:/b")
+    assert m.optional == tuple(optional.split())
+    assert m.peer_group == ("shared:1" if "shared:1 " in optional else
+                            "shared:40" if "shared:40" in optional else "")
 
 
 def test_overlay_super_options_are_kept_whole():

@@ -1,0 +1,107 @@
+"""Start-up's judgement of mounts it finds, against real mounts arranged the ways nodes
+arrange them: shared propagation (a kubelet root reachable at two paths), a store on a
+stacked mount, and a layer lost twice over restarts."""
+
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from csi.mount.mountinfo import MountTable
+from csi.mount.syscalls import Mounter
+from csi.reconcile import _unmount_unrecorded, reconcile
+from csi.store.state import ImageRecord, Layer, Publication, State, pub_holder
+from tests.conftest import ROOT_REASON
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason=ROOT_REASON)
+
+
+def sh(*args):
+    subprocess.run(args, check=True)
+
+
+def mounted(path) -> bool:
+    return MountTable().is_mountpoint(str(path))
+
+
+@pytest.fixture
+def work(tmp_path):
+    """A tmpfs of the test's own, taken down with everything below it, whatever happens."""
+    w = tmp_path / "w"
+    w.mkdir()
+    sh("mount", "-t", "tmpfs", "strata-test", str(w))
+    try:
+        yield w
+    finally:
+        subprocess.run(["umount", "-R", "-l", str(w)], check=False)
+
+
+def store(root, *lids):
+    for d in [f"layers/{lid}/fs" for lid in lids] + ["volumes", "tmp"]:
+        os.makedirs(os.path.join(root, d), exist_ok=True)
+    for lid in lids:
+        open(os.path.join(root, "layers", lid, "fs", "f"), "w").close()
+
+
+def view(src, dst):
+    """A read-only view of a one-layer image, as strata makes it: a bind of the layer."""
+    os.makedirs(dst, exist_ok=True)
+    sh("mount", "--bind", str(src), str(dst))
+    sh("mount", "-o", "remount,bind,ro", str(dst))
+
+
+def test_a_propagated_copy_of_a_live_view_stays(work):
+    """With the kubelet root reachable at two shared paths, a live view has a copy in the
+    same peer group; unmounting the copy would unmount the live view with it."""
+    root = work / "store"
+    store(root, "L1")
+    kube, alias = work / "kube", work / "alias"
+    kube.mkdir()
+    alias.mkdir()
+    sh("mount", "--bind", str(kube), str(kube))
+    sh("mount", "--make-shared", str(kube))
+    sh("mount", "--bind", str(kube), str(alias))
+    live, leftover = kube / "podA", kube / "podB"
+    view(root / "layers/L1/fs", live)
+    view(root / "layers/L1/fs", leftover)  # mounted on its own: its own peer group
+    assert mounted(alias / "podA") and mounted(alias / "podB")
+    _unmount_unrecorded(str(root), {str(live)}, Mounter())
+    assert mounted(live) and mounted(alias / "podA")
+    assert not mounted(leftover) and not mounted(alias / "podB")
+
+
+def test_a_store_on_a_stacked_mount_still_knows_its_views(work):
+    s = work / "s"
+    s.mkdir()
+    sh("mount", "-t", "tmpfs", "lower", str(s))
+    sh("mount", "-t", "tmpfs", "upper", str(s))  # stacked: this one holds the store
+    store(s, "L1")
+    leftover = work / "leftover"
+    view(s / "layers/L1/fs", leftover)
+    _unmount_unrecorded(str(s), set(), Mounter())
+    assert not mounted(leftover)
+
+
+def test_a_lost_layer_s_siblings_stay_referenced_across_restarts(work):
+    root = work / "store"
+    store(root, "base", "top")
+    target = work / "pod"
+    target.mkdir()
+    sh("mount", "-t", "tmpfs", "pod", str(target))  # stands in for the live overlay
+    st = State(str(root / "state.db"))
+    try:
+        with st.transaction() as tx:
+            for lid in ("base", "top"):
+                tx.put_layer(Layer(lid, "sha256:" + lid, 1, 0, 0))
+            tx.put_image(ImageRecord("sha256:m", "img", "sha256:c", ("base", "top"), 0))
+            tx.put_publication(Publication(str(target), "v", "k", "img", "sha256:m", False,
+                                           "", 1, 0))
+            tx.add_refs(pub_holder(str(target)), ["base", "top"])
+        shutil.rmtree(root / "layers/top")
+        for _ in range(3):  # every later start too
+            reconcile(str(root), st, Mounter())
+            with st.transaction() as tx:
+                assert tx.refcounts() == {"base": 1}
+    finally:
+        st.close()
