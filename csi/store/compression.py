@@ -27,7 +27,9 @@ except ImportError:  # pragma: no cover
     zstandard = None
 
 GZIP_IMPL = "isal" if _gzip is not gzip else "zlib"
-MAGIC = ((b"\x1f\x8b", "gzip"), (b"\x28\xb5\x2f\xfd", "zstd"))
+GZIP_MAGIC = b"\x1f\x8b\x08"  # with "deflate", the only method gzip defines
+ZSTD_MAGIC = 0xFD2FB528
+ZSTD_SKIPPABLE = range(0x184D2A50, 0x184D2A60)  # frames a zstd stream may start with
 
 log = logging.getLogger(__name__)
 
@@ -51,17 +53,41 @@ class _Prefixed(ReadStream):
         pass  # the blob belongs to the caller, who drains and closes it
 
 
-def sniff(head: bytes) -> str:
-    return next((name for magic, name in MAGIC if head.startswith(magic)), "none")
+def _tar_header(block: bytes) -> bool:
+    """Whether `block` is a tar header: its checksum field matches (POSIX: the sum of the
+    header's bytes with the field itself counted as spaces)."""
+    if len(block) < 512:
+        return False
+    field = block[148:156].split(b"\0", 1)[0].strip()
+    try:
+        stored = int(field, 8)
+    except ValueError:
+        return False
+    return stored == sum(block[:148]) + 8 * 0x20 + sum(block[156:512])
+
+
+def sniff(head: bytes, declared: str) -> str:
+    """What the blob is, from its first 512 bytes (containerd's matchers, plus a tar
+    header check so that a plain tar whose first name starts with gzip's magic stays a
+    tar). What none of them recognises is left to the declared type's decoder."""
+    if _tar_header(head):
+        return "none"
+    if head.startswith(GZIP_MAGIC):
+        return "gzip"
+    if len(head) >= 4:
+        magic = int.from_bytes(head[:4], "little")
+        if magic == ZSTD_MAGIC or magic in ZSTD_SKIPPABLE:
+            return "zstd"
+    return declared
 
 
 def decompress(blob: BinaryIO, compression: str) -> BinaryIO:
     if compression not in ("gzip", "zstd", "none"):
         raise InvalidArgument(f"layer compression {compression!r} is not supported")
     head = b""
-    while len(head) < 4 and (more := blob.read(4 - len(head))):
+    while len(head) < 512 and (more := blob.read(512 - len(head))):
         head += more
-    actual = sniff(head)
+    actual = sniff(head, compression)
     if actual != compression:
         log.info("a layer declared %s is %s; unpacking it as what it is", compression,
                  actual)
