@@ -20,6 +20,7 @@ import hashlib
 import http.client
 import json
 import logging
+import os
 import random
 import re
 import ssl
@@ -669,12 +670,15 @@ class RegistrySource:
         path = self.blobs.get(layer.digest, layer.size, fetch,
                               f"image {self.ref}: layer {layer.digest}")
 
+        f = open(path, "rb")
+
         def evict():
             # Verified when it was stored, so it rotted since (a crash before the data
-            # reached the disk): drop it, and the next attempt downloads it again.
+            # reached the disk): drop it, and the next attempt downloads it again. Only
+            # the file we read: another process may have just put a good one in its place.
             log.warning("image %s: cached blob %s is corrupt; removing it", self.ref,
                         layer.digest)
-            self.blobs.remove(layer.digest)
+            self.blobs.remove(layer.digest, inode=os.fstat(f.fileno()).st_ino)
 
-        return VerifyingReader(open(path, "rb"), layer.digest, layer.size,
+        return VerifyingReader(f, layer.digest, layer.size,
                                f"image {self.ref}: layer {layer.digest}", on_mismatch=evict)

@@ -52,9 +52,12 @@ class BlobStore:
             return self.path(digest)
         return self._flights.do(digest, lambda: self._download(digest, size, fetch, what))
 
-    def remove(self, digest: str) -> None:
+    def remove(self, digest: str, inode: int | None = None) -> None:
+        """Remove a blob; with `inode`, only if the blob there is still that file."""
+        path = self.path(digest)
         try:
-            os.unlink(self.path(digest))
+            if inode is None or os.stat(path).st_ino == inode:
+                os.unlink(path)
         except FileNotFoundError:
             pass
 

@@ -136,3 +136,20 @@ def test_a_second_process_waiting_on_a_download_that_failed_starts_afresh(tmp_pa
 def _someone_waits_on_a_flock() -> bool:
     with open("/proc/locks") as f:
         return "-> FLOCK" in f.read()
+
+
+def test_evicting_a_blob_spares_a_good_copy_put_in_its_place(tmp_path):
+    """The reader found its blob corrupt, but another process has meanwhile stored a good
+    one at the same path: only the file that was read may go."""
+    import os
+
+    store = BlobStore(str(tmp_path))
+    path = store.get(DIGEST, len(DATA), lambda o, out: out.write(DATA[o:]), "blob")
+    with open(path, "rb") as reading:  # held open, as the reader does: no inode reuse
+        rotten = os.fstat(reading.fileno()).st_ino
+        os.unlink(path)
+        store.get(DIGEST, len(DATA), lambda o, out: out.write(DATA[o:]), "blob")  # again
+        store.remove(DIGEST, inode=rotten)
+    assert store.has(DIGEST, len(DATA))
+    store.remove(DIGEST, inode=os.stat(path).st_ino)
+    assert not store.has(DIGEST)
