@@ -77,24 +77,26 @@ class Plugin:
         for sub in ("tmp", "layers", "volumes"):
             os.makedirs(os.path.join(root, sub), mode=0o700, exist_ok=True)
         self.metrics = metrics or Metrics()
-        self.state = State(os.path.join(root, "state.db"))
         self.mounter = mounter or Mounter()
         self._users = StoreUsers(root)
-        try:
+        self.state = None
+        try:  # a start that fails lets go of the store's lock and database
+            self.state = State(os.path.join(root, "state.db"))
             reconcile(root, self.state, self.mounter, alone=self._users.alone())
             self._users.share()
+            self.layers = LayerStore(root, self.state, on_unpack=self.metrics.on_unpack)
+            self.gc = Collector(self.layers, config.gc, on_collect=self.metrics.on_collect)
+            self.puller = build_puller(config, self.state, self.layers, metrics=self.metrics)
+            self.volumes = VolumeManager(root, self.state, self.layers, self.mounter,
+                                         puller=self.puller, gc=self.gc)
+            self.gc.collect()  # released while we were down, or a policy that changed
+            self.provisioner = Provisioner(self.state, Resolver(config.oci_layout_roots))
+            self.metrics.install_store(self.state, root)
         except BaseException:
+            if self.state is not None:
+                self.state.close()
             self._users.close()
-            self.state.close()
             raise
-        self.layers = LayerStore(root, self.state, on_unpack=self.metrics.on_unpack)
-        self.gc = Collector(self.layers, config.gc, on_collect=self.metrics.on_collect)
-        self.puller = build_puller(config, self.state, self.layers, metrics=self.metrics)
-        self.volumes = VolumeManager(root, self.state, self.layers, self.mounter,
-                                     puller=self.puller, gc=self.gc)
-        self.gc.collect()  # released while we were down, or a policy that changed
-        self.provisioner = Provisioner(self.state, Resolver(config.oci_layout_roots))
-        self.metrics.install_store(self.state, root)
         self._servers: list[tuple[grpc.Server, str]] = []
         self._http = None
 
