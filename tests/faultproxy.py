@@ -40,6 +40,8 @@ import threading
 import time
 import urllib.parse
 
+from tests.loopback import Loopback
+
 HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
     "te", "trailer", "trailers", "transfer-encoding", "upgrade", "expect", "content-length",
@@ -91,7 +93,7 @@ class _Server(http.server.ThreadingHTTPServer):
         pass
 
 
-class FaultProxy:
+class FaultProxy(Loopback):
     def __init__(self, upstream: str, *, upstream_timeout: float = 30.0):
         up = upstream.split("://", 1)[-1].rstrip("/")
         host, _, port = up.rpartition(":")
@@ -216,21 +218,6 @@ class FaultProxy:
             except OSError:
                 pass
         server.server_close()
-
-    def __enter__(self) -> FaultProxy:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    @property
-    def port(self) -> int:
-        assert self._server is not None, "proxy not started"
-        return self._server.server_address[1]
-
-    @property
-    def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
 
     @property
     def url(self) -> str:

@@ -33,6 +33,8 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
+from tests.loopback import Loopback
+
 SERVICE = "strata-test-registry"
 ISSUER = "strata-test-token-issuer"
 
@@ -162,7 +164,7 @@ def parse_scope(scope: str) -> tuple[str, str, list[str]] | None:
     return type_, name, [a for a in actions.split(",") if a]
 
 
-class TokenServer:
+class TokenServer(Loopback):
     """Docker token-flow auth server (https://distribution.github.io/distribution/spec/auth/
     token/): `GET /token?service=S&scope=repository:NAME:ACTIONS` (scope may repeat), with
     optional Basic auth, answers `{"token", "access_token", "expires_in", "issued_at"}`.
@@ -237,21 +239,6 @@ class TokenServer:
             server.server_close()
         if self._own_dir:
             shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def __enter__(self) -> TokenServer:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    @property
-    def port(self) -> int:
-        assert self._server is not None, "token server not started"
-        return self._server.server_address[1]
-
-    @property
-    def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
 
     @property
     def url(self) -> str:
