@@ -5,7 +5,12 @@ volume code raise these; the server's interceptor turns them into `context.abort
 Any other exception reaching the interceptor is a bug and becomes a logged INTERNAL.
 """
 
+import errno
+
 import grpc
+
+# The store's filesystem, or the quota on it, is full.
+NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 class StrataError(Exception):
@@ -54,3 +59,13 @@ class DataLoss(StrataError):
 
 class Internal(StrataError):
     code = grpc.StatusCode.INTERNAL
+
+
+def is_no_space(e: BaseException) -> bool:
+    return isinstance(e, OSError) and e.errno in NO_SPACE
+
+
+def no_space(what: str) -> ResourceExhausted:
+    """The one way a full disk reaches a client: RESOURCE_EXHAUSTED, naming what was being
+    written (the kubelet retries; an operator frees space or lets GC do it)."""
+    return ResourceExhausted(f"{what}: no space left on the store")

@@ -6,10 +6,10 @@ copy-on-write view on the node. Records live in the same state.db as the node's.
 """
 
 import dataclasses
-import hashlib
 import logging
 import time
 
+from csi.digest import sha256_hex
 from csi.errors import AlreadyExists, InvalidArgument, NotFound
 from csi.image.resolver import Resolver
 from csi.store.state import ControllerVolume, State
@@ -26,7 +26,7 @@ class CreateSpec:
 
 
 def volume_id_for(name: str) -> str:
-    return "strata-" + hashlib.sha256(name.encode()).hexdigest()[:24]
+    return "strata-" + sha256_hex(name.encode())[:24]
 
 
 class Provisioner:

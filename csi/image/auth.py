@@ -19,6 +19,7 @@ import dataclasses
 import fnmatch
 import re
 
+from csi.digest import sha256_hex
 from csi.errors import InvalidArgument
 from csi.image.manifest import json_object
 
@@ -33,10 +34,8 @@ class Credentials:
     identity_token: str = dataclasses.field(default="", repr=False)
 
     def fingerprint(self) -> str:
-        import hashlib
-
-        return hashlib.sha256(f"{self.username}\0{self.password}\0{self.identity_token}"
-                              .encode()).hexdigest()[:16]
+        return sha256_hex(f"{self.username}\0{self.password}\0{self.identity_token}"
+                          .encode())[:16]
 
 
 def _normalise_key(key: str) -> tuple[str, str]:

@@ -8,12 +8,12 @@ built by a registry client would look on disk.
 
 import dataclasses
 import gzip
-import hashlib
 import io
 import json
 import os
 import tarfile
 
+from csi.digest import sha256_digest
 from csi.image import manifest as mf
 from csi.image.layout import REF_NAME
 
@@ -93,7 +93,7 @@ class LayerBuilder:
 
 
 def _write_blob(layout: str, data: bytes) -> tuple[str, int]:
-    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    digest = sha256_digest(data)
     path = os.path.join(layout, "blobs", "sha256", digest[7:])
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "wb") as f:
@@ -111,7 +111,7 @@ def write_image(layout: str, tag: str, layers: list[LayerBuilder],
     layer_descs, diff_ids = [], []
     for layer in layers:
         tar = layer.tar_bytes()
-        diff_ids.append("sha256:" + hashlib.sha256(tar).hexdigest())
+        diff_ids.append(sha256_digest(tar))
         if compression == "gzip":
             blob, mt = gzip.compress(tar, mtime=0), "application/vnd.oci.image.layer.v1.tar+gzip"
         elif compression == "zstd":

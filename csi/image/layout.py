@@ -9,10 +9,10 @@ VerifyingReader, so corrupt bytes surface as DataLoss before anything is recorde
 import json
 import os
 
+from csi.digest import VerifyingReader, sha256_digest
 from csi.errors import InvalidArgument, NotFound
 from csi.image import manifest as mf
 from csi.image.reference import LayoutReference
-from csi.image.verify import VerifyingReader, sha256_digest
 
 REF_NAME = "org.opencontainers.image.ref.name"
 

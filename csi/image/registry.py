@@ -15,8 +15,6 @@ registry's text.
 import base64
 import dataclasses
 import email.utils
-import errno
-import hashlib
 import http.client
 import json
 import logging
@@ -29,6 +27,7 @@ import time
 import urllib.parse
 from typing import BinaryIO
 
+from csi.digest import VerifyingReader, sha256_digest
 from csi.errors import (
     DataLoss,
     Internal,
@@ -38,11 +37,12 @@ from csi.errors import (
     ResourceExhausted,
     StrataError,
     Unavailable,
+    is_no_space,
+    no_space,
 )
 from csi.image import manifest as mf
 from csi.image.auth import Credentials
 from csi.image.reference import RegistryReference
-from csi.image.verify import VerifyingReader
 
 log = logging.getLogger(__name__)
 
@@ -246,8 +246,8 @@ class RegistryClient:
                 try:
                     out.write(chunk)
                 except OSError as e:  # the store, not the network: no retry, no UNAVAILABLE
-                    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                        raise ResourceExhausted(f"{what}: no space left on the store") from e
+                    if is_no_space(e):
+                        raise no_space(what) from e
                     raise Internal(f"{what}: cannot write to the store: {e}") from e
                 self._on_bytes(len(chunk))
             if time.monotonic() > deadline:
@@ -381,8 +381,8 @@ class RegistryClient:
                 if isinstance(e, ssl.SSLCertVerificationError):
                     raise Unavailable(f"{what}: TLS verification failed: {e.verify_message}; "
                                       "add the registry's CA with --registry-ca") from None
-                if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise ResourceExhausted(f"{what}: no space left on the store") from e
+                if is_no_space(e):
+                    raise no_space(what) from e
                 last, hint = f"{type(e).__name__}: {e}", None
             except ValueError as e:  # e.g. a redirect to a URL with a malformed port
                 raise Unavailable(f"{what}: malformed response: {e}") from None
@@ -462,7 +462,7 @@ class RegistryClient:
             ep, "GET", f"/v2/{ref.repository}/manifests/{reference}", ref.repository, creds,
             what, {"Accept": ACCEPT})
         self._check(status, body, what)
-        digest = "sha256:" + hashlib.sha256(body).hexdigest()
+        digest = sha256_digest(body)
         claimed = hdrs.get("Docker-Content-Digest")
         if reference.startswith("sha256:") and digest != reference:
             raise DataLoss(f"{what}: content has digest {digest}, not the one asked for")
@@ -484,7 +484,7 @@ class RegistryClient:
         """A small blob (an image config), verified."""
         _, _, body = self._with_retries(
             lambda: self._follow(ep, ref, desc.digest, desc.size, creds, what, 0, None), what)
-        got = "sha256:" + hashlib.sha256(body).hexdigest()
+        got = sha256_digest(body)
         if got != desc.digest:
             raise DataLoss(f"{what}: digest mismatch: expected {desc.digest}, got {got}")
         return body

@@ -7,15 +7,14 @@ single download (single-flight), whatever the number of pods and kubelet retries
 Layer blobs are a cache: once a layer is unpacked its blob may be pruned.
 """
 
-import errno
 import fcntl
-import hashlib
 import logging
 import os
 from collections.abc import Callable
 from typing import BinaryIO
 
-from csi.errors import DataLoss, ResourceExhausted
+from csi.digest import hex_of, sha256_file
+from csi.errors import DataLoss, ResourceExhausted, is_no_space, no_space
 from csi.locks import SingleFlight
 
 log = logging.getLogger(__name__)
@@ -37,7 +36,7 @@ class BlobStore:
         self._on_fetch = on_fetch or (lambda nbytes: None)
 
     def path(self, digest: str) -> str:
-        return os.path.join(self.dir, digest.partition(":")[2])
+        return os.path.join(self.dir, hex_of(digest))
 
     def has(self, digest: str, size: int | None = None) -> bool:
         try:
@@ -65,7 +64,7 @@ class BlobStore:
         final = self.path(digest)
         if self.has(digest, size):
             return final
-        partial = os.path.join(self.tmp_dir, f"blob-{digest.partition(':')[2]}.partial")
+        partial = os.path.join(self.tmp_dir, f"blob-{hex_of(digest)}.partial")
         # Everything from the first byte to the rename or the discard happens under the
         # partial file's flock, so a process waiting on it finds either the blob in place,
         # or a fresh file to fetch into, never bytes someone else is judging.
@@ -85,7 +84,7 @@ class BlobStore:
                 written = out.tell()
                 if written != size:
                     raise DataLoss(f"{what}: got {written} bytes, the descriptor says {size}")
-                got = _sha256_file(partial)
+                got = sha256_file(partial)
                 if got != digest:
                     raise DataLoss(f"{what}: digest mismatch: expected {digest}, got {got}; "
                                    "the downloaded bytes were discarded")
@@ -94,9 +93,9 @@ class BlobStore:
                 _unlink(partial)  # bad bytes are never kept, nor a partial filling a disk
                 raise
             except OSError as e:
-                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                if is_no_space(e):
                     _unlink(partial)
-                    raise ResourceExhausted(f"no space left downloading {what}") from e
+                    raise no_space(f"downloading {what}") from e
                 raise  # a cut connection: the partial file stays for the next resume
         self._on_fetch(size)
         return final
@@ -118,14 +117,6 @@ def _locked_append(path: str) -> BinaryIO:
             out.close()
             raise
         out.close()
-
-
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return "sha256:" + h.hexdigest()
 
 
 def _unlink(path: str) -> None:

@@ -11,8 +11,8 @@ import gzip
 import logging
 from typing import BinaryIO
 
+from csi.digest import ReadStream
 from csi.errors import InvalidArgument
-from csi.image.verify import ReadStream
 
 try:  # ISA-L inflates 1.6-2x faster than zlib (PERFORMANCE.md); optional, as it is native
     from isal import igzip as _gzip

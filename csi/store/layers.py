@@ -11,7 +11,6 @@ still fit in the one page the kernel accepts for mount options, and stable acros
 """
 
 import contextlib
-import errno
 import logging
 import os
 import secrets
@@ -20,9 +19,17 @@ import time
 from collections.abc import Iterator
 from typing import Protocol
 
-from csi.errors import Aborted, DataLoss, Internal, InvalidArgument, ResourceExhausted, StrataError
+from csi.digest import VerifyingReader
+from csi.errors import (
+    Aborted,
+    DataLoss,
+    Internal,
+    InvalidArgument,
+    StrataError,
+    is_no_space,
+    no_space,
+)
 from csi.image.manifest import Image, LayerDesc
-from csi.image.verify import VerifyingReader
 from csi.locks import FileLock, SingleFlight
 from csi.store import unpack
 from csi.store.compression import decompress
@@ -150,7 +157,7 @@ class LayerStore:
                 except DataLoss:
                     raise
                 except Exception as e:
-                    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    if is_no_space(e):
                         raise
                     if stream is not None and stream is not blob:
                         _close_quietly(stream)  # its reader thread must stop reading first
@@ -168,8 +175,8 @@ class LayerStore:
             size, _ = usage(fs)
         except OSError as e:
             remove_tree(work, ignore_errors=True)
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise ResourceExhausted(f"no space left unpacking layer {desc.digest}") from e
+            if is_no_space(e):
+                raise no_space(f"unpacking layer {desc.digest}") from e
             raise
         except BaseException:
             remove_tree(work, ignore_errors=True)

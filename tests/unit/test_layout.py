@@ -11,12 +11,12 @@ import tarfile
 
 import pytest
 
+from csi.digest import VerifyingReader
 from csi.errors import DataLoss, InvalidArgument, NotFound
 from csi.image import manifest as mf
 from csi.image.build import LayerBuilder, write_image
 from csi.image.layout import REF_NAME, OciLayout
 from csi.image.reference import LayoutReference, parse
-from csi.image.verify import VerifyingReader
 
 
 def base() -> LayerBuilder:

@@ -1,13 +1,37 @@
-"""Digest verification while streaming: nothing is trusted until its sha256 matched."""
+"""Content digests: sha256 of bytes, files and streams. Nothing is trusted until its digest
+matched: blobs, configs, manifests and unpacked layers (DiffIDs) are all verified here.
+
+A digest is written `sha256:HEX` (OCI image-spec `descriptor.md`); only sha256 is accepted.
+"""
 
 import hashlib
 from typing import BinaryIO
 
 from csi.errors import DataLoss
 
+CHUNK = 1 << 20
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
 
 def sha256_digest(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
+    return "sha256:" + sha256_hex(data)
+
+
+def sha256_file(path: str) -> str:
+    """The digest of a file's contents, read in chunks (a blob may be gigabytes)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+def hex_of(digest: str) -> str:
+    """`sha256:HEX` → `HEX`: the name blobs are stored under."""
+    return digest.partition(":")[2]
 
 
 class ReadStream:
@@ -56,7 +80,7 @@ class VerifyingReader(ReadStream):
 
     def drain(self) -> None:
         """Read to EOF (formats such as tar may stop before the end) and verify."""
-        while self.read(1 << 20):
+        while self.read(CHUNK):
             pass
 
     def _check(self) -> None:

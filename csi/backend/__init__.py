@@ -1,0 +1,98 @@
+"""Storage backends: how a chain of shared layers becomes one publication's filesystem.
+
+The interface has the shape of containerd's `Snapshotter`, narrowed to what a CSI node needs.
+Its vocabulary:
+
+- a **chain** is an image's layer IDs, base first, as the layer store keeps them
+  (`layers/ID/fs`). The same layer may appear twice; a backend decides what that means.
+- a **key** names one publication's private state (`volumes/KEY/`). Keys are chosen by the
+  caller, unique, and recorded in state.db with the publication.
+- **prepare(key, chain, target)** creates the private writable layer over the chain and
+  returns the `Mount` (data, not an action) that shows it at `target`.
+  **view(key, chain, target)** does the same for a read-only view.
+  The caller executes the mount (mount/syscalls.py is the only executor) and, when anything
+  fails, calls **remove(key)**, which also runs at unpublish once the mount is gone.
+- **dirs(key)** says where the writes of a prepared key land (what `strata diff` and the
+  copy-up metrics read), **lowers(chain)** the layer directories they are read against,
+  **usage(key)** what the key's private state takes on disk.
+- **keys()** lists the keys with state on disk (start-up removes those no record names), and
+  **recognizer(mounts)** answers "is this mount one of mine?" from the mount table alone,
+  for start-up to unmount what a crash left mounted but unrecorded.
+
+A worked example, for an image whose layers are `a` (base) and `b`:
+
+    m = backend.prepare("k1", ["a", "b"], "/pods/p1/vol")   # volumes/k1/{upper,work} made
+    mounter.mount(m)                                        # overlay lowerdir=b:a
+    ... the pod writes: backend.dirs("k1").upper holds its changes ...
+    mounter.unmount("/pods/p1/vol"); backend.remove("k1")   # volumes/k1 gone
+
+Overlayfs (`overlay.py`) is the first backend; the conformance suite in
+`tests/backend/` tests any backend through this interface alone.
+"""
+
+import abc
+import dataclasses
+from collections.abc import Callable, Sequence
+
+from csi.mount.mountinfo import MountInfo
+from csi.mount.spec import Mount
+
+
+@dataclasses.dataclass(frozen=True)
+class Usage:
+    bytes: int  # allocated (st_blocks), not apparent sizes
+    inodes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Dirs:
+    """Where a prepared key's writes land. `upper` holds everything the publication changed
+    (created files, copied-up files, whiteouts); `work` is the backend's scratch space."""
+
+    upper: str
+    work: str
+
+
+class Backend(abc.ABC):
+    """A storage driver. Implementations hold no state of their own beyond the disk: every
+    answer must survive a restart (start-up builds a new instance and asks it)."""
+
+    name: str = ""
+
+    @abc.abstractmethod
+    def prepare(self, key: str, chain: Sequence[str], target: str) -> Mount:
+        """Create `key`'s private writable layer over `chain` and return the mount that
+        shows it at `target`. The root of the view takes the owner and mode of the chain's
+        root directory. Nothing is mounted here."""
+
+    @abc.abstractmethod
+    def view(self, key: str, chain: Sequence[str], target: str) -> Mount:
+        """A read-only view of `chain` at `target`. It may create state under `key` (which
+        `remove` deletes), but never anything writable."""
+
+    @abc.abstractmethod
+    def remove(self, key: str) -> None:
+        """Delete `key`'s private state; a key with none is not an error. Called only once
+        nothing is mounted from it. Never deletes into a mount found inside it."""
+
+    @abc.abstractmethod
+    def dirs(self, key: str) -> Dirs | None:
+        """Where `key`'s writes land; None for a read-only view or an unknown key."""
+
+    @abc.abstractmethod
+    def lowers(self, chain: Sequence[str]) -> list[str]:
+        """The layer directories a view of `chain` reads through, nearest (topmost) first."""
+
+    @abc.abstractmethod
+    def usage(self, key: str) -> Usage:
+        """Bytes and inodes `key`'s private state takes (zero for none)."""
+
+    @abc.abstractmethod
+    def keys(self) -> set[str]:
+        """Every key with private state on disk."""
+
+    @abc.abstractmethod
+    def recognizer(self, mounts: Sequence[MountInfo]) -> Callable[[MountInfo], bool]:
+        """A predicate over `mounts` (one reading of the mount table): is this mount a view
+        this backend made on this store? Decided from the table alone: a stat(2) of a
+        foreign mount could hang (a dead NFS server)."""

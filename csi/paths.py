@@ -1,0 +1,80 @@
+"""The store's on-disk layout under `--root`: every path strata uses is joined here, once.
+
+```
+state.db              SQLite (WAL): layers, images, tags, stages, publications, references
+store.lock            shared flock held by every process using the store (serve, pull, gc)
+layers.lock           orders layer-directory renames between unpack and GC, across processes
+blobs/sha256/HEX      compressed blobs being pulled (a cache)
+layers/ID/fs          one unpacked layer, shared by every image and publication using it
+volumes/KEY/          one publication's private state, owned by the storage backend
+                      (overlay: upper/, work/, and lower/ links when options run long)
+tmp/                  unpacks and downloads in progress
+```
+Layer IDs are short (16 hex digits of the DiffID) so that long `lowerdir=` lists fit in the
+page of options mount(2) accepts. Publication KEYs are random, so a publication's directory
+never outlives its record under the same name.
+"""
+
+import dataclasses
+import os
+
+DIRS = ("tmp", "layers", "volumes", "blobs/sha256")
+
+
+@dataclasses.dataclass(frozen=True)
+class StorePaths:
+    root: str
+
+    @property
+    def state_db(self) -> str:
+        return os.path.join(self.root, "state.db")
+
+    @property
+    def store_lock(self) -> str:
+        return os.path.join(self.root, "store.lock")
+
+    @property
+    def layers_lock(self) -> str:
+        return os.path.join(self.root, "layers.lock")
+
+    @property
+    def tmp(self) -> str:
+        return os.path.join(self.root, "tmp")
+
+    @property
+    def blobs(self) -> str:
+        return os.path.join(self.root, "blobs", "sha256")
+
+    @property
+    def layers(self) -> str:
+        return os.path.join(self.root, "layers")
+
+    @property
+    def volumes(self) -> str:
+        return os.path.join(self.root, "volumes")
+
+    def layer(self, layer_id: str) -> str:
+        """The layer's own directory (`fs/` inside it is what overlay stacks)."""
+        return os.path.join(self.layers, layer_id)
+
+    def layer_fs(self, layer_id: str) -> str:
+        return os.path.join(self.layers, layer_id, "fs")
+
+    def volume(self, key: str) -> str:
+        return os.path.join(self.volumes, key)
+
+    def volume_part(self, key: str, part: str) -> str:
+        """A named part of a publication's directory (`upper`, `work`, ...)."""
+        return os.path.join(self.volumes, key, part)
+
+    def make(self) -> "StorePaths":
+        """Create the root and its directories (private to root: layers hold other users'
+        files with their owners' modes, and uppers hold what pods wrote)."""
+        os.makedirs(self.root, mode=0o700, exist_ok=True)
+        for sub in DIRS:
+            os.makedirs(os.path.join(self.root, sub), mode=0o700, exist_ok=True)
+        return self
+
+    def complete(self) -> bool:
+        """Whether every directory of the layout is there (Probe's question)."""
+        return all(os.path.isdir(os.path.join(self.root, sub)) for sub in DIRS)
