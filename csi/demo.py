@@ -21,7 +21,7 @@ from csi.image.build import LayerBuilder, write_image
 from csi.inspect import diff
 from csi.mount.mountinfo import MountTable
 from csi.proto import csi_pb2, csi_pb2_grpc
-from csi.store.usage import usage
+from csi.tree import usage
 
 MOTD_BASE = "Welcome to the strata demo base image.\n"
 MOTD_APP = "Welcome to the demo web app (built on the strata base image).\n"

@@ -15,7 +15,7 @@ import time
 from csi.mount.mountinfo import mount_id
 from csi.mount.syscalls import Mounter
 from csi.store.state import State, pub_holder, stage_holder
-from csi.store.tree import remove_tree
+from csi.tree import remove_tree
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from csi.store.gc import Collector
 from csi.store.layers import LayerStore, lower_dirs
 from csi.store.report import human, image_rows, sharing
 from csi.store.state import State
-from csi.store.usage import usage
+from csi.tree import usage
 
 
 def _open(config: Config) -> State:

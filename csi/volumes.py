@@ -23,8 +23,7 @@ from csi.store.blobs import BlobStore
 from csi.store.gc import Collector
 from csi.store.layers import LayerStore, lower_dirs
 from csi.store.state import Publication, Stage, State, pub_holder, stage_holder
-from csi.store.tree import remove_tree
-from csi.store.usage import usage
+from csi.tree import remove_tree, usage
 
 log = logging.getLogger(__name__)
 

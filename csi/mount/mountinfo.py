@@ -6,13 +6,11 @@ the live table answers it with statx(2)'s STATX_ATTR_MOUNT_ROOT (Linux 5.8) in c
 and falls back to mountinfo where the kernel or libc cannot say.
 """
 
-import ctypes
-import ctypes.util
 import dataclasses
-import errno
 import os
 import re
-import sys
+
+from csi.statx import mount_id, mount_root  # noqa: F401 - part of this module's answers
 
 _OCTAL = re.compile(r"\\([0-7]{3})")
 
@@ -66,51 +64,6 @@ def parse(text: str) -> list[MountInfo]:
 
 
 LIVE = "/proc/self/mountinfo"
-AT_FDCWD = -100
-AT_SYMLINK_NOFOLLOW = 0x100
-AT_STATX_DONT_SYNC = 0x4000
-STATX_BASIC_STATS = 0x7FF
-STATX_ATTR_MOUNT_ROOT = 0x2000
-STATX_MNT_ID = 0x1000
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-_statx = getattr(_libc, "statx", None)  # glibc >= 2.28
-if _statx is not None:
-    _statx.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint,
-                       ctypes.c_void_p]
-
-
-def mount_root(path: str) -> bool | None:
-    """Whether `path` is the root of a mount, from statx; None when it cannot tell."""
-    if _statx is None:
-        return None
-    buf = ctypes.create_string_buffer(256)  # struct statx
-    rc = _statx(AT_FDCWD, os.fsencode(path), AT_SYMLINK_NOFOLLOW | AT_STATX_DONT_SYNC,
-                STATX_BASIC_STATS, buf)
-    if rc != 0:
-        err = ctypes.get_errno()
-        if err in (errno.ENOENT, errno.ENOTDIR):
-            return False
-        return None
-    attributes = int.from_bytes(buf.raw[8:16], sys.byteorder)  # stx_attributes
-    supported = int.from_bytes(buf.raw[56:64], sys.byteorder)  # stx_attributes_mask
-    if not supported & STATX_ATTR_MOUNT_ROOT:
-        return None
-    return bool(attributes & STATX_ATTR_MOUNT_ROOT)
-
-
-def mount_id(path: str) -> int | None:
-    """The ID (mountinfo's first field) of the mount `path` is on; None when statx cannot
-    say (Linux < 5.8). Unlike matching paths against mountinfo, it sees through stacked
-    and hidden mounts."""
-    if _statx is None:
-        return None
-    buf = ctypes.create_string_buffer(256)  # struct statx
-    if _statx(AT_FDCWD, os.fsencode(path), AT_STATX_DONT_SYNC, STATX_MNT_ID, buf) != 0:
-        return None
-    if not int.from_bytes(buf.raw[0:4], sys.byteorder) & STATX_MNT_ID:  # stx_mask
-        return None
-    return int.from_bytes(buf.raw[144:152], sys.byteorder)  # stx_mnt_id
 
 
 class MountTable:

@@ -34,8 +34,7 @@ from csi.locks import FileLock, SingleFlight
 from csi.store import unpack
 from csi.store.compression import decompress
 from csi.store.state import ImageRecord, Layer, State, lease_holder
-from csi.store.tree import remove_tree
-from csi.store.usage import usage
+from csi.tree import remove_tree, usage
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ import tarfile
 from typing import BinaryIO
 
 from csi.errors import InvalidArgument
-from csi.store.tree import remove_tree
+from csi.tree import remove_tree
 
 log = logging.getLogger(__name__)
 

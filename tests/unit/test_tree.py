@@ -2,7 +2,7 @@
 
 import os
 
-from csi.store.tree import remove_tree
+from csi.tree import remove_tree
 
 
 def test_removes_a_tree_deeper_than_recursion_allows(tmp_path):
