@@ -1,9 +1,11 @@
 """The only caller of mount(2) and umount2(2).
 
 Mounts are carried out with the syscall through ctypes: exec'ing mount(8) costs about ten
-times the syscall itself (PERFORMANCE.md). Plans come from spec.py as `Mount` data. A plan
-whose options fit in a page goes to mount(2); a larger overlay goes through the new mount
-API, which is also how the feature probe asks the kernel what it accepts.
+times the syscall itself (PERFORMANCE.md). Plans come from spec.py as `Mount` data, and what
+the kernel can do from features.py. A plan whose options fit in a page goes to mount(2); a
+larger overlay goes through the new mount API when the kernel has overlay's "lowerdir+",
+and is refused (E2BIG) otherwise. A plan with a `cwd` is carried out on a short-lived
+thread with a working directory of its own. The feature probe asks through trial_overlay.
 """
 
 import ctypes
@@ -11,10 +13,13 @@ import ctypes.util
 import errno
 import logging
 import os
+import tempfile
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from csi.mount import spec
+from csi.mount.features import Features, probe
 from csi.mount.mountinfo import MountTable
 from csi.mount.spec import Mount
 
@@ -29,6 +34,7 @@ MS_BIND = 0x1000
 MS_REC = 0x4000
 MNT_DETACH = 0x2
 UMOUNT_NOFOLLOW = 0x8
+CLONE_FS = 0x200
 
 _FLAGS = {
     "ro": MS_RDONLY, "nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC,
@@ -39,6 +45,7 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
                         ctypes.c_char_p]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_libc.unshare.argtypes = [ctypes.c_int]
 
 
 def _flags_and_data(options: Sequence[str]) -> tuple[int, str]:
@@ -52,6 +59,35 @@ def _check(rc: int, what: str) -> None:
     if rc != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def in_dir(cwd: str, fn: Callable[[], None]) -> None:
+    """Run `fn` with relative paths resolved from `cwd`, moving no other thread.
+
+    A process's threads share one working directory (one fs_struct), and the server runs
+    requests on many threads, so chdir(2) on a request thread would move them all. `fn`
+    runs instead on a new thread that first takes a private copy of the fs_struct with
+    unshare(CLONE_FS), which unlike CLONE_NEWNS or CLONE_VM is allowed in a multithreaded
+    process, and only then changes directory. The thread and its directory end with `fn`;
+    whatever `fn` raises is raised here."""
+    if not cwd:
+        fn()
+        return
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            _check(_libc.unshare(CLONE_FS), "unshare(CLONE_FS)")
+            os.chdir(cwd)
+            fn()
+        except BaseException as e:  # handed to the caller's thread
+            raised.append(e)
+
+    t = threading.Thread(target=run, name=f"mount-in:{cwd}")
+    t.start()
+    t.join()
+    if raised:
+        raise raised[0]
 
 
 # The new mount API (Linux 5.2; overlay's "lowerdir+" since 6.8). These syscall numbers are
@@ -168,23 +204,47 @@ def trial_overlay(options: Sequence[str], target: str, fsconfig_only: bool = Fal
 
 
 class Mounter:
-    """Executes `Mount` plans. `table` is injectable so tests can read their own mountinfo."""
+    """Executes `Mount` plans. `table` is injectable so tests can read their own mountinfo.
+
+    `features` says what the kernel can do. Left out, it is probed the first time a plan
+    needs it (options over a page), in a temporary directory: a guess would be wrong on
+    some kernel either way (lowerdir+ assumed fails with a cryptic EINVAL before 6.8, assumed
+    absent refuses deep images on 6.8+), and most mounts never need to ask. The plugin's
+    start-up should probe on the store's filesystem and pass the result in."""
 
     def __init__(self, table: MountTable | None = None, busy_retries: int = 5,
-                 busy_delay: float = 0.05):
+                 busy_delay: float = 0.05, features: Features | None = None):
         self.table = table or MountTable()
         self._busy_retries = busy_retries
         self._busy_delay = busy_delay
+        self._features = features
+        self._features_lock = threading.Lock()
+
+    @property
+    def features(self) -> Features:
+        if self._features is None:
+            with self._features_lock:
+                if self._features is None:
+                    with tempfile.TemporaryDirectory(prefix="strata-probe-") as scratch:
+                        self._features = probe(scratch)
+        return self._features
 
     def mount(self, m: Mount) -> None:
-        if spec.fits(m, os.sysconf("SC_PAGESIZE")):
-            self._mount2(m)
-        elif m.type == "overlay":
+        # The page size needs no probe: a mount that fits never asks for more.
+        page = self._features.page_size if self._features else os.sysconf("SC_PAGESIZE")
+        if spec.fits(m, page):
+            in_dir(m.cwd, lambda: self._mount2(m))
+        elif m.type == "overlay" and self.features.lowerdir_plus:
             # mount(2) copies at most one page of options: about 90 layers under
             # /var/lib/strata. fsconfig takes each lowerdir on its own.
-            _mount_overlay_fsconfig(m)
+            in_dir(m.cwd, lambda: _mount_overlay_fsconfig(m))
         else:
-            raise OSError(errno.E2BIG, f"mount options for {m.target} exceed one page")
+            size = len(os.fsencode(spec.data(m.options)))
+            why = ("the kernel's overlay has no lowerdir+ (Linux 6.8)" if m.type == "overlay"
+                   else "only an overlay's can be passed one by one")
+            raise OSError(errno.E2BIG, f"cannot mount {m.type} on {m.target}: its options "
+                                       f"({size} bytes) exceed one page ({page} bytes) and "
+                                       f"{why}")
 
     def _mount2(self, m: Mount) -> None:
         flags, data = _flags_and_data(m.options)
