@@ -4,10 +4,19 @@ A writable view of an image is an overlay whose lowerdirs are the image's layers
 (topmost) first, with a private upperdir/workdir. A read-only view needs no upper: overlay
 accepts lowerdirs alone only when there are at least two, so a one-layer image is a
 read-only bind mount instead (containerd's overlay snapshotter does the same).
+
+A plan may name its paths relative to a directory, `cwd`: mount(2) copies at most one page
+of option data, and a deep image's absolute lowerdirs do not fit in it. `fits` says whether
+a plan's options do; the backend plans with it and the executor decides with it.
 """
 
 import dataclasses
+import os
 from collections.abc import Sequence
+
+# Options that mount(2) takes as MS_* bits in `flags`; every other option is filesystem
+# data, the string the kernel copies into one page.
+FLAGS = frozenset({"ro", "nosuid", "nodev", "noexec", "bind", "rbind"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -16,14 +25,33 @@ class Mount:
     source: str
     target: str
     options: tuple[str, ...] = ()
+    # When set, relative paths in the plan (lowerdirs, a bind source) are resolved from this
+    # directory instead of the process's working directory.
+    cwd: str = ""
+
+    def __post_init__(self) -> None:
+        if self.cwd and not os.path.isabs(self.cwd):
+            raise ValueError(f"a mount's cwd must be absolute, not {self.cwd!r}")
 
     @property
     def readonly(self) -> bool:
         return "ro" in self.options
 
 
-def overlay(lowers: Sequence[str], upper: str, work: str, target: str) -> Mount:
-    """A writable overlay: `lowers` nearest first; writes copy up into `upper`."""
+def data(options: Sequence[str]) -> str:
+    """The option string mount(2) receives as its `data` argument: every option but flags."""
+    return ",".join(o for o in options if o not in FLAGS)
+
+
+def fits(m: Mount, page_size: int) -> bool:
+    """Whether mount(2) can take `m`'s options. The kernel copies one page of data and
+    writes a NUL into its last byte (path_mount), so the data must be shorter than a page."""
+    return len(os.fsencode(data(m.options))) < page_size
+
+
+def overlay(lowers: Sequence[str], upper: str, work: str, target: str, cwd: str = "") -> Mount:
+    """A writable overlay: `lowers` nearest first; writes copy up into `upper`. Relative
+    lowers are resolved from `cwd`."""
     if not lowers:
         raise ValueError("an overlay needs at least one lower layer")
     return Mount(
@@ -31,20 +59,19 @@ def overlay(lowers: Sequence[str], upper: str, work: str, target: str) -> Mount:
         source="overlay",
         target=target,
         options=(f"lowerdir={':'.join(lowers)}", f"upperdir={upper}", f"workdir={work}"),
+        cwd=cwd,
     )
 
 
-def view(lowers: Sequence[str], target: str) -> Mount:
-    """A read-only view of a layer stack (nearest first)."""
+def view(lowers: Sequence[str], target: str, cwd: str = "") -> Mount:
+    """A read-only view of a layer stack (nearest first). Relative lowers are resolved
+    from `cwd`."""
     if not lowers:
         raise ValueError("a view needs at least one layer")
     if len(lowers) == 1:
-        return Mount(type="bind", source=lowers[0], target=target, options=("rbind", "ro"))
+        return Mount(type="bind", source=lowers[0], target=target, options=("rbind", "ro"),
+                     cwd=cwd)
     return Mount(
         type="overlay", source="overlay", target=target,
-        options=(f"lowerdir={':'.join(lowers)}", "ro"),
+        options=(f"lowerdir={':'.join(lowers)}", "ro"), cwd=cwd,
     )
-
-
-def readonly(m: Mount) -> Mount:
-    return m if m.readonly else dataclasses.replace(m, options=m.options + ("ro",))

@@ -57,23 +57,6 @@ def test_view_without_layers_is_refused():
         spec.view([], "/t")
 
 
-def test_readonly_appends_ro_once():
-    m = spec.overlay(["/a", "/b"], "/u", "/w", "/t")
-    ro = spec.readonly(m)
-    assert ro.options == m.options + ("ro",)
-    assert ro.readonly
-    assert spec.readonly(ro) == ro  # idempotent: no second "ro"
-    assert ro.options.count("ro") == 1
-    assert m.options[-1] != "ro"  # the original plan is untouched
-
-
-def test_readonly_keeps_everything_but_options():
-    m = Mount("bind", "/src", "/dst", ("rbind",))
-    ro = spec.readonly(m)
-    assert (ro.type, ro.source, ro.target) == ("bind", "/src", "/dst")
-    assert ro.options == ("rbind", "ro")
-
-
 def test_readonly_property_matches_whole_option_only():
     # "rootcontext=…" or "errors=remount-ro" must not read as read-only.
     assert not Mount("ext4", "/dev/x", "/t", ("errors=remount-ro", "rw")).readonly
@@ -85,3 +68,60 @@ def test_mount_is_frozen_and_hashable():
     with pytest.raises(dataclasses.FrozenInstanceError):
         m.target = "/elsewhere"  # type: ignore[misc]
     assert {m, spec.view(["/a"], "/t")} == {m}
+
+
+def test_planners_carry_cwd_for_relative_lowers():
+    m = spec.overlay(["2", "1", "0"], "/v/k/upper", "/v/k/work", "/pods/t", cwd="/v/k/lower")
+    assert m.cwd == "/v/k/lower"
+    assert m.options[0] == "lowerdir=2:1:0"
+    assert spec.view(["1", "0"], "/t", cwd="/v/k/lower").cwd == "/v/k/lower"
+    assert spec.view(["0"], "/t", cwd="/v/k/lower") == Mount(
+        "bind", "0", "/t", ("rbind", "ro"), cwd="/v/k/lower")
+    assert spec.overlay(["/a"], "/u", "/w", "/t").cwd == ""  # absolute plans need none
+
+
+def test_relative_cwd_is_refused():
+    with pytest.raises(ValueError, match="absolute"):
+        Mount("overlay", "overlay", "/t", ("lowerdir=0",), cwd="v/k/lower")
+
+
+def test_data_leaves_out_what_mount2_takes_as_flags():
+    assert spec.data(("lowerdir=/a:/b", "ro", "nosuid", "nodev", "noexec")) == "lowerdir=/a:/b"
+    assert spec.data(("rbind", "ro")) == ""
+    assert spec.data(("upperdir=/u", "workdir=/w", "volatile")) == "upperdir=/u,workdir=/w,volatile"
+
+
+def test_fits_is_strictly_shorter_than_a_page():
+    # The kernel NUL-terminates the copied page in its last byte: 4095 bytes of data fit,
+    # 4096 do not.
+    def plan(n):
+        return Mount("overlay", "overlay", "/t", ("lowerdir=/" + "x" * (n - len("lowerdir=/")),))
+
+    assert spec.fits(plan(4095), 4096)
+    assert not spec.fits(plan(4096), 4096)
+    assert spec.fits(plan(4096), 16384)
+
+
+def test_fits_counts_commas_but_not_flags():
+    m = Mount("overlay", "overlay", "/t", ("lowerdir=/a", "ro", "upperdir=/u"))
+    assert len("lowerdir=/a,upperdir=/u") == 23
+    assert spec.fits(m, 24) and not spec.fits(m, 23)
+
+
+def test_fits_counts_bytes_not_characters():
+    m = Mount("overlay", "overlay", "/t", ("lowerdir=/" + "é" * 10,))
+    assert len(spec.data(m.options)) == 20 and len(spec.data(m.options).encode()) == 30
+    assert not spec.fits(m, 30)
+
+
+def test_200_layers_need_relative_lowers_to_fit():
+    # strata's layer paths: /var/lib/strata/layers/<16 hex>/fs, 45 bytes each.
+    absolute = [f"/var/lib/strata/layers/{i:016x}/fs" for i in range(200)]
+    m = spec.overlay(absolute, "/var/lib/strata/volumes/k/upper",
+                     "/var/lib/strata/volumes/k/work", "/pods/t")
+    assert not spec.fits(m, 4096)
+    relative = [str(i) for i in reversed(range(200))]
+    r = spec.overlay(relative, "/var/lib/strata/volumes/k/upper",
+                     "/var/lib/strata/volumes/k/work", "/pods/t",
+                     cwd="/var/lib/strata/volumes/k/lower")
+    assert spec.fits(r, 4096)
