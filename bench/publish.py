@@ -21,13 +21,12 @@ import grpc
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from csi import compose  # noqa: E402
+from csi.config import Config  # noqa: E402
 from csi.demo import build_demo_image  # noqa: E402
 from csi.mount import spec  # noqa: E402
-from csi.mount.syscalls import Mounter  # noqa: E402
 from csi.proto import csi_pb2, csi_pb2_grpc  # noqa: E402
-from csi.store.layers import LayerStore  # noqa: E402
-from csi.store.state import State  # noqa: E402
-from csi.volumes import PublishSpec, VolumeManager  # noqa: E402
+from csi.volumes import PublishSpec  # noqa: E402
 
 
 def pct(xs, p):
@@ -93,7 +92,7 @@ def bench_rpc(node, image, work, n):
     return out
 
 
-def bench_scale(vm, image, work, root, live_counts=(10, 1000), n=100):
+def bench_scale(vm, image, work, parts, live_counts=(10, 1000), n=100):
     """Warm publish+unpublish p50 with `live` other publications mounted (mountinfo and
     state grow with them), and a /metrics scrape with the last count live."""
     from prometheus_client import generate_latest
@@ -109,7 +108,7 @@ def bench_scale(vm, image, work, root, live_counts=(10, 1000), n=100):
         out[live] = bench_manager(vm, image, work, n)
         if live >= 200:
             metrics = Metrics()
-            metrics.install_store(vm._state, root)  # copy-up walks included
+            metrics.install_store(parts.state, parts.backend, parts.paths)  # with copy-up
             scrape = []
             for _ in range(20):
                 t0 = time.perf_counter()
@@ -128,20 +127,16 @@ def main():
     proc = None
     try:
         image = build_demo_image(os.path.join(root, "image"))
-        store = os.path.join(root, "store")
-        for sub in ("tmp", "layers", "volumes"):
-            os.makedirs(os.path.join(store, sub))
-        state = State(os.path.join(store, "state.db"))
-        layers = LayerStore(store, state)
-        mounter = Mounter()
-        vm = VolumeManager(store, state, layers, mounter)
+        parts = compose.node(Config(root=os.path.join(root, "store"), node_id="bench",
+                                    gc_policy="lru", gc_max_bytes=1 << 40))
+        vm, mounter, backend = parts.volumes, parts.mounter, parts.backend
         from csi.image.layout import OciLayout
         from csi.image.reference import parse
 
         src = OciLayout(parse(image))
         img = src.resolve()
-        ids = layers.ensure(src, img)  # warm: layers on the node
-        lowers = [layers.path(i) for i in reversed(ids)]
+        ids = parts.layers.ensure(src, img.layers)  # warm: layers on the node
+        lowers = backend.lowers(ids)
         work = os.path.join(root, "work")
         os.mkdir(work)
         sock = os.path.join(root, "csi.sock")
@@ -165,8 +160,8 @@ def main():
             mgr += bench_manager(vm, image, work, args.n // rounds, mgr_pub)
             rpc += bench_rpc(node, image, work, args.n // rounds)
         channel.close()
-        scale, scrape = bench_scale(vm, image, work, store)
-        state.close()
+        scale, scrape = bench_scale(vm, image, work, parts)
+        parts.close()
 
         print(f"warm publish+unpublish cycle, {len(lowers)}-layer image, n={args.n}")
         summary("bare", bare)

@@ -29,16 +29,15 @@ import json, os, resource, sys, time
 sys.path.insert(0, sys.argv[1])
 from csi.image.layout import OciLayout
 from csi.image.reference import parse
+from csi.paths import StorePaths
 from csi.store.layers import LayerStore
 from csi.store.state import State
-root, ref = sys.argv[2], sys.argv[3]
-for sub in ("tmp", "layers", "volumes"):
-    os.makedirs(os.path.join(root, sub), exist_ok=True)
-state = State(os.path.join(root, "state.db"))
+paths, ref = StorePaths(sys.argv[2]).make(), sys.argv[3]
+state = State(paths.state_db)
 src = OciLayout(parse(ref))
 image = src.resolve()
 t0 = time.perf_counter()
-LayerStore(root, state).ensure(src, image)
+LayerStore(paths, state).ensure(src, image.layers)
 dt = time.perf_counter() - t0
 print(json.dumps({"seconds": dt,
                   "rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))

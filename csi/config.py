@@ -1,4 +1,7 @@
-"""Settings from flags and environment, validated once into a frozen Config."""
+"""Settings: each one declared once, here, with its default, help text and the commands that
+take it; `strata`'s flags and `STRATA_*` environment variables are generated from these
+declarations (cli.py), and a Config is validated once, in `validate()`.
+"""
 
 import dataclasses
 import os
@@ -6,35 +9,73 @@ import re
 
 from csi.errors import InvalidArgument
 from csi.image.registry import Options
+from csi.store.gc import POLICIES as GC_POLICIES
 from csi.store.gc import Policy
 
 ENV_PREFIX = "STRATA_"
+TOOLS = ("pull", "gc", "ls", "df", "diff")  # the operator tools that open a store
+PULLING = ("serve", "pull")
+EVERY = ("serve", *TOOLS)
+
+
+def setting(default, help: str, commands: tuple[str, ...], flag: str = "",
+            choices: tuple[str, ...] = ()):
+    """A Config field that is also a command-line flag (`flag`, else the field's name with
+    dashes) and an environment variable (STRATA_ and the flag in capitals)."""
+    return dataclasses.field(default=default, metadata={
+        "help": help, "commands": commands, "flag": flag, "choices": choices})
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    endpoint: str = "unix:///csi/csi.sock"
-    root: str = "/var/lib/strata"
-    node_id: str = ""
-    controller_endpoint: str = ""
-    metrics_address: str = ""
-    log_level: str = "INFO"
-    grace_seconds: float = 10.0
-    gc_policy: str = "lru"
-    gc_high_percent: float = 85.0
-    gc_low_percent: float = 80.0
-    gc_max_bytes: int = 0
-    gc_min_age: float = 300.0  # a warm cache, like the kubelet's image GC minimum age
-    registry_config: str = ""  # a docker config.json with node-wide credentials
-    registry_ca: tuple[str, ...] = ()
-    insecure_registries: tuple[str, ...] = ()
-    registry_mirrors: tuple[str, ...] = ()  # "REGISTRY=URL"
-    registry_timeout: float = 10.0  # connect
-    registry_read_timeout: float = 60.0
-    registry_retries: int = 4
-    tag_ttl: float = 300.0
-    pull_wait: float = 100.0  # below the kubelet's ~2 min NodePublish deadline
-    oci_layout_roots: tuple[str, ...] = ()  # where oci: images may live; empty: anywhere
+    endpoint: str = setting("unix:///csi/csi.sock", "CSI node endpoint, unix:///PATH",
+                            ("serve",))
+    root: str = setting("/var/lib/strata", "store root: state.db, layers/, volumes/, tmp/",
+                        EVERY)
+    node_id: str = setting("", "this node's ID (Kubernetes: the node name); required",
+                           ("serve",))
+    controller_endpoint: str = setting("", "also serve the controller on this unix:///PATH",
+                                       ("serve",))
+    metrics_address: str = setting("", "serve Prometheus metrics on HOST:PORT", ("serve",))
+    log_level: str = setting("INFO", "log level", ("serve",),
+                             choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    grace_seconds: float = setting(10.0, "how long running RPCs may take to finish on "
+                                   "SIGTERM", ("serve",))
+    gc_policy: str = setting("lru", "immediate: drop unreferenced layers at once; lru: keep "
+                             "them as a cache until the high-water mark", ("serve", "gc"),
+                             choices=GC_POLICIES)
+    gc_high_percent: float = setting(85.0, "lru: start collecting above this % of capacity",
+                                     ("serve", "gc"))
+    gc_low_percent: float = setting(80.0, "lru: collect down to this %", ("serve", "gc"))
+    gc_max_bytes: int = setting(0, "capacity for the marks; 0 = the filesystem under --root",
+                                ("serve", "gc"))
+    # A warm cache, like the kubelet's image GC minimum age.
+    gc_min_age: float = setting(300.0, "seconds a layer stays after its last use",
+                                ("serve", "gc"))
+    registry_config: str = setting("", "docker config.json with node-wide registry "
+                                   "credentials", PULLING)
+    registry_ca: tuple[str, ...] = setting((), "a PEM file of CAs to trust for registries, "
+                                           "beside the system's", PULLING)
+    insecure_registries: tuple[str, ...] = setting(
+        (), "HOST:PORT to reach over plain HTTP (e.g. kind's local registry)", PULLING,
+        flag="--insecure-registry")
+    registry_mirrors: tuple[str, ...] = setting(
+        (), "REGISTRY=URL: try this mirror first, e.g. docker.io=https://mirror.example",
+        PULLING, flag="--registry-mirror")
+    registry_timeout: float = setting(10.0, "seconds to connect to a registry", PULLING)
+    registry_read_timeout: float = setting(60.0, "seconds a registry may be silent "
+                                           "mid-request", PULLING)
+    registry_retries: int = setting(4, "retries on 429, 5xx and dropped connections "
+                                    "(exponential backoff with jitter)", PULLING)
+    tag_ttl: float = setting(300.0, "seconds a tag's resolution is trusted (IfNotPresent)",
+                             PULLING)
+    # Below the kubelet's ~2 min NodePublish deadline.
+    pull_wait: float = setting(100.0, "seconds NodePublish waits for a pull before answering "
+                               "ABORTED (the pull goes on; the kubelet's retry joins it)",
+                               ("serve",))
+    oci_layout_roots: tuple[str, ...] = setting(
+        (), "allow oci:/PATH images only below this directory (default: anywhere)",
+        ("serve",), flag="--oci-layout-root")
 
     @property
     def registry(self) -> Options:
@@ -61,22 +102,25 @@ class Config:
     def controller_socket_path(self) -> str:
         return socket_path(self.controller_endpoint) if self.controller_endpoint else ""
 
-    def validate(self) -> "Config":
-        socket_path(self.endpoint)
-        if self.controller_endpoint:
-            socket_path(self.controller_endpoint)
+    def validate(self, command: str = "serve") -> "Config":
+        """Every check, once; `command` is what the settings are for (`serve` needs a node
+        ID and endpoints, the tools only a store)."""
         if not os.path.isabs(self.root):
             raise InvalidArgument(f"--root must be an absolute path, got {self.root!r}")
         # Layer paths are joined into overlay's lowerdir=a:b:c,upperdir=… option string,
         # where ':' and ',' are separators; a root containing them cannot be expressed.
         if re.search(r"[:,\s]", self.root):
             raise InvalidArgument(f"--root must not contain ':', ',' or whitespace: {self.root!r}")
-        if not self.node_id:
-            raise InvalidArgument("--node-id (or STRATA_NODE_ID) is required")
-        if len(self.node_id.encode()) > 256:
-            raise InvalidArgument("--node-id must be at most 256 bytes (CSI limit)")
-        if self.metrics_address:
-            parse_host_port(self.metrics_address)
+        if command == "serve":
+            socket_path(self.endpoint)
+            if self.controller_endpoint:
+                socket_path(self.controller_endpoint)
+            if not self.node_id:
+                raise InvalidArgument("--node-id (or STRATA_NODE_ID) is required")
+            if len(self.node_id.encode()) > 256:
+                raise InvalidArgument("--node-id must be at most 256 bytes (CSI limit)")
+            if self.metrics_address:
+                parse_host_port(self.metrics_address)
         try:
             self.gc.validate()
         except ValueError as e:
@@ -85,10 +129,23 @@ class Config:
         for path in self.registry_ca + ((self.registry_config,) if self.registry_config else ()):
             if not os.path.isfile(path):
                 raise InvalidArgument(f"{path} does not exist")
-        if self.tag_ttl < 0 or self.pull_wait < 0 or self.registry_retries < 0:
-            raise InvalidArgument("--tag-ttl, --pull-wait and --registry-retries must not be "
-                                  "negative")
+        if min(self.tag_ttl, self.pull_wait, self.registry_retries, self.grace_seconds,
+               self.registry_timeout, self.registry_read_timeout) < 0:
+            raise InvalidArgument("durations and --registry-retries must not be negative")
         return self
+
+
+def settings(command: str) -> list[dataclasses.Field]:
+    """The settings a command takes, in declaration order."""
+    return [f for f in dataclasses.fields(Config) if command in f.metadata["commands"]]
+
+
+def flag(field: dataclasses.Field) -> str:
+    return field.metadata["flag"] or "--" + field.name.replace("_", "-")
+
+
+def env_name(field: dataclasses.Field) -> str:
+    return ENV_PREFIX + flag(field).lstrip("-").replace("-", "_").upper()
 
 
 def socket_path(endpoint: str) -> str:
@@ -104,7 +161,3 @@ def parse_host_port(address: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
         raise InvalidArgument(f"address must be HOST:PORT, got {address!r}")
     return host.strip("[]") or "0.0.0.0", int(port)
-
-
-def env_default(name: str, default: str = "") -> str:
-    return os.environ.get(ENV_PREFIX + name.upper().replace("-", "_"), default)

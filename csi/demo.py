@@ -17,9 +17,12 @@ import time
 
 import grpc
 
+from csi import compose
+from csi.config import Config
 from csi.image.build import LayerBuilder, write_image
 from csi.inspect import diff
 from csi.mount.mountinfo import MountTable
+from csi.paths import StorePaths
 from csi.proto import csi_pb2, csi_pb2_grpc
 from csi.tree import usage
 
@@ -120,10 +123,9 @@ def run(keep: bool = False) -> int:
             f.write("pod-a was here\n")
         os.unlink(os.path.join(a, "usr/lib/python3/json/decoder.py"))
 
-        layers_dir = os.path.join(store, "layers")
-        layer_dirs = [os.path.join(layers_dir, d, "fs") for d in sorted(os.listdir(layers_dir))]
-        lowers = _lowers_of(table, a)
-        upper = _upper_of(table, a)
+        views = _views(store)
+        layer_dirs = sorted(set(views[a][1]))
+        upper, lowers = views[a]
         _say("   what pod-a changed, read from its private upper layer (like `docker diff`):")
         for kind, path in diff(upper, lowers):
             _say(f"     {kind} {path}")
@@ -149,9 +151,9 @@ def run(keep: bool = False) -> int:
             total += size
             _say(f"   layer {os.path.basename(os.path.dirname(d))}: {size / 1024:.0f} KiB, "
                  f"{inodes} inodes")
-        both = _lowers_of(table, b) == lowers
+        both = views[b][1] == lowers
         _say(f"   both pods stack the same {len(lowers)} layer directories: {both}")
-        ua, ub = usage(upper)[0], usage(_upper_of(table, b))[0]
+        ua, ub = usage(upper)[0], usage(views[b][0])[0]
         _say(f"   on disk: {total / 1024:.0f} KiB of layers + {ua / 1024:.0f} KiB (pod-a's "
              f"upper) + {ub / 1024:.0f} KiB (pod-b's upper);")
         _say(f"   a copy per pod would have cost {2 * total / 1024:.0f} KiB")
@@ -171,13 +173,14 @@ def run(keep: bool = False) -> int:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=30)
     leftover_mounts = table.under(root)
-    leftover_uppers = os.listdir(os.path.join(store, "volumes"))
+    leftover_uppers = os.listdir(StorePaths(store).volumes)
     _say("\n== Clean-up check")
     _say(f"   plugin stopped (exit {proc.returncode}), socket removed: "
          f"{not os.path.exists(sock)}")
     _say(f"   mounts left under {root}: {len(leftover_mounts)}; "
          f"upper layers left: {len(leftover_uppers)}")
-    _say(f"   the shared layers stay cached for the next pod: {len(layer_dirs)} in {layers_dir}")
+    _say(f"   the shared layers stay cached for the next pod: {len(layer_dirs)} in "
+         f"{StorePaths(store).layers}")
     ok = not leftover_mounts and not leftover_uppers and proc.returncode == 0
     if keep:
         _say(f"   kept {root}")
@@ -188,17 +191,14 @@ def run(keep: bool = False) -> int:
     return 0 if ok else 1
 
 
-def _overlay_option(table: MountTable, target: str, key: str) -> str:
-    (m,) = [m for m in table.at(target) if m.fstype == "overlay"]
-    for opt in m.super_options.split(","):
-        if opt.startswith(key + "="):
-            return opt[len(key) + 1:]
-    raise KeyError(key)
-
-
-def _lowers_of(table: MountTable, target: str) -> list[str]:
-    return _overlay_option(table, target, "lowerdir").split(":")
-
-
-def _upper_of(table: MountTable, target: str) -> str:
-    return _overlay_option(table, target, "upperdir")
+def _views(store: str) -> dict[str, tuple[str, list[str]]]:
+    """Each publication's upper directory and the layer directories it reads through, as
+    `strata diff` finds them: from the store's records and its backend, read-only."""
+    parts = compose.reader(Config(root=store))
+    try:
+        with parts.state.read() as tx:
+            pubs = [(p, tx.image(p.manifest_digest)) for p in tx.publications()]
+    finally:
+        parts.close()
+    return {p.target: (parts.backend.dirs(p.key).upper, parts.backend.lowers(img.layer_ids))
+            for p, img in pubs}

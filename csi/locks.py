@@ -119,9 +119,8 @@ class StoreUsers:
     and delete unrecorded layer directories only when it can take the lock exclusively;
     otherwise another process may be mid-unpack there."""
 
-    def __init__(self, root: str):
-        self._fd = os.open(os.path.join(root, "store.lock"),
-                           os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    def __init__(self, path: str):
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
     def alone(self) -> bool:
         """Take the lock exclusively if nobody else holds it (then call share())."""

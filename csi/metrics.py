@@ -5,15 +5,15 @@ drift from the truth; RPC latency is recorded by the server's interceptor.
 """
 
 import logging
-import os
 import threading
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
+from csi.backend import Backend
 from csi.inspect import CopyUp, copy_up
-from csi.store.layers import lower_dirs
+from csi.paths import StorePaths
 from csi.store.pagecache import Meter
 from csi.store.report import sharing
 from csi.store.state import State
@@ -80,8 +80,9 @@ class Metrics:
         self.unpack_seconds.observe(seconds)
         self.unpack_bytes.inc(nbytes)
 
-    def install_store(self, state: State, root: str = "") -> None:
-        self.registry.register(StoreCollector(state, root))
+    def install_store(self, state: State, backend: Backend | None = None,
+                      paths: StorePaths | None = None) -> None:
+        self.registry.register(StoreCollector(state, backend, paths))
 
 
 class PageCacheSampler:
@@ -89,9 +90,9 @@ class PageCacheSampler:
     `ttl` seconds: a scrape reads the last sample and never walks a layer itself (a big
     layer has tens of thousands of files)."""
 
-    def __init__(self, root: str, ttl: float = 30.0, meter: Meter | None = None,
+    def __init__(self, paths: StorePaths, ttl: float = 30.0, meter: Meter | None = None,
                  clock=time.monotonic):
-        self._root, self._ttl, self._clock = root, ttl, clock
+        self._paths, self._ttl, self._clock = paths, ttl, clock
         self._meter = meter or Meter()
         self._mu = threading.Lock()
         self._sample: dict[str, int] = {}
@@ -110,7 +111,7 @@ class PageCacheSampler:
 
     def refresh(self, layer_ids: set[str]) -> dict[str, int]:
         """Measure now (the thread's work; tests call it directly)."""
-        sample = {lid: self._meter.tree(os.path.join(self._root, "layers", lid, "fs"))
+        sample = {lid: self._meter.tree(self._paths.layer_fs(lid))
                   for lid in layer_ids}
         with self._mu:
             self._sample, self._taken = sample, self._clock()
@@ -141,14 +142,15 @@ class StoreCollector:
     pods cause, at scrape time. Walking an upper layer costs time in proportion to what the
     pod wrote, so each publication's walk is reused for `copy_up_ttl` seconds."""
 
-    def __init__(self, state: State, root: str = "", clock=time.monotonic,
+    def __init__(self, state: State, backend: Backend | None = None,
+                 paths: StorePaths | None = None, clock=time.monotonic,
                  copy_up_ttl: float = 15.0):
         self._state = state
-        self._root = root
+        self._backend = backend
         self._clock = clock
         self._ttl = copy_up_ttl
         self._copy_up: dict[str, tuple[float, CopyUp]] = {}
-        self.page_cache = PageCacheSampler(root) if root else None
+        self.page_cache = PageCacheSampler(paths) if paths is not None else None
 
     def _copy_up_of(self, pubs, images) -> CopyUp:
         layer_ids = {i.manifest_digest: i.layer_ids for i in images}
@@ -157,9 +159,9 @@ class StoreCollector:
             live.add(p.key)
             cached = self._copy_up.get(p.key)
             if cached is None or now - cached[0] > self._ttl:
-                upper = os.path.join(self._root, "volumes", p.key, "upper")
-                lowers = lower_dirs(self._root, layer_ids.get(p.manifest_digest, ()))
-                cached = (now, copy_up(upper, lowers) if os.path.isdir(upper) else CopyUp())
+                dirs = self._backend.dirs(p.key)
+                lowers = self._backend.lowers(layer_ids.get(p.manifest_digest, ()))
+                cached = (now, copy_up(dirs.upper, lowers) if dirs else CopyUp())
                 self._copy_up[p.key] = cached
             total += cached[1]
         for key in set(self._copy_up) - live:
@@ -170,7 +172,7 @@ class StoreCollector:
         return []  # computed at scrape time; no fixed description to pre-register
 
     def collect(self):
-        with self._state.transaction() as tx:
+        with self._state.read() as tx:
             layers = tx.layers()
             refs = tx.refcounts()
             images = tx.images()
@@ -193,7 +195,7 @@ class StoreCollector:
                                 value=share.saved_bytes)
         yield GaugeMetricFamily("strata_publications", "Volumes mounted at target paths.",
                                 value=len(pubs))
-        if self._root:
+        if self._backend is not None:
             cu = self._copy_up_of(pubs, images)
             files = GaugeMetricFamily(
                 "strata_copy_up_files", "Files in the pods' writable layers: lower files "

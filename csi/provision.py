@@ -53,7 +53,7 @@ class Provisioner:
                 return existing
             vol = ControllerVolume(spec.name, volume_id_for(spec.name), capacity,
                                    dict(spec.parameters), self._clock())
-            tx.put_controller_volume(vol)
+            tx.record_controller_volume(vol)
         log.info("created volume %s (%s) for image %s", vol.volume_id, spec.name, image)
         return vol
 
@@ -62,11 +62,11 @@ class Provisioner:
             if tx.controller_volume_by_id(volume_id) is None:
                 log.info("volume %s does not exist, nothing to delete", volume_id)
                 return
-            tx.delete_controller_volume(volume_id)
+            tx.forget_controller_volume(volume_id)
         log.info("deleted volume %s", volume_id)
 
     def get(self, volume_id: str) -> ControllerVolume:
-        with self._state.transaction() as tx:
+        with self._state.read() as tx:
             vol = tx.controller_volume_by_id(volume_id)
         if vol is None:
             raise NotFound(f"volume {volume_id} does not exist")

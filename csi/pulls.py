@@ -18,9 +18,12 @@ A tag is recorded against the digest it named: an index's for a multi-arch image
 platform manifest is the image record. A HEAD's Docker-Content-Digest is compared with that.
 """
 
+import contextlib
+import dataclasses
 import logging
 import threading
 import time
+from collections.abc import Iterator
 
 from csi.errors import Aborted, FailedPrecondition, InvalidArgument, StrataError
 from csi.image import reference
@@ -35,7 +38,16 @@ from csi.store.state import State, Tag
 
 log = logging.getLogger(__name__)
 
-POLICIES = ("IfNotPresent", "Always", "Never")
+POLICIES = ("IfNotPresent", "Always", "Never")  # the kubelet's imagePullPolicy values
+DEFAULT_POLICY = "IfNotPresent"
+
+
+def policy(value: str) -> str:
+    """A `pullPolicy` attribute checked, with the kubelet's default for none."""
+    value = value or DEFAULT_POLICY
+    if value not in POLICIES:
+        raise InvalidArgument(f"pullPolicy {value!r} is not one of {', '.join(POLICIES)}")
+    return value
 
 
 class LocalSource:
@@ -84,36 +96,35 @@ class Puller:
         # RPC threads waiting on pulls are bounded, so Probe and unpublish always get one.
         self._waiting = threading.BoundedSemaphore(max_waiting)
 
-    def pull(self, image: str, secrets: dict | None = None, policy: str = "",
+    def pull(self, image: str, secrets: dict | None = None, pull_policy: str = "",
              wait: float | None = None):
-        """(source, Image) with every layer present. Raises Aborted when `wait` seconds pass
-        while a registry pull is still running (it goes on; the next call joins it)."""
-        policy = policy or "IfNotPresent"
-        if policy not in POLICIES:
-            raise InvalidArgument(f"pullPolicy {policy!r} is not one of {', '.join(POLICIES)}")
+        """(source, Image) with every layer present and the image recorded. Raises Aborted
+        when `wait` seconds pass while a registry pull is still running (it goes on; the
+        next call joins it)."""
+        pull_policy = policy(pull_policy)
         ref = reference.parse(image)
         if isinstance(ref, reference.LayoutReference):
             check_layout_allowed(ref, self._layout_roots)
             source = OciLayout(ref)
             img = source.resolve()
-            self._layers.ensure(source, img)
+            self._make_present(source, img)
             return source, img
         # What the node has answers without a job: a digest never changes, and a tag is
         # trusted for --tag-ttl (Never trusts it forever). Always asks the registry even
         # for a digest it has, as the kubelet's pull would: with the pod's own credentials,
         # so a pod without access cannot use a private image another pod brought.
-        if policy != "Always":
-            local = self._local(ref, max_age=None if policy == "Never" else self._tag_ttl)
+        if pull_policy != "Always":
+            local = self._local(ref, max_age=None if pull_policy == "Never" else self._tag_ttl)
             if local is not None:
                 self._on_pull("present", None)
                 return LocalSource(str(ref)), local
-            if policy == "Never":
+            if pull_policy == "Never":
                 self._on_pull("failed_precondition", None)
                 raise FailedPrecondition(f"image {ref} is not on this node and pullPolicy is "
                                          "Never")
         keyring = Keyring.from_secrets(secrets or {}, base=self._node_keyring)
         creds = keyring.lookup(ref.registry, ref.repository)
-        key = (str(ref), policy, creds.fingerprint() if creds else "")
+        key = (str(ref), pull_policy, creds.fingerprint() if creds else "")
         now = time.monotonic()
         with self._mu:
             for k in [k for k, j in self._jobs.items()
@@ -122,7 +133,7 @@ class Puller:
             job = self._jobs.get(key)
             if job is None or (job.done.is_set() and (job.error is None or job.delivered)):
                 job = self._jobs[key] = _Job()
-                threading.Thread(target=self._run, args=(job, ref, keyring, policy),
+                threading.Thread(target=self._run, args=(job, ref, keyring, pull_policy),
                                  name=f"pull {ref}", daemon=True).start()
         if not self._waiting.acquire(blocking=False):
             raise Aborted(f"image {ref}: too many publishes are waiting on pulls; retry")
@@ -182,7 +193,7 @@ class Puller:
     def _fetch(self, ref: reference.RegistryReference, keyring: Keyring):
         img, source = self._client.resolve(ref, keyring.lookup)
         source.blobs = self._blobs
-        self._layers.ensure(source, img)
+        self._make_present(source, img)
         if not ref.digest:  # only once the layers are in place
             self._record_tag(ref, img.index_digest or img.manifest_digest)
         if not self._keep_blobs:
@@ -191,14 +202,29 @@ class Puller:
         log.info("pulled %s (%s): %d layers", ref, img.manifest_digest, len(img.layers))
         return source, img
 
+    @contextlib.contextmanager
+    def acquire(self, source, image: Image) -> Iterator[list[str]]:
+        """Hold every layer of `image` (leased, so GC cannot take one) until the block ends,
+        having made them present and (re)recorded the image with them: the one place an
+        image is recorded. Yields layer IDs, base first."""
+        with self._layers.acquire(source, image.layers) as layer_ids:
+            with self._state.transaction() as tx:
+                tx.record_image(image, layer_ids, self._clock())
+            yield layer_ids
+
+    def _make_present(self, source, image: Image) -> list[str]:
+        with self.acquire(source, image) as layer_ids:
+            return layer_ids
+
     def _record_tag(self, ref: reference.RegistryReference, digest: str) -> None:
         with self._state.transaction() as tx:
-            tx.put_tag(Tag(_tag_name(ref), digest, self._clock()))
+            tx.record_tag(Tag(_tag_name(ref), digest, self._clock()))
 
     def _local(self, ref: reference.RegistryReference, max_age: float | None) -> Image | None:
-        """The image from records alone, when every layer is on the node (and, for a tag,
-        its resolution is younger than max_age)."""
-        with self._state.transaction() as tx:
+        """The image from records alone (a recorded image is complete on the node: the
+        state's invariant), for a tag only while its resolution is younger than max_age.
+        An image recorded by a version-1 store lacks its layer descriptors: not usable."""
+        with self._state.read() as tx:
             digest = ref.digest
             if not digest:
                 tag = tx.tag(_tag_name(ref))
@@ -207,14 +233,11 @@ class Puller:
                     return None
                 digest = tag.manifest_digest
             rec = tx.image(digest)
-            if rec is None or not rec.layers:
-                return None
-            if any(tx.layer_by_diff_id(d[3]) is None for d in rec.layers):
-                return None
-        return Image(name=str(ref), manifest_digest=rec.manifest_digest,
-                     config_digest=rec.config_digest,
-                     layers=tuple(LayerDesc(*d) for d in rec.layers),
-                     index_digest=digest if digest != rec.manifest_digest else "")
+        if rec is None or not rec.image.layers:
+            return None
+        return dataclasses.replace(
+            rec.image, name=str(ref),
+            index_digest=digest if digest != rec.manifest_digest else "")
 
 
 def _tag_name(ref: reference.RegistryReference) -> str:

@@ -6,37 +6,23 @@ re-checked in the deleting transaction.
 """
 
 import os
+import sys
+import threading
+import time
 
+from csi import compose
 from csi.config import Config
-from csi.locks import StoreUsers
-from csi.store.gc import Collector
-from csi.store.layers import LayerStore, lower_dirs
+from csi.errors import StrataError
 from csi.store.report import human, image_rows, sharing
-from csi.store.state import State
-from csi.tree import usage
-
-
-def _open(config: Config) -> State:
-    return State(os.path.join(config.root, "state.db"))
+from csi.volumes import canonical
 
 
 def pull(config: Config, image: str, policy: str) -> int:
     """`strata pull`: the server's own pull path, printing progress like `docker pull`."""
-    import threading
-    import time
-
-    from csi.errors import StrataError
-    from csi.server import build_puller
-
-    for sub in ("tmp", "layers", "blobs"):
-        os.makedirs(os.path.join(config.root, sub), mode=0o700, exist_ok=True)
-    users = StoreUsers(config.root).share()  # a server starting meanwhile keeps our tmp/
-    state = _open(config)
     progress = {"bytes": 0, "layers": 0}
-    layers = LayerStore(config.root, state, on_unpack=lambda layer, s, n: progress.update(
-        layers=progress["layers"] + 1))
-    puller = build_puller(config, state, layers, on_bytes=lambda n: progress.update(
-        bytes=progress["bytes"] + n))
+    parts = compose.tool(
+        config, on_unpack=lambda layer, s, n: progress.update(layers=progress["layers"] + 1),
+        on_bytes=lambda n: progress.update(bytes=progress["bytes"] + n))
     done = threading.Event()
 
     def report():
@@ -49,15 +35,14 @@ def pull(config: Config, image: str, policy: str) -> int:
     print(f"pulling {image}", flush=True)
     ticker.start()
     try:
-        _, img = puller.pull(image, {}, policy, wait=None)
+        _, img = parts.puller.pull(image, {}, policy, wait=None)
     except StrataError as e:
         print(f"strata pull: {e.code.name}: {e}")
         return 1
     finally:
         done.set()
         ticker.join()
-        state.close()
-        users.close()
+        parts.close()
     print(f"{img.name}: {len(img.layers)} layers present, {human(progress['bytes'])} "
           f"downloaded, {progress['layers']} layers unpacked in "
           f"{time.monotonic() - started:.1f}s")
@@ -65,31 +50,40 @@ def pull(config: Config, image: str, policy: str) -> int:
     return 0
 
 
+def _no_store(config: Config) -> bool:
+    if os.path.exists(os.path.join(config.root, "state.db")):
+        return False
+    print(f"strata: no store at {config.root}", file=sys.stderr)
+    return True
+
+
 def gc(config: Config) -> int:
-    users = StoreUsers(config.root).share()
-    state = _open(config)
+    if _no_store(config):
+        return 1
+    parts = compose.tool(config)
     try:
-        result = Collector(LayerStore(config.root, state), config.gc).collect()
+        result = parts.gc.collect()
     finally:
-        state.close()
-        users.close()
+        parts.close()
     print(f"removed {len(result.removed)} layers, freed {human(result.freed_bytes)}")
     for lid in result.removed:
         print(f"  {lid}")
     return 0
 
 
-def _snapshot(config: Config):
-    state = _open(config)
-    try:
-        with state.transaction() as tx:
-            return (tx.layers(), tx.images(), tx.publications(), tx.stages(), tx.refcounts())
-    finally:
-        state.close()
+def _snapshot(parts: compose.Parts):
+    with parts.state.read() as tx:
+        return (tx.layers(), tx.images(), tx.publications(), tx.stages(), tx.refcounts())
 
 
 def ls(config: Config) -> int:
-    layers, images, pubs, stages, refs = _snapshot(config)
+    if _no_store(config):
+        return 1
+    parts = compose.reader(config)
+    try:
+        layers, images, pubs, stages, refs = _snapshot(parts)
+    finally:
+        parts.close()
     print(f"{'IMAGE':<48} {'DIGEST':<19} {'LAYERS':>6} {'SIZE':>10} {'PODS':>5} {'STAGED':>6}")
     for r in image_rows(layers, images, pubs, stages):
         print(f"{r.name[-48:]:<48} {r.manifest_digest[7:19]:<19} {r.layers:>6} "
@@ -103,11 +97,17 @@ def ls(config: Config) -> int:
 
 
 def df(config: Config) -> int:
-    layers, images, pubs, stages, refs = _snapshot(config)
+    if _no_store(config):
+        return 1
+    parts = compose.reader(config)
+    try:
+        layers, images, pubs, stages, refs = _snapshot(parts)
+        uppers = sum(parts.backend.usage(p.key).bytes for p in pubs)
+    finally:
+        parts.close()
     share = sharing(layers, images, pubs)
     active = [x for x in layers if refs.get(x.id, 0)]
     reclaim = share.physical_bytes - sum(x.size for x in active)
-    uppers = sum(usage(os.path.join(config.root, "volumes", p.key))[0] for p in pubs)
     pct = f" ({100 * reclaim / share.physical_bytes:.0f}%)" if share.physical_bytes else ""
     print(f"{'TYPE':<14} {'TOTAL':>6} {'ACTIVE':>6} {'SIZE':>10} {'RECLAIMABLE':>16}")
     print(f"{'Layers':<14} {len(layers):>6} {len(active):>6} {human(share.physical_bytes):>10} "
@@ -125,30 +125,29 @@ def df(config: Config) -> int:
 def diff(config: Config, target: str) -> int:
     """`strata diff TARGET`: what a publication changed, like `docker diff`."""
     from csi.inspect import diff as classify
-    from csi.volumes import canonical
 
-    state = _open(config)
+    if _no_store(config):
+        return 1
+    parts = compose.reader(config)
     try:
-        with state.transaction() as tx:
+        with parts.state.read() as tx:
             pub = tx.publication(canonical(os.path.abspath(target)))
             image = tx.image(pub.manifest_digest) if pub else None
     finally:
-        state.close()
+        parts.close()
     if pub is None or image is None:
         print(f"strata diff: nothing is published at {target}")
         return 1
-    upper = os.path.join(config.root, "volumes", pub.key, "upper")
-    if not os.path.isdir(upper):
+    dirs = parts.backend.dirs(pub.key)
+    if dirs is None:
         print(f"{target} is a read-only publication: nothing can change")
         return 0
-    for kind, path in classify(upper, lower_dirs(config.root, image.layer_ids)):
+    for kind, path in classify(dirs.upper, parts.backend.lowers(image.layer_ids)):
         print(f"{kind} {path}")
     return 0
 
 
 def _ago(t: float) -> str:
-    import time
-
     s = max(0, time.time() - t)
     for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
         if s >= n:

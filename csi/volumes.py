@@ -14,21 +14,19 @@ import os
 import secrets
 import time
 
+from csi.backend import Backend
 from csi.errors import AlreadyExists, FailedPrecondition, Internal, NotFound
 from csi.locks import KeyedLock
-from csi.mount import spec as mount_spec
 from csi.mount.syscalls import Mounter
+from csi.paths import StorePaths
+from csi.proto.csi_pb2 import VolumeCapability
 from csi.pulls import Puller
-from csi.store.blobs import BlobStore
 from csi.store.gc import Collector
-from csi.store.layers import LayerStore, lower_dirs
-from csi.store.state import Publication, Stage, State, pub_holder, stage_holder
-from csi.tree import remove_tree, usage
+from csi.store.state import Publication, Stage, State
 
 log = logging.getLogger(__name__)
 
-# CSI VolumeCapability.AccessMode.Mode values that matter here.
-SINGLE_NODE_SINGLE_WRITER = 6
+SINGLE_NODE_SINGLE_WRITER = VolumeCapability.AccessMode.SINGLE_NODE_SINGLE_WRITER
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,15 +66,13 @@ class VolumeStats:
 
 
 class VolumeManager:
-    def __init__(self, root: str, state: State, layers: LayerStore, mounter: Mounter,
-                 puller: Puller | None = None, clock=time.time, locks=None,
-                 gc: Collector | None = None):
-        self.volumes_dir = os.path.join(root, "volumes")
-        os.makedirs(self.volumes_dir, mode=0o700, exist_ok=True)
+    def __init__(self, paths: StorePaths, state: State, backend: Backend, mounter: Mounter,
+                 puller: Puller, clock=time.time, locks=None, gc: Collector | None = None):
+        self._paths = paths
         self._state = state
-        self._layers = layers
+        self._backend = backend
         self._mounter = mounter
-        self._puller = puller or Puller(state, layers, BlobStore(root))
+        self._puller = puller
         self._clock = clock
         self._locks = locks or KeyedLock()
         self._gc = gc
@@ -85,9 +81,8 @@ class VolumeManager:
     def stage(self, s: StageSpec) -> None:
         s = dataclasses.replace(s, staging_path=canonical(s.staging_path))
         with self._locks.hold("vol:" + s.volume_id):
-            with self._state.transaction() as tx:
+            with self._state.read() as tx:
                 existing = tx.stage(s.volume_id)
-            unpacked = self._layers.unpacked
             if existing is not None:
                 if existing.staging_path != s.staging_path or existing.image != s.image:
                     raise AlreadyExists(f"volume {s.volume_id} is already staged at "
@@ -97,35 +92,31 @@ class VolumeManager:
                          s.staging_path)
             else:
                 source, image = self._puller.pull(s.image, s.secrets, s.pull_policy, s.wait)
-                with self._layers.acquire(source, image) as layer_ids:
+                with self._puller.acquire(source, image) as layer_ids:
                     with self._state.transaction() as tx:
-                        tx.put_stage(Stage(s.volume_id, s.staging_path, s.image,
-                                           image.manifest_digest, s.access_mode,
-                                           self._clock()))
-                        tx.add_refs(stage_holder(s.volume_id), layer_ids)
+                        tx.record_stage(Stage(s.volume_id, s.staging_path, s.image,
+                                              image.manifest_digest, s.access_mode,
+                                              self._clock()), layer_ids, self._clock())
                 log.info("staged volume %s: image %s (%s), %d layers", s.volume_id, s.image,
                          image.manifest_digest, len(layer_ids))
-        if self._layers.unpacked != unpacked:
-            self._collect()  # the store grew: an LRU policy may need to make room
+        self._collect(grown_only=True)
 
     def _stage_layers(self, stage: Stage, secrets: dict, policy: str,
                       wait: float | None) -> list[str]:
         """The layers a stage pins. If start-up found one of them lost and forgot the image,
         pull it again and re-pin it: the kubelet stages a volume once, so whichever call
         comes next (a publish, or a repeated stage) repairs the stage."""
-        with self._state.transaction() as tx:
+        with self._state.read() as tx:
             image = tx.image(stage.manifest_digest)
-        if image is not None:
+        if image is not None:  # recorded means complete on this node
             return list(image.layer_ids)
         log.warning("volume %s: staged image %s is no longer complete on this node; pulling "
                     "it again", stage.volume_id, stage.image)
         source, pulled = self._puller.pull(stage.image, secrets, policy, wait)
-        with self._layers.acquire(source, pulled) as layer_ids:
+        with self._puller.acquire(source, pulled) as layer_ids:
             with self._state.transaction() as tx:
-                tx.delete_stage(stage.volume_id)
-                tx.put_stage(dataclasses.replace(stage, manifest_digest=pulled.manifest_digest))
-                tx.drop_refs(stage_holder(stage.volume_id))
-                tx.add_refs(stage_holder(stage.volume_id), layer_ids)
+                tx.record_stage(dataclasses.replace(
+                    stage, manifest_digest=pulled.manifest_digest), layer_ids, self._clock())
         return layer_ids
 
     def unstage(self, volume_id: str, staging_path: str) -> None:
@@ -146,9 +137,7 @@ class VolumeManager:
                 if pubs:
                     raise FailedPrecondition(f"volume {volume_id} is still published at "
                                              f"{', '.join(pubs)}; unpublish it first")
-                tx.delete_stage(volume_id)
-                released = tx.drop_refs(stage_holder(volume_id))
-                tx.touch_layers(released, self._clock())  # --gc-min-age counts from here
+                tx.forget_stage(volume_id, self._clock())
             log.info("unstaged volume %s", volume_id)
         self._collect()
 
@@ -162,7 +151,7 @@ class VolumeManager:
             raise FailedPrecondition(f"target {p.target} is a symbolic link; the kubelet "
                                      "passes a directory or nothing")
         with self._locks.hold("vol:" + p.volume_id, "target:" + p.target):
-            with self._state.transaction() as tx:
+            with self._state.read() as tx:
                 existing = tx.publication(p.target)
                 others = [x for x in tx.publications(p.volume_id) if x.target != p.target]
                 stage = tx.stage(p.volume_id) if p.staging_path else None
@@ -189,20 +178,15 @@ class VolumeManager:
                     raise FailedPrecondition(f"volume {p.volume_id} is not staged at "
                                              f"{p.staging_path}")
                 # The stage's references pin these layers; the volume lock keeps it staged.
-                unpacked = self._layers.unpacked
                 layer_ids = self._stage_layers(stage, p.secrets, p.pull_policy, p.wait)
-                with self._state.transaction() as tx:
+                with self._state.read() as tx:
                     stage = tx.stage(p.volume_id)
                 self._mount(p, stage.image, stage.manifest_digest, layer_ids)
-                if self._layers.unpacked != unpacked:
-                    self._collect()
-                return
-            unpacked = self._layers.unpacked
-            source, image = self._puller.pull(p.image, p.secrets, p.pull_policy, p.wait)
-            with self._layers.acquire(source, image) as layer_ids:
-                self._mount(p, p.image, image.manifest_digest, layer_ids)
-        if self._layers.unpacked != unpacked:
-            self._collect()
+            else:
+                source, image = self._puller.pull(p.image, p.secrets, p.pull_policy, p.wait)
+                with self._puller.acquire(source, image) as layer_ids:
+                    self._mount(p, p.image, image.manifest_digest, layer_ids)
+        self._collect(grown_only=True)
 
     def _same(self, pub: Publication, p: PublishSpec) -> bool:
         """CSI: a repeat with a different capability or readonly is ALREADY_EXISTS."""
@@ -213,23 +197,12 @@ class VolumeManager:
 
     def _mount(self, p: PublishSpec, image_name: str, manifest_digest: str,
                layer_ids: list[str]) -> None:
-        lowers = lower_dirs(self._layers.root, layer_ids)
         key = secrets.token_hex(8)
-        vdir = os.path.join(self.volumes_dir, key)
         created_target = False
         mounted = False
         try:
-            if p.readonly:
-                m = mount_spec.view(lowers, p.target)
-            else:
-                upper, work = os.path.join(vdir, "upper"), os.path.join(vdir, "work")
-                os.makedirs(work, mode=0o700)
-                os.mkdir(upper)
-                # The merged root takes the upper dir's owner and mode: match the image's.
-                st = os.stat(lowers[0])
-                os.chown(upper, st.st_uid, st.st_gid)
-                os.chmod(upper, st.st_mode & 0o7777)
-                m = mount_spec.overlay(lowers, upper, work, p.target)
+            prepare = self._backend.view if p.readonly else self._backend.prepare
+            m = prepare(key, layer_ids, p.target)
             if self._mounter.table.is_mountpoint(p.target):
                 raise FailedPrecondition(f"{p.target} is already a mount point that strata "
                                          "did not record")
@@ -243,11 +216,9 @@ class VolumeManager:
             self._mounter.mount(m)
             mounted = True
             with self._state.transaction() as tx:
-                tx.put_publication(Publication(
-                    p.target, p.volume_id, key, image_name,
-                    manifest_digest, p.readonly, p.staging_path, p.access_mode, self._clock()))
-                tx.add_refs(pub_holder(p.target), layer_ids)
-                tx.touch_layers(layer_ids, self._clock())
+                tx.record_publication(Publication(
+                    p.target, p.volume_id, key, image_name, manifest_digest, p.readonly,
+                    p.staging_path, p.access_mode, self._clock()), layer_ids, self._clock())
         except BaseException:
             if mounted:
                 try:
@@ -255,7 +226,7 @@ class VolumeManager:
                 except OSError:
                     log.exception("cannot undo the mount at %s", p.target)
                     raise
-            remove_tree(vdir, ignore_errors=True)
+            self._remove_key(key)
             if created_target:
                 _rmdir(p.target)
             raise
@@ -266,7 +237,7 @@ class VolumeManager:
     def unpublish(self, volume_id: str, target: str) -> None:
         target = canonical(target)
         with self._locks.hold("vol:" + volume_id, "target:" + target):
-            with self._state.transaction() as tx:
+            with self._state.read() as tx:
                 pub = tx.publication(target)
             if pub is None:
                 log.info("volume %s is not published at %s, nothing to do", volume_id, target)
@@ -278,13 +249,17 @@ class VolumeManager:
             log.info("unpublished volume %s from %s", volume_id, target)
         self._collect()
 
-    def _collect(self) -> None:
-        """Run GC after references were released (or the store grew). Its failure never
-        fails the RPC that triggered it: the volume work is done and recorded."""
+    def _collect(self, grown_only: bool = False) -> None:
+        """Run GC after references were released, or (`grown_only`) if the store grew. Its
+        failure never fails the RPC that triggered it: the volume work is done and
+        recorded."""
         if self._gc is None:
             return
         try:
-            self._gc.collect()
+            if grown_only:
+                self._gc.collect_if_grown()
+            else:
+                self._gc.collect()
         except Exception:
             log.exception("garbage collection failed")
 
@@ -294,13 +269,14 @@ class VolumeManager:
         if self._mounter.table.is_mountpoint(pub.target):
             raise Internal(f"{pub.target} is still mounted after unmount")
         with self._state.transaction() as tx:
-            tx.delete_publication(pub.target)
-            released = tx.drop_refs(pub_holder(pub.target))
-            tx.touch_layers(released, self._clock())  # --gc-min-age counts from here
-        try:  # a read-only publication has none: remove_tree accepts a missing path
-            remove_tree(os.path.join(self.volumes_dir, pub.key))
-        except OSError as e:
-            log.error("cannot remove upper layer %s: %s", pub.key, e)
+            tx.forget_publication(pub.target, self._clock())
+        self._remove_key(pub.key)
+
+    def _remove_key(self, key: str) -> None:
+        try:
+            self._backend.remove(key)
+        except OSError as e:  # logged, never raised: start-up removes what is left
+            log.error("cannot remove the private state of publication %s: %s", key, e)
 
     # -- stats -------------------------------------------------------------------------
     def stats(self, volume_id: str, path: str) -> VolumeStats:
@@ -309,20 +285,20 @@ class VolumeManager:
             return self._stats_locked(volume_id, path)
 
     def _stats_locked(self, volume_id: str, path: str) -> VolumeStats:
-        with self._state.transaction() as tx:
+        with self._state.read() as tx:
             pub = tx.publication(path) if os.path.isabs(path) else None
             stage = tx.stage(volume_id)
         if pub is not None and pub.volume_id == volume_id:
-            used, inodes = usage(os.path.join(self.volumes_dir, pub.key))
+            used = self._backend.usage(pub.key)
             mounted = self._mounter.table.is_mountpoint(pub.target)
             message = "mounted" if mounted else f"{pub.target} is not mounted any more"
-            return self._stats(used, inodes, not mounted, message)
+            return self._stats(used.bytes, used.inodes, not mounted, message)
         if stage is not None and stage.staging_path == path:
             return self._stats(0, 0, False, "staged")
         raise NotFound(f"volume {volume_id} is not published or staged at {path}")
 
     def _stats(self, used: int, inodes: int, abnormal: bool, message: str) -> VolumeStats:
-        fs = os.statvfs(self.volumes_dir)
+        fs = os.statvfs(self._paths.volumes)
         return VolumeStats(
             bytes_used=used, bytes_total=fs.f_blocks * fs.f_frsize,
             bytes_available=fs.f_bavail * fs.f_frsize, inodes_used=inodes,

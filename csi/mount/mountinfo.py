@@ -93,3 +93,21 @@ class MountTable:
             m for m in self.mounts()
             if m.mount_point == prefix or m.mount_point.startswith(below)
         ]
+
+
+def mount_of(path: str, mounts: list[MountInfo]) -> MountInfo | None:
+    """The mount `path` is on, from one reading of the table: by statx mount ID, which sees
+    through stacked and hidden mounts; else (Linux < 5.8) the longest mount point covering
+    the path, the topmost of those stacked there."""
+    real = os.path.realpath(path)
+    try:
+        mid = mount_id(real)
+    except FileNotFoundError:
+        return None
+    found = next((m for m in mounts if m.mount_id == mid), None)
+    if found is not None:
+        return found
+    covering = [m for m in mounts
+                if real == m.mount_point or real.startswith(m.mount_point.rstrip("/") + "/")]
+    longest = max((len(m.mount_point) for m in covering), default=0)
+    return next((m for m in reversed(covering) if len(m.mount_point) == longest), None)

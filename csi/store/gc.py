@@ -13,6 +13,7 @@ so a publish that took a reference after the plan was made always wins.
 import dataclasses
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterable
 
@@ -93,14 +94,26 @@ class Collector:
         self.policy = policy
         self._clock = clock
         self._on_collect = on_collect or (lambda result: None)
+        self._mu = threading.Lock()
+        self._seen = layers.unpacked
+
+    def collect_if_grown(self) -> Result | None:
+        """Collect if this process unpacked layers since the last look: an LRU policy may
+        need to make room. Racing callers see the growth once."""
+        with self._mu:
+            unpacked = self._layers.unpacked
+            if unpacked == self._seen:
+                return None
+            self._seen = unpacked
+        return self.collect()
 
     def collect(self, policy: Policy | None = None) -> Result:
         policy = policy or self.policy
-        with self._layers.state.transaction() as tx:
+        with self._layers.state.read() as tx:
             all_layers = tx.layers()
             refs = tx.refcounts()
         candidates = plan(policy, mark(all_layers, refs),
-                          measure(policy, self._layers.root, all_layers), self._clock())
+                          measure(policy, self._layers.paths.root, all_layers), self._clock())
         removed, freed = [], 0
         for layer in candidates:
             if self._layers.remove_if_unreferenced(layer.id):

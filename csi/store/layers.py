@@ -1,10 +1,11 @@
 """The layer store: each layer unpacked once per node into `layers/ID/fs`, shared by DiffID.
 
-`ensure()` makes every layer of an image present: a layer already recorded is reused
+`acquire()` makes every layer of an image present: a layer already recorded is reused
 whatever image or position it came from; a missing one is unpacked into `tmp/`, its blob
 digest and DiffID verified, then renamed into place and recorded. Racing requests for the
 same layer share one unpack (single-flight). A layer is recorded only once it is complete,
-so a failure leaves no row and no directory behind.
+so a failure leaves no row and no directory behind. The store knows layers, not images:
+callers hand it layer descriptors and a source of their blobs.
 
 Layer IDs are the first 16 hex digits of the DiffID: short, so that long `lowerdir=` lists
 still fit in the one page the kernel accepts for mount options, and stable across restarts.
@@ -15,9 +16,10 @@ import logging
 import os
 import secrets
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
-from typing import Protocol
+from collections.abc import Iterator, Sequence
+from typing import BinaryIO, Protocol
 
 from csi.digest import VerifyingReader
 from csi.errors import (
@@ -29,26 +31,32 @@ from csi.errors import (
     is_no_space,
     no_space,
 )
-from csi.image.manifest import Image, LayerDesc
 from csi.locks import FileLock, SingleFlight
+from csi.paths import StorePaths
 from csi.store import unpack
 from csi.store.compression import decompress
-from csi.store.state import ImageRecord, Layer, State, lease_holder
+from csi.store.state import Layer, State
 from csi.tree import remove_tree, usage
 
 log = logging.getLogger(__name__)
 
 
+class LayerBlob(Protocol):
+    """What the store needs to know of a layer to unpack it (an image's layer descriptor
+    has these): its blob, what the blob unpacks to, and how it is compressed."""
+
+    digest: str
+    diff_id: str
+    media_type: str
+
+    @property
+    def compression(self) -> str: ...
+
+
 class BlobSource(Protocol):
-    def open_blob(self, layer: LayerDesc) -> VerifyingReader: ...
-
-
-def lower_dirs(root: str, layer_ids) -> list[str]:
-    """An image's layer directories as overlay wants its lowerdirs: nearest (topmost) first,
-    and a layer the image lists twice only once, at its topmost place (overlay refuses a
-    repeated lowerdir, and the lower copy would be hidden anyway)."""
-    return [os.path.join(root, "layers", lid, "fs")
-            for lid in dict.fromkeys(reversed(tuple(layer_ids)))]
+    def open_blob(self, layer: LayerBlob) -> BinaryIO:
+        """The blob's bytes, verified against its digest as they are read (a
+        VerifyingReader: `drain()` reads to the end and checks)."""
 
 
 def layer_id(diff_id: str) -> str:
@@ -56,56 +64,48 @@ def layer_id(diff_id: str) -> str:
 
 
 class LayerStore:
-    def __init__(self, root: str, state: State, clock=time.time, on_unpack=None):
-        self.root = root
-        self.layers_dir = os.path.join(root, "layers")
-        self.tmp_dir = os.path.join(root, "tmp")
-        os.makedirs(self.layers_dir, mode=0o700, exist_ok=True)
-        os.makedirs(self.tmp_dir, mode=0o700, exist_ok=True)
+    def __init__(self, paths: StorePaths, state: State, clock=time.time, on_unpack=None):
+        self.paths = paths
+        os.makedirs(paths.layers, mode=0o700, exist_ok=True)
+        os.makedirs(paths.tmp, mode=0o700, exist_ok=True)
         self.state = state
         self._clock = clock
         self._flights = SingleFlight()
         # Orders layer-dir renames between unpack and GC, across processes too.
-        self._dirs = FileLock(os.path.join(root, "layers.lock"))
-        self.unpacked = 0
+        self._dirs = FileLock(paths.layers_lock)
+        self._mu = threading.Lock()
+        self._unpacked = 0
         self._on_unpack = on_unpack or (lambda layer, seconds, nbytes: None)
 
-    def path(self, lid: str) -> str:
-        return os.path.join(self.layers_dir, lid, "fs")
+    @property
+    def unpacked(self) -> int:
+        """Layers this process unpacked so far (GC looks again when this grows)."""
+        with self._mu:
+            return self._unpacked
 
     @contextlib.contextmanager
-    def acquire(self, source: BlobSource, image: Image) -> Iterator[list[str]]:
-        """Make every layer of `image` present and hold a lease (a reference row) on each
-        until the block ends, so that GC cannot take a layer between this call and the
-        caller recording its own references. Yields layer IDs, base first."""
-        holder = lease_holder(secrets.token_hex(8))
+    def acquire(self, source: BlobSource, blobs: Sequence[LayerBlob]) -> Iterator[list[str]]:
+        """Make every layer present and hold a lease (a reference) on each until the block
+        ends, so that GC cannot take a layer between this call and the caller recording its
+        own references. Yields layer IDs in the order of `blobs`."""
+        token = secrets.token_hex(8)
         try:
-            ids = [self._ensure_leased(source, desc, holder) for desc in image.layers]
-            with self.state.transaction() as tx:
-                tx.put_image(ImageRecord(
-                    image.manifest_digest, image.name, image.config_digest, tuple(ids),
-                    self._clock(), tuple((d.digest, d.media_type, d.size, d.diff_id)
-                                         for d in image.layers)))
-                # An image named through an index is known by the index digest too, so
-                # that `repo@sha256:<index>` and a tag pointing at it resolve locally.
-                if image.index_digest and image.index_digest != image.manifest_digest:
-                    tx.put_alias(image.index_digest, image.manifest_digest)
-            yield ids
+            yield [self._ensure_leased(source, blob, token) for blob in blobs]
         finally:
             with self.state.transaction() as tx:
-                tx.drop_refs(holder)
+                tx.end_lease(token)
 
-    def ensure(self, source: BlobSource, image: Image) -> list[str]:
-        """Make every layer of `image` present (no reference kept). Returns layer IDs."""
-        with self.acquire(source, image) as ids:
-            return ids
+    def ensure(self, source: BlobSource, blobs: Sequence[LayerBlob]) -> list[str]:
+        """Make every layer present, holding nothing once done. Returns layer IDs."""
+        with self.acquire(source, blobs) as layer_ids:
+            return layer_ids
 
-    def _ensure_leased(self, source: BlobSource, desc: LayerDesc, holder: str) -> str:
+    def _ensure_leased(self, source: BlobSource, desc: LayerBlob, token: str) -> str:
         for _ in range(3):
             with self.state.transaction() as tx:
                 layer = tx.layer_by_diff_id(desc.diff_id)
                 if layer is not None:
-                    tx.add_refs(holder, [layer.id])
+                    tx.lease(token, layer.id)
                     return layer.id
             self._flights.do(desc.diff_id, lambda: self._unpack(source, desc),
                              share_errors=False)
@@ -118,30 +118,36 @@ class LayerStore:
         start-up removes, never a record without files)."""
         with self._dirs:
             with self.state.transaction() as tx:
-                if tx.layer(lid) is None or tx.refcount(lid):
+                if not tx.forget_layer(lid):
                     return False
-                tx.delete_layer(lid)
-                tx.delete_images_with_layer(lid)
-            self._discard(os.path.join(self.layers_dir, lid))
+            self._discard(self.paths.layer(lid))
         return True
+
+    def remove_unrecorded(self, recorded: set[str]) -> None:
+        """Start-up, alone on the store: a layer directory no record names is a leftover of
+        a crash between rename and record (unverified as far as we know): delete it."""
+        for lid in os.listdir(self.paths.layers):
+            if lid not in recorded:
+                log.warning("removing unrecorded layer directory %s", lid)
+                self._discard(self.paths.layer(lid))
 
     def _discard(self, path: str) -> None:
         """Move a directory out of layers/ atomically, then delete it at leisure."""
-        trash = os.path.join(self.tmp_dir, "discard-" + secrets.token_hex(6))
+        trash = os.path.join(self.paths.tmp, "discard-" + secrets.token_hex(6))
         try:
             os.rename(path, trash)
         except FileNotFoundError:
             return
         remove_tree(trash, ignore_errors=True)
 
-    def _unpack(self, source: BlobSource, desc: LayerDesc) -> Layer:
+    def _unpack(self, source: BlobSource, desc: LayerBlob) -> Layer:
         with self.state.transaction() as tx:
             layer = tx.layer_by_diff_id(desc.diff_id)  # a flight that just finished
         if layer is not None:
             return layer
         lid = layer_id(desc.diff_id)
         started = time.monotonic()
-        work = tempfile.mkdtemp(prefix=f"unpack-{lid}-", dir=self.tmp_dir)
+        work = tempfile.mkdtemp(prefix=f"unpack-{lid}-", dir=self.paths.tmp)
         try:
             fs = os.path.join(work, "fs")
             os.mkdir(fs, 0o755)
@@ -181,7 +187,7 @@ class LayerStore:
             remove_tree(work, ignore_errors=True)
             raise
         now = self._clock()
-        final = os.path.join(self.layers_dir, lid)
+        final = self.paths.layer(lid)
         renamed = False
         with self._dirs:
             try:
@@ -202,7 +208,7 @@ class LayerStore:
                         os.rename(work, final)
                         renamed = True
                         layer = Layer(lid, desc.diff_id, size, now, now)
-                        tx.put_layer(layer)
+                        tx.record_layer(layer)
             except BaseException:  # the transaction rolled back: nothing may stay
                 remove_tree(work, ignore_errors=True)
                 if renamed:
@@ -212,7 +218,8 @@ class LayerStore:
             remove_tree(work, ignore_errors=True)
             log.info("layer %s was unpacked meanwhile by another process", lid)
             return layer
-        self.unpacked += 1
+        with self._mu:
+            self._unpacked += 1
         seconds = time.monotonic() - started
         log.info("unpacked layer %s (%d entries, %d bytes) in %.2fs", lid, stats.entries,
                  size, seconds)

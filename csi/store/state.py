@@ -1,9 +1,21 @@
 """The only module that touches SQLite: the store's state in `state.db` (WAL).
 
-Records are frozen dataclasses. Every change happens inside `transaction()` (BEGIN
-IMMEDIATE, commit or rollback), like containerd's MetaStore.WithTransaction. A layer's
-reference count is not stored: it is the number of `refs` rows naming it, so it cannot drift
-from the publications and stages that hold it. The schema version lives in PRAGMA user_version.
+Changes are domain operations, each one transaction that keeps the invariants below, never
+table CRUD: record or forget a publication (with its layer references), a stage, an image
+(with its layers), a layer, a lease. Like containerd's MetaStore, writes run inside
+`transaction()` (BEGIN IMMEDIATE, commit or rollback); reads that change nothing (a scrape,
+`strata ls`) run inside `read()`, on a connection of their own that never takes the write
+lock, so they neither wait for a publish nor make one wait.
+
+Invariants (the schema enforces the first two with foreign keys):
+- a reference names a recorded layer, and a recorded layer is deleted only when nothing
+  references it; its reference count is not stored but counted, so it cannot drift from the
+  publications, stages and leases that hold it;
+- an image is recorded only with all of its layers (`image_layers`), and forgetting a layer
+  forgets every image containing it: a recorded image is complete on this node;
+- recording or forgetting a publication or a stage writes its references in the same
+  transaction, and touches the layers' `last_used` (GC's minimum age counts from there).
+The schema version lives in PRAGMA user_version.
 """
 
 import contextlib
@@ -12,11 +24,40 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
-SCHEMA_VERSION = 3
+from csi.image.manifest import Image, LayerDesc
 
-# Each entry upgrades from the version before it; a fresh database runs them all.
+SCHEMA_VERSION = 4
+
+
+def _v4(db: sqlite3.Connection) -> None:
+    """A join table replaces the JSON list of layer IDs, which "which images contain this
+    layer?" could only answer with LIKE. Images whose layers are not all recorded were
+    unusable anyway and are dropped."""
+    db.execute("""
+CREATE TABLE image_layers (
+    manifest_digest TEXT NOT NULL REFERENCES images(manifest_digest) ON DELETE CASCADE,
+    position INTEGER NOT NULL,      -- 0 is the base
+    layer_id TEXT NOT NULL REFERENCES layers(id),
+    PRIMARY KEY (manifest_digest, position)
+)""")
+    db.execute("CREATE INDEX image_layers_layer ON image_layers(layer_id)")
+    known = {r[0] for r in db.execute("SELECT id FROM layers")}
+    for digest, ids in db.execute("SELECT manifest_digest, layer_ids FROM images").fetchall():
+        ids = json.loads(ids)
+        if not set(ids) <= known:
+            db.execute("DELETE FROM images WHERE manifest_digest=?", (digest,))
+            continue
+        db.executemany("INSERT INTO image_layers VALUES (?,?,?)",
+                       [(digest, i, lid) for i, lid in enumerate(ids)])
+    db.execute("ALTER TABLE images DROP COLUMN layer_ids")
+    db.execute("DELETE FROM image_aliases WHERE manifest_digest NOT IN "
+               "(SELECT manifest_digest FROM images)")
+
+
+# Each entry upgrades from the version before it (SQL, or a function of the connection for
+# what SQL alone cannot do); a fresh database runs them all.
 _MIGRATIONS = {
     1: None,  # _SCHEMA below
     2: """
@@ -34,8 +75,9 @@ CREATE TABLE image_aliases (
 );
 """,
     # Version 2 recorded an image named through an index twice, as two identical rows, and
-    # which one is the index cannot be told from the rows: put_alias folds them the next
+    # which one is the index cannot be told from the rows: record_image folds them the next
     # time that image is recorded, when it can.
+    4: _v4,
 }
 
 _SCHEMA = """
@@ -50,7 +92,7 @@ CREATE TABLE images (
     manifest_digest TEXT PRIMARY KEY,
     name TEXT NOT NULL,
     config_digest TEXT NOT NULL,
-    layer_ids TEXT NOT NULL,        -- JSON list, base first
+    layer_ids TEXT NOT NULL,        -- JSON list, base first (until v4: image_layers)
     resolved REAL NOT NULL
 );
 CREATE TABLE stages (
@@ -64,7 +106,7 @@ CREATE TABLE stages (
 CREATE TABLE publications (
     target TEXT PRIMARY KEY,
     volume_id TEXT NOT NULL,
-    key TEXT NOT NULL UNIQUE,       -- volumes/KEY holds upper/ and work/
+    key TEXT NOT NULL UNIQUE,       -- the backend's name for its private state (volumes/KEY)
     image TEXT NOT NULL,
     manifest_digest TEXT NOT NULL,
     readonly INTEGER NOT NULL,
@@ -75,7 +117,7 @@ CREATE TABLE publications (
 CREATE INDEX publications_volume ON publications(volume_id);
 CREATE TABLE refs (
     layer_id TEXT NOT NULL REFERENCES layers(id),
-    holder TEXT NOT NULL,           -- "pub:TARGET" or "stage:VOLUME_ID"
+    holder TEXT NOT NULL,           -- "pub:TARGET", "stage:VOLUME_ID" or "lease:TOKEN"
     PRIMARY KEY (layer_id, holder)
 );
 CREATE INDEX refs_holder ON refs(holder);
@@ -100,14 +142,21 @@ class Layer:
 
 @dataclasses.dataclass(frozen=True)
 class ImageRecord:
-    manifest_digest: str
-    name: str
-    config_digest: str
+    """An image as this node holds it: the image (whose layer descriptors let it be used
+    again without the network; a version-1 store did not keep them), where each of its
+    layers is (layer IDs, base first), and when it was resolved."""
+
+    image: Image
     layer_ids: tuple[str, ...]
     resolved: float
-    # (digest, media_type, size, diff_id) per layer, base first: enough to rebuild the
-    # image without the network when every layer is still on the node.
-    layers: tuple[tuple[str, str, int, str], ...] = ()
+
+    @property
+    def manifest_digest(self) -> str:
+        return self.image.manifest_digest
+
+    @property
+    def name(self) -> str:
+        return self.image.name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,21 +198,22 @@ class ControllerVolume:
     created: float
 
 
-def pub_holder(target: str) -> str:
+# Who holds a reference. A lease is a short-lived reference held while a publish or stage
+# is about to record its own, so GC cannot take a layer in between.
+def _pub(target: str) -> str:
     return "pub:" + target
 
 
-def stage_holder(volume_id: str) -> str:
+def _stage(volume_id: str) -> str:
     return "stage:" + volume_id
 
 
-def lease_holder(token: str) -> str:
-    """A short-lived reference held while a publish or stage is about to record its own."""
+def _lease(token: str) -> str:
     return "lease:" + token
 
 
-class Tx:
-    """Queries and changes inside one transaction."""
+class Reader:
+    """Queries, inside a read or a write transaction."""
 
     def __init__(self, cur: sqlite3.Cursor):
         self._c = cur
@@ -185,78 +235,42 @@ class Tx:
     def layers(self) -> list[Layer]:
         return self._all(Layer, "SELECT * FROM layers ORDER BY created")
 
-    def put_layer(self, layer: Layer) -> None:
-        self._c.execute("INSERT OR REPLACE INTO layers VALUES (?,?,?,?,?)",
-                        dataclasses.astuple(layer))
-
-    def delete_layer(self, layer_id: str) -> None:
-        self._c.execute("DELETE FROM layers WHERE id=?", (layer_id,))
-
-    def touch_layers(self, layer_ids: list[str], now: float) -> None:
-        self._c.executemany("UPDATE layers SET last_used=? WHERE id=?",
-                            [(now, i) for i in layer_ids])
-
     # images
     def image(self, digest: str) -> ImageRecord | None:
         """The image with this manifest digest, or that an index with this digest resolved
-        to on this node."""
+        to on this node. Recorded means complete: every layer is recorded."""
         row = self._c.execute(
             "SELECT * FROM images WHERE manifest_digest = coalesce("
             "(SELECT manifest_digest FROM image_aliases WHERE digest=?), ?)",
             (digest, digest)).fetchone()
-        return _image(row) if row else None
+        return self._image(row) if row else None
 
     def images(self) -> list[ImageRecord]:
         """Each image once, under its platform manifest digest (never an index's)."""
-        return [_image(r) for r in self._c.execute("SELECT * FROM images ORDER BY name")]
+        return [self._image(r) for r in
+                self._c.execute("SELECT * FROM images ORDER BY name").fetchall()]
 
-    def put_alias(self, digest: str, manifest_digest: str) -> None:
-        """Record that index `digest` resolved to `manifest_digest`. A row a version-2 store
-        kept under the index digest is folded into the manifest's, with the publications
-        and stages that named it."""
-        self._c.execute("DELETE FROM images WHERE manifest_digest=?", (digest,))
-        for table in ("publications", "stages"):
-            self._c.execute(f"UPDATE {table} SET manifest_digest=? WHERE manifest_digest=?",
-                            (manifest_digest, digest))
-        self._c.execute("DELETE FROM image_aliases WHERE digest=?", (manifest_digest,))
-        self._c.execute("INSERT OR REPLACE INTO image_aliases VALUES (?,?)",
-                        (digest, manifest_digest))
+    def _image(self, row) -> ImageRecord:
+        digest, name, config, resolved, descs = row
+        ids = tuple(r[0] for r in self._c.execute(
+            "SELECT layer_id FROM image_layers WHERE manifest_digest=? ORDER BY position",
+            (digest,)))
+        layers = tuple(LayerDesc(*d) for d in json.loads(descs))
+        return ImageRecord(Image(name, digest, config, layers), ids, resolved)
 
-    def delete_images_with_layer(self, layer_id: str) -> None:
-        self._c.execute("DELETE FROM images WHERE layer_ids LIKE ?", (f'%"{layer_id}"%',))
-        self._c.execute("DELETE FROM image_aliases WHERE manifest_digest NOT IN "
-                        "(SELECT manifest_digest FROM images)")
-
-    def put_image(self, img: ImageRecord) -> None:
-        self._c.execute("INSERT OR REPLACE INTO images VALUES (?,?,?,?,?,?)",
-                        (img.manifest_digest, img.name, img.config_digest,
-                         json.dumps(list(img.layer_ids)), img.resolved,
-                         json.dumps([list(x) for x in img.layers])))
-
-    # tags
     def tag(self, name: str) -> Tag | None:
         return self._one(Tag, "SELECT * FROM tags WHERE name=?", name)
 
-    def put_tag(self, t: Tag) -> None:
-        self._c.execute("INSERT OR REPLACE INTO tags VALUES (?,?,?)", dataclasses.astuple(t))
-
-    # stages
+    # volumes
     def stage(self, volume_id: str) -> Stage | None:
         return self._one(Stage, "SELECT * FROM stages WHERE volume_id=?", volume_id)
 
     def stages(self) -> list[Stage]:
         return self._all(Stage, "SELECT * FROM stages ORDER BY created")
 
-    def put_stage(self, s: Stage) -> None:
-        self._c.execute("INSERT INTO stages VALUES (?,?,?,?,?,?)", dataclasses.astuple(s))
-
-    def delete_stage(self, volume_id: str) -> None:
-        self._c.execute("DELETE FROM stages WHERE volume_id=?", (volume_id,))
-
-    # publications
     def publication(self, target: str) -> Publication | None:
         row = self._c.execute("SELECT * FROM publications WHERE target=?", (target,)).fetchone()
-        return _pub(row) if row else None
+        return _publication(row) if row else None
 
     def publications(self, volume_id: str | None = None) -> list[Publication]:
         if volume_id is None:
@@ -264,103 +278,237 @@ class Tx:
         else:
             rows = self._c.execute("SELECT * FROM publications WHERE volume_id=? "
                                    "ORDER BY created", (volume_id,))
-        return [_pub(r) for r in rows.fetchall()]
-
-    def put_publication(self, p: Publication) -> None:
-        self._c.execute("INSERT INTO publications VALUES (?,?,?,?,?,?,?,?,?)",
-                        dataclasses.astuple(p))
-
-    def delete_publication(self, target: str) -> None:
-        self._c.execute("DELETE FROM publications WHERE target=?", (target,))
+        return [_publication(r) for r in rows.fetchall()]
 
     # references
-    def add_refs(self, holder: str, layer_ids: list[str]) -> None:
-        self._c.executemany("INSERT OR IGNORE INTO refs VALUES (?,?)",
-                            [(i, holder) for i in layer_ids])
-
-    def drop_refs(self, holder: str) -> list[str]:
-        """Drop a holder's references; returns the layer IDs it held."""
-        return [r[0] for r in self._c.execute(
-            "DELETE FROM refs WHERE holder=? RETURNING layer_id", (holder,))]
-
-    def drop_all_refs(self) -> None:
-        self._c.execute("DELETE FROM refs")
-
-    def delete_layer_refs(self, layer_id: str) -> None:
-        self._c.execute("DELETE FROM refs WHERE layer_id=?", (layer_id,))
-
     def refcount(self, layer_id: str) -> int:
         return self._c.execute("SELECT COUNT(*) FROM refs WHERE layer_id=?",
                                (layer_id,)).fetchone()[0]
 
-    def holders(self) -> list[tuple[str, str]]:
-        return self._c.execute("SELECT layer_id, holder FROM refs").fetchall()
-
     def refcounts(self) -> dict[str, int]:
         return dict(self._c.execute("SELECT layer_id, COUNT(*) FROM refs GROUP BY layer_id"))
+
+    def holders(self) -> list[tuple[str, str]]:
+        """(layer ID, holder) of every reference: for diagnostics and tests."""
+        return self._c.execute("SELECT layer_id, holder FROM refs ORDER BY holder").fetchall()
 
     # controller
     def controller_volume(self, name: str) -> ControllerVolume | None:
         row = self._c.execute("SELECT * FROM controller_volumes WHERE name=?",
                               (name,)).fetchone()
-        return _cvol(row) if row else None
+        return _controller_volume(row) if row else None
 
     def controller_volume_by_id(self, volume_id: str) -> ControllerVolume | None:
         row = self._c.execute("SELECT * FROM controller_volumes WHERE volume_id=?",
                               (volume_id,)).fetchone()
-        return _cvol(row) if row else None
+        return _controller_volume(row) if row else None
 
-    def put_controller_volume(self, v: ControllerVolume) -> None:
+
+class Tx(Reader):
+    """Domain operations inside one write transaction."""
+
+    # -- layers ------------------------------------------------------------------------
+    def record_layer(self, layer: Layer) -> None:
+        """A layer just unpacked and renamed into place."""
+        self._c.execute("INSERT INTO layers VALUES (?,?,?,?,?)", dataclasses.astuple(layer))
+
+    def forget_layer(self, layer_id: str) -> bool:
+        """Forget an unreferenced layer and every image containing it (they are no longer
+        complete). False, changing nothing, when it is referenced or unknown."""
+        if self.layer(layer_id) is None or self.refcount(layer_id):
+            return False
+        self._forget_images_with(layer_id)
+        self._c.execute("DELETE FROM layers WHERE id=?", (layer_id,))
+        return True
+
+    def _forget_images_with(self, layer_id: str) -> None:
+        self._c.execute("DELETE FROM images WHERE manifest_digest IN (SELECT manifest_digest "
+                        "FROM image_layers WHERE layer_id=?)", (layer_id,))
+        self._c.execute("DELETE FROM image_aliases WHERE manifest_digest NOT IN "
+                        "(SELECT manifest_digest FROM images)")
+
+    def _touch(self, layer_ids: Iterable[str], now: float) -> None:
+        self._c.executemany("UPDATE layers SET last_used=? WHERE id=?",
+                            [(now, i) for i in layer_ids])
+
+    # -- images ------------------------------------------------------------------------
+    def record_image(self, image: Image, layer_ids: tuple[str, ...] | list[str],
+                     now: float) -> None:
+        """An image whose layers are all recorded (`layer_ids`, base first). An image named
+        through an index (`image.index_digest`) is known by that digest too, so that
+        `repo@sha256:<index>` and a tag naming the index resolve locally."""
+        digest = image.manifest_digest
+        self._c.execute("DELETE FROM images WHERE manifest_digest=?", (digest,))
+        self._c.execute("INSERT INTO images VALUES (?,?,?,?,?)", (
+            digest, image.name, image.config_digest, now,
+            json.dumps([[d.digest, d.media_type, d.size, d.diff_id] for d in image.layers])))
+        self._c.executemany("INSERT INTO image_layers VALUES (?,?,?)",
+                            [(digest, i, lid) for i, lid in enumerate(layer_ids)])
+        if image.index_digest and image.index_digest != digest:
+            self._alias(image.index_digest, digest)
+
+    def _alias(self, index: str, manifest_digest: str) -> None:
+        """Record that index `index` resolved to `manifest_digest`. A row a version-2 store
+        kept under the index digest is folded into the manifest's, with the publications
+        and stages that named it."""
+        self._c.execute("DELETE FROM images WHERE manifest_digest=?", (index,))
+        for table in ("publications", "stages"):
+            self._c.execute(f"UPDATE {table} SET manifest_digest=? WHERE manifest_digest=?",
+                            (manifest_digest, index))
+        self._c.execute("DELETE FROM image_aliases WHERE digest=?", (manifest_digest,))
+        self._c.execute("INSERT OR REPLACE INTO image_aliases VALUES (?,?)",
+                        (index, manifest_digest))
+
+    def record_tag(self, t: Tag) -> None:
+        self._c.execute("INSERT OR REPLACE INTO tags VALUES (?,?,?)", dataclasses.astuple(t))
+
+    # -- leases ------------------------------------------------------------------------
+    def lease(self, token: str, layer_id: str) -> None:
+        self._c.execute("INSERT OR IGNORE INTO refs VALUES (?,?)", (layer_id, _lease(token)))
+
+    def end_lease(self, token: str) -> None:
+        self._c.execute("DELETE FROM refs WHERE holder=?", (_lease(token),))
+
+    # -- stages and publications -------------------------------------------------------
+    def _hold(self, holder: str, layer_ids: Iterable[str], now: float) -> None:
+        ids = list(dict.fromkeys(layer_ids))
+        self._c.executemany("INSERT OR IGNORE INTO refs VALUES (?,?)",
+                            [(i, holder) for i in ids])
+        self._touch(ids, now)
+
+    def _release(self, holder: str, now: float) -> list[str]:
+        released = [r[0] for r in self._c.execute(
+            "DELETE FROM refs WHERE holder=? RETURNING layer_id", (holder,)).fetchall()]
+        self._touch(released, now)  # --gc-min-age counts from the release
+        return released
+
+    def record_stage(self, stage: Stage, layer_ids: Iterable[str], now: float) -> None:
+        """The stage, pinning exactly `layer_ids` (a stage re-pulled after start-up found its
+        image incomplete replaces its record and its references)."""
+        self._c.execute("INSERT OR REPLACE INTO stages VALUES (?,?,?,?,?,?)",
+                        dataclasses.astuple(stage))
+        self._release(_stage(stage.volume_id), now)
+        self._hold(_stage(stage.volume_id), layer_ids, now)
+
+    def forget_stage(self, volume_id: str, now: float) -> list[str]:
+        """Forget a stage and release its references; returns the layers it held."""
+        self._c.execute("DELETE FROM stages WHERE volume_id=?", (volume_id,))
+        return self._release(_stage(volume_id), now)
+
+    def record_publication(self, pub: Publication, layer_ids: Iterable[str],
+                           now: float) -> None:
+        self._c.execute("INSERT INTO publications VALUES (?,?,?,?,?,?,?,?,?)",
+                        dataclasses.astuple(pub))
+        self._hold(_pub(pub.target), layer_ids, now)
+
+    def forget_publication(self, target: str, now: float) -> list[str]:
+        """Forget a publication and release its references; returns the layers it held."""
+        self._c.execute("DELETE FROM publications WHERE target=?", (target,))
+        return self._release(_pub(target), now)
+
+    # -- start-up ----------------------------------------------------------------------
+    def rebuild_references(self, lost: set[str], keep_leases: bool = False) -> list[str]:
+        """References are derived data: rebuild them from the publications and stages that
+        exist, forgetting the `lost` layers (recorded, but their directory is gone) with
+        the images that contain them. Each holder keeps its image's layers that remain (a
+        live overlay may still use them); a holder whose image a lost layer took at an
+        earlier start keeps the references it has. Leases are dropped (their processes are
+        gone) unless `keep_leases` (another process uses the store). Returns a line for
+        each holder whose image is no longer complete (its next use pulls it again)."""
+        holders = [(_pub(p.target), f"publication at {p.target}", p.manifest_digest)
+                   for p in self.publications()]
+        holders += [(_stage(s.volume_id), f"stage of {s.volume_id}", s.manifest_digest)
+                    for s in self.stages()]
+        had: dict[str, list[str]] = {}
+        for lid, holder in self.holders():
+            had.setdefault(holder, []).append(lid)
+        held = {}
+        for holder, _, digest in holders:
+            image = self.image(digest)
+            held[holder] = list(image.layer_ids) if image is not None else had.get(holder, [])
+        if keep_leases:
+            self._c.execute("DELETE FROM refs WHERE holder NOT LIKE 'lease:%'")
+        else:
+            self._c.execute("DELETE FROM refs")
+        for lid in lost:
+            self._forget_images_with(lid)
+            self._c.execute("DELETE FROM layers WHERE id=?", (lid,))
+        incomplete = []
+        for holder, what, digest in holders:
+            if lost & set(held[holder]):
+                incomplete.append(f"{what}: image {digest} is no longer complete on this node")
+            self._c.executemany("INSERT OR IGNORE INTO refs VALUES (?,?)",
+                                [(lid, holder) for lid in held[holder] if lid not in lost])
+        return incomplete
+
+    # -- controller --------------------------------------------------------------------
+    def record_controller_volume(self, v: ControllerVolume) -> None:
         self._c.execute("INSERT INTO controller_volumes VALUES (?,?,?,?,?)",
                         (v.name, v.volume_id, v.capacity, json.dumps(v.parameters,
                                                                      sort_keys=True), v.created))
 
-    def delete_controller_volume(self, volume_id: str) -> None:
+    def forget_controller_volume(self, volume_id: str) -> None:
         self._c.execute("DELETE FROM controller_volumes WHERE volume_id=?", (volume_id,))
 
 
-def _image(row) -> ImageRecord:
-    return ImageRecord(row[0], row[1], row[2], tuple(json.loads(row[3])), row[4],
-                       tuple(tuple(x) for x in json.loads(row[5])))
-
-
-def _pub(row) -> Publication:
+def _publication(row) -> Publication:
     return Publication(row[0], row[1], row[2], row[3], row[4], bool(row[5]), row[6], row[7],
                        row[8])
 
 
-def _cvol(row) -> ControllerVolume:
+def _controller_volume(row) -> ControllerVolume:
     return ControllerVolume(row[0], row[1], row[2], json.loads(row[3]), row[4])
 
 
+def _connect(path: str) -> sqlite3.Connection:
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+    db.execute("PRAGMA foreign_keys=ON")
+    return db
+
+
 class State:
-    """One connection, serialised by a lock: gRPC worker threads share it. Other processes
-    (`strata ls`) open their own; WAL lets them read while the server writes."""
+    """Two connections, each serialised by its own lock (gRPC worker threads share them):
+    one for write transactions, one for reads. Other processes (`strata ls`) open their
+    own; WAL lets every reader go on while one process writes."""
 
     def __init__(self, path: str, clock=time.time):
         self.path = path
         self.clock = clock
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
-                                   timeout=30)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL is durable across crashes
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._migrate()
+        self._db = _connect(path)
+        self._read_lock = threading.Lock()
+        self._ro = None
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL survives crashes
+            self._migrate()
+            self._ro = _connect(path)
+        except BaseException:
+            self.close()
+            raise
+
+    def _version(self) -> int:
+        return self._db.execute("PRAGMA user_version").fetchone()[0]
 
     def _migrate(self) -> None:
+        # The common case (up to date) takes no write lock, so that `strata ls` beside a
+        # busy server never waits. An upgrade re-reads the version inside the write lock:
+        # two processes opening an old or fresh database at once must not both migrate.
+        if self._version() == SCHEMA_VERSION:
+            return
         with self._lock:
-            # The version is read inside the write lock: two processes opening a fresh
-            # database at once must not both create the schema.
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                version = self._db.execute("PRAGMA user_version").fetchone()[0]
+                version = self._version()
                 if version > SCHEMA_VERSION:
                     raise RuntimeError(f"{self.path}: schema version {version} is newer than "
                                        f"this strata understands ({SCHEMA_VERSION})")
                 for v in range(version + 1, SCHEMA_VERSION + 1):
-                    script = _MIGRATIONS[v] or _SCHEMA
-                    for stmt in script.split(";"):
+                    step = _MIGRATIONS[v] or _SCHEMA
+                    if callable(step):
+                        step(self._db)
+                        continue
+                    for stmt in step.split(";"):
                         if stmt.strip():
                             self._db.execute(stmt)
                 self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
@@ -384,6 +532,19 @@ class State:
                     cur.execute("ROLLBACK")
                 raise
 
+    @contextlib.contextmanager
+    def read(self) -> Iterator[Reader]:
+        """A consistent snapshot for reading (BEGIN DEFERRED: a WAL read lock only)."""
+        with self._read_lock:
+            cur = self._ro.cursor()
+            cur.execute("BEGIN")
+            try:
+                yield Reader(cur)
+            finally:
+                cur.execute("ROLLBACK")  # nothing was written; ends the snapshot
+
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        with self._lock, self._read_lock:
+            for db in (self._db, self._ro):
+                if db is not None:
+                    db.close()

@@ -96,13 +96,14 @@ def test_a_second_process_unpacking_the_same_layer_leaves_the_recorded_one_alone
 
     from csi.image import reference
     from csi.image.layout import OciLayout
+    from csi.paths import StorePaths
     from csi.store.layers import LayerStore
     from csi.store.state import State
 
-    root = str(tmp_path / "store")
-    os.makedirs(root)
-    states = [State(os.path.join(root, "state.db")) for _ in range(2)]
-    server, cli = (LayerStore(root, s) for s in states)
+    paths = StorePaths(str(tmp_path / "store")).make()
+    root = paths.root
+    states = [State(paths.state_db) for _ in range(2)]
+    server, cli = (LayerStore(paths, s) for s in states)
     source = OciLayout(reference.parse(fresh_image))
     image = source.resolve()
     opened, go = threading.Event(), threading.Event()
@@ -115,17 +116,17 @@ def test_a_second_process_unpacking_the_same_layer_leaves_the_recorded_one_alone
 
     errors = []
     thread = threading.Thread(target=lambda: errors.extend(
-        _catch(lambda: cli.ensure(Gated(), image))))
+        _catch(lambda: cli.ensure(Gated(), image.layers))))
     thread.start()
     try:
         assert opened.wait(30)
-        with server.acquire(source, image) as ids:
-            before = {lid: os.stat(server.path(lid)).st_ino for lid in ids}
+        with server.acquire(source, image.layers) as ids:
+            before = {lid: os.stat(paths.layer_fs(lid)).st_ino for lid in ids}
             go.set()
             thread.join(60)
             assert not errors, errors
-            assert {lid: os.stat(server.path(lid)).st_ino for lid in ids} == before
-            assert os.path.isfile(os.path.join(server.path(ids[1]), "unique"))
+            assert {lid: os.stat(paths.layer_fs(lid)).st_ino for lid in ids} == before
+            assert os.path.isfile(os.path.join(paths.layer_fs(ids[1]), "unique"))
         assert os.listdir(os.path.join(root, "tmp")) == []
         assert server.unpacked == 3 and cli.unpacked == 0
     finally:

@@ -62,33 +62,29 @@ def test_stage_pins_layers(plugins, images, tmp_path):
 def test_min_age_counts_from_the_release_not_from_the_publish(tmp_path, images):
     """A layer a pod used for a week is as warm as it gets the moment the pod goes:
     --gc-min-age must protect it from then on (last_used is refreshed on release)."""
-    from csi.mount.syscalls import Mounter
-    from csi.store.gc import Collector, Policy
-    from csi.store.layers import LayerStore
-    from csi.store.state import State
-    from csi.volumes import PublishSpec, StageSpec, VolumeManager
+    from csi import compose
+    from csi.config import Config
+    from csi.volumes import PublishSpec, StageSpec
 
     now = [1000.0]
-    root = str(tmp_path / "store")
-    os.makedirs(os.path.join(root, "tmp"))
-    state = State(os.path.join(root, "state.db"))
-    layers = LayerStore(root, state, clock=lambda: now[0])
-    gc = Collector(layers, Policy(mode="immediate", min_age=300), clock=lambda: now[0])
-    vm = VolumeManager(root, state, layers, Mounter(), clock=lambda: now[0], gc=gc)
+    config = Config(root=str(tmp_path / "store"), node_id="t", gc_policy="immediate",
+                    gc_min_age=300)
+    parts = compose.node(config, clock=lambda: now[0])
+    vm, gc, state = parts.volumes, parts.gc, parts.state
     try:
         vm.publish(PublishSpec("v", str(tmp_path / "pod"), images.app, False, 1))
         vm.stage(StageSpec("s", str(tmp_path / "staging"), images.base, 1))
         now[0] += 7 * 86400
         vm.unpublish("v", str(tmp_path / "pod"))
         vm.unstage("s", str(tmp_path / "staging"))
-        with state.transaction() as tx:
+        with state.read() as tx:
             assert len(tx.layers()) == 2, "released just now: still warm"
         now[0] += 301
         gc.collect()
-        with state.transaction() as tx:
+        with state.read() as tx:
             assert tx.layers() == []
     finally:
-        state.close()
+        parts.close()
         unmount_all_under(str(tmp_path))
 
 

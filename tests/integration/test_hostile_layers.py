@@ -28,6 +28,7 @@ import pytest
 from csi.errors import StrataError
 from csi.image.layout import OciLayout
 from csi.image.reference import parse as parse_reference
+from csi.paths import StorePaths
 from csi.store.layers import LayerStore
 from csi.store.state import State
 from tests.data import hostile
@@ -182,15 +183,16 @@ def run_case(case: hostile.Case, sandbox: str) -> list[str]:
     hostile.populate_outside(os.path.join(sandbox, hostile.OUTSIDE))
     state = State(os.path.join(root, "state.db"))
     try:
-        store = LayerStore(root, state)
+        store = LayerStore(StorePaths(root), state)
         layers = []
         if case.base is not None:
             base = (case.base, hostile.TAR_MT, "sha256:" + hashlib.sha256(case.base).hexdigest())
-            store.ensure(*_resolve(hostile.write_layout(layout, "base", [base])))
+            base_source, base_image = _resolve(hostile.write_layout(layout, "base", [base]))
+            store.ensure(base_source, base_image.layers)
             layers.append(base)
         layers.append((case.blob_bytes(), case.media_type, case.diff_id))
         source, image = _resolve(hostile.write_layout(layout, "hostile", layers))
-        with state.transaction() as tx:
+        with state.read() as tx:
             rows_before = {layer.id for layer in tx.layers()}
 
         layers_dir = os.path.join(root, "layers")
@@ -199,7 +201,7 @@ def run_case(case: hostile.Case, sandbox: str) -> list[str]:
         error: Exception | None = None
         ids: list[str] = []
         try:
-            ids = store.ensure(source, image)
+            ids = store.ensure(source, image.layers)
         except Exception as e:  # judged below: it must be a StrataError
             error = e
         new = set(os.listdir(layers_dir)) - present
@@ -211,7 +213,7 @@ def run_case(case: hostile.Case, sandbox: str) -> list[str]:
             problems.append(f"store/tmp/ is not empty: {left}")
         for lid in sorted(new):
             problems += layer_problems(os.path.join(layers_dir, lid))
-        with state.transaction() as tx:
+        with state.read() as tx:
             row = tx.layer_by_diff_id(case.diff_id)
             rows_after = {layer.id for layer in tx.layers()}
 

@@ -8,10 +8,14 @@ import subprocess
 
 import pytest
 
+from csi.backend.overlay import OverlayBackend
+from csi.image.manifest import Image
 from csi.mount.mountinfo import MountTable
 from csi.mount.syscalls import Mounter
+from csi.paths import StorePaths
 from csi.reconcile import _unmount_unrecorded, reconcile
-from csi.store.state import ImageRecord, Layer, Publication, State, pub_holder
+from csi.store.layers import LayerStore
+from csi.store.state import Layer, Publication, State
 from tests.conftest import ROOT_REASON
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason=ROOT_REASON)
@@ -44,6 +48,11 @@ def store(root, *lids):
         open(os.path.join(root, "layers", lid, "fs", "f"), "w").close()
 
 
+def unmount_unrecorded(root, recorded: set[str]) -> None:
+    paths = StorePaths(str(root))
+    _unmount_unrecorded(paths, recorded, Mounter(), OverlayBackend(paths))
+
+
 def view(src, dst):
     """A read-only view of a one-layer image, as strata makes it: a bind of the layer."""
     os.makedirs(dst, exist_ok=True)
@@ -66,7 +75,7 @@ def test_a_propagated_copy_of_a_live_view_stays(work):
     view(root / "layers/L1/fs", live)
     view(root / "layers/L1/fs", leftover)  # mounted on its own: its own peer group
     assert mounted(alias / "podA") and mounted(alias / "podB")
-    _unmount_unrecorded(str(root), {str(live)}, Mounter())
+    unmount_unrecorded(root, {str(live)})
     assert mounted(live) and mounted(alias / "podA")
     assert not mounted(leftover) and not mounted(alias / "podB")
 
@@ -79,7 +88,7 @@ def test_a_store_on_a_stacked_mount_still_knows_its_views(work):
     store(s, "L1")
     leftover = work / "leftover"
     view(s / "layers/L1/fs", leftover)
-    _unmount_unrecorded(str(s), set(), Mounter())
+    unmount_unrecorded(s, set())
     assert not mounted(leftover)
 
 
@@ -90,18 +99,18 @@ def test_a_lost_layer_s_siblings_stay_referenced_across_restarts(work):
     target.mkdir()
     sh("mount", "-t", "tmpfs", "pod", str(target))  # stands in for the live overlay
     st = State(str(root / "state.db"))
+    paths = StorePaths(str(root))
     try:
         with st.transaction() as tx:
             for lid in ("base", "top"):
-                tx.put_layer(Layer(lid, "sha256:" + lid, 1, 0, 0))
-            tx.put_image(ImageRecord("sha256:m", "img", "sha256:c", ("base", "top"), 0))
-            tx.put_publication(Publication(str(target), "v", "k", "img", "sha256:m", False,
-                                           "", 1, 0))
-            tx.add_refs(pub_holder(str(target)), ["base", "top"])
+                tx.record_layer(Layer(lid, "sha256:" + lid, 1, 0, 0))
+            tx.record_image(Image("img", "sha256:m", "sha256:c", ()), ("base", "top"), 0)
+            tx.record_publication(Publication(str(target), "v", "k", "img", "sha256:m", False,
+                                              "", 1, 0), ["base", "top"], 0)
         shutil.rmtree(root / "layers/top")
         for _ in range(3):  # every later start too
-            reconcile(str(root), st, Mounter())
-            with st.transaction() as tx:
+            reconcile(paths, st, Mounter(), OverlayBackend(paths), LayerStore(paths, st))
+            with st.read() as tx:
                 assert tx.refcounts() == {"base": 1}
     finally:
         st.close()

@@ -151,7 +151,7 @@ def test_publish_interrupted_before_its_record(tmp_path, images):
         p.stop(signal.SIGKILL)
         st = State(os.path.join(p.root, "state.db"))  # forget the record, as if never written
         with st.transaction() as tx:
-            tx.delete_publication(str(target))
+            tx.forget_publication(str(target), 0)
         st.close()
         assert MountTable().is_mountpoint(str(target))
         p.start()
@@ -223,10 +223,11 @@ def test_references_are_recomputed_after_a_crash(tmp_path, images):
         p.csi.publish("refs", tmp_path / "pod", images.app)
         p.stop(signal.SIGKILL)
         st = State(os.path.join(p.root, "state.db"))
-        with st.transaction() as tx:
+        with st.transaction() as tx:  # corrupt the references behind the domain's back:
             good = tx.refcounts()
-            tx.drop_all_refs()  # lost references would let GC take a mounted layer…
-            tx.add_refs("pub:/no/such/target", list(good))  # …and stale ones pin forever
+            tx._c.execute("DELETE FROM refs")  # lost ones would let GC take a mounted layer…
+            tx._c.executemany("INSERT INTO refs VALUES (?, 'pub:/no/such/target')",
+                              [(lid,) for lid in good])  # …and stale ones pin forever
         st.close()
         p.start()
         st = State(os.path.join(p.root, "state.db"))
@@ -276,7 +277,8 @@ def test_start_up_leaves_tmp_alone_while_another_process_uses_the_store(tmp_path
     os.makedirs(os.path.join(renamed, "fs"))
     holder = subprocess.Popen(  # holds the store the way `strata pull` does
         [sys.executable, "-c", "import sys, time\nfrom csi.locks import StoreUsers\n"
-         "StoreUsers(sys.argv[1]).share()\nprint('held', flush=True)\ntime.sleep(60)",
+         "StoreUsers(sys.argv[1] + '/store.lock').share()\nprint('held', flush=True)\n"
+         "time.sleep(60)",
          p.root], stdout=subprocess.PIPE, text=True, cwd=os.path.dirname(os.path.dirname(
              os.path.dirname(os.path.abspath(__file__)))))
     try:
@@ -342,7 +344,7 @@ def test_one_layer_views_interrupted_or_not_and_another_store_s(tmp_path, images
         p.stop(signal.SIGKILL)
         st = State(os.path.join(p.root, "state.db"))
         with st.transaction() as tx:
-            tx.delete_publication(str(b))  # as if it crashed between mount(2) and record
+            tx.forget_publication(str(b), 0)  # as if it crashed between mount(2) and record
         st.close()
         p.start()
         assert MountTable().is_mountpoint(str(a))

@@ -1,10 +1,12 @@
-"""csi/config.py: endpoints, HOST:PORT, and Config.validate()."""
+"""csi/config.py: endpoints, HOST:PORT, Config.validate(), and the flags and environment
+variables generated from the settings' declarations."""
 
 import dataclasses
 
 import pytest
 
-from csi.config import Config, env_default, parse_host_port, socket_path
+from csi import cli
+from csi.config import Config, env_name, flag, parse_host_port, settings, socket_path
 from csi.errors import InvalidArgument
 
 
@@ -114,9 +116,70 @@ def test_config_is_frozen():
         good().root = "/x"  # type: ignore[misc]
 
 
-def test_env_default(monkeypatch):
+def test_tools_need_no_node_id():
+    for command in ("pull", "gc", "ls", "df", "diff"):
+        assert Config(root="/var/lib/strata").validate(command).node_id == ""
+    with pytest.raises(InvalidArgument, match="--node-id"):
+        Config(root="/var/lib/strata").validate("serve")
+
+
+def test_every_setting_is_a_flag_of_the_commands_that_take_it():
+    every = {f.name for f in dataclasses.fields(Config)}
+    taken = set()
+    for command in cli.COMMANDS:
+        parser = cli._parser()
+        text = parser._subparsers._group_actions[0].choices[command].format_help()
+        for f in settings(command):
+            assert flag(f) in text and env_name(f) in text, (command, f.name)
+            taken.add(f.name)
+    assert taken == every, "a setting no command takes"
+
+
+@pytest.mark.parametrize("name, env", [
+    ("node_id", "STRATA_NODE_ID"), ("insecure_registries", "STRATA_INSECURE_REGISTRY"),
+    ("oci_layout_roots", "STRATA_OCI_LAYOUT_ROOT"), ("gc_min_age", "STRATA_GC_MIN_AGE"),
+])
+def test_environment_names(name, env):
+    (f,) = [f for f in dataclasses.fields(Config) if f.name == name]
+    assert env_name(f) == env
+
+
+def parse(argv: list[str]) -> Config:
+    parser = cli._parser()
+    return cli._config(parser.parse_args(argv), parser)
+
+
+def test_flags_environment_and_defaults(monkeypatch, tmp_path):
+    ca = tmp_path / "ca.pem"
+    ca.write_text("")
     monkeypatch.setenv("STRATA_NODE_ID", "from-env")
-    monkeypatch.delenv("STRATA_METRICS_ADDRESS", raising=False)
-    assert env_default("node-id") == "from-env"
-    assert env_default("node_id") == "from-env"
-    assert env_default("metrics-address", ":9090") == ":9090"
+    monkeypatch.setenv("STRATA_GC_MIN_AGE", "12.5")
+    monkeypatch.setenv("STRATA_INSECURE_REGISTRY", "a:5000,b:5000")
+    monkeypatch.setenv("STRATA_LOG_LEVEL", "debug")
+    cfg = parse(["serve", "--gc-high-percent", "90", "--registry-ca", str(ca),
+                 "--registry-ca", str(ca)])
+    assert cfg.node_id == "from-env" and cfg.gc_min_age == 12.5 and cfg.log_level == "DEBUG"
+    assert cfg.insecure_registries == ("a:5000", "b:5000")
+    assert cfg.gc_high_percent == 90.0 and cfg.registry_ca == (str(ca), str(ca))
+    assert cfg.tag_ttl == Config().tag_ttl
+    assert parse(["serve", "--node-id", "flag", "--insecure-registry", "c:1"]) \
+        .insecure_registries == ("c:1",), "a flag replaces the environment's list"
+
+
+@pytest.mark.parametrize("argv, env, fragment", [
+    (["serve"], {}, "--node-id"),
+    (["serve", "--node-id", "n", "--gc-min-age", "soon"], {}, "invalid float value"),
+    (["gc"], {"STRATA_GC_MAX_BYTES": "lots"}, "invalid int value"),
+    (["gc", "--gc-policy", "never"], {}, "invalid choice"),
+    (["serve", "--node-id", "n", "--log-level", "loud"], {}, "invalid choice"),
+    (["ls", "--root", "relative"], {}, "--root must be an absolute path"),
+    (["ls", "--node-id", "n"], {}, "unrecognized arguments"),
+    (["pull", "img", "--pull-policy", "Sometimes"], {}, "invalid choice"),
+])
+def test_bad_flags_and_values_are_usage_errors(argv, env, fragment, monkeypatch, capsys):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(SystemExit) as e:
+        parse(argv)
+    assert e.value.code == 2
+    assert fragment in capsys.readouterr().err

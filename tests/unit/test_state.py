@@ -1,23 +1,20 @@
-"""csi/store/state.py: schema migration, the transaction helper and record round-trips."""
+"""csi/store/state.py: schema migrations, transactions (write and read-only), and the domain
+operations with the invariants they keep: references only to recorded layers, images only
+with all their layers, publications and stages recorded and forgotten with their
+references."""
 
+import json
 import sqlite3
 import threading
 
 import pytest
 
+from csi.image.manifest import Image, LayerDesc
 from csi.store import state as st
-from csi.store.state import (
-    ControllerVolume,
-    ImageRecord,
-    Layer,
-    Publication,
-    Stage,
-    State,
-    pub_holder,
-    stage_holder,
-)
+from csi.store.state import ControllerVolume, Layer, Publication, Stage, State, Tag
 
-D1, D2, D3 = ("sha256:" + c * 64 for c in "123")
+D1, D2, D3, D4 = ("sha256:" + c * 64 for c in "1234")
+GZ = "application/vnd.oci.image.layer.v1.tar+gzip"
 
 
 @pytest.fixture
@@ -31,6 +28,11 @@ def layer(lid="aaaa", diff_id=D1, size=4096, created=1.0, last_used=2.0) -> Laye
     return Layer(lid, diff_id, size, created, last_used)
 
 
+def image(digest=D3, name="oci:/l:app", n=2, index="") -> Image:
+    return Image(name, digest, D2, tuple(LayerDesc(f"sha256:{i:064x}", GZ, 10 + i, f"diff{i}")
+                                         for i in range(n)), index_digest=index)
+
+
 def publication(target="/pods/a/vol", key="k1", readonly=False, **over) -> Publication:
     fields = dict(target=target, volume_id="vol-1", key=key, image="oci:/img:app",
                   manifest_digest=D3, readonly=readonly, staging_path="", access_mode=1,
@@ -39,10 +41,18 @@ def publication(target="/pods/a/vol", key="k1", readonly=False, **over) -> Publi
     return Publication(**fields)
 
 
-def raw(path, sql):
+def with_layers(db, *ids) -> None:
+    with db.transaction() as tx:
+        for i, lid in enumerate(ids):
+            tx.record_layer(layer(lid, f"sha256:{lid}{i}"))
+
+
+def raw(path, sql, *args):
     con = sqlite3.connect(path)
     try:
-        return con.execute(sql).fetchall()
+        rows = con.execute(sql, args).fetchall()
+        con.commit()
+        return rows
     finally:
         con.close()
 
@@ -51,8 +61,10 @@ def raw(path, sql):
 def test_migrate_sets_user_version_and_tables(db):
     assert raw(db.path, "PRAGMA user_version") == [(st.SCHEMA_VERSION,)]
     tables = {r[0] for r in raw(db.path, "SELECT name FROM sqlite_master WHERE type='table'")}
-    assert {"layers", "images", "stages", "publications", "refs",
+    assert {"layers", "images", "image_layers", "stages", "publications", "refs",
             "controller_volumes"} <= tables
+    columns = {r[1] for r in raw(db.path, "PRAGMA table_info(images)")}
+    assert "layer_ids" not in columns, "the JSON list of layer IDs is gone"
 
 
 def test_wal_mode(db):
@@ -63,10 +75,10 @@ def test_reopen_keeps_data_and_does_not_migrate_again(tmp_path):
     path = str(tmp_path / "state.db")
     s = State(path)
     with s.transaction() as tx:
-        tx.put_layer(layer())
+        tx.record_layer(layer())
     s.close()
     s = State(path)  # would fail with "table layers already exists" if re-created
-    with s.transaction() as tx:
+    with s.read() as tx:
         assert tx.layer("aaaa") == layer()
     s.close()
 
@@ -87,10 +99,37 @@ def test_failed_migration_rolls_back(tmp_path, monkeypatch):
     assert raw(path, "SELECT name FROM sqlite_master WHERE type='table'") == []
 
 
+def test_version_3_store_survives_the_join_table_migration(tmp_path, monkeypatch):
+    """v3 kept an image's layer IDs as a JSON list. v4 moves them to image_layers, in
+    order, and drops images whose layers are not all recorded (unusable anyway)."""
+    path = str(tmp_path / "state.db")
+    monkeypatch.setattr(st, "SCHEMA_VERSION", 3)
+    State(path).close()
+    raw(path, "INSERT INTO layers VALUES ('base', ?, 1, 0, 0)", D1)
+    raw(path, "INSERT INTO layers VALUES ('top', ?, 1, 0, 0)", D2)
+    descs = json.dumps([[D1, GZ, 5, D1], [D2, GZ, 6, D2]])
+    raw(path, "INSERT INTO images VALUES (?, 'app', ?, '[\"base\", \"top\"]', 1.0, ?)",
+        D3, D2, descs)
+    raw(path, "INSERT INTO images VALUES (?, 'broken', ?, '[\"base\", \"gone\"]', 1.0, '[]')",
+        D4, D2)
+    raw(path, "INSERT INTO image_aliases VALUES (?, ?)", "sha256:" + "9" * 64, D4)
+    monkeypatch.undo()
+    s = State(path)
+    try:
+        assert raw(path, "PRAGMA user_version") == [(st.SCHEMA_VERSION,)]
+        with s.read() as tx:
+            (rec,) = tx.images()
+            assert rec.layer_ids == ("base", "top") and rec.manifest_digest == D3
+            assert [d.size for d in rec.image.layers] == [5, 6]
+        assert raw(path, "SELECT * FROM image_aliases") == [], "its alias went with it"
+    finally:
+        s.close()
+
+
 # -- transactions --------------------------------------------------------------------------
-def test_transaction_commits(db, tmp_path):
+def test_transaction_commits(db):
     with db.transaction() as tx:
-        tx.put_layer(layer())
+        tx.record_layer(layer())
     # visible to another connection, so really committed
     assert raw(db.path, "SELECT id FROM layers") == [("aaaa",)]
 
@@ -101,12 +140,11 @@ def test_transaction_rolls_back_on_exception(db):
 
     with pytest.raises(Boom):
         with db.transaction() as tx:
-            tx.put_layer(layer())
-            tx.add_refs("pub:/t", ["aaaa"])
-            tx.put_publication(publication())
+            tx.record_layer(layer())
+            tx.record_publication(publication(), ["aaaa"], 3.0)
             assert tx.layer("aaaa") is not None  # visible inside the transaction
             raise Boom()
-    with db.transaction() as tx:
+    with db.read() as tx:
         assert tx.layers() == []
         assert tx.refcounts() == {}
         assert tx.publications() == []
@@ -118,10 +156,10 @@ def test_a_failed_commit_rolls_back_and_leaves_the_connection_usable(db):
     with pytest.raises(sqlite3.IntegrityError):
         with db.transaction() as tx:
             tx._c.execute("PRAGMA defer_foreign_keys=ON")
-            tx.add_refs("pub:/t", ["no-such-layer"])
+            tx.lease("tok", "no-such-layer")
     with db.transaction() as tx:  # "cannot start a transaction within a transaction"?
         assert tx.refcounts() == {}
-        tx.put_layer(layer())
+        tx.record_layer(layer())
     assert raw(db.path, "SELECT COUNT(*) FROM layers") == [(1,)]
 
 
@@ -130,261 +168,176 @@ def test_transaction_usable_after_rollback(db):
         with db.transaction():
             raise ValueError
     with db.transaction() as tx:
-        tx.put_layer(layer())
-    with db.transaction() as tx:
+        tx.record_layer(layer())
+    with db.read() as tx:
         assert len(tx.layers()) == 1
 
 
-def test_integrity_error_rolls_back_whole_transaction(db):
-    with db.transaction() as tx:
-        tx.put_stage(Stage("v", "/s", "img", D1, 1, 1.0))
-    with pytest.raises(sqlite3.IntegrityError):
-        with db.transaction() as tx:
-            tx.put_layer(layer())
-            tx.put_stage(Stage("v", "/s2", "img", D1, 1, 2.0))  # duplicate primary key
-    with db.transaction() as tx:
-        assert tx.layers() == []
-        assert tx.stage("v").staging_path == "/s"
-
-
 def test_transactions_from_threads_are_serialised(db):
-    with db.transaction() as tx:
-        tx.put_layer(layer())
+    with_layers(db, "aaaa")
 
     def bump():
         for _ in range(20):
             with db.transaction() as tx:
-                cur = tx.layer("aaaa")
-                tx.put_layer(layer(size=cur.size + 1))
+                n = len(tx.publications())
+                tx.record_publication(publication(f"/t{threading.get_ident()}-{n}",
+                                                  f"k{threading.get_ident()}-{n}"),
+                                      ["aaaa"], 1.0)
 
     threads = [threading.Thread(target=bump) for _ in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=20)
-    with db.transaction() as tx:
-        assert tx.layer("aaaa").size == 4096 + 80  # no lost update
+    with db.read() as tx:
+        assert len(tx.publications()) == 80 and tx.refcount("aaaa") == 80
 
 
-# -- records -------------------------------------------------------------------------------
+def test_a_read_does_not_take_the_write_lock(db):
+    """A scrape or `strata ls` must not make a publish wait, nor wait for one: a read runs
+    while another connection holds the write lock, and sees the last commit."""
+    with_layers(db, "aaaa")
+    writer = sqlite3.connect(db.path, isolation_level=None, timeout=0)
+    try:
+        writer.execute("BEGIN IMMEDIATE")
+        writer.execute("INSERT INTO layers VALUES ('bbbb', 'x', 1, 0, 0)")
+        with db.read() as tx:  # timeout=30 would hang here if it needed the lock
+            assert [x.id for x in tx.layers()] == ["aaaa"]
+        writer.execute("COMMIT")
+        with db.read() as tx:
+            assert {x.id for x in tx.layers()} == {"aaaa", "bbbb"}
+    finally:
+        writer.close()
+
+
+def test_a_read_holds_no_lock_a_writer_waits_on(db):
+    with_layers(db, "aaaa")
+    with db.read() as tx:
+        tx.layers()
+        other = sqlite3.connect(db.path, isolation_level=None, timeout=0)
+        try:
+            other.execute("BEGIN IMMEDIATE")  # would raise "database is locked"
+            other.execute("COMMIT")
+        finally:
+            other.close()
+
+
+def test_reads_cannot_write(db):
+    with db.read() as tx:
+        assert not hasattr(tx, "record_layer")
+
+
+# -- layers --------------------------------------------------------------------------------
 def test_layer_round_trip_and_lookup(db):
     a, b = layer("aaaa", D1, created=1.0), layer("bbbb", D2, size=1, created=0.5)
     with db.transaction() as tx:
-        tx.put_layer(a)
-        tx.put_layer(b)
-    with db.transaction() as tx:
+        tx.record_layer(a)
+        tx.record_layer(b)
+    with db.read() as tx:
         assert tx.layer("aaaa") == a
         assert tx.layer_by_diff_id(D2) == b
         assert tx.layer("nope") is None and tx.layer_by_diff_id(D3) is None
         assert tx.layers() == [b, a]  # ordered by created
 
 
-def test_put_layer_replaces(db):
-    with db.transaction() as tx:
-        tx.put_layer(layer(size=1))
-        tx.put_layer(layer(size=2))
-    with db.transaction() as tx:
-        assert [x.size for x in tx.layers()] == [2]
+def test_a_layer_is_recorded_once(db):
+    with_layers(db, "aaaa")
+    with pytest.raises(sqlite3.IntegrityError):
+        with db.transaction() as tx:
+            tx.record_layer(layer("aaaa", D4))
 
 
-def test_touch_and_delete_layers(db):
+def test_forget_layer_only_when_unreferenced(db):
+    with_layers(db, "aaaa", "bbbb")
     with db.transaction() as tx:
-        tx.put_layer(layer("aaaa", D1))
-        tx.put_layer(layer("bbbb", D2))
-        tx.touch_layers(["aaaa", "missing"], 99.0)
-    with db.transaction() as tx:
-        assert tx.layer("aaaa").last_used == 99.0
-        assert tx.layer("bbbb").last_used == 2.0
-        tx.delete_layer("bbbb")
-    with db.transaction() as tx:
+        tx.lease("tok", "aaaa")
+        assert tx.forget_layer("aaaa") is False
+        assert tx.forget_layer("nope") is False
+        assert tx.forget_layer("bbbb") is True
+    with db.read() as tx:
         assert [x.id for x in tx.layers()] == ["aaaa"]
 
 
+def test_the_schema_refuses_to_delete_a_referenced_layer(db):
+    with_layers(db, "aaaa")
+    with db.transaction() as tx:
+        tx.lease("tok", "aaaa")
+    with pytest.raises(sqlite3.IntegrityError):
+        with db.transaction() as tx:
+            tx._c.execute("DELETE FROM layers WHERE id='aaaa'")
+
+
+def test_a_reference_to_an_unknown_layer_is_refused(db):
+    with pytest.raises(sqlite3.IntegrityError):
+        with db.transaction() as tx:
+            tx.record_publication(publication(), ["no-such-layer"], 1.0)
+    with db.read() as tx:
+        assert tx.publications() == [], "nothing of the publication stays"
+
+
+# -- images --------------------------------------------------------------------------------
 def test_image_round_trip_keeps_layer_order(db):
-    img = ImageRecord(D3, "oci:/l:app", D2, ("base", "mid", "top"), 3.25)
-    other = ImageRecord(D1, "oci:/l:aaa", D2, ("x",), 1.0)
+    with_layers(db, "base", "mid", "top", "x")
     with db.transaction() as tx:
-        tx.put_image(img)
-        tx.put_image(other)
-    with db.transaction() as tx:
+        tx.record_image(image(D3, "oci:/l:app", 3), ("base", "mid", "top"), 3.25)
+        tx.record_image(image(D1, "oci:/l:aaa", 1), ("x",), 1.0)
+    with db.read() as tx:
         got = tx.image(D3)
-        assert got == img and isinstance(got.layer_ids, tuple)
+        assert got.layer_ids == ("base", "mid", "top") and got.resolved == 3.25
+        assert got.image == image(D3, "oci:/l:app", 3)
         assert tx.image(D2) is None
-        assert tx.images() == [other, img]  # ordered by name
+        assert [i.name for i in tx.images()] == ["oci:/l:aaa", "oci:/l:app"]  # by name
 
 
-def test_stage_round_trip(db):
-    s = Stage("vol-1", "/var/lib/kubelet/staging/x", "oci:/l:app", D3, 7, 5.5)
-    with db.transaction() as tx:
-        tx.put_stage(s)
-    with db.transaction() as tx:
-        assert tx.stage("vol-1") == s
-        assert tx.stages() == [s]
-        tx.delete_stage("vol-1")
-    with db.transaction() as tx:
-        assert tx.stage("vol-1") is None
-
-
-def test_publication_round_trip_with_bool(db):
-    p = publication(readonly=True, staging_path="/stage/x", access_mode=2)
-    with db.transaction() as tx:
-        tx.put_publication(p)
-    with db.transaction() as tx:
-        got = tx.publication(p.target)
-        assert got == p
-        assert got.readonly is True
-        assert tx.publication("/other") is None
-
-
-def test_publications_filter_and_order(db):
-    p1 = publication("/t1", "k1", created=3.0)
-    p2 = publication("/t2", "k2", volume_id="vol-2", created=1.0)
-    p3 = publication("/t3", "k3", created=2.0)
-    with db.transaction() as tx:
-        for p in (p1, p2, p3):
-            tx.put_publication(p)
-    with db.transaction() as tx:
-        assert tx.publications() == [p2, p3, p1]
-        assert tx.publications("vol-1") == [p3, p1]
-        assert tx.publications("vol-x") == []
-        tx.delete_publication("/t3")
-    with db.transaction() as tx:
-        assert tx.publications("vol-1") == [p1]
-
-
-def test_two_readonly_publications_coexist(db):
-    a = publication("/pods/a/vol", "key-a", readonly=True)
-    b = publication("/pods/b/vol", "key-b", readonly=True)
-    with db.transaction() as tx:
-        tx.put_publication(a)
-        tx.put_publication(b)
-        tx.put_layer(layer())
-        tx.add_refs(pub_holder(a.target), ["aaaa"])
-        tx.add_refs(pub_holder(b.target), ["aaaa"])
-    with db.transaction() as tx:
-        assert {p.key for p in tx.publications("vol-1")} == {"key-a", "key-b"}
-        assert tx.refcounts() == {"aaaa": 2}
-
-
-def test_publication_key_and_target_are_unique(db):
-    with db.transaction() as tx:
-        tx.put_publication(publication("/t1", "k1"))
+def test_an_image_needs_all_its_layers_recorded(db):
+    with_layers(db, "base")
     with pytest.raises(sqlite3.IntegrityError):
         with db.transaction() as tx:
-            tx.put_publication(publication("/t2", "k1"))  # same key: would share an upper
-    with pytest.raises(sqlite3.IntegrityError):
-        with db.transaction() as tx:
-            tx.put_publication(publication("/t1", "k2"))
-
-
-def test_controller_volume_round_trip(db):
-    v = ControllerVolume("pvc-1", "strata-abc", 1 << 30, {"image": "oci:/l:app", "b": "2"}, 4.0)
-    with db.transaction() as tx:
-        tx.put_controller_volume(v)
-    with db.transaction() as tx:
-        assert tx.controller_volume("pvc-1") == v
-        assert tx.controller_volume_by_id("strata-abc") == v
-        assert tx.controller_volume("pvc-2") is None
-        tx.delete_controller_volume("strata-abc")
-    with db.transaction() as tx:
-        assert tx.controller_volume("pvc-1") is None
-
-
-# -- references ----------------------------------------------------------------------------
-def test_holder_names():
-    assert pub_holder("/pods/x") == "pub:/pods/x"
-    assert stage_holder("vol-1") == "stage:vol-1"
-    assert pub_holder("vol-1") != stage_holder("vol-1")
-
-
-def test_refs_add_drop_refcounts(db):
-    with db.transaction() as tx:
-        tx.put_layer(layer("aaaa", D1))
-        tx.put_layer(layer("bbbb", D2))
-        tx.put_layer(layer("cccc", D3))
-        tx.add_refs(pub_holder("/t1"), ["aaaa", "bbbb"])
-        tx.add_refs(pub_holder("/t2"), ["aaaa"])
-        tx.add_refs(stage_holder("v"), ["aaaa", "bbbb"])
-        tx.add_refs(pub_holder("/t1"), ["aaaa"])  # idempotent per (layer, holder)
-    with db.transaction() as tx:
-        assert tx.refcounts() == {"aaaa": 3, "bbbb": 2}  # cccc unreferenced: absent
-        tx.drop_refs(pub_holder("/t1"))
-    with db.transaction() as tx:
-        assert tx.refcounts() == {"aaaa": 2, "bbbb": 1}
-        tx.drop_refs(pub_holder("/unknown"))
-        tx.delete_layer_refs("aaaa")
-    with db.transaction() as tx:
-        assert tx.refcounts() == {"bbbb": 1}
-        tx.drop_all_refs()
-    with db.transaction() as tx:
-        assert tx.refcounts() == {}
-
-
-def test_ref_to_unknown_layer_is_refused(db):
-    with pytest.raises(sqlite3.IntegrityError):
-        with db.transaction() as tx:
-            tx.add_refs(pub_holder("/t"), ["no-such-layer"])
-
-
-def test_referenced_layer_cannot_be_deleted(db):
-    with db.transaction() as tx:
-        tx.put_layer(layer())
-        tx.add_refs(stage_holder("v"), ["aaaa"])
-    with pytest.raises(sqlite3.IntegrityError):
-        with db.transaction() as tx:
-            tx.delete_layer("aaaa")
-    with db.transaction() as tx:
-        assert tx.layer("aaaa") is not None
-
-
-def test_refcount_and_holders(db):
-    with db.transaction() as tx:
-        tx.put_layer(layer("aaaa", D1))
-        tx.put_layer(layer("bbbb", D2))
-        tx.add_refs(pub_holder("/t"), ["aaaa", "bbbb"])
-        tx.add_refs(st.lease_holder("tok"), ["aaaa"])
-    with db.transaction() as tx:
-        assert tx.refcount("aaaa") == 2
-        assert tx.refcount("bbbb") == 1
-        assert tx.refcount("zzzz") == 0
-        assert sorted(tx.holders()) == [("aaaa", "lease:tok"), ("aaaa", "pub:/t"),
-                                        ("bbbb", "pub:/t")]
-
-
-def test_lease_holder_is_distinct_from_other_holders():
-    assert st.lease_holder("x") == "lease:x"
-    assert st.lease_holder("x") not in (pub_holder("x"), stage_holder("x"))
-
-
-def test_delete_images_with_layer(db):
-    a = ImageRecord(D1, "a", D3, ("base", "top1"), 1.0)
-    b = ImageRecord(D2, "b", D3, ("base2", "top2"), 1.0)  # "base" is a prefix of "base2"
-    with db.transaction() as tx:
-        tx.put_image(a)
-        tx.put_image(b)
-        tx.delete_images_with_layer("base")
-    with db.transaction() as tx:
-        assert tx.images() == [b]
-        tx.delete_images_with_layer("top2")
-    with db.transaction() as tx:
+            tx.record_image(image(), ("base", "missing"), 1.0)
+    with db.read() as tx:
         assert tx.images() == []
 
 
-D4 = "sha256:" + "4" * 64
+def test_recording_an_image_again_replaces_its_layers(db):
+    with_layers(db, "a", "b", "c")
+    with db.transaction() as tx:
+        tx.record_image(image(n=2), ("a", "b"), 1.0)
+        tx.record_image(image(n=2), ("a", "c"), 2.0)
+    with db.read() as tx:
+        assert tx.image(D3).layer_ids == ("a", "c") and tx.image(D3).resolved == 2.0
+
+
+def test_a_layer_listed_twice_in_an_image(db):
+    with_layers(db, "a", "b")
+    with db.transaction() as tx:
+        tx.record_image(image(n=3), ("a", "b", "a"), 1.0)
+    with db.read() as tx:
+        assert tx.image(D3).layer_ids == ("a", "b", "a")
+
+
+def test_forgetting_a_layer_forgets_the_images_containing_it(db):
+    with_layers(db, "base", "top1", "base2", "top2")
+    with db.transaction() as tx:
+        tx.record_image(image(D1, "a"), ("base", "top1"), 1.0)
+        tx.record_image(image(D2, "b"), ("base2", "top2"), 1.0)  # "base" prefixes "base2"
+        assert tx.forget_layer("base")
+    with db.read() as tx:
+        assert [i.name for i in tx.images()] == ["b"]
+        assert tx.layer("top1") is not None, "the image's other layers stay"
 
 
 def test_an_index_digest_is_an_alias_not_a_second_image(db):
-    img = ImageRecord(D3, "reg/app:1", D2, ("base", "top"), 1.0)
+    with_layers(db, "base", "top")
     with db.transaction() as tx:
-        tx.put_image(img)
-        tx.put_alias(D4, D3)  # the index D4 resolved to the platform manifest D3
+        tx.record_image(image(D3, "reg/app:1", index=D4), ("base", "top"), 1.0)
+    with db.read() as tx:
+        assert tx.image(D4) == tx.image(D3) and tx.image(D3) is not None
+        assert len(tx.images()) == 1, "listed once"
     with db.transaction() as tx:
-        assert tx.image(D4) == img and tx.image(D3) == img
-        assert tx.images() == [img], "listed once"
-        tx.delete_images_with_layer("top")
-    with db.transaction() as tx:
+        tx.forget_layer("top")
+    with db.read() as tx:
         assert tx.image(D4) is None
-        assert raw(db.path, "SELECT * FROM image_aliases") == []
+    assert raw(db.path, "SELECT * FROM image_aliases") == []
 
 
 def test_version_2_duplicates_are_folded_when_the_image_is_next_recorded(tmp_path,
@@ -394,24 +347,185 @@ def test_version_2_duplicates_are_folded_when_the_image_is_next_recorded(tmp_pat
     the migration folds nothing; the next record of that image knows, and folds them."""
     path = str(tmp_path / "state.db")
     monkeypatch.setattr(st, "SCHEMA_VERSION", 2)
-    s = State(path)
-    with s.transaction() as tx:
-        for digest in (D4, D3):  # v2: once under the index D4, once under the manifest D3
-            tx._c.execute("INSERT INTO images VALUES (?,?,?,?,?,?)",
-                          (digest, "reg/app:1", D2, '["base", "top"]', 1.0, "[]"))
-        tx.put_publication(publication(manifest_digest=D4))
-    s.close()
+    State(path).close()
+    raw(path, "INSERT INTO layers VALUES ('base', ?, 1, 0, 0)", D1)
+    raw(path, "INSERT INTO layers VALUES ('top', ?, 1, 0, 0)", D2)
+    for digest in (D4, D3):  # v2: once under the index D4, once under the manifest D3
+        raw(path, "INSERT INTO images VALUES (?,?,?,?,?,?)",
+            digest, "reg/app:1", D2, '["base", "top"]', 1.0, "[]")
+    raw(path, "INSERT INTO publications VALUES ('/t', 'v', 'k', 'img', ?, 0, '', 1, 1.0)", D4)
     monkeypatch.undo()
     s = State(path)
     try:
         assert raw(path, "PRAGMA user_version") == [(st.SCHEMA_VERSION,)]
         with s.transaction() as tx:
             assert len(tx.images()) == 2  # untouched until known
-            tx.put_image(ImageRecord(D3, "reg/app:1", D2, ("base", "top"), 2.0))
-            tx.put_alias(D4, D3)
-        with s.transaction() as tx:
+            tx.record_image(image(D3, "reg/app:1", index=D4), ("base", "top"), 2.0)
+        with s.read() as tx:
             assert [i.manifest_digest for i in tx.images()] == [D3]
             assert tx.image(D4).manifest_digest == D3
             assert [p.manifest_digest for p in tx.publications()] == [D3]
     finally:
         s.close()
+
+
+def test_tag_round_trip(db):
+    with db.transaction() as tx:
+        tx.record_tag(Tag("reg/app:1", D3, 5.0))
+        tx.record_tag(Tag("reg/app:1", D4, 6.0))
+    with db.read() as tx:
+        assert tx.tag("reg/app:1") == Tag("reg/app:1", D4, 6.0)
+        assert tx.tag("reg/app:2") is None
+
+
+# -- publications and stages ---------------------------------------------------------------
+def test_a_publication_is_recorded_and_forgotten_with_its_references(db):
+    with_layers(db, "aaaa", "bbbb")
+    p = publication(readonly=True, staging_path="/stage/x", access_mode=2)
+    with db.transaction() as tx:
+        tx.record_publication(p, ["aaaa", "bbbb", "aaaa"], 7.0)
+    with db.read() as tx:
+        assert tx.publication(p.target) == p and tx.publication(p.target).readonly is True
+        assert tx.refcounts() == {"aaaa": 1, "bbbb": 1}
+        assert tx.layer("aaaa").last_used == 7.0, "touched"
+        assert tx.publication("/other") is None
+    with db.transaction() as tx:
+        assert sorted(tx.forget_publication(p.target, 9.0)) == ["aaaa", "bbbb"]
+        assert tx.forget_publication("/unknown", 9.0) == []
+    with db.read() as tx:
+        assert tx.publications() == [] and tx.refcounts() == {}
+        assert tx.layer("bbbb").last_used == 9.0, "GC's minimum age counts from the release"
+
+
+def test_publications_filter_and_order(db):
+    with_layers(db, "aaaa")
+    p1 = publication("/t1", "k1", created=3.0)
+    p2 = publication("/t2", "k2", volume_id="vol-2", created=1.0)
+    p3 = publication("/t3", "k3", created=2.0)
+    with db.transaction() as tx:
+        for p in (p1, p2, p3):
+            tx.record_publication(p, ["aaaa"], 1.0)
+    with db.read() as tx:
+        assert tx.publications() == [p2, p3, p1]
+        assert tx.publications("vol-1") == [p3, p1]
+        assert tx.publications("vol-x") == []
+        assert tx.refcount("aaaa") == 3
+
+
+def test_publication_key_and_target_are_unique(db):
+    with_layers(db, "aaaa")
+    with db.transaction() as tx:
+        tx.record_publication(publication("/t1", "k1"), ["aaaa"], 1.0)
+    for dup in (publication("/t2", "k1"), publication("/t1", "k2")):  # same key: one upper
+        with pytest.raises(sqlite3.IntegrityError):
+            with db.transaction() as tx:
+                tx.record_publication(dup, ["aaaa"], 1.0)
+    with db.read() as tx:
+        assert tx.refcount("aaaa") == 1
+
+
+def test_a_stage_pins_exactly_its_layers(db):
+    with_layers(db, "aaaa", "bbbb", "cccc")
+    s = Stage("vol-1", "/var/lib/kubelet/staging/x", "oci:/l:app", D3, 7, 5.5)
+    with db.transaction() as tx:
+        tx.record_stage(s, ["aaaa", "bbbb"], 1.0)
+    with db.read() as tx:
+        assert tx.stage("vol-1") == s and tx.stages() == [s]
+        assert tx.refcounts() == {"aaaa": 1, "bbbb": 1}
+    with db.transaction() as tx:  # re-pulled after its image was lost: replaced
+        tx.record_stage(Stage("vol-1", s.staging_path, s.image, D4, 7, 5.5), ["cccc"], 2.0)
+    with db.read() as tx:
+        assert tx.stage("vol-1").manifest_digest == D4
+        assert tx.refcounts() == {"cccc": 1}
+    with db.transaction() as tx:
+        assert tx.forget_stage("vol-1", 3.0) == ["cccc"]
+    with db.read() as tx:
+        assert tx.stage("vol-1") is None and tx.refcounts() == {}
+
+
+def test_holders_are_told_apart(db):
+    """A publication's target and a stage's volume ID may be the same string."""
+    with_layers(db, "aaaa")
+    with db.transaction() as tx:
+        tx.record_publication(publication("vol-1", "k"), ["aaaa"], 1.0)
+        tx.record_stage(Stage("vol-1", "/s", "img", D3, 1, 1.0), ["aaaa"], 1.0)
+        tx.lease("vol-1", "aaaa")
+    with db.read() as tx:
+        assert tx.refcount("aaaa") == 3
+    with db.transaction() as tx:
+        tx.end_lease("vol-1")
+        tx.forget_stage("vol-1", 2.0)
+    with db.read() as tx:
+        assert tx.holders() == [("aaaa", "pub:vol-1")]
+
+
+def test_leases(db):
+    with_layers(db, "aaaa", "bbbb")
+    with db.transaction() as tx:
+        tx.lease("t1", "aaaa")
+        tx.lease("t1", "aaaa")  # idempotent
+        tx.lease("t1", "bbbb")
+        tx.lease("t2", "aaaa")
+    with db.read() as tx:
+        assert tx.refcounts() == {"aaaa": 2, "bbbb": 1}
+    with db.transaction() as tx:
+        tx.end_lease("t1")
+    with db.read() as tx:
+        assert tx.refcounts() == {"aaaa": 1}
+
+
+def test_controller_volume_round_trip(db):
+    v = ControllerVolume("pvc-1", "strata-abc", 1 << 30, {"image": "oci:/l:app", "b": "2"}, 4.0)
+    with db.transaction() as tx:
+        tx.record_controller_volume(v)
+    with db.read() as tx:
+        assert tx.controller_volume("pvc-1") == v
+        assert tx.controller_volume_by_id("strata-abc") == v
+        assert tx.controller_volume("pvc-2") is None
+    with db.transaction() as tx:
+        tx.forget_controller_volume("strata-abc")
+    with db.read() as tx:
+        assert tx.controller_volume("pvc-1") is None
+
+
+# -- start-up: references rebuilt ----------------------------------------------------------
+def _rebuild_fixture(db):
+    with_layers(db, "base", "top", "other")
+    with db.transaction() as tx:
+        tx.record_image(image(D3, "app"), ("base", "top"), 1.0)
+        tx.record_publication(publication("/p", "k"), ["base", "top"], 1.0)
+        tx.record_stage(Stage("v", "/s", "app", D3, 1, 1.0), ["base", "top"], 1.0)
+        tx.lease("crashed", "other")
+
+
+def test_rebuild_drops_stale_references_and_dead_leases(db):
+    _rebuild_fixture(db)
+    raw(db.path, "INSERT INTO refs VALUES ('other', 'pub:/no/such/target')")
+    raw(db.path, "DELETE FROM refs WHERE holder='stage:v'")  # a lost reference
+    with db.transaction() as tx:
+        assert tx.rebuild_references(set()) == []
+    with db.read() as tx:
+        assert tx.holders() == [("base", "pub:/p"), ("top", "pub:/p"),
+                                ("base", "stage:v"), ("top", "stage:v")]
+
+
+def test_rebuild_can_keep_another_processes_leases(db):
+    _rebuild_fixture(db)
+    with db.transaction() as tx:
+        tx.rebuild_references(set(), keep_leases=True)
+    with db.read() as tx:
+        assert ("other", "lease:crashed") in tx.holders()
+
+
+def test_rebuild_forgets_a_lost_layer_and_its_images_but_keeps_the_rest_held(db):
+    _rebuild_fixture(db)
+    with db.transaction() as tx:
+        lines = tx.rebuild_references({"top"})
+    assert len(lines) == 2 and all("no longer complete" in x for x in lines)
+    with db.read() as tx:
+        assert tx.layer("top") is None and tx.images() == []
+        assert tx.refcounts() == {"base": 2}, "base is still under a live overlay"
+    with db.transaction() as tx:  # at the next start the holders keep what they had
+        assert tx.rebuild_references(set()) == []
+    with db.read() as tx:
+        assert tx.refcounts() == {"base": 2}

@@ -4,8 +4,22 @@ import os
 
 from prometheus_client import CollectorRegistry, generate_latest
 
+from csi.backend.overlay import OverlayBackend
+from csi.image.manifest import Image
 from csi.metrics import StoreCollector
+from csi.paths import StorePaths
 from csi.store.state import ImageRecord, Layer, Publication, State
+
+
+def record(state: State, layer_ids: tuple[str, ...], digest: str, pubs: int) -> None:
+    """Layers, an image of them and `pubs` publications of it, through the domain ops."""
+    with state.transaction() as tx:
+        for lid in dict.fromkeys(layer_ids):
+            tx.record_layer(Layer(lid, "sha256:" + lid[-1] * 64, 4096, 0, 0))
+        tx.record_image(Image("img", digest, "sha256:" + "c" * 64, ()), layer_ids, 0)
+        for i in range(pubs):
+            tx.record_publication(Publication(f"/t{i}", f"v{i}", f"k{i}", "img", digest,
+                                              False, "", 1, 0), layer_ids, 0)
 
 
 def values(registry) -> dict[str, float]:
@@ -21,18 +35,16 @@ def test_copy_up_walks_are_reused_for_the_ttl(tmp_path):
     root = str(tmp_path)
     os.makedirs(tmp_path / "layers/l1/fs/etc")
     (tmp_path / "layers/l1/fs/etc/motd").write_text("lower\n")
-    upper = tmp_path / "volumes/k1/upper"
+    upper = tmp_path / "volumes/k0/upper"
     os.makedirs(upper / "etc")
     (upper / "etc/motd").write_text("copied up\n")
     state = State(str(tmp_path / "state.db"))
-    with state.transaction() as tx:
-        tx.put_layer(Layer("l1", "sha256:" + "1" * 64, 4096, 0, 0))
-        tx.put_image(ImageRecord("sha256:" + "a" * 64, "img", "sha256:" + "c" * 64, ("l1",), 0))
-        tx.put_publication(Publication("/t", "v", "k1", "img", "sha256:" + "a" * 64, False, "",
-                                       1, 0))
+    record(state, ("l1",), "sha256:" + "a" * 64, pubs=1)
     now = [100.0]
     registry = CollectorRegistry()
-    registry.register(StoreCollector(state, root, clock=lambda: now[0], copy_up_ttl=10))
+    paths = StorePaths(root)
+    registry.register(StoreCollector(state, OverlayBackend(paths), paths,
+                                     clock=lambda: now[0], copy_up_ttl=10))
     m = values(registry)
     assert m['strata_copy_up_files{kind="copied"}'] == 1
     assert m['strata_copy_up_files{kind="created"}'] == 0
@@ -48,8 +60,8 @@ def test_page_cache_saved_counts_each_extra_pod_once_per_layer(tmp_path):
     from csi.metrics import pods_per_layer
 
     D = ["sha256:" + c * 64 for c in "abc"]
-    images = [ImageRecord(D[0], "app", D[2], ("base", "app", "base"), 0),  # base twice
-              ImageRecord(D[1], "other", D[2], ("base",), 0)]
+    images = [ImageRecord(Image("app", D[0], D[2], ()), ("base", "app", "base"), 0),
+              ImageRecord(Image("other", D[1], D[2], ()), ("base",), 0)]  # base twice above
     pubs = [Publication(f"/t{i}", f"v{i}", f"k{i}", "img", digest, False, "", 1, 0)
             for i, digest in enumerate([D[0], D[0], D[1]])]
     assert pods_per_layer(images, pubs) == {"base": 3, "app": 2}
@@ -63,16 +75,10 @@ def test_page_cache_is_sampled_in_the_background_and_scrapes_read_the_sample(tmp
         os.makedirs(tmp_path / f"layers/{lid}/fs")
         (tmp_path / f"layers/{lid}/fs/f").write_bytes(os.urandom(size))  # written: resident
     state = State(str(tmp_path / "state.db"))
-    digest = "sha256:" + "a" * 64
-    with state.transaction() as tx:
-        for lid in ("l1", "l2"):
-            tx.put_layer(Layer(lid, "sha256:" + lid[-1] * 64, 4096, 0, 0))
-        tx.put_image(ImageRecord(digest, "img", "sha256:" + "c" * 64, ("l1", "l2"), 0))
-        for i in range(3):
-            tx.put_publication(Publication(f"/t{i}", f"v{i}", f"k{i}", "img", digest, False,
-                                           "", 1, 0))
+    record(state, ("l1", "l2"), "sha256:" + "a" * 64, pubs=3)
     registry = CollectorRegistry()
-    collector = StoreCollector(state, root)
+    paths = StorePaths(root)
+    collector = StoreCollector(state, OverlayBackend(paths), paths)
     registry.register(collector)
     first = values(registry)  # starts the sampler; this scrape does not wait for it
     assert first["strata_page_cache_saved_bytes"] in (0, 2 * 8 * 4096)

@@ -1,0 +1,146 @@
+"""The overlayfs backend: a publication is an overlay of the image's shared layers with a
+private upper and work directory (`volumes/KEY/upper`, `volumes/KEY/work`).
+
+Reads come from the layers; the first write to a lower file copies it up into the upper
+directory; a delete leaves a whiteout there. A read-only view needs no upper: an overlay of
+lowerdirs alone, or, for a one-layer image (overlay wants at least two lowerdirs without an
+upper), a read-only bind mount of the layer, as containerd's overlay snapshotter does.
+
+Every overlay strata makes has the mount source `strata:ROOT`, so that start-up can tell
+its own overlays on this store from anyone else's even when their lowerdirs are relative
+(below); older strata versions mounted `overlay`/`none` and are recognised by their
+absolute upper and lower paths.
+
+Long layer chains: mount(2) copies one page of options, about 90 absolute lowerdirs under
+/var/lib/strata. Beyond that the executor uses `lowerdir+` (Linux 6.8) where the kernel has
+it; elsewhere (Ubuntu 22.04, RHEL 9, Bottlerocket/COS) this backend makes
+`volumes/KEY/lower/N` symlinks to the layers (0 is the base) and plans a mount whose
+lowerdirs are those short names, relative to that directory: Docker's overlay2 `l/` links
+and containerd's relative-lowerdir mount, per publication.
+"""
+
+import dataclasses
+import os
+from collections.abc import Callable, Sequence
+
+from csi.backend import Backend, Dirs, Usage
+from csi.mount import spec
+from csi.mount.features import Features
+from csi.mount.mountinfo import MountInfo, mount_of
+from csi.mount.spec import Mount
+from csi.paths import StorePaths
+from csi.tree import remove_tree, usage
+
+UPPER, WORK, LOWER = "upper", "work", "lower"
+OVERLAY_PATH_KEYS = ("lowerdir", "lowerdir+", "datadir+", "upperdir", "workdir")
+
+
+class OverlayBackend(Backend):
+    name = "overlay"
+
+    def __init__(self, paths: StorePaths, features: Features | None = None):
+        self._paths = paths
+        self._features = features or Features()
+        self.source = f"strata:{paths.root}"
+
+    # -- views -------------------------------------------------------------------------
+    def lowers(self, chain: Sequence[str]) -> list[str]:
+        """Nearest (topmost) first; a layer the image lists twice only once, at its topmost
+        place (overlay refuses a repeated lowerdir, and the lower copy is hidden anyway)."""
+        return [self._paths.layer_fs(lid) for lid in dict.fromkeys(reversed(tuple(chain)))]
+
+    def prepare(self, key: str, chain: Sequence[str], target: str) -> Mount:
+        lowers = self._lowers(chain)
+        upper, work = self._paths.volume_part(key, UPPER), self._paths.volume_part(key, WORK)
+        os.mkdir(self._paths.volume(key), 0o700)
+        os.mkdir(work, 0o700)
+        os.mkdir(upper)
+        # The merged root takes the upper dir's owner and mode: match the image's root.
+        st = os.stat(lowers[0])
+        os.chown(upper, st.st_uid, st.st_gid)
+        os.chmod(upper, st.st_mode & 0o7777)
+        return self._fitted(key, lowers, lambda ls, cwd: spec.overlay(
+            ls, upper, work, target, cwd=cwd))
+
+    def view(self, key: str, chain: Sequence[str], target: str) -> Mount:
+        lowers = self._lowers(chain)
+        if len(lowers) == 1:
+            return spec.view(lowers, target)  # a read-only bind of the layer
+        return self._fitted(key, lowers, lambda ls, cwd: spec.view(ls, target, cwd=cwd))
+
+    def _lowers(self, chain: Sequence[str]) -> list[str]:
+        lowers = self.lowers(chain)
+        if not lowers:
+            raise ValueError("a view needs at least one layer")
+        return lowers
+
+    def _fitted(self, key: str, lowers: list[str],
+                plan: Callable[[list[str], str], Mount]) -> Mount:
+        """The mount with absolute lowerdirs when the kernel can take it (one page, or
+        `lowerdir+`), else with short relative ones from `volumes/KEY/lower/`. Either way
+        with this store's source tag."""
+        m = dataclasses.replace(plan(lowers, ""), source=self.source)
+        if spec.fits(m, self._features.page_size) or self._features.lowerdir_plus:
+            return m
+        links = self._paths.volume_part(key, LOWER)
+        os.makedirs(links, mode=0o700)
+        count = len(lowers)
+        for i, lower in enumerate(lowers):  # nearest first: the base is 0
+            os.symlink(lower, os.path.join(links, str(count - 1 - i)))
+        return dataclasses.replace(plan([str(count - 1 - i) for i in range(count)], links),
+                                   source=self.source)
+
+    # -- a publication's state ---------------------------------------------------------
+    def remove(self, key: str) -> None:
+        remove_tree(self._paths.volume(key))
+
+    def dirs(self, key: str) -> Dirs | None:
+        upper = self._paths.volume_part(key, UPPER)
+        if not os.path.isdir(upper):
+            return None
+        return Dirs(upper, self._paths.volume_part(key, WORK))
+
+    def usage(self, key: str) -> Usage:
+        return Usage(*usage(self._paths.volume(key)))
+
+    def keys(self) -> set[str]:
+        try:
+            return {e.name for e in os.scandir(self._paths.volumes)
+                    if e.is_dir(follow_symlinks=False)}
+        except FileNotFoundError:
+            return set()
+
+    # -- start-up ----------------------------------------------------------------------
+    def recognizer(self, mounts: Sequence[MountInfo]) -> Callable[[MountInfo], bool]:
+        inside = (self._paths.volumes + "/", self._paths.layers + "/")
+        views = self._layer_views(mounts)
+
+        def mine(m: MountInfo) -> bool:
+            if m.fstype == "overlay":
+                return m.source == self.source or any(
+                    p.startswith(inside) for p in overlay_paths(m.super_options))
+            # A read-only view of a one-layer image is a bind mount of the layer. A subPath
+            # bind of a view has a root below the layer's, so it is not one of ours.
+            return (m.device, m.root) in views
+
+        return mine
+
+    def _layer_views(self, mounts: Sequence[MountInfo]) -> set[tuple[str, str]]:
+        """(device, root) that a bind mount of each layer directory shows in mountinfo: the
+        layer's path inside the filesystem of the mount layers/ is on."""
+        real = os.path.realpath(self._paths.layers)
+        home = mount_of(real, list(mounts))
+        if home is None:
+            return set()
+        base = home.root.rstrip("/") + real[len(home.mount_point.rstrip("/")):]
+        return {(home.device, f"{base}/{lid}/fs") for lid in os.listdir(real)}
+
+
+def overlay_paths(super_options: str) -> list[str]:
+    """Every directory an overlay's options name (lower, data, upper and work dirs)."""
+    out = []
+    for opt in super_options.split(","):
+        key, sep, value = opt.partition("=")
+        if sep and key in OVERLAY_PATH_KEYS:
+            out += value.split(":") if key == "lowerdir" else [value]
+    return out

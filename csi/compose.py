@@ -1,0 +1,129 @@
+"""The composition root: the one place where a strata process's parts are built and wired.
+
+- `node()` is what `strata serve` runs: the store with start-up repairs (reconcile), the
+  kernel's features probed once, the backend, pulls, GC, the volume manager and the
+  provisioner, and the store's metrics.
+- `tool()` is what `strata pull` and `strata gc` run beside a server: the same store, pull
+  and GC parts, sharing the store (no repairs: the server may be mid-publish).
+- `reader()` is what `strata ls`, `df` and `diff` use: records and the backend's answers,
+  read-only, taking no lock that could make a server wait.
+Every part takes what it needs through its constructor, so tests build any subset.
+"""
+
+import dataclasses
+import logging
+import time
+
+from csi.backend import Backend
+from csi.backend.overlay import OverlayBackend
+from csi.config import Config
+from csi.image.auth import Keyring
+from csi.image.registry import RegistryClient
+from csi.image.resolver import Resolver
+from csi.locks import StoreUsers
+from csi.metrics import Metrics
+from csi.mount import features as kernel
+from csi.mount.syscalls import Mounter
+from csi.paths import StorePaths
+from csi.provision import Provisioner
+from csi.pulls import Puller
+from csi.reconcile import reconcile
+from csi.store.blobs import BlobStore
+from csi.store.gc import Collector
+from csi.store.layers import LayerStore
+from csi.store.state import State
+from csi.volumes import VolumeManager
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Parts:
+    paths: StorePaths
+    state: State
+    backend: Backend
+    users: StoreUsers | None = None
+    layers: LayerStore | None = None
+    puller: Puller | None = None
+    gc: Collector | None = None
+    mounter: Mounter | None = None
+    volumes: VolumeManager | None = None
+    provisioner: Provisioner | None = None
+    metrics: Metrics | None = None
+
+    def close(self) -> None:
+        self.state.close()
+        if self.users is not None:
+            self.users.close()
+
+
+def build_puller(config: Config, state: State, layers: LayerStore,
+                 metrics: Metrics | None = None, on_bytes=None, clock=time.time) -> Puller:
+    """The pull path shared by the server and `strata pull`."""
+    def count_bytes(n: int) -> None:
+        if metrics is not None:
+            metrics.blob_bytes.inc(n)
+        if on_bytes is not None:
+            on_bytes(n)
+
+    client = RegistryClient(config.registry, on_bytes=count_bytes)
+    keyring = Keyring.from_file(config.registry_config) if config.registry_config else None
+    blobs = BlobStore(config.root, on_fetch=metrics.on_blob if metrics else None)
+    return Puller(state, layers, blobs, client, keyring, tag_ttl=config.tag_ttl, clock=clock,
+                  on_pull=metrics.on_pull if metrics else None,
+                  layout_roots=config.oci_layout_roots)
+
+
+def node(config: Config, metrics: Metrics | None = None, mounter: Mounter | None = None,
+         features: kernel.Features | None = None, clock=time.time) -> Parts:
+    """The parts of `strata serve`. A start that fails lets go of the store's lock and
+    database at any step. `clock` (wall time) is what records and GC ages are read from."""
+    paths = StorePaths(config.root).make()
+    metrics = metrics or Metrics()
+    users = StoreUsers(paths.store_lock)
+    state = None
+    try:
+        state = State(paths.state_db)
+        if features is None:
+            features = kernel.probe(paths.tmp)
+            log.info("kernel features: %s", features)
+        mounter = mounter or Mounter(features=features)
+        backend = OverlayBackend(paths, features)
+        layers = LayerStore(paths, state, clock=clock, on_unpack=metrics.on_unpack)
+        reconcile(paths, state, mounter, backend, layers, alone=users.alone(), clock=clock)
+        users.share()
+        gc = Collector(layers, config.gc, clock=clock, on_collect=metrics.on_collect)
+        puller = build_puller(config, state, layers, metrics=metrics, clock=clock)
+        volumes = VolumeManager(paths, state, backend, mounter, puller, clock=clock, gc=gc)
+        gc.collect()  # released while we were down, or a policy that changed
+        provisioner = Provisioner(state, Resolver(config.oci_layout_roots))
+        metrics.install_store(state, backend, paths)
+    except BaseException:
+        if state is not None:
+            state.close()
+        users.close()
+        raise
+    return Parts(paths, state, backend, users, layers, puller, gc, mounter, volumes,
+                 provisioner, metrics)
+
+
+def tool(config: Config, on_unpack=None, on_bytes=None) -> Parts:
+    """The store, pulls and GC for `strata pull` / `strata gc`, beside a running server.
+    Holding the store's lock shared keeps a server that starts meanwhile out of our tmp/."""
+    paths = StorePaths(config.root).make()
+    users = StoreUsers(paths.store_lock).share()
+    try:
+        state = State(paths.state_db)
+    except BaseException:
+        users.close()
+        raise
+    layers = LayerStore(paths, state, on_unpack=on_unpack)
+    return Parts(paths, state, OverlayBackend(paths), users, layers,
+                 build_puller(config, state, layers, on_bytes=on_bytes),
+                 Collector(layers, config.gc))
+
+
+def reader(config: Config) -> Parts:
+    """Records and the backend's answers, for the read-only tools."""
+    paths = StorePaths(config.root)
+    return Parts(paths, State(paths.state_db), OverlayBackend(paths))
