@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: demo test unit integration sanity proto lint bench clean
+.PHONY: demo test unit integration sanity need-root system-deps proto lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,12 +17,28 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/strata demo
 
-test: $(STAMP)
-	bash scripts/system-deps.sh
+# Test tiers. unit is pure logic and runs as any user. integration (real overlay and bind
+# mounts, mknod, lchown, trusted.* xattrs, a real `strata serve`, a local registry) and
+# sanity (csi-sanity against `strata serve`) need root and the Debian packages of
+# scripts/system-deps.sh (installed first: they include python3-venv); as anyone else
+# their tests would only skip, so they refuse instead. test runs all three.
+test: system-deps $(STAMP)
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 unit: $(STAMP)
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+integration: system-deps $(STAMP)
+	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
+
+sanity: system-deps $(STAMP)
+	$(PY) -m pytest tests/sanity $(PYTEST_ARGS)
+
+system-deps: need-root
+	bash scripts/system-deps.sh
+
+need-root:
+	@[ "$$(id -u)" = 0 ] || { echo "make $(MAKECMDGOALS): needs root (mounts, mknod, lchown, trusted.* xattrs); make unit runs without" >&2; exit 1; }
 
 proto: $(STAMP)
 	$(PY) scripts/genproto.py csi/proto

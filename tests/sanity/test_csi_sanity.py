@@ -57,11 +57,14 @@ def test_csi_sanity(tmp_path, image_source):
             pytest.fail(f"csi-sanity not found at {BINARY}")
         pytest.skip(f"csi-sanity not found at {BINARY} (set CSI_SANITY)")
     image, flags = image_source
-    plugin = StrataProcess(str(tmp_path), extra_args=flags).start()
+    plugin = StrataProcess(str(tmp_path), extra_args=flags)
     params = tmp_path / "params.yaml"
     params.write_text(f"image: {image}\n")
     junit = tmp_path / "sanity.xml"
+    # Clean-up only in `finally`: an assertion there would replace the run's own failure
+    # and skip the unmount. What the clean-up found is checked after it.
     try:
+        plugin.start()
         run = subprocess.run(
             [BINARY, f"--csi.endpoint=unix://{plugin.node_sock}",
              f"--csi.controllerendpoint=unix://{plugin.ctrl_sock}",
@@ -69,19 +72,23 @@ def test_csi_sanity(tmp_path, image_source):
              f"--csi.testvolumeparameters={params}", f"-ginkgo.junit-report={junit}",
              "-ginkgo.no-color"],
             capture_output=True, text=True, timeout=600)
-        counts = tally(str(junit))
-        print(f"csi-sanity: {counts}")
-        ran = counts["total"] - counts["skipped"]
-        assert run.returncode == 0 and counts["failed"] == 0, (
-            f"csi-sanity failed {counts}:\n{run.stdout[-6000:]}\n--- plugin log ---\n"
-            f"{plugin.read_log()[-4000:]}")
-        assert counts["passed"] == ran, counts
-        assert counts["passed"] >= EXPECTED_SPECS, (
-            f"only {counts['passed']} specs ran and passed; expected {EXPECTED_SPECS}")
-        assert "Traceback" not in plugin.read_log()
     finally:
-        assert plugin.stop(signal.SIGTERM) == 0
-        left = unmount_all_under(str(tmp_path))
+        try:
+            stopped = plugin.stop(signal.SIGTERM)
+        finally:
+            left = unmount_all_under(str(tmp_path))
+    log = plugin.read_log()
+    output = f"{run.stdout[-6000:]}{run.stderr[-2000:]}\n--- plugin log ---\n{log[-4000:]}"
+    assert junit.exists(), f"csi-sanity wrote no report (exit {run.returncode}):\n{output}"
+    counts = tally(str(junit))
+    print(f"csi-sanity: {counts}")
+    ran = counts["total"] - counts["skipped"]
+    assert run.returncode == 0 and counts["failed"] == 0, f"csi-sanity failed {counts}:\n{output}"
+    assert counts["passed"] == ran, counts
+    assert counts["passed"] >= EXPECTED_SPECS, (
+        f"only {counts['passed']} specs ran and passed; expected {EXPECTED_SPECS}")
+    assert stopped == 0, f"strata serve exited {stopped} on SIGTERM:\n{log[-4000:]}"
+    assert "Traceback" not in log, log[-4000:]
     assert not left, f"csi-sanity run left mounts: {left}"
     assert os.listdir(os.path.join(plugin.root, "volumes")) == []
     assert not (tmp_path / "mount").exists() and not (tmp_path / "staging").exists()

@@ -1,5 +1,13 @@
-"""csi/locks.py: SingleFlight (one run per key while callers race) and KeyedLock."""
+"""csi/locks.py: SingleFlight (one run per key while callers race), KeyedLock and FileLock.
 
+No assertion here depends on how long anything takes: a test that needs a caller to be
+blocked first waits for proof that it is (a counted wait, a contended acquire, a queued
+flock(2) in /proc/locks), then checks what it has or has not done.
+"""
+
+import os
+import subprocess
+import sys
 import threading
 import time
 import types
@@ -7,13 +15,14 @@ import types
 import pytest
 
 from csi import locks
-from csi.locks import KeyedLock, SingleFlight
+from csi.locks import FileLock, KeyedLock, SingleFlight
 
 TIMEOUT = 10
 
 
 class Waiters:
-    """Counts callers blocked waiting for a flight's result."""
+    """Counts callers that reached a point where they block (waiting for a flight's result,
+    or for a lock somebody else holds)."""
 
     def __init__(self):
         self._cond = threading.Condition()
@@ -27,7 +36,7 @@ class Waiters:
     def wait_for(self, n: int) -> None:
         with self._cond:
             assert self._cond.wait_for(lambda: self.n >= n, timeout=TIMEOUT), \
-                f"only {self.n} of {n} followers joined"
+                f"only {self.n} of {n} callers arrived"
 
 
 @pytest.fixture
@@ -159,6 +168,36 @@ def test_single_flight_sequential_callers_each_run(waiters):
 
 
 # -- KeyedLock -----------------------------------------------------------------------------
+@pytest.fixture
+def contended(monkeypatch) -> Waiters:
+    """Make KeyedLock's per-key locks report an acquire() that finds the lock taken, so a
+    test knows a holder is queued behind another instead of hoping a sleep was long enough.
+    (KeyedLock's own mutex is taken with `with`, which is not counted.)"""
+    w = Waiters()
+
+    class ReportingLock:
+        def __init__(self):
+            self._lock = threading.Lock()
+
+        def acquire(self, blocking=True, timeout=-1):
+            if self._lock.acquire(False):
+                return True
+            w.arrived()
+            return self._lock.acquire(blocking, timeout)
+
+        def release(self):
+            self._lock.release()
+
+        def __enter__(self):
+            self._lock.acquire()
+
+        def __exit__(self, *exc):
+            self._lock.release()
+
+    monkeypatch.setattr(locks, "threading", types.SimpleNamespace(Lock=ReportingLock))
+    return w
+
+
 def hold_in_thread(kl: KeyedLock, *keys):
     entered, release = threading.Event(), threading.Event()
 
@@ -172,26 +211,28 @@ def hold_in_thread(kl: KeyedLock, *keys):
     return t, entered, release
 
 
-def test_keyed_lock_serialises_the_same_key():
+def test_keyed_lock_serialises_the_same_key(contended):
     kl = KeyedLock()
     t1, in1, rel1 = hold_in_thread(kl, "vol:a")
     assert in1.wait(TIMEOUT)
     t2, in2, rel2 = hold_in_thread(kl, "vol:a")
-    assert not in2.wait(0.2)  # blocked while the first holder is inside
+    contended.wait_for(1)  # the second holder found the key taken and queued for it
+    assert not in2.is_set()
     rel1.set()
     assert in2.wait(TIMEOUT)
     rel2.set()
     join_all([t1, t2])
 
 
-def test_keyed_lock_multi_key_hold_blocks_each_key():
+def test_keyed_lock_multi_key_hold_blocks_each_key(contended):
     kl = KeyedLock()
     t1, in1, rel1 = hold_in_thread(kl, "vol:a", "target:/x")
     assert in1.wait(TIMEOUT)
     t2, in2, rel2 = hold_in_thread(kl, "target:/x")
     t3, in3, rel3 = hold_in_thread(kl, "vol:other")
     assert in3.wait(TIMEOUT)  # an unrelated key is free
-    assert not in2.wait(0.2)
+    contended.wait_for(1)  # only target:/x is taken: this is t2, queued behind t1
+    assert not in2.is_set()
     rel1.set()
     assert in2.wait(TIMEOUT)
     rel2.set()
@@ -292,21 +333,16 @@ def test_keyed_lock_released_on_exception_and_entries_dropped():
     assert kl._locks == {}  # "dropped when nobody holds or waits for it"
 
 
-def test_singleflight_waiters_can_refuse_a_shared_error():
+def test_singleflight_waiters_can_refuse_a_shared_error(waiters):
     """share_errors=False: a waiter whose leader failed runs its own fn and gets its own
     result (one image's corrupt blob must not fail another image sharing the layer)."""
-    import threading
-
-    from csi.locks import SingleFlight
-
     sf = SingleFlight()
-    leader_in = threading.Event()
-    release = threading.Event()
+    leader_in, release = threading.Event(), threading.Event()
     results = {}
 
     def bad():
         leader_in.set()
-        release.wait(5)
+        assert release.wait(TIMEOUT)
         raise ValueError("corrupt blob")
 
     def run_bad():
@@ -315,41 +351,107 @@ def test_singleflight_waiters_can_refuse_a_shared_error():
         except ValueError as e:
             results["bad"] = e
 
-    t = threading.Thread(target=run_bad)
-    t.start()
-    leader_in.wait(5)
-    waiter = threading.Thread(
-        target=lambda: results.setdefault("good", sf.do("layer", lambda: "ok",
-                                                        share_errors=False)))
+    def run_good():
+        results["good"] = sf.do("layer", lambda: "ok", share_errors=False)
+
+    leader = threading.Thread(target=run_bad, daemon=True)
+    leader.start()
+    assert leader_in.wait(TIMEOUT)
+    waiter = threading.Thread(target=run_good, daemon=True)
     waiter.start()
+    waiters.wait_for(1)  # it joined the failing flight rather than starting its own
     release.set()
-    t.join(5)
-    waiter.join(5)
+    join_all([leader, waiter])
     assert isinstance(results["bad"], ValueError)
     assert results["good"] == "ok"
 
 
-def test_file_lock_excludes_another_process(tmp_path):
-    import subprocess
-    import sys
-    import time
+# -- FileLock ------------------------------------------------------------------------------
+# A process that takes the lock with flock(2), says so, and keeps it until told to let go.
+HOLDER = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("held", flush=True)
+sys.stdin.readline()
+"""
+# A process that asks for the lock without waiting and says whether it got it.
+PROBE = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+except BlockingIOError:
+    print("busy")
+else:
+    print("free")
+"""
 
-    from csi.locks import FileLock
 
+def probe(path: str) -> str:
+    return subprocess.run([sys.executable, "-c", PROBE, path], capture_output=True, text=True,
+                          check=True, timeout=TIMEOUT).stdout.strip()
+
+
+def queued_behind(holder_pid: int) -> set[int]:
+    """PIDs whose flock(2) request is queued behind a lock `holder_pid` holds, from the
+    kernel's own account in /proc/locks: each held lock's line is followed by one `->` line,
+    under the same number, per request it blocks."""
+    holders, queued = {}, {}
+    with open("/proc/locks") as f:
+        for line in f:
+            num, *fields = line.split()
+            if fields[:2] == ["->", "FLOCK"]:
+                queued.setdefault(num, set()).add(int(fields[4]))
+            elif fields[0] == "FLOCK":
+                holders[num] = int(fields[3])
+    return {pid for num, pids in queued.items() if holders.get(num) == holder_pid
+            for pid in pids}
+
+
+def test_file_lock_held_here_excludes_another_process(tmp_path):
     path = str(tmp_path / "store.lock")
     lock = FileLock(path)
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import fcntl, os, sys, time\n"
-        f"fd = os.open({path!r}, os.O_RDWR)\n"
-        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
-        "print('held', flush=True)\n"
-        "time.sleep(0.5)\n")], stdout=subprocess.PIPE, text=True)
+    with lock:
+        assert probe(path) == "busy"
+    assert probe(path) == "free"  # and leaving the block let go of it
+
+
+def test_file_lock_waits_for_another_process_to_release(tmp_path):
+    path = str(tmp_path / "store.lock")
+    lock = FileLock(path)
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, path], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    entered, leave = threading.Event(), threading.Event()
+
+    def take():
+        with lock:
+            entered.set()
+            leave.wait(TIMEOUT)
+
+    waiter = threading.Thread(target=take, daemon=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        started = time.monotonic()
-        with lock:
-            waited = time.monotonic() - started
-        assert waited > 0.2, "the lock waited for the other process"
+        waiter.start()
+        # Proof that the waiter is blocked in flock(2) behind the other process, not merely
+        # slow to start; the deadline only bounds a hang.
+        deadline = time.monotonic() + TIMEOUT
+        while os.getpid() not in queued_behind(holder.pid):
+            assert time.monotonic() < deadline, "FileLock never queued behind the holder"
+            assert not entered.is_set(), "FileLock was taken while another process held it"
+            time.sleep(0.01)
+        assert not entered.is_set()
+        holder.stdin.write("release\n")
+        holder.stdin.flush()
+        assert entered.wait(TIMEOUT), "FileLock not taken after the other process let go"
+        leave.set()
+        join_all([waiter])
     finally:
-        holder.wait(5)
+        leave.set()
+        holder.stdin.close()  # EOF: the holder exits, if it has not yet
+        try:
+            holder.wait(TIMEOUT)
+        except subprocess.TimeoutExpired:
+            holder.kill()
+            holder.wait()
         holder.stdout.close()
