@@ -6,6 +6,7 @@ IDs to negative specs, and expects INVALID_ARGUMENT only for what is malformed).
 
 import os
 
+from csi import pulls
 from csi.errors import InvalidArgument
 from csi.proto import csi_pb2
 from csi.provision import CreateSpec
@@ -20,7 +21,6 @@ SUPPORTED_MODES = {
 READER_MODES = {Mode.SINGLE_NODE_READER_ONLY, Mode.MULTI_NODE_READER_ONLY}
 EPHEMERAL_KEY = "csi.storage.k8s.io/ephemeral"
 MAX_ID = 128  # CSI: identifiers SHOULD be at most 128 bytes
-PULL_POLICIES = ("IfNotPresent", "Always", "Never")
 
 
 def require(value: str, field: str) -> str:
@@ -70,11 +70,10 @@ def image(context, field: str = "volume_context") -> str:
 
 
 def pull_policy(context) -> str:
-    policy = context.get("pullPolicy", "IfNotPresent")
-    if policy not in PULL_POLICIES:
-        raise InvalidArgument(f"volume_context['pullPolicy'] must be one of "
-                              f"{', '.join(PULL_POLICIES)}, got {policy!r}")
-    return policy
+    try:
+        return pulls.policy(context.get("pullPolicy", ""))
+    except InvalidArgument as e:
+        raise InvalidArgument(f"volume_context['pullPolicy']: {e}") from None
 
 
 def stage(req: csi_pb2.NodeStageVolumeRequest, wait: float | None = None) -> StageSpec:

@@ -33,10 +33,6 @@ class Mount:
         if self.cwd and not os.path.isabs(self.cwd):
             raise ValueError(f"a mount's cwd must be absolute, not {self.cwd!r}")
 
-    @property
-    def readonly(self) -> bool:
-        return "ro" in self.options
-
 
 def data(options: Sequence[str]) -> str:
     """The option string mount(2) receives as its `data` argument: every option but flags."""
