@@ -41,7 +41,7 @@ def _add_settings(p: argparse.ArgumentParser, command: str) -> None:
         if f.type == tuple[str, ...]:
             # Repeatable; the environment gives a comma-separated list.
             p.add_argument(flag(f), dest=f.name, action="append", default=None,
-                           metavar=f.name.upper().rstrip("S"),
+                           metavar=flag(f).lstrip("-").replace("-", "_").upper(),
                            help=f"{text}; repeatable (env {env}, "
                                 "comma-separated)")
             p.set_defaults(**{f.name + "_env": [x for x in (raw or "").split(",") if x]})
@@ -61,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command, help_ in COMMANDS.items():
         p = sub.add_parser(command, help=help_, description=help_)
+        p.set_defaults(command_parser=p)  # errors in its values show its own usage
         _add_settings(p, command)
         if command == "pull":
             p.add_argument("image", help="e.g. nginx:1.27 or registry:5000/team/app@sha256:…")
@@ -84,7 +85,7 @@ def _config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Config
     try:
         return dataclasses.replace(Config(), **values).validate(args.command)
     except (StrataError, ValueError) as e:
-        parser.error(str(e))
+        getattr(args, "command_parser", parser).error(str(e))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "pull":
         return store_cli.pull(config, args.image, args.pull_policy)
     if args.command == "diff":
-        return store_cli.diff(config, args.target)
-    return {"gc": store_cli.gc, "ls": store_cli.ls, "df": store_cli.df}[args.command](config)
+        return store_cli.run(store_cli.diff, config, args.target)
+    return store_cli.run(getattr(store_cli, args.command), config)
 
 
 if __name__ == "__main__":

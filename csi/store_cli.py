@@ -1,10 +1,14 @@
-"""`strata gc`, `strata ls`, `strata df`: operator tools over the server's own store.
+"""`strata pull`, `gc`, `ls`, `df` and `diff`: operator tools over a server's own store,
+safe while it runs.
 
-They open state.db like the server does (WAL: safe to read while it runs) and never touch
-tmp/ or mounts. `gc` removes only what no publication, stage or in-flight lease holds,
-re-checked in the deleting transaction.
+They are built by the same composition root as the server (compose.py). `ls`, `df` and
+`diff` only read, in read transactions that never take the write lock a publish needs;
+none of the tools touches mounts. `pull` and `gc` share the store as a server does (WAL,
+the store lock held shared, layer renames ordered by layers.lock); `gc` removes only what
+no publication, stage or in-flight lease holds, re-checked in the deleting transaction.
 """
 
+import contextlib
 import os
 import sys
 import threading
@@ -50,21 +54,34 @@ def pull(config: Config, image: str, policy: str) -> int:
     return 0
 
 
-def _no_store(config: Config) -> bool:
-    if os.path.exists(os.path.join(config.root, "state.db")):
-        return False
-    print(f"strata: no store at {config.root}", file=sys.stderr)
-    return True
+class NoStore(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _opened(config: Config, open_=compose.reader):
+    """The store's parts (read-only unless `open_` says otherwise), closed afterwards."""
+    if not os.path.exists(os.path.join(config.root, "state.db")):
+        raise NoStore(config.root)
+    parts = open_(config)
+    try:
+        yield parts
+    finally:
+        parts.close()
+
+
+def run(command, config: Config, *args) -> int:
+    """A tool's exit code; a missing store is an error of its own (exit 1)."""
+    try:
+        return command(config, *args)
+    except NoStore as e:
+        print(f"strata: no store at {e}", file=sys.stderr)
+        return 1
 
 
 def gc(config: Config) -> int:
-    if _no_store(config):
-        return 1
-    parts = compose.tool(config)
-    try:
+    with _opened(config, compose.tool) as parts:
         result = parts.gc.collect()
-    finally:
-        parts.close()
     print(f"removed {len(result.removed)} layers, freed {human(result.freed_bytes)}")
     for lid in result.removed:
         print(f"  {lid}")
@@ -77,13 +94,8 @@ def _snapshot(parts: compose.Parts):
 
 
 def ls(config: Config) -> int:
-    if _no_store(config):
-        return 1
-    parts = compose.reader(config)
-    try:
+    with _opened(config) as parts:
         layers, images, pubs, stages, refs = _snapshot(parts)
-    finally:
-        parts.close()
     print(f"{'IMAGE':<48} {'DIGEST':<19} {'LAYERS':>6} {'SIZE':>10} {'PODS':>5} {'STAGED':>6}")
     for r in image_rows(layers, images, pubs, stages):
         print(f"{r.name[-48:]:<48} {r.manifest_digest[7:19]:<19} {r.layers:>6} "
@@ -97,14 +109,9 @@ def ls(config: Config) -> int:
 
 
 def df(config: Config) -> int:
-    if _no_store(config):
-        return 1
-    parts = compose.reader(config)
-    try:
+    with _opened(config) as parts:
         layers, images, pubs, stages, refs = _snapshot(parts)
         uppers = sum(parts.backend.usage(p.key).bytes for p in pubs)
-    finally:
-        parts.close()
     share = sharing(layers, images, pubs)
     active = [x for x in layers if refs.get(x.id, 0)]
     reclaim = share.physical_bytes - sum(x.size for x in active)
@@ -126,15 +133,9 @@ def diff(config: Config, target: str) -> int:
     """`strata diff TARGET`: what a publication changed, like `docker diff`."""
     from csi.inspect import diff as classify
 
-    if _no_store(config):
-        return 1
-    parts = compose.reader(config)
-    try:
-        with parts.state.read() as tx:
-            pub = tx.publication(canonical(os.path.abspath(target)))
-            image = tx.image(pub.manifest_digest) if pub else None
-    finally:
-        parts.close()
+    with _opened(config) as parts, parts.state.read() as tx:
+        pub = tx.publication(canonical(os.path.abspath(target)))
+        image = tx.image(pub.manifest_digest) if pub else None
     if pub is None or image is None:
         print(f"strata diff: nothing is published at {target}")
         return 1
