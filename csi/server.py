@@ -1,9 +1,10 @@
-"""The plugin process: builds the store and services, serves gRPC on unix sockets, and
-stops gracefully.
+"""The plugin process: the CSI services on unix sockets, metrics over HTTP, and a graceful
+stop.
 
-`Plugin` wires the parts (kept apart from `serve()` so tests can build one in-process);
-`serve()` blocks until SIGTERM/SIGINT, then lets running RPCs finish within the grace
-period and removes its sockets.
+`Plugin` takes its parts from the composition root (compose.node) and adds the gRPC
+services (kept apart from `serve()` so tests can build one in-process); `serve()` blocks
+until SIGTERM/SIGINT, then lets running RPCs finish within the grace period and removes
+its sockets.
 """
 
 import logging

@@ -1,1 +1,1 @@
-"""The node's store: state (SQLite), unpacked layers, and (later) blobs and GC."""
+"""The node's store: state (SQLite), blobs, unpacked layers, GC, and what they report."""
