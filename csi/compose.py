@@ -126,4 +126,4 @@ def tool(config: Config, on_unpack=None, on_bytes=None) -> Parts:
 def reader(config: Config) -> Parts:
     """Records and the backend's answers, for the read-only tools."""
     paths = StorePaths(config.root)
-    return Parts(paths, State(paths.state_db), OverlayBackend(paths))
+    return Parts(paths, State(paths.state_db, migrate=False), OverlayBackend(paths))

@@ -18,6 +18,7 @@ from csi import compose
 from csi.config import Config
 from csi.errors import StrataError
 from csi.store.report import human, image_rows, sharing
+from csi.store.state import SchemaMismatch
 from csi.volumes import canonical
 
 
@@ -76,7 +77,9 @@ def run(command, config: Config, *args) -> int:
         return command(config, *args)
     except NoStore as e:
         print(f"strata: no store at {e}", file=sys.stderr)
-        return 1
+    except SchemaMismatch as e:
+        print(f"strata: {e}", file=sys.stderr)
+    return 1
 
 
 def gc(config: Config) -> int:

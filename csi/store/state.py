@@ -432,6 +432,7 @@ class Tx(Reader):
             self._c.execute("DELETE FROM refs")
         for lid in lost:
             self._forget_images_with(lid)
+            self._c.execute("DELETE FROM refs WHERE layer_id=?", (lid,))  # a kept lease's
             self._c.execute("DELETE FROM layers WHERE id=?", (lid,))
         incomplete = []
         for holder, what, digest in holders:
@@ -460,6 +461,10 @@ def _controller_volume(row) -> ControllerVolume:
     return ControllerVolume(row[0], row[1], row[2], json.loads(row[3]), row[4])
 
 
+class SchemaMismatch(RuntimeError):
+    """state.db is of a schema version this strata cannot (or, read-only, may not) use."""
+
+
 def _connect(path: str) -> sqlite3.Connection:
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
     db.execute("PRAGMA foreign_keys=ON")
@@ -471,7 +476,9 @@ class State:
     one for write transactions, one for reads. Other processes (`strata ls`) open their
     own; WAL lets every reader go on while one process writes."""
 
-    def __init__(self, path: str, clock=time.time):
+    def __init__(self, path: str, clock=time.time, migrate: bool = True):
+        """`migrate=False` (the read-only tools) refuses a store of another schema version
+        instead of upgrading it: an older server may still be using it."""
         self.path = path
         self.clock = clock
         self._lock = threading.RLock()
@@ -481,7 +488,12 @@ class State:
         try:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL survives crashes
-            self._migrate()
+            if migrate:
+                self._migrate()
+            elif (version := self._version()) != SCHEMA_VERSION:
+                raise SchemaMismatch(f"{path} has schema version {version}, this strata "
+                                   f"reads version {SCHEMA_VERSION}: start this version's "
+                                   "`strata serve` on it to upgrade it")
             self._ro = _connect(path)
         except BaseException:
             self.close()
@@ -501,7 +513,7 @@ class State:
             try:
                 version = self._version()
                 if version > SCHEMA_VERSION:
-                    raise RuntimeError(f"{self.path}: schema version {version} is newer than "
+                    raise SchemaMismatch(f"{self.path}: schema version {version} is newer than "
                                        f"this strata understands ({SCHEMA_VERSION})")
                 for v in range(version + 1, SCHEMA_VERSION + 1):
                     step = _MIGRATIONS[v] or _SCHEMA

@@ -90,6 +90,18 @@ def test_newer_schema_is_refused(tmp_path):
         State(path)
 
 
+def test_read_only_tools_do_not_upgrade_a_store(tmp_path, monkeypatch):
+    path = str(tmp_path / "state.db")
+    monkeypatch.setattr(st, "SCHEMA_VERSION", 3)
+    State(path).close()
+    monkeypatch.undo()
+    with pytest.raises(RuntimeError, match="schema version 3, this strata reads version"):
+        State(path, migrate=False)
+    assert raw(path, "PRAGMA user_version") == [(3,)]
+    State(path).close()
+    State(path, migrate=False).close()
+
+
 def test_failed_migration_rolls_back(tmp_path, monkeypatch):
     path = str(tmp_path / "state.db")
     monkeypatch.setattr(st, "_SCHEMA", st._SCHEMA + "; CREATE TABLE broken (;")
@@ -515,6 +527,10 @@ def test_rebuild_can_keep_another_processes_leases(db):
         tx.rebuild_references(set(), keep_leases=True)
     with db.read() as tx:
         assert ("other", "lease:crashed") in tx.holders()
+    with db.transaction() as tx:  # a kept lease on a lost layer goes with the layer
+        tx.rebuild_references({"other"}, keep_leases=True)
+    with db.read() as tx:
+        assert tx.layer("other") is None and ("other", "lease:crashed") not in tx.holders()
 
 
 def test_rebuild_forgets_a_lost_layer_and_its_images_but_keeps_the_rest_held(db):
