@@ -135,4 +135,7 @@ class StoreUsers:
         return self
 
     def close(self) -> None:
-        os.close(self._fd)
+        """Let go of the store (closing drops the flock); again is a no-op."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
