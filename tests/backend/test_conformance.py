@@ -32,6 +32,8 @@ from tests.conftest import needs_root
 
 pytestmark = needs_root
 
+KiB, MiB = 1 << 10, 1 << 20
+
 
 # -- layers ----------------------------------------------------------------------------------
 def base_layer() -> LayerBuilder:
@@ -337,3 +339,102 @@ def test_prepare_over_a_one_layer_chain(harness):
     assert read(upper, "etc/motd") == "mine\n"
     assert read(upper, "new") == "new\n"
     assert read(harness.backend.lowers(chain)[0], "etc/motd") == "base motd\n"
+
+
+# -- remove ----------------------------------------------------------------------------------
+def test_remove_deletes_the_key_s_state(harness, image):
+    with harness.mounted(harness.backend.prepare("k", image, harness.target("t"))) as t:
+        write(os.path.join(t, "new"), os.urandom(64 * KiB))
+    assert "k" in harness.backend.keys()
+    harness.backend.remove("k")
+    assert "k" not in harness.backend.keys()
+    assert harness.backend.dirs("k") is None
+    assert harness.backend.usage("k") == Usage(0, 0)
+
+
+def test_removing_an_unknown_key_is_fine(harness):
+    harness.backend.remove("never-prepared")
+    assert harness.backend.keys() == set()
+
+
+def test_removing_twice_is_fine(harness, image):
+    harness.backend.prepare("k", image, harness.target("t"))
+    harness.backend.remove("k")
+    harness.backend.remove("k")
+    assert "k" not in harness.backend.keys()
+
+
+def test_remove_refuses_a_key_with_a_mount_inside(harness, image):
+    harness.backend.prepare("k", image, harness.target("t"))
+    precious = os.path.join(harness.base, "precious")
+    os.mkdir(precious)
+    write(os.path.join(precious, "keep"), "not the backend's\n")
+    inside = os.path.join(harness.paths.volume("k"), "held")
+    os.mkdir(inside)
+    harness.mounter.mount(Mount(type="bind", source=precious, target=inside, options=("bind",)))
+    try:
+        with pytest.raises(OSError):
+            harness.backend.remove("k")
+        assert read(inside, "keep") == "not the backend's\n"
+    finally:
+        harness.mounter.unmount(inside)
+    assert read(precious, "keep") == "not the backend's\n"
+    harness.backend.remove("k")  # with the mount gone, it goes
+    assert "k" not in harness.backend.keys()
+
+
+# -- usage -----------------------------------------------------------------------------------
+def test_usage_grows_by_what_was_written(harness, image):
+    with harness.mounted(harness.backend.prepare("k", image, harness.target("t"))) as t:
+        before = harness.backend.usage("k")
+        write(os.path.join(t, "blob"), os.urandom(MiB))
+        after = harness.backend.usage("k")
+    assert MiB <= after.bytes - before.bytes <= MiB + 64 * KiB
+
+
+def test_usage_counts_the_files_created(harness, image):
+    with harness.mounted(harness.backend.prepare("k", image, harness.target("t"))) as t:
+        before = harness.backend.usage("k")
+        for name in ("a", "b", "c"):
+            write(os.path.join(t, name), name)
+        after = harness.backend.usage("k")
+    assert after.inodes - before.inodes == 3
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_usage_of_a_read_only_view_is_small(harness, depth):
+    p = harness.backend.view("v", ro_chain(harness, depth), harness.target("t"))
+    with harness.mounted(p):
+        used = harness.backend.usage("v")
+    assert used.bytes <= 64 * KiB and used.inodes <= 16
+
+
+def test_usage_of_an_unknown_key_is_zero(harness):
+    assert harness.backend.usage("never-prepared") == Usage(0, 0)
+
+
+# -- keys ------------------------------------------------------------------------------------
+def test_keys_are_exactly_those_with_state(harness, image):
+    assert harness.backend.keys() == set()
+    harness.backend.prepare("k1", image, harness.target("k1"))
+    harness.backend.prepare("k2", image, harness.target("k2"))
+    harness.backend.view("v1", image[:1], harness.target("v1"))
+    harness.backend.view("v3", image, harness.target("v3"))
+    listed = harness.backend.keys()
+    assert {"k1", "k2"} <= listed <= {"k1", "k2", "v1", "v3"}
+    harness.backend.remove("k1")
+    harness.backend.remove("v3")
+    assert {"k2"} <= harness.backend.keys() <= {"k2", "v1"}
+
+
+def test_a_new_instance_answers_alike(harness, image):
+    """Backends keep no state but the disk: a restart changes no answer."""
+    with harness.mounted(harness.backend.prepare("k", image, harness.target("t"))) as t:
+        write(os.path.join(t, "new"), os.urandom(8 * KiB))
+    again = harness.restarted()
+    assert again.keys() == harness.backend.keys() == {"k"}
+    assert again.dirs("k") == harness.backend.dirs("k")
+    assert again.usage("k") == harness.backend.usage("k")
+    assert again.lowers(image) == harness.backend.lowers(image)
+    again.remove("k")
+    assert harness.backend.keys() == set()
