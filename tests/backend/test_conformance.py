@@ -27,12 +27,14 @@ import pytest
 
 from csi.backend import Usage
 from csi.image.build import LayerBuilder
+from csi.mount import spec
 from csi.mount.spec import Mount
 from tests.conftest import needs_root
 
 pytestmark = needs_root
 
 KiB, MiB = 1 << 10, 1 << 20
+DEEP = 200  # a chain deeper than a page of absolute lowerdirs (about 90 of them)
 
 
 # -- layers ----------------------------------------------------------------------------------
@@ -69,6 +71,10 @@ def metadata_layer() -> LayerBuilder:
             .file("srv/tagged", "x\n", xattrs={"user.strata": "hello", "user.other": "2"}))
 
 
+def deep_layer(i: int) -> LayerBuilder:
+    return LayerBuilder().file(f"f{i:03d}", f"{i}\n").file("clash", f"{i}\n")
+
+
 @pytest.fixture
 def image(harness) -> list[str]:
     """Three layers: base, mid, top (nearest)."""
@@ -80,6 +86,11 @@ def meta(harness) -> list[str]:
     """The metadata layer under a second one that leaves its files alone."""
     return [harness.make_layer(metadata_layer()),
             harness.make_layer(LayerBuilder().file("top", "top\n"))]
+
+
+@pytest.fixture
+def deep(harness) -> list[str]:
+    return [harness.make_layer(deep_layer(i)) for i in range(DEEP)]
 
 
 @pytest.fixture(params=["prepare", "view"])
@@ -137,6 +148,11 @@ def erofs(fn, *args) -> None:
     with pytest.raises(OSError) as e:
         fn(*args)
     assert e.value.errno == errno.EROFS, e.value
+
+
+def lowerdirs(p: Mount) -> list[str]:
+    return [d for o in p.options if o.startswith("lowerdir=")
+            for d in o[len("lowerdir="):].split(":")]
 
 
 # -- a writable view -------------------------------------------------------------------------
@@ -438,3 +454,37 @@ def test_a_new_instance_answers_alike(harness, image):
     assert again.lowers(image) == harness.backend.lowers(image)
     again.remove("k")
     assert harness.backend.keys() == set()
+
+
+# -- deep chains -----------------------------------------------------------------------------
+def check_deep_plan(h, p: Mount) -> None:
+    """The executor can carry out `p` on this kernel: with lowerdir+, a deep overlay needs
+    no fallback (absolute lowerdirs, no cwd); without it, it must be made to fit one page
+    (short lowerdirs relative to the plan's cwd). Any other plan must fit as it is."""
+    if p.type != "overlay":
+        assert spec.fits(p, h.features.page_size)
+    elif h.features.lowerdir_plus:
+        assert not p.cwd
+        assert all(os.path.isabs(d) for d in lowerdirs(p))
+    else:
+        assert p.cwd and os.path.isabs(p.cwd)
+        assert spec.fits(p, h.features.page_size)
+        assert not any(os.path.isabs(d) for d in lowerdirs(p))
+
+
+def test_a_200_layer_chain_mounts_with_every_layer(harness, deep, kind):
+    p = plan(harness, kind, "k", deep)
+    check_deep_plan(harness, p)
+    with harness.mounted(p) as t:
+        names = sorted(os.listdir(t))
+        assert names == ["clash"] + [f"f{i:03d}" for i in range(DEEP)]
+        assert all(read(t, f"f{i:03d}") == f"{i}\n" for i in range(DEEP))
+        assert read(t, "clash") == f"{DEEP - 1}\n"
+        if kind == "prepare":
+            write(os.path.join(t, "clash"), "mine\n")
+            assert read(harness.backend.dirs("k").upper, "clash") == "mine\n"
+        else:
+            assert harness.backend.dirs("k") is None
+            erofs(write, os.path.join(t, "clash"), "mine\n")
+    harness.backend.remove("k")
+    assert "k" not in harness.backend.keys()
