@@ -18,6 +18,7 @@ Vocabulary: a *chain* is a list of layer IDs, base first; the *nearest* layer is
 one. `kind` is "prepare" (a writable view) or "view" (a read-only one).
 """
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -28,6 +29,7 @@ import pytest
 from csi.backend import Usage
 from csi.image.build import LayerBuilder
 from csi.mount import spec
+from csi.mount.mountinfo import MountInfo, MountTable
 from csi.mount.spec import Mount
 from tests.conftest import needs_root
 
@@ -148,6 +150,13 @@ def erofs(fn, *args) -> None:
     with pytest.raises(OSError) as e:
         fn(*args)
     assert e.value.errno == errno.EROFS, e.value
+
+
+def mounts_at(targets: list[str]) -> tuple[list[MountInfo], dict[str, MountInfo]]:
+    """One reading of the mount table, and the (top) mount at each of `targets`."""
+    mounts = MountTable().mounts()
+    at = {m.mount_point: m for m in mounts}
+    return mounts, {t: at[os.path.realpath(t)] for t in targets}
 
 
 def lowerdirs(p: Mount) -> list[str]:
@@ -454,6 +463,77 @@ def test_a_new_instance_answers_alike(harness, image):
     assert again.lowers(image) == harness.backend.lowers(image)
     again.remove("k")
     assert harness.backend.keys() == set()
+
+
+# -- recognition after a restart -------------------------------------------------------------
+def own_plans(h, chain: list[str], deep: list[str] | None = None) -> list[Mount]:
+    """Every kind of view `h`'s backend makes: writable, read-only of several layers and of
+    one, and (with `deep`) both over a deep chain."""
+    plans = [h.backend.prepare("rw", chain, h.target("rw")),
+             h.backend.view("ro", chain, h.target("ro")),
+             h.backend.view("ro1", chain[:1], h.target("ro1"))]
+    if deep:
+        plans += [h.backend.prepare("deep-rw", deep, h.target("deep-rw")),
+                  h.backend.view("deep-ro", deep, h.target("deep-ro"))]
+    return plans
+
+
+def foreign_plans(h, chain: list[str]) -> dict[str, Mount]:
+    """Mounts on the same node that `h`'s backend did not make."""
+    foreign = os.path.join(h.base, "foreign")
+    for d in ("l1", "l2", "u", "w", "other"):
+        os.makedirs(os.path.join(foreign, d))
+    return {
+        "tmpfs": Mount(type="tmpfs", source="tmpfs", target=h.target("tmpfs")),
+        "overlay": spec.overlay([os.path.join(foreign, "l2"), os.path.join(foreign, "l1")],
+                                os.path.join(foreign, "u"), os.path.join(foreign, "w"),
+                                h.target("overlay")),
+        "bind": Mount(type="bind", source=os.path.join(foreign, "other"),
+                      target=h.target("bind"), options=("bind",)),
+        # A kubelet subPath of a one-layer view: a bind of a directory inside a layer.
+        "subpath": Mount(type="bind", source=os.path.join(h.backend.lowers(chain)[-1], "etc"),
+                         target=h.target("subpath"), options=("rbind", "ro")),
+    }
+
+
+def mount_all(stack: contextlib.ExitStack, h, plans) -> list[str]:
+    """Mount every plan, each unmounted when `stack` closes; returns their targets."""
+    return [stack.enter_context(h.mounted(p)) for p in plans]
+
+
+def test_recognizer_knows_this_store_s_mounts_after_a_restart(harness, image, deep):
+    with contextlib.ExitStack() as stack:
+        targets = mount_all(stack, harness, own_plans(harness, image, deep))
+        mounts, at = mounts_at(targets)
+        mine = harness.restarted().recognizer(mounts)
+        assert {t: mine(at[t]) for t in targets} == dict.fromkeys(targets, True)
+
+
+def test_recognizer_refuses_mounts_it_did_not_make(harness, image):
+    foreign = foreign_plans(harness, image)
+    with contextlib.ExitStack() as stack:
+        mount_all(stack, harness, own_plans(harness, image))  # ours, to be mistaken for
+        mount_all(stack, harness, foreign.values())
+        mounts, at = mounts_at([p.target for p in foreign.values()])
+        mine = harness.restarted().recognizer(mounts)
+        assert {name: mine(at[p.target]) for name, p in foreign.items()} == dict.fromkeys(
+            foreign, False)
+
+
+def test_recognizers_of_two_stores_tell_their_mounts_apart(make_harness):
+    # b's root has a space: mountinfo escapes it (\040) in every field a recognizer reads.
+    a, b = make_harness("a"), make_harness("store b")
+    # The same builders in the same order: both stores hold layers of the same IDs.
+    chain_a = [a.make_layer(base_layer()), a.make_layer(top_layer())]
+    chain_b = [b.make_layer(base_layer()), b.make_layer(top_layer())]
+    assert chain_a == chain_b
+    with contextlib.ExitStack() as stack:
+        ta = mount_all(stack, a, own_plans(a, chain_a))
+        tb = mount_all(stack, b, own_plans(b, chain_b))
+        mounts, at = mounts_at(ta + tb)
+        mine_a, mine_b = a.restarted().recognizer(mounts), b.restarted().recognizer(mounts)
+        assert {t: (mine_a(at[t]), mine_b(at[t])) for t in ta + tb} == {
+            **dict.fromkeys(ta, (True, False)), **dict.fromkeys(tb, (False, True))}
 
 
 # -- deep chains -----------------------------------------------------------------------------
