@@ -37,6 +37,7 @@ pytestmark = needs_root
 
 KiB, MiB = 1 << 10, 1 << 20
 DEEP = 200  # a chain deeper than a page of absolute lowerdirs (about 90 of them)
+MISSING = "feedfacefeedface"  # a layer ID the store does not have
 
 
 # -- layers ----------------------------------------------------------------------------------
@@ -568,3 +569,31 @@ def test_a_200_layer_chain_mounts_with_every_layer(harness, deep, kind):
             erofs(write, os.path.join(t, "clash"), "mine\n")
     harness.backend.remove("k")
     assert "k" not in harness.backend.keys()
+
+
+# -- refusals --------------------------------------------------------------------------------
+@pytest.mark.parametrize("where", ["nearest", "base"])
+def test_a_missing_layer_is_refused_and_leaves_no_state(harness, kind, where):
+    """A chain naming a layer the store does not have is refused by prepare/view itself
+    (not left for mount(2) to fail on), and the refusal leaves no state: keys() is as
+    before without any remove()."""
+    present = harness.make_layer(base_layer())
+    chain = [present, MISSING] if where == "nearest" else [MISSING, present]
+    with pytest.raises((OSError, ValueError)):
+        plan(harness, kind, "k", chain)
+    assert harness.backend.keys() == set()
+
+
+def test_an_empty_chain_is_refused(harness, kind):
+    with pytest.raises(ValueError):
+        plan(harness, kind, "k", [])
+    assert harness.backend.keys() == set()
+
+
+def test_prepare_of_a_key_in_use_is_refused(harness, image):
+    """Keys are the caller's and unique; a repeated one must not clobber the first's writes."""
+    with harness.mounted(harness.backend.prepare("k", image, harness.target("t"))) as t:
+        write(os.path.join(t, "kept"), "kept\n")
+    with pytest.raises((OSError, ValueError)):
+        harness.backend.prepare("k", image, harness.target("again"))
+    assert read(harness.backend.dirs("k").upper, "kept") == "kept\n"
