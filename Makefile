@@ -18,7 +18,8 @@ demo: $(STAMP)
 	$(VENV)/bin/strata demo
 
 # Test tiers. unit is pure logic and runs as any user. integration (real overlay and bind
-# mounts, mknod, lchown, trusted.* xattrs, a real `strata serve`, a local registry) and
+# mounts, mknod, lchown, trusted.* xattrs, a real `strata serve`, a local registry; with it
+# tests/backend, the conformance suite every storage backend must pass) and
 # sanity (csi-sanity against `strata serve`) need root and the Debian packages of
 # scripts/system-deps.sh (installed first: they include python3-venv); as anyone else
 # their tests would only skip, so they refuse instead. test runs all three.
@@ -29,7 +30,7 @@ unit: $(STAMP)
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
 integration: system-deps $(STAMP)
-	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
+	$(PY) -m pytest tests/integration tests/backend $(PYTEST_ARGS)
 
 sanity: system-deps $(STAMP)
 	$(PY) -m pytest tests/sanity $(PYTEST_ARGS)

@@ -1,0 +1,123 @@
+"""Fixtures of the backend conformance suite: one harness per backend flavour.
+
+A flavour is a backend class and the kernel it is shown (the probed `Features`, possibly
+narrowed). Adding a backend, or a way of running one, is one entry in FLAVOURS; every test
+of test_conformance.py then runs against it.
+"""
+
+import contextlib
+import dataclasses
+import io
+import itertools
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from csi.backend import Backend
+from csi.backend.overlay import OverlayBackend
+from csi.image.build import LayerBuilder
+from csi.mount.features import Features, probe
+from csi.mount.spec import Mount
+from csi.mount.syscalls import Mounter
+from csi.paths import StorePaths
+from csi.store.unpack import apply
+from tests.conftest import unmount_all_under
+
+
+@dataclasses.dataclass(frozen=True)
+class Flavour:
+    name: str
+    backend: Callable[[StorePaths, Features], Backend]
+    # What the backend and the executor are told the kernel can do, from what it can.
+    features: Callable[[Features], Features] = lambda probed: probed
+
+
+FLAVOURS = [
+    Flavour("overlay", OverlayBackend),
+    # A kernel before 6.8: chains whose absolute lowerdirs overflow a page must take the
+    # backend's relative-lowerdir fallback, since the executor cannot pass them one by one.
+    Flavour("overlay-no-lowerdir+", OverlayBackend,
+            lambda probed: dataclasses.replace(probed, lowerdir_plus=False)),
+]
+
+
+class Harness:
+    """A fresh store under `base` with its backend, and a mounter told the same features.
+
+    Targets (`target(name)`) and anything else a test mounts live under `base`; the fixture
+    unmounts all of it and removes every key the backend still lists, whatever happened."""
+
+    def __init__(self, flavour: Flavour, base: str):
+        self.flavour = flavour
+        self.base = base
+        self.paths = StorePaths(os.path.join(base, "store")).make()
+        self.features = flavour.features(probe(self.paths.tmp))
+        self.backend = flavour.backend(self.paths, self.features)
+        self.mounter = Mounter(features=self.features)
+        # Deterministic IDs, as short as the layer store's (16 hex digits): two stores of
+        # one test hold layers of the same IDs, which a recognizer must still tell apart.
+        self._ids = itertools.count()
+
+    def make_layer(self, builder: LayerBuilder) -> str:
+        """Unpack `builder`'s tar into `layers/ID/fs` the way the layer store does: into a
+        fresh directory under tmp/, then renamed into place. Returns the layer ID."""
+        lid = f"{next(self._ids):016x}"
+        work = tempfile.mkdtemp(prefix=f"unpack-{lid}-", dir=self.paths.tmp)
+        fs = os.path.join(work, "fs")
+        os.mkdir(fs, 0o755)
+        apply(io.BytesIO(builder.tar_bytes()), fs)
+        os.rename(work, self.paths.layer(lid))
+        return lid
+
+    def target(self, name: str) -> str:
+        """An empty directory to mount on."""
+        path = os.path.join(self.base, "mnt", name)
+        os.makedirs(path)
+        return path
+
+    @contextlib.contextmanager
+    def mounted(self, plan: Mount) -> Iterator[str]:
+        """Carry out `plan`, yield its target, and unmount it whatever the block does."""
+        self.mounter.mount(plan)
+        try:
+            yield plan.target
+        finally:
+            self.mounter.unmount(plan.target)
+
+    def restarted(self) -> Backend:
+        """A new instance on the same store: what start-up builds and asks."""
+        return self.flavour.backend(self.paths, self.features)
+
+
+@pytest.fixture(params=FLAVOURS, ids=lambda f: f.name)
+def flavour(request) -> Flavour:
+    return request.param
+
+
+@pytest.fixture
+def make_harness(flavour, tmp_path) -> Iterator[Callable[[str], Harness]]:
+    """Harnesses of this test's flavour, each a store of its own under tmp_path/NAME.
+    After the test, pass or fail: everything mounted under tmp_path is unmounted, then
+    every key left is removed; mounts a test left behind fail its clean-up."""
+    made: list[Harness] = []
+
+    def make(name: str) -> Harness:
+        h = Harness(flavour, str(tmp_path / name))
+        made.append(h)
+        return h
+
+    try:
+        yield make
+    finally:
+        left = unmount_all_under(str(tmp_path))
+        for h in made:
+            for key in h.backend.keys():
+                h.backend.remove(key)
+    assert not left, f"the test left mounts behind: {left}"
+
+
+@pytest.fixture
+def harness(make_harness) -> Harness:
+    return make_harness("store")
