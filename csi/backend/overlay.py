@@ -19,9 +19,11 @@ lowerdirs are those short names, relative to that directory: Docker's overlay2 `
 and containerd's relative-lowerdir mount, per publication.
 """
 
+import contextlib
 import dataclasses
+import errno
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from csi.backend import Backend, Dirs, Usage
 from csi.mount import spec
@@ -52,27 +54,51 @@ class OverlayBackend(Backend):
     def prepare(self, key: str, chain: Sequence[str], target: str) -> Mount:
         lowers = self._lowers(chain)
         upper, work = self._paths.volume_part(key, UPPER), self._paths.volume_part(key, WORK)
-        os.mkdir(self._paths.volume(key), 0o700)
-        os.mkdir(work, 0o700)
-        os.mkdir(upper)
-        # The merged root takes the upper dir's owner and mode: match the image's root.
-        st = os.stat(lowers[0])
-        os.chown(upper, st.st_uid, st.st_gid)
-        os.chmod(upper, st.st_mode & 0o7777)
-        return self._fitted(key, lowers, lambda ls, cwd: spec.overlay(
-            ls, upper, work, target, cwd=cwd))
+        with self._making(key):
+            os.mkdir(work, 0o700)
+            os.mkdir(upper)
+            # The merged root takes the upper dir's owner and mode: match the image's root.
+            st = os.stat(lowers[0])
+            os.chown(upper, st.st_uid, st.st_gid)
+            os.chmod(upper, st.st_mode & 0o7777)
+            return self._fitted(key, lowers, lambda ls, cwd: spec.overlay(
+                ls, upper, work, target, cwd=cwd))
 
     def view(self, key: str, chain: Sequence[str], target: str) -> Mount:
         lowers = self._lowers(chain)
         if len(lowers) == 1:
             return spec.view(lowers, target)  # a read-only bind of the layer
-        return self._fitted(key, lowers, lambda ls, cwd: spec.view(ls, target, cwd=cwd))
+        m = dataclasses.replace(spec.view(lowers, target), source=self.source)
+        if self._fits(m):
+            return m  # no state of its own
+        with self._making(key):
+            return self._fitted(key, lowers, lambda ls, cwd: spec.view(ls, target, cwd=cwd))
 
     def _lowers(self, chain: Sequence[str]) -> list[str]:
+        """The chain's layer directories, each one checked: a plan naming a missing layer
+        would only fail later, at mount(2), with a vaguer error, or (relative lowerdirs)
+        through a dangling link."""
         lowers = self.lowers(chain)
         if not lowers:
             raise ValueError("a view needs at least one layer")
+        for lower in lowers:
+            if not os.path.isdir(lower):
+                raise FileNotFoundError(errno.ENOENT, "layer directory missing", lower)
         return lowers
+
+    @contextlib.contextmanager
+    def _making(self, key: str) -> Iterator[None]:
+        """Create `volumes/KEY` (a key in use is refused and left alone) and remove what
+        was made of it when anything inside fails, so a failed prepare leaves no state."""
+        os.mkdir(self._paths.volume(key), 0o700)
+        try:
+            yield
+        except BaseException:
+            remove_tree(self._paths.volume(key), ignore_errors=True)
+            raise
+
+    def _fits(self, m: Mount) -> bool:
+        return spec.fits(m, self._features.page_size) or self._features.lowerdir_plus
 
     def _fitted(self, key: str, lowers: list[str],
                 plan: Callable[[list[str], str], Mount]) -> Mount:
@@ -80,10 +106,10 @@ class OverlayBackend(Backend):
         `lowerdir+`), else with short relative ones from `volumes/KEY/lower/`. Either way
         with this store's source tag."""
         m = dataclasses.replace(plan(lowers, ""), source=self.source)
-        if spec.fits(m, self._features.page_size) or self._features.lowerdir_plus:
+        if self._fits(m):
             return m
         links = self._paths.volume_part(key, LOWER)
-        os.makedirs(links, mode=0o700)
+        os.mkdir(links, 0o700)
         count = len(lowers)
         for i, lower in enumerate(lowers):  # nearest first: the base is 0
             os.symlink(lower, os.path.join(links, str(count - 1 - i)))
