@@ -5,23 +5,19 @@ and streams blobs, with the registry semantics a kubelet pull has: the WWW-Authe
 challenge flow (anonymous or credentialed bearer tokens, scoped per repository and cached
 until they expire; or basic auth), redirects of any request (registry.k8s.io sends its API
 calls to another registry; blobs go to object storage) that never carry our credentials to
-another host, `Range` resume of a cut download, TLS verified against the system CAs plus
-`--registry-ca`, plain HTTP for `--insecure-registry` hosts, mirrors tried before the
-origin, connect and read timeouts, and retries with exponential backoff and jitter on 429,
-5xx and dropped connections (honouring Retry-After). Every error names the image and the
-registry's text.
+another host, `Range` resume of a cut download, and mirrors tried before the origin.
+Connections, deadlines and retries are transport.Transport's. Every error names the image
+and the registry's text.
 """
 
 import base64
 import dataclasses
-import email.utils
 import http.client
 import json
 import logging
 import os
 import random
 import re
-import ssl
 import threading
 import time
 import urllib.parse
@@ -37,38 +33,27 @@ from csi.errors import (
     ResourceExhausted,
     StrataError,
     Unavailable,
-    is_no_space,
-    no_space,
 )
 from csi.image import manifest as mf
 from csi.image.auth import Credentials
 from csi.image.reference import RegistryReference
+from csi.image.transport import (
+    MAX_REDIRECTS,
+    REDIRECT_STATUS,
+    RETRY_STATUS,
+    USER_AGENT,
+    Options,
+    Reply,
+    Transport,
+    location,
+    registry_error,
+)
 
 log = logging.getLogger(__name__)
 
 ACCEPT = ", ".join([mf.OCI_INDEX, mf.OCI_MANIFEST, mf.DOCKER_LIST, mf.DOCKER_MANIFEST])
 SCHEMA1 = {"application/vnd.docker.distribution.manifest.v1+json",
            "application/vnd.docker.distribution.manifest.v1+prettyjws"}
-RETRY_STATUS = {429, 500, 502, 503, 504}
-REDIRECT_STATUS = {301, 302, 303, 307, 308}
-MAX_REDIRECTS = 10  # Go's http.Client default, which containerd and docker use
-CHUNK = 1 << 20
-USER_AGENT = "strata-csi"
-
-
-@dataclasses.dataclass(frozen=True)
-class Options:
-    ca_files: tuple[str, ...] = ()
-    insecure: frozenset[str] = frozenset()  # HOST:PORT served over plain HTTP
-    mirrors: tuple[tuple[str, str], ...] = ()  # (registry, base URL), tried in order
-    connect_timeout: float = 10.0
-    read_timeout: float = 60.0
-    retries: int = 4
-    backoff: float = 0.5
-    backoff_max: float = 10.0
-    # A transfer slower than this fails (and is retried, resuming): a registry that trickles
-    # a byte every few seconds would otherwise never trip the per-read timeout.
-    min_rate: float = 64 * 1024  # bytes per second
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,21 +64,6 @@ class Endpoint:
 
     def __str__(self) -> str:
         return f"{self.scheme}://{self.host}"
-
-
-class _Retry(Exception):
-    def __init__(self, why: str, delay: float | None = None):
-        super().__init__(why)
-        self.delay = delay
-
-
-def _location(scheme: str, host: str, target: str, location: str,
-              what: str) -> tuple[str, str, str]:
-    """Where a redirect from scheme://host/target goes: (scheme, host, path?query)."""
-    u = urllib.parse.urlsplit(urllib.parse.urljoin(f"{scheme}://{host}{target}", location))
-    if u.scheme not in ("http", "https") or not u.netloc:
-        raise Unavailable(f"{what}: redirected to an unusable location {location!r}")
-    return u.scheme, u.netloc, (u.path or "/") + (f"?{u.query}" if u.query else "")
 
 
 def _repository_in(path: str) -> str:
@@ -118,23 +88,12 @@ class _Hop:
     creds: Credentials | None
     own: bool = True
 
-    def redirect(self, location: str, what: str) -> "_Hop":
-        scheme, host, target = _location(self.scheme, self.host, self.target, location, what)
+    def redirect(self, to: str, what: str) -> "_Hop":
+        scheme, host, target = location(self.scheme, self.host, self.target, to, what)
         if self.own and (scheme, host) == (self.scheme, self.host):
             return dataclasses.replace(self, target=target,
                                        repo=_repository_in(target) or self.repo)
         return _Hop(scheme, host, target, _repository_in(target) or self.repo, None, own=False)
-
-
-def _registry_error(body: bytes) -> str:
-    """The registry's own error text (distribution's {"errors": [{code, message}]})."""
-    try:
-        errors = json.loads(body).get("errors") or []
-        text = "; ".join(f"{e.get('code', '')}: {e.get('message', '')}".strip(": ")
-                         for e in errors)
-    except Exception:  # anything malformed: fall back to the raw text
-        text = ""
-    return text or body[:200].decode("utf-8", "replace").strip()
 
 
 def _basic(creds: Credentials) -> str:
@@ -153,39 +112,17 @@ def _range_starts_at(content_range: str, offset: int) -> bool:
     return m is not None and int(m.group(1)) == offset
 
 
-def _retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    if value.strip().isdigit():
-        return float(value)
-    try:
-        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError):
-        return None
-
-
 class RegistryClient:
-    def __init__(self, options: Options | None = None, sleep=time.sleep, rng=random.random,
-                 on_bytes=None):
+    def __init__(self, options: Options | None = None, *, clock=time.monotonic,
+                 sleep=time.sleep, rng=random.random, on_bytes=None):
         self.options = options or Options()
-        self._sleep = sleep
-        self._rng = rng
-        self._ssl: ssl.SSLContext | None = None
+        self.transport = Transport(self.options, clock, sleep, rng, on_bytes)
+        self._clock = clock
         # Tokens by (scheme, host, scope, credentials), and the origins that asked for basic
         # auth. Pull threads share them: every access holds the lock.
         self._tokens: dict[tuple, tuple[str, float]] = {}
         self._basic_hosts: set[tuple[str, str]] = set()
         self._tokens_lock = threading.Lock()
-        self._on_bytes = on_bytes or (lambda n: None)
-
-    # -- transport ---------------------------------------------------------------------
-    def _context(self) -> ssl.SSLContext:
-        if self._ssl is None:
-            ctx = ssl.create_default_context()
-            for ca in self.options.ca_files:
-                ctx.load_verify_locations(cafile=ca)
-            self._ssl = ctx
-        return self._ssl
 
     def endpoints(self, ref: RegistryReference) -> list[Endpoint]:
         out = []
@@ -196,65 +133,6 @@ class RegistryClient:
         host = ref.api_host
         out.append(Endpoint("http" if host in self.options.insecure else "https", host))
         return out
-
-    def _open(self, scheme: str, host: str, method: str, target: str, headers: dict,
-              body: bytes | None = None):
-        u = urllib.parse.urlsplit(f"//{host}")
-        port = u.port
-        hostname = u.hostname or host
-        if scheme == "https":
-            conn = http.client.HTTPSConnection(hostname, port, context=self._context(),
-                                               timeout=self.options.connect_timeout)
-        else:
-            conn = http.client.HTTPConnection(hostname, port,
-                                              timeout=self.options.connect_timeout)
-        try:
-            conn.connect()
-            conn.sock.settimeout(self.options.read_timeout)
-            conn.request(method, target, body=body,
-                         headers={"User-Agent": USER_AGENT, **headers})
-            return conn, conn.getresponse()
-        except BaseException:
-            conn.close()
-            raise
-
-    def _read(self, resp, limit: int, what: str, out: BinaryIO | None = None,
-              too_large=None) -> bytes:
-        """The body, read as it arrives under a wall-clock deadline (read timeout plus
-        `limit` at the minimum rate). Streamed into `out` when given. More than `limit`
-        bytes is DataLoss (a blob longer than its descriptor), or `too_large` when given
-        (a manifest over the size strata accepts)."""
-        def oversize(got: str) -> Exception:
-            if too_large is None:
-                return DataLoss(f"{what}: {got} than the {limit} bytes expected; discarded")
-            return too_large(f"{what}: larger than {limit} bytes, the most strata accepts "
-                             "for a manifest")
-
-        if resp.length is not None and resp.length > limit:
-            raise oversize(f"Content-Length {resp.length}, more")
-        expected = min(limit, resp.length) if resp.length is not None else limit
-        deadline = time.monotonic() + self.options.read_timeout + \
-            expected / self.options.min_rate
-        chunks, got = [], 0
-        while chunk := resp.read1(CHUNK):
-            got += len(chunk)
-            if got > limit:
-                raise oversize("more")
-            if out is None:
-                chunks.append(chunk)
-            else:
-                try:
-                    out.write(chunk)
-                except OSError as e:  # the store, not the network: no retry, no UNAVAILABLE
-                    if is_no_space(e):
-                        raise no_space(what) from e
-                    raise Internal(f"{what}: cannot write to the store: {e}") from e
-                self._on_bytes(len(chunk))
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"transfer slower than {self.options.min_rate:.0f} bytes/s")
-        if resp.length:  # the connection closed before Content-Length bytes came
-            raise http.client.IncompleteRead(b"", resp.length)
-        return b"".join(chunks)
 
     @staticmethod
     def _token_key(hop: _Hop) -> tuple:
@@ -269,7 +147,7 @@ class RegistryClient:
         with self._tokens_lock:
             token = self._tokens.get(self._token_key(hop))
             basic = (hop.scheme, hop.host) in self._basic_hosts
-        if token and token[1] > time.monotonic():
+        if token and token[1] > self._clock():
             return {"Authorization": f"Bearer {token[0]}"}
         if hop.creds is not None and basic:
             return {"Authorization": f"Basic {_basic(hop.creds)}"}
@@ -304,7 +182,7 @@ class RegistryClient:
                                            ("grant_type", "refresh_token"),
                                            ("refresh_token", creds.identity_token),
                                            ("client_id", USER_AGENT)]).encode()
-            status, _, body = self._request(
+            reply = self._request(
                 realm.scheme, realm.netloc, "POST",
                 (realm.path or "/") + (f"?{realm.query}" if realm.query else ""),
                 {"Content-Type": "application/x-www-form-urlencoded"},
@@ -316,24 +194,24 @@ class RegistryClient:
             target = (realm.path or "/") + "?" + "&".join(
                 q for q in (realm.query, urllib.parse.urlencode(
                     [*(("scope", x) for x in scopes), *service])) if q)
-            status, _, body = self._request(realm.scheme, realm.netloc, "GET", target,
-                                            headers, f"{what}: token from {realm.netloc}")
-        if status in (401, 403):
+            reply = self._request(realm.scheme, realm.netloc, "GET", target, headers,
+                                  f"{what}: token from {realm.netloc}")
+        if reply.status in (401, 403):
             raise PermissionDenied(f"{what}: the token service refused "
                                    f"{'our credentials' if creds else 'anonymous access'}: "
-                                   f"{_registry_error(body)}")
-        if status != 200:
-            raise Unavailable(f"{what}: token service answered {status}: "
-                              f"{_registry_error(body)}")
+                                   f"{registry_error(reply.body)}")
+        if reply.status != 200:
+            raise Unavailable(f"{what}: token service answered {reply.status}: "
+                              f"{registry_error(reply.body)}")
         try:
-            doc = json.loads(body)
+            doc = json.loads(reply.body)
             token = doc.get("token") or doc["access_token"]
             expires = float(doc.get("expires_in") or 60)
             if not isinstance(token, str) or not token:
                 raise TypeError
         except (ValueError, KeyError, TypeError, AttributeError):
             raise Unavailable(f"{what}: the token service sent no token") from None
-        now = time.monotonic()
+        now = self._clock()
         with self._tokens_lock:
             if len(self._tokens) > 256:  # keep the cache bounded: drop what has expired
                 for k in [k for k, v in self._tokens.items() if v[1] <= now]:
@@ -341,70 +219,20 @@ class RegistryClient:
             # Refresh a little early so a token never expires in flight.
             self._tokens[self._token_key(hop)] = (token, now + max(1.0, expires - 10))
 
-    def _backoff(self, attempt: int, hint: float | None) -> float:
-        if hint is not None:
-            return min(hint, self.options.backoff_max * 6)
-        base = min(self.options.backoff_max, self.options.backoff * (2 ** attempt))
-        return base * (0.5 + self._rng())  # jitter: 0.5x-1.5x
-
-    def _simple(self, scheme, host, method, target, headers, what,
-                body: bytes | None = None) -> tuple[int, dict, bytes]:
-        """One request with retries; the whole body read. For tokens and manifests: a body
-        over the manifest limit is refused as INVALID_ARGUMENT (it is not corrupt, only
-        more than strata accepts, as containerd refuses manifests over 4 MiB)."""
-        def once():
-            conn, resp = self._open(scheme, host, method, target, headers, body)
-            try:
-                data = self._read(resp, mf.MAX_MANIFEST_BYTES, what, too_large=InvalidArgument)
-                # The headers stay a Message: Go registries send "Www-Authenticate", and
-                # lookups must ignore case.
-                return resp.status, resp.headers, data
-            finally:
-                resp.close()  # a response cut short still holds the socket
-                conn.close()
-
-        return self._with_retries(once, what)
-
-    def _with_retries(self, fn, what: str):
-        last = ""
-        for attempt in range(self.options.retries + 1):
-            try:
-                result = fn()
-                status = result[0] if isinstance(result, tuple) else None
-                if status in RETRY_STATUS:
-                    raise _Retry(f"HTTP {status}: {_registry_error(result[2])}",
-                                 _retry_after(result[1].get("Retry-After")))
-                return result
-            except _Retry as e:
-                last, hint = str(e), e.delay
-            except (OSError, http.client.HTTPException) as e:
-                if isinstance(e, ssl.SSLCertVerificationError):
-                    raise Unavailable(f"{what}: TLS verification failed: {e.verify_message}; "
-                                      "add the registry's CA with --registry-ca") from None
-                if is_no_space(e):
-                    raise no_space(what) from e
-                last, hint = f"{type(e).__name__}: {e}", None
-            except ValueError as e:  # e.g. a redirect to a URL with a malformed port
-                raise Unavailable(f"{what}: malformed response: {e}") from None
-            if attempt < self.options.retries:
-                delay = self._backoff(attempt, hint)
-                log.info("%s: %s; retrying in %.1fs", what, last, delay)
-                self._sleep(delay)
-        raise Unavailable(f"{what}: {last} (after {self.options.retries + 1} attempts)")
-
     def _request(self, scheme, host, method, target, headers, what,
-                 body: bytes | None = None) -> tuple[int, dict, bytes]:
-        """`_simple`, following redirects (a token service that moved): 301/302/303 turn a
-        POST into a GET as every HTTP client does; our Authorization never goes to another
-        host or scheme, nor does a form holding a refresh token."""
+                 body: bytes | None = None) -> Reply:
+        """A request to the token service, following redirects (a token service that
+        moved): 301/302/303 turn a POST into a GET as every HTTP client does; our
+        Authorization never goes to another host or scheme, nor does a form holding a
+        refresh token."""
         origin = (scheme, host)
         for _ in range(MAX_REDIRECTS + 1):
-            status, hdrs, data = self._simple(scheme, host, method, target, headers, what, body)
-            location = hdrs.get("Location")
-            if status not in REDIRECT_STATUS or not location:
-                return status, hdrs, data
-            scheme, host, target = _location(scheme, host, target, location, what)
-            if status in (301, 302, 303) and method == "POST":
+            reply = self.transport.call(scheme, host, method, target, headers, what, body)
+            to = reply.headers.get("Location")
+            if reply.status not in REDIRECT_STATUS or not to:
+                return reply
+            scheme, host, target = location(scheme, host, target, to, what)
+            if reply.status in (301, 302, 303) and method == "POST":
                 method, body = "GET", None
                 headers = {k: v for k, v in headers.items() if k.lower() != "content-type"}
             if (scheme, host) != origin:
@@ -415,36 +243,37 @@ class RegistryClient:
         raise Unavailable(f"{what}: more than {MAX_REDIRECTS} redirects")
 
     def _registry_call(self, ep: Endpoint, method: str, path: str, repo: str,
-                       creds: Credentials | None, what: str, headers=None):
-        """A registry API call with authentication, following redirects; returns (status,
-        headers, body) of the last response."""
+                       creds: Credentials | None, what: str, headers=None) -> Reply:
+        """A registry API call with authentication, following redirects; returns the last
+        response."""
         hop = _Hop(ep.scheme, ep.host, path, repo, creds)
         authenticated: set[tuple[str, str]] = set()
         redirects = 0
         while True:
             h = {**(headers or {}), **self._auth_header(hop)}
-            status, hdrs, body = self._simple(hop.scheme, hop.host, method, hop.target, h, what)
-            challenge = hdrs.get("WWW-Authenticate")
-            if status == 401 and challenge and (hop.scheme, hop.host) not in authenticated:
+            reply = self.transport.call(hop.scheme, hop.host, method, hop.target, h, what)
+            challenge = reply.headers.get("WWW-Authenticate")
+            if (reply.status == 401 and challenge
+                    and (hop.scheme, hop.host) not in authenticated):
                 # No credentials yet, or a cached token the registry no longer accepts
                 # (revoked, rotated key, clock skew): authenticate afresh, once per host.
                 self._forget_token(hop)
                 self._authenticate(hop, challenge, what)
                 authenticated.add((hop.scheme, hop.host))
                 continue
-            location = hdrs.get("Location")
-            if status not in REDIRECT_STATUS or not location:
-                return status, hdrs, body
+            to = reply.headers.get("Location")
+            if reply.status not in REDIRECT_STATUS or not to:
+                return reply
             redirects += 1
             if redirects > MAX_REDIRECTS:
                 raise Unavailable(f"{what}: more than {MAX_REDIRECTS} redirects")
-            hop = hop.redirect(location, what)
+            hop = hop.redirect(to, what)
 
     @staticmethod
     def _check(status: int, body: bytes, what: str) -> None:
         if status == 200:
             return
-        text = _registry_error(body)
+        text = registry_error(body)
         if status == 404:
             raise NotFound(f"{what}: not found: {text}")
         if status in (401, 403):
@@ -458,17 +287,18 @@ class RegistryClient:
                  creds: Credentials | None) -> tuple[str, str, bytes]:
         """(digest, media type, body) of a manifest or index, verified."""
         what = f"image {ref}: manifest {reference} from {ep}"
-        status, hdrs, body = self._registry_call(
+        reply = self._registry_call(
             ep, "GET", f"/v2/{ref.repository}/manifests/{reference}", ref.repository, creds,
             what, {"Accept": ACCEPT})
-        self._check(status, body, what)
+        body = reply.body
+        self._check(reply.status, body, what)
         digest = sha256_digest(body)
-        claimed = hdrs.get("Docker-Content-Digest")
+        claimed = reply.headers.get("Docker-Content-Digest")
         if reference.startswith("sha256:") and digest != reference:
             raise DataLoss(f"{what}: content has digest {digest}, not the one asked for")
         if claimed and claimed.startswith("sha256:") and claimed != digest:
             raise DataLoss(f"{what}: content has digest {digest}, the registry says {claimed}")
-        media = hdrs.get("Content-Type", "").split(";")[0].strip()
+        media = reply.headers.get("Content-Type", "").split(";")[0].strip()
         try:
             doc_media = json.loads(body).get("mediaType", "")
             schema = json.loads(body).get("schemaVersion")
@@ -482,12 +312,12 @@ class RegistryClient:
     def blob_bytes(self, ep: Endpoint, ref: RegistryReference, desc: mf.Descriptor,
                    creds: Credentials | None, what: str) -> bytes:
         """A small blob (an image config), verified."""
-        _, _, body = self._with_retries(
+        reply = self.transport.retrying(
             lambda: self._follow(ep, ref, desc.digest, desc.size, creds, what, 0, None), what)
-        got = sha256_digest(body)
+        got = sha256_digest(reply.body)
         if got != desc.digest:
             raise DataLoss(f"{what}: digest mismatch: expected {desc.digest}, got {got}")
-        return body
+        return reply.body
 
     def _follow(self, ep, ref, digest, size, creds, what, offset, out):
         """GET a blob, following redirects to blob storage: into `out` from `offset`
@@ -501,12 +331,12 @@ class RegistryClient:
         while True:
             headers = {"Range": f"bytes={offset}-"} if offset else {}
             headers.update(self._auth_header(hop))
-            conn, resp = self._open(hop.scheme, hop.host, "GET", hop.target, headers)
+            resp = self.transport.open(hop.scheme, hop.host, "GET", hop.target, headers)
             try:
                 challenge = resp.headers.get("WWW-Authenticate")
                 if (resp.status == 401 and challenge
                         and (hop.scheme, hop.host) not in authenticated):
-                    resp.read(64 << 10)
+                    resp.error_body()
                     self._forget_token(hop)
                     self._authenticate(hop, challenge, what)
                     authenticated.add((hop.scheme, hop.host))
@@ -518,15 +348,16 @@ class RegistryClient:
                     # Blob storage gets a signed URL, never our registry credentials; nor
                     # does the registry itself over a downgraded scheme.
                     hop = hop.redirect(resp.headers["Location"], what)
-                    resp.read(64 << 10)
+                    resp.error_body()
                     continue
                 if resp.status not in (200, 206):
-                    body = resp.read(64 << 10)
+                    body = resp.error_body()
                     if resp.status in RETRY_STATUS:
-                        return resp.status, resp.headers, body
+                        return Reply(resp.status, resp.headers, body)
                     self._check(resp.status, body, what)
                 if out is None:
-                    return resp.status, resp.headers, self._read(resp, size, what)
+                    return Reply(resp.status, resp.headers,
+                                 self.transport.read(resp, size, what))
                 if offset and resp.status == 206 and not _range_starts_at(
                         resp.headers.get("Content-Range", ""), offset):
                     # Partial content, but not from where we asked (containerd refuses such
@@ -541,24 +372,23 @@ class RegistryClient:
                     out.seek(0)
                     out.truncate()  # the server ignored Range: start over
                     offset = 0
-                self._read(resp, size - offset, what, out)
-                return resp.status, resp.headers, b""
+                self.transport.read(resp, size - offset, what, out)
+                return Reply(resp.status, resp.headers, b"")
             finally:
-                resp.close()  # a response cut short still holds the socket
-                conn.close()
+                resp.close()
 
     def fetch_blob(self, ep: Endpoint, ref: RegistryReference, digest: str, size: int,
                    creds: Credentials | None, offset: int, out: BinaryIO) -> None:
         """Append blob bytes from `offset` to `out`, resuming with Range after a cut."""
         what = f"image {ref}: blob {digest} from {ep}"
 
-        def once():
-            result = self._follow(ep, ref, digest, size, creds, what, out.tell(), out)
-            if result[0] not in RETRY_STATUS and out.tell() < size:
+        def once() -> Reply:
+            reply = self._follow(ep, ref, digest, size, creds, what, out.tell(), out)
+            if reply.status not in RETRY_STATUS and out.tell() < size:
                 raise http.client.IncompleteRead(b"", size - out.tell())
-            return result
+            return reply
 
-        self._with_retries(once, what)
+        self.transport.retrying(once, what)
 
     def head_digest(self, ref: RegistryReference, creds_for) -> str | None:
         """What the tag points at now, from a HEAD request (no manifest body, no config);
@@ -567,14 +397,15 @@ class RegistryClient:
             creds = creds_for(ep.host if ep.mirror else ref.registry, ref.repository)
             what = f"image {ref}: HEAD manifest {ref.reference} from {ep}"
             try:
-                status, hdrs, _ = self._registry_call(
+                reply = self._registry_call(
                     ep, "HEAD", f"/v2/{ref.repository}/manifests/{ref.reference}",
                     ref.repository, creds, what, {"Accept": ACCEPT})
             except StrataError as e:
                 log.info("%s: %s", what, e)
                 continue
-            digest = hdrs.get("Docker-Content-Digest", "") if status == 200 else ""
-            if status == 200 and not digest and ref.digest:
+            ok = reply.status == 200
+            digest = reply.headers.get("Docker-Content-Digest", "") if ok else ""
+            if ok and not digest and ref.digest:
                 digest = ref.digest  # by digest, a 200 is the answer: the header is optional
             if digest.startswith("sha256:"):
                 return digest

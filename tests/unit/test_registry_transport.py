@@ -11,7 +11,8 @@ import pytest
 from csi.errors import DataLoss, Internal, InvalidArgument, ResourceExhausted, Unavailable
 from csi.image.manifest import MAX_MANIFEST_BYTES
 from csi.image.reference import parse
-from csi.image.registry import Endpoint, Options, RegistryClient, _registry_error
+from csi.image.registry import Endpoint, RegistryClient
+from csi.image.transport import Options, registry_error
 
 
 class Server:
@@ -86,9 +87,9 @@ def test_a_blob_longer_than_its_descriptor_is_data_loss(server, tmp_path):
 
 
 def test_malformed_error_bodies_do_not_crash():
-    assert _registry_error(b'{"errors": 5}') == '{"errors": 5}'
-    assert _registry_error(b'{"errors": [5]}') == '{"errors": [5]}'
-    assert _registry_error(b"\xff\xfe") != ""
+    assert registry_error(b'{"errors": 5}') == '{"errors": 5}'
+    assert registry_error(b'{"errors": [5]}') == '{"errors": [5]}'
+    assert registry_error(b"\xff\xfe") != ""
 
 
 @pytest.mark.parametrize("framing", ["content-length", "until-close"])
