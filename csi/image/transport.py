@@ -57,6 +57,12 @@ class Reply:
     headers: email.message.Message
     body: bytes
 
+    def discard(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
 
 class Response:
     """A response whose body is still on the wire: `Transport.read` it, or take its
@@ -68,6 +74,13 @@ class Response:
 
     def error_body(self) -> bytes:
         return self.raw.read(ERROR_BODY)
+
+    def discard(self) -> None:
+        """Done with a challenge or a redirect: what little body it has, then the socket."""
+        try:
+            self.raw.read(ERROR_BODY)
+        finally:
+            self.close()
 
     def close(self) -> None:
         self.raw.close()  # a response cut short still holds the socket

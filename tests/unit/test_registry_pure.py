@@ -6,7 +6,8 @@ import time
 import pytest
 
 from csi.image.reference import parse
-from csi.image.registry import Endpoint, RegistryClient, parse_challenge
+from csi.image.registry import Endpoint, RegistryClient
+from csi.image.tokens import parse_challenge
 from csi.image.transport import Options, Reply, Transport, registry_error
 
 
@@ -120,7 +121,7 @@ def test_the_token_cache_is_safe_for_concurrent_pulls(monkeypatch):
     ("/v2/", ""),
 ])
 def test_the_repository_a_redirect_names(path, repo):
-    from csi.image.registry import _repository_in
+    from csi.image.tokens import _repository_in
 
     assert _repository_in(path) == repo
 
