@@ -18,7 +18,7 @@ import random
 import re
 import time
 import urllib.parse
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from csi.digest import VerifyingReader, sha256_digest
 from csi.errors import (
@@ -52,6 +52,14 @@ class Endpoint:
 
     def __str__(self) -> str:
         return f"{self.scheme}://{self.host}"
+
+
+class Blobs(Protocol):
+    """The blob store a source downloads into (csi.store.blobs.BlobStore)."""
+
+    def get(self, digest: str, size: int, fetch, what: str) -> str: ...
+
+    def remove(self, digest: str, inode: int | None = None) -> None: ...
 
 
 def _range_starts_at(content_range: str, offset: int) -> bool:
@@ -211,9 +219,11 @@ class RegistryClient:
         return None
 
     # -- resolving an image ------------------------------------------------------------
-    def resolve(self, ref: RegistryReference, creds_for) -> tuple[mf.Image, "RegistrySource"]:
+    def resolve(self, ref: RegistryReference, creds_for,
+                blobs: Blobs) -> tuple[mf.Image, "RegistrySource"]:
         """Resolve on the first endpoint that has the image: mirrors, then the origin. The
-        source may fetch blobs from that endpoint and, should it fail, the later ones."""
+        source downloads into `blobs` from that endpoint and, should it fail, the later
+        ones."""
         candidates = [(ep, creds_for(ep.host if ep.mirror else ref.registry, ref.repository))
                       for ep in self.endpoints(ref)]
         for i, (ep, creds) in enumerate(candidates):
@@ -225,7 +235,7 @@ class RegistryClient:
                 log.warning("mirror %s failed for %s (%s); trying the next endpoint", ep,
                             ref, e)
                 continue
-            return image, RegistrySource(self, ref, candidates[i:])
+            return image, RegistrySource(self, ref, candidates[i:], blobs)
         raise AssertionError("unreachable: the origin is always the last endpoint")
 
     def _resolve_at(self, ep: Endpoint, ref: RegistryReference,
@@ -279,9 +289,9 @@ class RegistrySource:
     endpoint that resolved it or, failing that, the ones after it (a mirror's origin)."""
 
     def __init__(self, client: RegistryClient, ref: RegistryReference,
-                 candidates: list[tuple[Endpoint, Credentials | None]]):
+                 candidates: list[tuple[Endpoint, Credentials | None]], blobs: Blobs):
         self.client, self.ref, self.candidates = client, ref, candidates
-        self.blobs = None  # a BlobStore, set by whoever uses the source
+        self._blobs = blobs
 
     def open_blob(self, layer: mf.LayerDesc) -> VerifyingReader:
         def fetch(offset: int, out: BinaryIO) -> None:
@@ -297,8 +307,8 @@ class RegistrySource:
                         raise
                     log.warning("%s: %s; trying %s", ep, e, self.candidates[i + 1][0])
 
-        path = self.blobs.get(layer.digest, layer.size, fetch,
-                              f"image {self.ref}: layer {layer.digest}")
+        path = self._blobs.get(layer.digest, layer.size, fetch,
+                               f"image {self.ref}: layer {layer.digest}")
 
         f = open(path, "rb")
 
@@ -308,7 +318,7 @@ class RegistrySource:
             # the file we read: another process may have just put a good one in its place.
             log.warning("image %s: cached blob %s is corrupt; removing it", self.ref,
                         layer.digest)
-            self.blobs.remove(layer.digest, inode=os.fstat(f.fileno()).st_ino)
+            self._blobs.remove(layer.digest, inode=os.fstat(f.fileno()).st_ino)
 
         return VerifyingReader(f, layer.digest, layer.size,
                                f"image {self.ref}: layer {layer.digest}", on_mismatch=evict)
