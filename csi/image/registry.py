@@ -1,12 +1,13 @@
 """The OCI Distribution API (Docker Registry HTTP API v2): what strata asks a registry.
 
-A reference resolves to an image (manifest, index → the node's platform, config DiffIDs)
-on the first endpoint that has it: mirrors, then the origin. Manifests are digest-checked
-and Docker schema 1 refused; blobs stream into the blob store with `Range` resume of a cut
-download, from the endpoint that resolved the image or, failing that, the ones after it; a
-HEAD tells what a tag points at now. Every request goes through tokens.Authenticator
-(challenges, redirects, which credentials go where) over transport.Transport (connections,
-deadlines, retries). Every error names the image and the registry's text.
+A reference resolves to an image (manifest.resolve: manifest, index → the node's platform,
+config DiffIDs) on the first endpoint that has it: mirrors, then the origin. Manifests are
+digest-checked and Docker schema 1 refused; blobs stream into the blob store with `Range`
+resume of a cut download, from the endpoint that resolved the image or, failing that, the
+ones after it; a HEAD tells what a tag points at now. Every request goes through
+tokens.Authenticator (challenges, redirects, which credentials go where) over
+transport.Transport (connections, deadlines, retries). Every error names the image and the
+registry's text.
 """
 
 import dataclasses
@@ -240,48 +241,14 @@ class RegistryClient:
 
     def _resolve_at(self, ep: Endpoint, ref: RegistryReference,
                     creds: Credentials | None) -> mf.Image:
-        digest, media, body = self.manifest(ep, ref, ref.reference, creds)
-        image = self._narrow(ep, ref, creds, digest, media, body, depth=0, check=False)
-        if image is None:
-            raise mf.no_platform(f"image {ref}")
+        root = self.manifest(ep, ref, ref.reference, creds)
+        image = mf.resolve(
+            str(ref), f"image {ref}", root,
+            lambda desc: self.manifest(ep, ref, desc.digest, creds),
+            lambda desc: self.blob_bytes(ep, ref, desc, creds,
+                                         f"image {ref}: config {desc.digest}"))
         return dataclasses.replace(
-            image, index_digest=digest if digest != image.manifest_digest else "")
-
-    def _narrow(self, ep: Endpoint, ref: RegistryReference, creds: Credentials | None,
-                digest: str, media: str, body: bytes, depth: int,
-                check: bool) -> mf.Image | None:
-        """The image a manifest describes, an index narrowed to the node's platform (best
-        entry first); None when nothing in it is for the node. `check`: the manifest came
-        from an index entry naming no platform, so its config must say it is for the node
-        (containerd's images.Manifest does the same)."""
-        if media in mf.INDEX_TYPES or "manifests" in json.loads(body):
-            if depth >= 4:
-                raise InvalidArgument(f"image {ref}: indexes nested more than 4 deep")
-            entries = mf.parse_index(body, f"image {ref} index {digest}")
-            for entry in mf.platform_candidates(entries):
-                d, m, b = self.manifest(ep, ref, entry.digest, creds)
-                image = self._narrow(ep, ref, creds, d, m, b, depth + 1,
-                                     check=entry.platform == ("", "", ""))
-                if image is not None:
-                    return image
-            return None
-        config_desc, layers = mf.parse_manifest(body, f"image {ref} manifest {digest}")
-        config = self.blob_bytes(ep, ref, config_desc, creds,
-                                 f"image {ref}: config {config_desc.digest}")
-        if check:
-            plat = mf.config_platform(config, f"image {ref} config")
-            if not mf.runs_on(plat):
-                log.info("image %s: index entry %s names no platform and its config says "
-                         "%s; skipped", ref, digest, "/".join(p for p in plat if p) or "none")
-                return None
-        diff_ids = mf.parse_config_diff_ids(config, f"image {ref} config")
-        if len(diff_ids) != len(layers):
-            raise InvalidArgument(f"image {ref}: {len(layers)} layers but {len(diff_ids)} "
-                                  "diff_ids in the config")
-        return mf.Image(
-            name=str(ref), manifest_digest=digest, config_digest=config_desc.digest,
-            layers=tuple(mf.LayerDesc(d.digest, d.media_type, d.size, diff)
-                         for d, diff in zip(layers, diff_ids, strict=True)))
+            image, index_digest=root[0] if root[0] != image.manifest_digest else "")
 
 
 class RegistrySource:
