@@ -191,8 +191,7 @@ class Puller:
             return LocalSource(str(ref)), known
 
     def _fetch(self, ref: reference.RegistryReference, keyring: Keyring):
-        img, source = self._client.resolve(ref, keyring.lookup)
-        source.blobs = self._blobs
+        img, source = self._client.resolve(ref, keyring.lookup, self._blobs)
         self._make_present(source, img)
         if not ref.digest:  # only once the layers are in place
             self._record_tag(ref, img.index_digest or img.manifest_digest)

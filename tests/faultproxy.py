@@ -65,6 +65,8 @@ class Rule:
     rewrite: tuple[str, str] | None = None  # redirect: (regex, replacement) applied to the path
     offset: int | None = None       # corrupt: which byte (default: the middle one)
     hits: int = 0                   # how many times it fired
+    fired: threading.Event = dataclasses.field(default_factory=threading.Event, repr=False,
+                                               compare=False)  # set when it first fires
 
     def matches(self, method: str, path: str) -> bool:
         if self.times is not None and self.times <= 0:
@@ -94,11 +96,13 @@ class _Server(http.server.ThreadingHTTPServer):
 
 
 class FaultProxy(Loopback):
-    def __init__(self, upstream: str, *, upstream_timeout: float = 30.0):
+    def __init__(self, upstream: str, *, upstream_timeout: float = 30.0,
+                 idle_timeout: float | None = 60.0):
         up = upstream.split("://", 1)[-1].rstrip("/")
         host, _, port = up.rpartition(":")
         self.upstream_host, self.upstream_port = host, int(port)
         self.upstream_timeout = upstream_timeout
+        self.idle_timeout = idle_timeout  # an idle client connection is dropped after it
         self.rules: list[Rule] = []
         self.counts: collections.Counter[str] = collections.Counter()
         self.log: list[LogEntry] = []
@@ -185,6 +189,7 @@ class FaultProxy(Loopback):
                     if rule.times is not None:
                         rule.times -= 1
                     rule.hits += 1
+                    rule.fired.set()
                     entry.fault = rule.action
                     return rule
         return None
@@ -234,7 +239,7 @@ def _error_body(status: int) -> bytes:
 def _handler(proxy: FaultProxy) -> type[http.server.BaseHTTPRequestHandler]:
     class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
-        timeout = 60  # an idle client connection is dropped eventually
+        timeout = proxy.idle_timeout
 
         def log_message(self, format, *args):
             pass

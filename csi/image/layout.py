@@ -1,9 +1,10 @@
 """A local OCI image layout (image-spec `image-layout.md`) as an image source.
 
 `resolve()` reads index.json, picks the manifest by its `org.opencontainers.image.ref.name`
-annotation (or digest), narrows an index to the node's platform, and reads the config's
-DiffIDs; every JSON blob is digest-checked. `open_blob()` streams a layer blob through a
-VerifyingReader, so corrupt bytes surface as DataLoss before anything is recorded.
+annotation (or digest), and hands it to manifest.resolve, which narrows an index to the
+node's platform exactly as for a registry image; every JSON blob is digest-checked.
+`open_blob()` streams a layer blob through a VerifyingReader, so corrupt bytes surface as
+DataLoss before anything is recorded.
 """
 
 import json
@@ -70,28 +71,13 @@ class OciLayout:
         return found[0]
 
     def resolve(self) -> mf.Image:
-        desc = self._pick(self._index())
-        # Follow nested indexes (an index entry may itself be a multi-platform index).
-        for _ in range(4):
-            if desc.media_type not in mf.INDEX_TYPES:
-                break
-            data = self._read_json_blob(desc, "index")
-            desc = mf.select_platform(mf.parse_index(data, f"{self.ref} index"), str(self.ref))
-        data = self._read_json_blob(desc, "manifest")
-        config_desc, layers = mf.parse_manifest(data, f"{self.ref} manifest {desc.digest}")
-        config = self._read_json_blob(config_desc, "config")
-        diff_ids = mf.parse_config_diff_ids(config, f"{self.ref} config")
-        if len(diff_ids) != len(layers):
-            raise InvalidArgument(f"{self.ref}: the manifest has {len(layers)} layers but the "
-                                  f"config lists {len(diff_ids)} diff_ids")
-        return mf.Image(
-            name=str(self.ref),
-            manifest_digest=desc.digest,
-            config_digest=config_desc.digest,
-            layers=tuple(
-                mf.LayerDesc(digest=d.digest, media_type=d.media_type, size=d.size, diff_id=diff)
-                for d, diff in zip(layers, diff_ids, strict=True)),
-        )
+        def fetch_manifest(desc: mf.Descriptor) -> tuple[str, str, bytes]:
+            kind = "index" if desc.media_type in mf.INDEX_TYPES else "manifest"
+            return desc.digest, desc.media_type, self._read_json_blob(desc, kind)
+
+        root = fetch_manifest(self._pick(self._index()))
+        return mf.resolve(str(self.ref), str(self.ref), root, fetch_manifest,
+                          lambda desc: self._read_json_blob(desc, "config"))
 
     def open_blob(self, layer: mf.LayerDesc) -> VerifyingReader:
         try:

@@ -1,11 +1,13 @@
 """OCI and Docker schema-2 manifests, indexes and image configs: media types and parsing.
 
 Parsing turns JSON into small frozen records and refuses what strata cannot mount with a
-message naming the image. Platform selection from an index picks the node's OS/architecture.
+message naming the image. `resolve()` is how every image source (a registry, a local OCI
+layout) turns a manifest or index into an Image for the node's OS/architecture.
 """
 
 import dataclasses
 import json
+import logging
 import platform
 
 from csi.errors import InvalidArgument
@@ -32,6 +34,9 @@ LAYER_TYPES = {
 }
 
 MAX_MANIFEST_BYTES = 4 << 20
+MAX_INDEX_DEPTH = 4  # indexes within indexes; deeper is refused, not followed
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,9 +192,45 @@ def no_platform(what: str, want: tuple[str, str, str] | None = None) -> InvalidA
                            f"{'/' + variant if variant else ''}")
 
 
-def select_platform(entries: list[Descriptor], what: str,
-                    want: tuple[str, str, str] | None = None) -> Descriptor:
-    candidates = platform_candidates(entries, want)
-    if not candidates:
-        raise no_platform(what, want)
-    return candidates[0]
+def resolve(name: str, what: str, root: tuple[str, str, bytes], fetch_manifest,
+            fetch_config) -> Image:
+    """The Image that `root` (digest, media type, body of a manifest or index) is for the
+    node. An index is narrowed entry by entry, best first (platform_candidates), through
+    nested indexes, until one leads to a manifest for the node; an entry that names no
+    platform counts only when its config says it is for the node (containerd's
+    images.Manifest does the same). `fetch_manifest(descriptor)` gives (digest, media type,
+    body) and `fetch_config(descriptor)` bytes, both verified against the descriptor."""
+    def narrow(digest: str, media: str, body: bytes, depth: int,
+               check: bool) -> Image | None:
+        doc = json_object(body, f"{what} manifest {digest}")
+        if media in INDEX_TYPES or "manifests" in doc:
+            if depth >= MAX_INDEX_DEPTH:
+                raise InvalidArgument(f"{what}: indexes nested more than {MAX_INDEX_DEPTH} "
+                                      "deep")
+            for entry in platform_candidates(parse_index(body, f"{what} index {digest}")):
+                image = narrow(*fetch_manifest(entry), depth + 1,
+                               check=entry.platform == ("", "", ""))
+                if image is not None:
+                    return image
+            return None
+        config_desc, layers = parse_manifest(body, f"{what} manifest {digest}")
+        config = fetch_config(config_desc)
+        if check:
+            plat = config_platform(config, f"{what} config")
+            if not runs_on(plat):
+                log.info("%s: index entry %s names no platform and its config says %s; "
+                         "skipped", what, digest, "/".join(p for p in plat if p) or "none")
+                return None
+        diff_ids = parse_config_diff_ids(config, f"{what} config")
+        if len(diff_ids) != len(layers):
+            raise InvalidArgument(f"{what}: the manifest has {len(layers)} layers but the "
+                                  f"config lists {len(diff_ids)} diff_ids")
+        return Image(
+            name=name, manifest_digest=digest, config_digest=config_desc.digest,
+            layers=tuple(LayerDesc(d.digest, d.media_type, d.size, diff)
+                         for d, diff in zip(layers, diff_ids, strict=True)))
+
+    image = narrow(*root, depth=0, check=False)
+    if image is None:
+        raise no_platform(what)
+    return image

@@ -99,16 +99,6 @@ class RegistryReference:
         return self.name + self._suffix()
 
     @property
-    def familiar(self) -> str:
-        """Docker's short form: "nginx:1.27", "user/app:v1", "ghcr.io/org/app:v1"."""
-        if self.registry != DOCKER_HUB:
-            return str(self)
-        repo = self.repository
-        if repo.startswith(OFFICIAL_PREFIX) and "/" not in repo[len(OFFICIAL_PREFIX):]:
-            repo = repo[len(OFFICIAL_PREFIX):]
-        return repo + self._suffix()
-
-    @property
     def reference(self) -> str:
         """The `<reference>` of the Distribution API's /v2/<name>/manifests/<reference>:
         the digest when there is one, else the tag."""
@@ -118,14 +108,6 @@ class RegistryReference:
     def api_host(self) -> str:
         """The host (and port) to contact for the Distribution API."""
         return DOCKER_HUB_API if self.registry == DOCKER_HUB else self.registry
-
-    def with_digest(self, digest: str) -> "RegistryReference":
-        """This reference pinned to `digest` (the tag, if any, is kept)."""
-        if not is_digest(digest):
-            raise InvalidArgument(
-                f"invalid digest {digest[:80]!r}: expected sha256: and 64 lowercase hex digits"
-            )
-        return dataclasses.replace(self, digest=digest)
 
 
 def parse(image: str) -> LayoutReference | RegistryReference:

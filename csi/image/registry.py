@@ -1,31 +1,25 @@
-"""A client for the OCI Distribution API (Docker Registry HTTP API v2).
+"""The OCI Distribution API (Docker Registry HTTP API v2): what strata asks a registry.
 
-Resolves a reference to an image (manifest, index → the node's platform, config DiffIDs)
-and streams blobs, with the registry semantics a kubelet pull has: the WWW-Authenticate
-challenge flow (anonymous or credentialed bearer tokens, scoped per repository and cached
-until they expire; or basic auth), redirects of any request (registry.k8s.io sends its API
-calls to another registry; blobs go to object storage) that never carry our credentials to
-another host, `Range` resume of a cut download, TLS verified against the system CAs plus
-`--registry-ca`, plain HTTP for `--insecure-registry` hosts, mirrors tried before the
-origin, connect and read timeouts, and retries with exponential backoff and jitter on 429,
-5xx and dropped connections (honouring Retry-After). Every error names the image and the
+A reference resolves to an image (manifest.resolve: manifest, index → the node's platform,
+config DiffIDs) on the first endpoint that has it: mirrors, then the origin. Manifests are
+digest-checked and Docker schema 1 refused; blobs stream into the blob store with `Range`
+resume of a cut download, from the endpoint that resolved the image or, failing that, the
+ones after it; a HEAD tells what a tag points at now. Every request goes through
+tokens.Authenticator (challenges, redirects, which credentials go where) over
+transport.Transport (connections, deadlines, retries). Every error names the image and the
 registry's text.
 """
 
-import base64
 import dataclasses
-import email.utils
 import http.client
 import json
 import logging
 import os
 import random
 import re
-import ssl
-import threading
 import time
 import urllib.parse
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from csi.digest import VerifyingReader, sha256_digest
 from csi.errors import (
@@ -37,38 +31,18 @@ from csi.errors import (
     ResourceExhausted,
     StrataError,
     Unavailable,
-    is_no_space,
-    no_space,
 )
 from csi.image import manifest as mf
 from csi.image.auth import Credentials
 from csi.image.reference import RegistryReference
+from csi.image.tokens import Authenticator, Hop
+from csi.image.transport import RETRY_STATUS, Options, Reply, Transport, registry_error
 
 log = logging.getLogger(__name__)
 
 ACCEPT = ", ".join([mf.OCI_INDEX, mf.OCI_MANIFEST, mf.DOCKER_LIST, mf.DOCKER_MANIFEST])
 SCHEMA1 = {"application/vnd.docker.distribution.manifest.v1+json",
            "application/vnd.docker.distribution.manifest.v1+prettyjws"}
-RETRY_STATUS = {429, 500, 502, 503, 504}
-REDIRECT_STATUS = {301, 302, 303, 307, 308}
-MAX_REDIRECTS = 10  # Go's http.Client default, which containerd and docker use
-CHUNK = 1 << 20
-USER_AGENT = "strata-csi"
-
-
-@dataclasses.dataclass(frozen=True)
-class Options:
-    ca_files: tuple[str, ...] = ()
-    insecure: frozenset[str] = frozenset()  # HOST:PORT served over plain HTTP
-    mirrors: tuple[tuple[str, str], ...] = ()  # (registry, base URL), tried in order
-    connect_timeout: float = 10.0
-    read_timeout: float = 60.0
-    retries: int = 4
-    backoff: float = 0.5
-    backoff_max: float = 10.0
-    # A transfer slower than this fails (and is retried, resuming): a registry that trickles
-    # a byte every few seconds would otherwise never trip the per-read timeout.
-    min_rate: float = 64 * 1024  # bytes per second
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,70 +55,12 @@ class Endpoint:
         return f"{self.scheme}://{self.host}"
 
 
-class _Retry(Exception):
-    def __init__(self, why: str, delay: float | None = None):
-        super().__init__(why)
-        self.delay = delay
+class Blobs(Protocol):
+    """The blob store a source downloads into (csi.store.blobs.BlobStore)."""
 
+    def get(self, digest: str, size: int, fetch, what: str) -> str: ...
 
-def _location(scheme: str, host: str, target: str, location: str,
-              what: str) -> tuple[str, str, str]:
-    """Where a redirect from scheme://host/target goes: (scheme, host, path?query)."""
-    u = urllib.parse.urlsplit(urllib.parse.urljoin(f"{scheme}://{host}{target}", location))
-    if u.scheme not in ("http", "https") or not u.netloc:
-        raise Unavailable(f"{what}: redirected to an unusable location {location!r}")
-    return u.scheme, u.netloc, (u.path or "/") + (f"?{u.query}" if u.query else "")
-
-
-def _repository_in(path: str) -> str:
-    """The repository an API path names (`/v2/NAME/manifests/REF`), or ""."""
-    m = re.fullmatch(r"/v2/(.+)/(?:manifests|blobs)/[^/]+", urllib.parse.urlsplit(path).path)
-    return m.group(1) if m else ""
-
-
-@dataclasses.dataclass(frozen=True)
-class _Hop:
-    """Where a registry call has got to through redirects, and what it may present there.
-    At the endpoint itself: the caller's credentials and repository. Anywhere else (another
-    host, or the endpoint over another scheme): no credentials of ours, ever; a host that
-    challenges gets an anonymous token for the repository its own URL names, as containerd
-    does (the CRI plugin hands a pull secret only to the host it was matched to), e.g.
-    registry.k8s.io → `REGION-docker.pkg.dev/v2/k8s-artifacts-prod/images/NAME`."""
-
-    scheme: str
-    host: str
-    target: str  # path and query
-    repo: str
-    creds: Credentials | None
-    own: bool = True
-
-    def redirect(self, location: str, what: str) -> "_Hop":
-        scheme, host, target = _location(self.scheme, self.host, self.target, location, what)
-        if self.own and (scheme, host) == (self.scheme, self.host):
-            return dataclasses.replace(self, target=target,
-                                       repo=_repository_in(target) or self.repo)
-        return _Hop(scheme, host, target, _repository_in(target) or self.repo, None, own=False)
-
-
-def _registry_error(body: bytes) -> str:
-    """The registry's own error text (distribution's {"errors": [{code, message}]})."""
-    try:
-        errors = json.loads(body).get("errors") or []
-        text = "; ".join(f"{e.get('code', '')}: {e.get('message', '')}".strip(": ")
-                         for e in errors)
-    except Exception:  # anything malformed: fall back to the raw text
-        text = ""
-    return text or body[:200].decode("utf-8", "replace").strip()
-
-
-def _basic(creds: Credentials) -> str:
-    return base64.b64encode(f"{creds.username}:{creds.password}".encode()).decode()
-
-
-def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
-    scheme, _, rest = header.strip().partition(" ")
-    params = dict(re.findall(r'(\w+)="([^"]*)"', rest))
-    return scheme.lower(), params
+    def remove(self, digest: str, inode: int | None = None) -> None: ...
 
 
 def _range_starts_at(content_range: str, offset: int) -> bool:
@@ -153,39 +69,25 @@ def _range_starts_at(content_range: str, offset: int) -> bool:
     return m is not None and int(m.group(1)) == offset
 
 
-def _retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    if value.strip().isdigit():
-        return float(value)
-    try:
-        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError):
-        return None
+def _check(status: int, body: bytes, what: str) -> None:
+    if status == 200:
+        return
+    text = registry_error(body)
+    if status == 404:
+        raise NotFound(f"{what}: not found: {text}")
+    if status in (401, 403):
+        raise PermissionDenied(f"{what}: access denied: {text}")
+    if status == 400:
+        raise InvalidArgument(f"{what}: {text}")
+    raise Unavailable(f"{what}: HTTP {status}: {text}")
 
 
 class RegistryClient:
-    def __init__(self, options: Options | None = None, sleep=time.sleep, rng=random.random,
-                 on_bytes=None):
+    def __init__(self, options: Options | None = None, *, clock=time.monotonic,
+                 sleep=time.sleep, rng=random.random, on_bytes=None):
         self.options = options or Options()
-        self._sleep = sleep
-        self._rng = rng
-        self._ssl: ssl.SSLContext | None = None
-        # Tokens by (scheme, host, scope, credentials), and the origins that asked for basic
-        # auth. Pull threads share them: every access holds the lock.
-        self._tokens: dict[tuple, tuple[str, float]] = {}
-        self._basic_hosts: set[tuple[str, str]] = set()
-        self._tokens_lock = threading.Lock()
-        self._on_bytes = on_bytes or (lambda n: None)
-
-    # -- transport ---------------------------------------------------------------------
-    def _context(self) -> ssl.SSLContext:
-        if self._ssl is None:
-            ctx = ssl.create_default_context()
-            for ca in self.options.ca_files:
-                ctx.load_verify_locations(cafile=ca)
-            self._ssl = ctx
-        return self._ssl
+        self.transport = Transport(self.options, clock, sleep, rng, on_bytes)
+        self.auth = Authenticator(self.transport, clock)
 
     def endpoints(self, ref: RegistryReference) -> list[Endpoint]:
         out = []
@@ -197,278 +99,30 @@ class RegistryClient:
         out.append(Endpoint("http" if host in self.options.insecure else "https", host))
         return out
 
-    def _open(self, scheme: str, host: str, method: str, target: str, headers: dict,
-              body: bytes | None = None):
-        u = urllib.parse.urlsplit(f"//{host}")
-        port = u.port
-        hostname = u.hostname or host
-        if scheme == "https":
-            conn = http.client.HTTPSConnection(hostname, port, context=self._context(),
-                                               timeout=self.options.connect_timeout)
-        else:
-            conn = http.client.HTTPConnection(hostname, port,
-                                              timeout=self.options.connect_timeout)
-        try:
-            conn.connect()
-            conn.sock.settimeout(self.options.read_timeout)
-            conn.request(method, target, body=body,
-                         headers={"User-Agent": USER_AGENT, **headers})
-            return conn, conn.getresponse()
-        except BaseException:
-            conn.close()
-            raise
+    def _call(self, ep: Endpoint, method: str, path: str, repo: str,
+              creds: Credentials | None, what: str, headers: dict) -> Reply:
+        """An API call whose body is read whole, each request retried on its own."""
+        def send(hop: Hop, auth: dict) -> Reply:
+            return self.transport.call(hop.scheme, hop.host, method, hop.target,
+                                       {**headers, **auth}, what)
 
-    def _read(self, resp, limit: int, what: str, out: BinaryIO | None = None,
-              too_large=None) -> bytes:
-        """The body, read as it arrives under a wall-clock deadline (read timeout plus
-        `limit` at the minimum rate). Streamed into `out` when given. More than `limit`
-        bytes is DataLoss (a blob longer than its descriptor), or `too_large` when given
-        (a manifest over the size strata accepts)."""
-        def oversize(got: str) -> Exception:
-            if too_large is None:
-                return DataLoss(f"{what}: {got} than the {limit} bytes expected; discarded")
-            return too_large(f"{what}: larger than {limit} bytes, the most strata accepts "
-                             "for a manifest")
+        return self.auth.follow(Hop(ep.scheme, ep.host, path, repo, creds), what, send)
 
-        if resp.length is not None and resp.length > limit:
-            raise oversize(f"Content-Length {resp.length}, more")
-        expected = min(limit, resp.length) if resp.length is not None else limit
-        deadline = time.monotonic() + self.options.read_timeout + \
-            expected / self.options.min_rate
-        chunks, got = [], 0
-        while chunk := resp.read1(CHUNK):
-            got += len(chunk)
-            if got > limit:
-                raise oversize("more")
-            if out is None:
-                chunks.append(chunk)
-            else:
-                try:
-                    out.write(chunk)
-                except OSError as e:  # the store, not the network: no retry, no UNAVAILABLE
-                    if is_no_space(e):
-                        raise no_space(what) from e
-                    raise Internal(f"{what}: cannot write to the store: {e}") from e
-                self._on_bytes(len(chunk))
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"transfer slower than {self.options.min_rate:.0f} bytes/s")
-        if resp.length:  # the connection closed before Content-Length bytes came
-            raise http.client.IncompleteRead(b"", resp.length)
-        return b"".join(chunks)
-
-    @staticmethod
-    def _token_key(hop: _Hop) -> tuple:
-        return (hop.scheme, hop.host, f"repository:{hop.repo}:pull",
-                hop.creds.fingerprint() if hop.creds else "")
-
-    def _forget_token(self, hop: _Hop) -> None:
-        with self._tokens_lock:
-            self._tokens.pop(self._token_key(hop), None)
-
-    def _auth_header(self, hop: _Hop) -> dict:
-        with self._tokens_lock:
-            token = self._tokens.get(self._token_key(hop))
-            basic = (hop.scheme, hop.host) in self._basic_hosts
-        if token and token[1] > time.monotonic():
-            return {"Authorization": f"Bearer {token[0]}"}
-        if hop.creds is not None and basic:
-            return {"Authorization": f"Basic {_basic(hop.creds)}"}
-        return {}
-
-    def _authenticate(self, hop: _Hop, challenge: str, what: str) -> None:
-        repo, creds = hop.repo, hop.creds
-        scheme, params = parse_challenge(challenge)
-        if scheme == "basic":
-            if creds is None:
-                raise PermissionDenied(f"{what}: {hop.host} requires credentials and no pull "
-                                       "secret or node config has any for it")
-            # Remember only that the host wants basic auth: each request sends its own
-            # caller's credentials, never another pod's.
-            with self._tokens_lock:
-                self._basic_hosts.add((hop.scheme, hop.host))
-            return
-        if scheme != "bearer" or "realm" not in params:
-            raise PermissionDenied(f"{what}: unsupported authentication challenge {challenge!r}")
-        # Our repository, plus the pull scopes the challenge names (containerd asks for both):
-        # a registry we were redirected to may call the repository something else.
-        scopes = [f"repository:{repo}:pull"]
-        scopes += [x for x in params.get("scope", "").split()
-                   if x not in scopes and re.fullmatch(r"repository:[^:\s]+:pull", x)]
-        service = [("service", params["service"])] if params.get("service") else []
-        realm = urllib.parse.urlsplit(params["realm"])
-        if creds is not None and creds.identity_token:
-            # An identity token (docker config's `identitytoken`, what `docker login` keeps
-            # for OAuth registries such as ACR) is an OAuth2 refresh token: exchange it by
-            # POST, as docker and containerd do; the password grant is never tried with it.
-            form = urllib.parse.urlencode([("scope", " ".join(scopes)), *service,
-                                           ("grant_type", "refresh_token"),
-                                           ("refresh_token", creds.identity_token),
-                                           ("client_id", USER_AGENT)]).encode()
-            status, _, body = self._request(
-                realm.scheme, realm.netloc, "POST",
-                (realm.path or "/") + (f"?{realm.query}" if realm.query else ""),
-                {"Content-Type": "application/x-www-form-urlencoded"},
-                f"{what}: token from {realm.netloc}", body=form)
-        else:
-            headers = {}
-            if creds is not None:
-                headers["Authorization"] = f"Basic {_basic(creds)}"
-            target = (realm.path or "/") + "?" + "&".join(
-                q for q in (realm.query, urllib.parse.urlencode(
-                    [*(("scope", x) for x in scopes), *service])) if q)
-            status, _, body = self._request(realm.scheme, realm.netloc, "GET", target,
-                                            headers, f"{what}: token from {realm.netloc}")
-        if status in (401, 403):
-            raise PermissionDenied(f"{what}: the token service refused "
-                                   f"{'our credentials' if creds else 'anonymous access'}: "
-                                   f"{_registry_error(body)}")
-        if status != 200:
-            raise Unavailable(f"{what}: token service answered {status}: "
-                              f"{_registry_error(body)}")
-        try:
-            doc = json.loads(body)
-            token = doc.get("token") or doc["access_token"]
-            expires = float(doc.get("expires_in") or 60)
-            if not isinstance(token, str) or not token:
-                raise TypeError
-        except (ValueError, KeyError, TypeError, AttributeError):
-            raise Unavailable(f"{what}: the token service sent no token") from None
-        now = time.monotonic()
-        with self._tokens_lock:
-            if len(self._tokens) > 256:  # keep the cache bounded: drop what has expired
-                for k in [k for k, v in self._tokens.items() if v[1] <= now]:
-                    del self._tokens[k]
-            # Refresh a little early so a token never expires in flight.
-            self._tokens[self._token_key(hop)] = (token, now + max(1.0, expires - 10))
-
-    def _backoff(self, attempt: int, hint: float | None) -> float:
-        if hint is not None:
-            return min(hint, self.options.backoff_max * 6)
-        base = min(self.options.backoff_max, self.options.backoff * (2 ** attempt))
-        return base * (0.5 + self._rng())  # jitter: 0.5x-1.5x
-
-    def _simple(self, scheme, host, method, target, headers, what,
-                body: bytes | None = None) -> tuple[int, dict, bytes]:
-        """One request with retries; the whole body read. For tokens and manifests: a body
-        over the manifest limit is refused as INVALID_ARGUMENT (it is not corrupt, only
-        more than strata accepts, as containerd refuses manifests over 4 MiB)."""
-        def once():
-            conn, resp = self._open(scheme, host, method, target, headers, body)
-            try:
-                data = self._read(resp, mf.MAX_MANIFEST_BYTES, what, too_large=InvalidArgument)
-                # The headers stay a Message: Go registries send "Www-Authenticate", and
-                # lookups must ignore case.
-                return resp.status, resp.headers, data
-            finally:
-                resp.close()  # a response cut short still holds the socket
-                conn.close()
-
-        return self._with_retries(once, what)
-
-    def _with_retries(self, fn, what: str):
-        last = ""
-        for attempt in range(self.options.retries + 1):
-            try:
-                result = fn()
-                status = result[0] if isinstance(result, tuple) else None
-                if status in RETRY_STATUS:
-                    raise _Retry(f"HTTP {status}: {_registry_error(result[2])}",
-                                 _retry_after(result[1].get("Retry-After")))
-                return result
-            except _Retry as e:
-                last, hint = str(e), e.delay
-            except (OSError, http.client.HTTPException) as e:
-                if isinstance(e, ssl.SSLCertVerificationError):
-                    raise Unavailable(f"{what}: TLS verification failed: {e.verify_message}; "
-                                      "add the registry's CA with --registry-ca") from None
-                if is_no_space(e):
-                    raise no_space(what) from e
-                last, hint = f"{type(e).__name__}: {e}", None
-            except ValueError as e:  # e.g. a redirect to a URL with a malformed port
-                raise Unavailable(f"{what}: malformed response: {e}") from None
-            if attempt < self.options.retries:
-                delay = self._backoff(attempt, hint)
-                log.info("%s: %s; retrying in %.1fs", what, last, delay)
-                self._sleep(delay)
-        raise Unavailable(f"{what}: {last} (after {self.options.retries + 1} attempts)")
-
-    def _request(self, scheme, host, method, target, headers, what,
-                 body: bytes | None = None) -> tuple[int, dict, bytes]:
-        """`_simple`, following redirects (a token service that moved): 301/302/303 turn a
-        POST into a GET as every HTTP client does; our Authorization never goes to another
-        host or scheme, nor does a form holding a refresh token."""
-        origin = (scheme, host)
-        for _ in range(MAX_REDIRECTS + 1):
-            status, hdrs, data = self._simple(scheme, host, method, target, headers, what, body)
-            location = hdrs.get("Location")
-            if status not in REDIRECT_STATUS or not location:
-                return status, hdrs, data
-            scheme, host, target = _location(scheme, host, target, location, what)
-            if status in (301, 302, 303) and method == "POST":
-                method, body = "GET", None
-                headers = {k: v for k, v in headers.items() if k.lower() != "content-type"}
-            if (scheme, host) != origin:
-                if body is not None:
-                    raise Unavailable(f"{what}: the token service redirected our credentials "
-                                      f"to {scheme}://{host}; not followed")
-                headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
-        raise Unavailable(f"{what}: more than {MAX_REDIRECTS} redirects")
-
-    def _registry_call(self, ep: Endpoint, method: str, path: str, repo: str,
-                       creds: Credentials | None, what: str, headers=None):
-        """A registry API call with authentication, following redirects; returns (status,
-        headers, body) of the last response."""
-        hop = _Hop(ep.scheme, ep.host, path, repo, creds)
-        authenticated: set[tuple[str, str]] = set()
-        redirects = 0
-        while True:
-            h = {**(headers or {}), **self._auth_header(hop)}
-            status, hdrs, body = self._simple(hop.scheme, hop.host, method, hop.target, h, what)
-            challenge = hdrs.get("WWW-Authenticate")
-            if status == 401 and challenge and (hop.scheme, hop.host) not in authenticated:
-                # No credentials yet, or a cached token the registry no longer accepts
-                # (revoked, rotated key, clock skew): authenticate afresh, once per host.
-                self._forget_token(hop)
-                self._authenticate(hop, challenge, what)
-                authenticated.add((hop.scheme, hop.host))
-                continue
-            location = hdrs.get("Location")
-            if status not in REDIRECT_STATUS or not location:
-                return status, hdrs, body
-            redirects += 1
-            if redirects > MAX_REDIRECTS:
-                raise Unavailable(f"{what}: more than {MAX_REDIRECTS} redirects")
-            hop = hop.redirect(location, what)
-
-    @staticmethod
-    def _check(status: int, body: bytes, what: str) -> None:
-        if status == 200:
-            return
-        text = _registry_error(body)
-        if status == 404:
-            raise NotFound(f"{what}: not found: {text}")
-        if status in (401, 403):
-            raise PermissionDenied(f"{what}: access denied: {text}")
-        if status == 400:
-            raise InvalidArgument(f"{what}: {text}")
-        raise Unavailable(f"{what}: HTTP {status}: {text}")
-
-    # -- the API -----------------------------------------------------------------------
     def manifest(self, ep: Endpoint, ref: RegistryReference, reference: str,
                  creds: Credentials | None) -> tuple[str, str, bytes]:
         """(digest, media type, body) of a manifest or index, verified."""
         what = f"image {ref}: manifest {reference} from {ep}"
-        status, hdrs, body = self._registry_call(
-            ep, "GET", f"/v2/{ref.repository}/manifests/{reference}", ref.repository, creds,
-            what, {"Accept": ACCEPT})
-        self._check(status, body, what)
+        reply = self._call(ep, "GET", f"/v2/{ref.repository}/manifests/{reference}",
+                           ref.repository, creds, what, {"Accept": ACCEPT})
+        body = reply.body
+        _check(reply.status, body, what)
         digest = sha256_digest(body)
-        claimed = hdrs.get("Docker-Content-Digest")
+        claimed = reply.headers.get("Docker-Content-Digest")
         if reference.startswith("sha256:") and digest != reference:
             raise DataLoss(f"{what}: content has digest {digest}, not the one asked for")
         if claimed and claimed.startswith("sha256:") and claimed != digest:
             raise DataLoss(f"{what}: content has digest {digest}, the registry says {claimed}")
-        media = hdrs.get("Content-Type", "").split(";")[0].strip()
+        media = reply.headers.get("Content-Type", "").split(";")[0].strip()
         try:
             doc_media = json.loads(body).get("mediaType", "")
             schema = json.loads(body).get("schemaVersion")
@@ -482,83 +136,68 @@ class RegistryClient:
     def blob_bytes(self, ep: Endpoint, ref: RegistryReference, desc: mf.Descriptor,
                    creds: Credentials | None, what: str) -> bytes:
         """A small blob (an image config), verified."""
-        _, _, body = self._with_retries(
-            lambda: self._follow(ep, ref, desc.digest, desc.size, creds, what, 0, None), what)
-        got = sha256_digest(body)
+        reply = self.transport.retrying(
+            lambda: self._get_blob(ep, ref, desc.digest, desc.size, creds, what, 0, None), what)
+        got = sha256_digest(reply.body)
         if got != desc.digest:
             raise DataLoss(f"{what}: digest mismatch: expected {desc.digest}, got {got}")
-        return body
+        return reply.body
 
-    def _follow(self, ep, ref, digest, size, creds, what, offset, out):
+    def _get_blob(self, ep: Endpoint, ref: RegistryReference, digest: str, size: int,
+                  creds: Credentials | None, what: str, offset: int,
+                  out: BinaryIO | None) -> Reply:
         """GET a blob, following redirects to blob storage: into `out` from `offset`
-        (streamed), or whole into the returned body when `out` is None; never more than
-        `size` bytes. A retryable status is returned for the caller's retry loop; other
+        (streamed), or whole into the reply's body when `out` is None; never more than
+        `size` bytes. A retryable status is returned for the caller's retry loop (which
+        starts again at the endpoint: a signed storage URL may have expired); other
         failures raise."""
-        hop = _Hop(ep.scheme, ep.host, f"/v2/{ref.repository}/blobs/{digest}",
-                   ref.repository, creds)
-        authenticated: set[tuple[str, str]] = set()
-        redirects = 0
-        while True:
-            headers = {"Range": f"bytes={offset}-"} if offset else {}
-            headers.update(self._auth_header(hop))
-            conn, resp = self._open(hop.scheme, hop.host, "GET", hop.target, headers)
-            try:
-                challenge = resp.headers.get("WWW-Authenticate")
-                if (resp.status == 401 and challenge
-                        and (hop.scheme, hop.host) not in authenticated):
-                    resp.read(64 << 10)
-                    self._forget_token(hop)
-                    self._authenticate(hop, challenge, what)
-                    authenticated.add((hop.scheme, hop.host))
-                    continue
-                if resp.status in REDIRECT_STATUS and resp.headers.get("Location"):
-                    redirects += 1
-                    if redirects > MAX_REDIRECTS:
-                        raise Unavailable(f"{what}: more than {MAX_REDIRECTS} redirects")
-                    # Blob storage gets a signed URL, never our registry credentials; nor
-                    # does the registry itself over a downgraded scheme.
-                    hop = hop.redirect(resp.headers["Location"], what)
-                    resp.read(64 << 10)
-                    continue
-                if resp.status not in (200, 206):
-                    body = resp.read(64 << 10)
-                    if resp.status in RETRY_STATUS:
-                        return resp.status, resp.headers, body
-                    self._check(resp.status, body, what)
-                if out is None:
-                    return resp.status, resp.headers, self._read(resp, size, what)
-                if offset and resp.status == 206 and not _range_starts_at(
-                        resp.headers.get("Content-Range", ""), offset):
-                    # Partial content, but not from where we asked (containerd refuses such
-                    # an answer too): appending it would corrupt the blob. Ask for all of it.
-                    log.info("%s: asked for bytes from %d, got Content-Range %r; starting "
-                             "over", what, offset, resp.headers.get("Content-Range"))
-                    out.seek(0)
-                    out.truncate()
-                    offset = 0
-                    continue
-                if resp.status == 200 and offset:
-                    out.seek(0)
-                    out.truncate()  # the server ignored Range: start over
-                    offset = 0
-                self._read(resp, size - offset, what, out)
-                return resp.status, resp.headers, b""
-            finally:
-                resp.close()  # a response cut short still holds the socket
-                conn.close()
+        def send(hop: Hop, auth: dict):
+            nonlocal offset
+            while True:
+                resp = self.transport.open(
+                    hop.scheme, hop.host, "GET", hop.target,
+                    {**({"Range": f"bytes={offset}-"} if offset else {}), **auth})
+                if not (offset and resp.status == 206 and not _range_starts_at(
+                        resp.headers.get("Content-Range", ""), offset)):
+                    return resp
+                # Partial content, but not from where we asked (containerd refuses such an
+                # answer too): appending it would corrupt the blob. Ask for all of it.
+                log.info("%s: asked for bytes from %d, got Content-Range %r; starting over",
+                         what, offset, resp.headers.get("Content-Range"))
+                resp.close()
+                out.seek(0)
+                out.truncate()
+                offset = 0
+
+        hop = Hop(ep.scheme, ep.host, f"/v2/{ref.repository}/blobs/{digest}", ref.repository,
+                  creds)
+        with self.auth.follow(hop, what, send) as resp:
+            if resp.status not in (200, 206):
+                body = resp.error_body()
+                if resp.status in RETRY_STATUS:
+                    return Reply(resp.status, resp.headers, body)
+                _check(resp.status, body, what)
+            if out is None:
+                return Reply(resp.status, resp.headers, self.transport.read(resp, size, what))
+            if resp.status == 200 and offset:
+                out.seek(0)
+                out.truncate()  # the server ignored Range: start over
+                offset = 0
+            self.transport.read(resp, size - offset, what, out)
+            return Reply(resp.status, resp.headers, b"")
 
     def fetch_blob(self, ep: Endpoint, ref: RegistryReference, digest: str, size: int,
                    creds: Credentials | None, offset: int, out: BinaryIO) -> None:
         """Append blob bytes from `offset` to `out`, resuming with Range after a cut."""
         what = f"image {ref}: blob {digest} from {ep}"
 
-        def once():
-            result = self._follow(ep, ref, digest, size, creds, what, out.tell(), out)
-            if result[0] not in RETRY_STATUS and out.tell() < size:
+        def once() -> Reply:
+            reply = self._get_blob(ep, ref, digest, size, creds, what, out.tell(), out)
+            if reply.status not in RETRY_STATUS and out.tell() < size:
                 raise http.client.IncompleteRead(b"", size - out.tell())
-            return result
+            return reply
 
-        self._with_retries(once, what)
+        self.transport.retrying(once, what)
 
     def head_digest(self, ref: RegistryReference, creds_for) -> str | None:
         """What the tag points at now, from a HEAD request (no manifest body, no config);
@@ -567,23 +206,25 @@ class RegistryClient:
             creds = creds_for(ep.host if ep.mirror else ref.registry, ref.repository)
             what = f"image {ref}: HEAD manifest {ref.reference} from {ep}"
             try:
-                status, hdrs, _ = self._registry_call(
-                    ep, "HEAD", f"/v2/{ref.repository}/manifests/{ref.reference}",
-                    ref.repository, creds, what, {"Accept": ACCEPT})
+                reply = self._call(ep, "HEAD", f"/v2/{ref.repository}/manifests/{ref.reference}",
+                                   ref.repository, creds, what, {"Accept": ACCEPT})
             except StrataError as e:
                 log.info("%s: %s", what, e)
                 continue
-            digest = hdrs.get("Docker-Content-Digest", "") if status == 200 else ""
-            if status == 200 and not digest and ref.digest:
+            ok = reply.status == 200
+            digest = reply.headers.get("Docker-Content-Digest", "") if ok else ""
+            if ok and not digest and ref.digest:
                 digest = ref.digest  # by digest, a 200 is the answer: the header is optional
             if digest.startswith("sha256:"):
                 return digest
         return None
 
     # -- resolving an image ------------------------------------------------------------
-    def resolve(self, ref: RegistryReference, creds_for) -> tuple[mf.Image, "RegistrySource"]:
+    def resolve(self, ref: RegistryReference, creds_for,
+                blobs: Blobs) -> tuple[mf.Image, "RegistrySource"]:
         """Resolve on the first endpoint that has the image: mirrors, then the origin. The
-        source may fetch blobs from that endpoint and, should it fail, the later ones."""
+        source downloads into `blobs` from that endpoint and, should it fail, the later
+        ones."""
         candidates = [(ep, creds_for(ep.host if ep.mirror else ref.registry, ref.repository))
                       for ep in self.endpoints(ref)]
         for i, (ep, creds) in enumerate(candidates):
@@ -595,53 +236,19 @@ class RegistryClient:
                 log.warning("mirror %s failed for %s (%s); trying the next endpoint", ep,
                             ref, e)
                 continue
-            return image, RegistrySource(self, ref, candidates[i:])
+            return image, RegistrySource(self, ref, candidates[i:], blobs)
         raise AssertionError("unreachable: the origin is always the last endpoint")
 
     def _resolve_at(self, ep: Endpoint, ref: RegistryReference,
                     creds: Credentials | None) -> mf.Image:
-        digest, media, body = self.manifest(ep, ref, ref.reference, creds)
-        image = self._narrow(ep, ref, creds, digest, media, body, depth=0, check=False)
-        if image is None:
-            raise mf.no_platform(f"image {ref}")
+        root = self.manifest(ep, ref, ref.reference, creds)
+        image = mf.resolve(
+            str(ref), f"image {ref}", root,
+            lambda desc: self.manifest(ep, ref, desc.digest, creds),
+            lambda desc: self.blob_bytes(ep, ref, desc, creds,
+                                         f"image {ref}: config {desc.digest}"))
         return dataclasses.replace(
-            image, index_digest=digest if digest != image.manifest_digest else "")
-
-    def _narrow(self, ep: Endpoint, ref: RegistryReference, creds: Credentials | None,
-                digest: str, media: str, body: bytes, depth: int,
-                check: bool) -> mf.Image | None:
-        """The image a manifest describes, an index narrowed to the node's platform (best
-        entry first); None when nothing in it is for the node. `check`: the manifest came
-        from an index entry naming no platform, so its config must say it is for the node
-        (containerd's images.Manifest does the same)."""
-        if media in mf.INDEX_TYPES or "manifests" in json.loads(body):
-            if depth >= 4:
-                raise InvalidArgument(f"image {ref}: indexes nested more than 4 deep")
-            entries = mf.parse_index(body, f"image {ref} index {digest}")
-            for entry in mf.platform_candidates(entries):
-                d, m, b = self.manifest(ep, ref, entry.digest, creds)
-                image = self._narrow(ep, ref, creds, d, m, b, depth + 1,
-                                     check=entry.platform == ("", "", ""))
-                if image is not None:
-                    return image
-            return None
-        config_desc, layers = mf.parse_manifest(body, f"image {ref} manifest {digest}")
-        config = self.blob_bytes(ep, ref, config_desc, creds,
-                                 f"image {ref}: config {config_desc.digest}")
-        if check:
-            plat = mf.config_platform(config, f"image {ref} config")
-            if not mf.runs_on(plat):
-                log.info("image %s: index entry %s names no platform and its config says "
-                         "%s; skipped", ref, digest, "/".join(p for p in plat if p) or "none")
-                return None
-        diff_ids = mf.parse_config_diff_ids(config, f"image {ref} config")
-        if len(diff_ids) != len(layers):
-            raise InvalidArgument(f"image {ref}: {len(layers)} layers but {len(diff_ids)} "
-                                  "diff_ids in the config")
-        return mf.Image(
-            name=str(ref), manifest_digest=digest, config_digest=config_desc.digest,
-            layers=tuple(mf.LayerDesc(d.digest, d.media_type, d.size, diff)
-                         for d, diff in zip(layers, diff_ids, strict=True)))
+            image, index_digest=root[0] if root[0] != image.manifest_digest else "")
 
 
 class RegistrySource:
@@ -649,9 +256,9 @@ class RegistrySource:
     endpoint that resolved it or, failing that, the ones after it (a mirror's origin)."""
 
     def __init__(self, client: RegistryClient, ref: RegistryReference,
-                 candidates: list[tuple[Endpoint, Credentials | None]]):
+                 candidates: list[tuple[Endpoint, Credentials | None]], blobs: Blobs):
         self.client, self.ref, self.candidates = client, ref, candidates
-        self.blobs = None  # a BlobStore, set by whoever uses the source
+        self._blobs = blobs
 
     def open_blob(self, layer: mf.LayerDesc) -> VerifyingReader:
         def fetch(offset: int, out: BinaryIO) -> None:
@@ -667,8 +274,8 @@ class RegistrySource:
                         raise
                     log.warning("%s: %s; trying %s", ep, e, self.candidates[i + 1][0])
 
-        path = self.blobs.get(layer.digest, layer.size, fetch,
-                              f"image {self.ref}: layer {layer.digest}")
+        path = self._blobs.get(layer.digest, layer.size, fetch,
+                               f"image {self.ref}: layer {layer.digest}")
 
         f = open(path, "rb")
 
@@ -678,7 +285,7 @@ class RegistrySource:
             # the file we read: another process may have just put a good one in its place.
             log.warning("image %s: cached blob %s is corrupt; removing it", self.ref,
                         layer.digest)
-            self.blobs.remove(layer.digest, inode=os.fstat(f.fileno()).st_ino)
+            self._blobs.remove(layer.digest, inode=os.fstat(f.fileno()).st_ino)
 
         return VerifyingReader(f, layer.digest, layer.size,
                                f"image {self.ref}: layer {layer.digest}", on_mismatch=evict)

@@ -9,6 +9,7 @@ import json
 import os
 import random
 import shutil
+import socket
 import ssl
 import threading
 import time
@@ -335,27 +336,42 @@ def test_proxy_passes_range_through(pushed, proxy):
     assert proxy.log[-1].headers["Range"] == "bytes=100-1099"
 
 
-def test_proxy_hang_times_out_and_stop_is_prompt(pushed, proxy):
+def test_proxy_hang_says_nothing_and_stop_is_prompt(pushed):
+    """A hanging request gets no answer at all, and stop() ends it and an idle keep-alive
+    connection at once. Here neither would ever end by itself (the hang and the idle
+    timeout are unbounded), so stop() returning at all is the proof. The bounds on the
+    waits below measure nothing: they only turn a broken proxy into a failure instead of a
+    suite that never ends."""
     reg, _ = pushed
-    proxy.hang(30, path=r"/manifests/")
-    conn = http.client.HTTPConnection(proxy.host, timeout=0.5)
+    proxy = FaultProxy(reg.host, idle_timeout=None).start()
+    hanging = socket.create_connection(("127.0.0.1", proxy.port))
+    idle = http.client.HTTPConnection(proxy.host)
     try:
-        conn.request("GET", f"/v2/{REPO}/manifests/v1")
-        with pytest.raises(TimeoutError):
-            conn.getresponse()
-    finally:
-        conn.close()
-    assert proxy.log[-1].fault == "hang" and proxy.log[-1].status is None
-    # an idle keep-alive client and the hanging handler must not hold up stop()
-    idle = http.client.HTTPConnection(proxy.host, timeout=10)
-    try:
+        rule = proxy.hang(threading.TIMEOUT_MAX, path=r"/manifests/")
+        hanging.sendall(f"GET /v2/{REPO}/manifests/v1 HTTP/1.1\r\nHost: {proxy.host}\r\n\r\n"
+                        .encode())
         idle.request("GET", "/v2/")
-        idle.getresponse().read()
-        t0 = time.monotonic()
-        proxy.stop()
-        assert time.monotonic() - t0 < 3
+        assert idle.getresponse().read() is not None
+        assert rule.fired.wait(60), "the request never reached the proxy"
+        hanging.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            hanging.recv(1)  # not a byte of an answer
+        [hung] = proxy.requests_to("/manifests/")
+        assert hung.fault == "hang" and hung.status is None
+
+        stopper = threading.Thread(target=proxy.stop, daemon=True)
+        stopper.start()
+        stopper.join(60)
+        assert not stopper.is_alive(), "stop() waited on the hang or the idle connection"
+        hanging.settimeout(60)
+        idle.sock.settimeout(60)
+        assert hanging.recv(1) == b"", "the hanging request was closed, still unanswered"
+        assert idle.sock.recv(1) == b"", "the idle connection was closed"
     finally:
+        hanging.close()
         idle.close()
+        proxy._stopping.set()  # had stop() failed to, its handlers would outlive the suite
+        proxy.stop()
 
 
 def test_proxy_hang_zero_drops_connection(pushed, proxy):

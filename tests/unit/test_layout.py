@@ -281,6 +281,77 @@ def test_nested_index_without_node_platform(layout):
         resolve(path, "m")
 
 
+def node_platform_dict() -> dict:
+    os_, arch, variant = mf.node_platform()
+    return {"os": os_, "architecture": arch, **({"variant": variant} if variant else {})}
+
+
+def index_of(path, *entries, tag: str = "multi") -> None:
+    """index.json naming, as `tag`, an index blob that lists `entries`."""
+    cd, cs = put_blob(path, json.dumps({"schemaVersion": 2, "mediaType": mf.OCI_INDEX,
+                                        "manifests": list(entries)}).encode())
+    write_index(path, {"schemaVersion": 2, "manifests": [
+        {"mediaType": mf.OCI_INDEX, "digest": cd, "size": cs, "annotations": {REF_NAME: tag}}]})
+
+
+def manifest_entry(path, digest: str, platform: dict | None = None) -> dict:
+    return {"mediaType": mf.OCI_MANIFEST, "digest": digest,
+            "size": os.path.getsize(blob_path(path, digest)),
+            **({"platform": platform} if platform else {})}
+
+
+def foreign_copy(path, mdigest: str) -> str:
+    """The image at `mdigest` again, its config saying another architecture."""
+    manifest = json.loads(read_blob(path, mdigest))
+    config = json.loads(read_blob(path, manifest["config"]["digest"]))
+    config["architecture"] = "arm64" if mf.node_platform()[1] != "arm64" else "amd64"
+    cd, cs = put_blob(path, json.dumps(config).encode())
+    manifest["config"].update(digest=cd, size=cs)
+    return put_blob(path, json.dumps(manifest).encode())[0]
+
+
+# The layout narrows an index as a registry does (manifest.resolve serves both).
+def test_an_unlabelled_entry_whose_config_is_for_another_architecture_is_skipped(layout):
+    path, mdigest = layout
+    foreign = foreign_copy(path, mdigest)
+    index_of(path, manifest_entry(path, foreign), manifest_entry(path, mdigest))
+    assert resolve(path, "multi").manifest_digest == mdigest
+    index_of(path, manifest_entry(path, foreign))
+    with pytest.raises(InvalidArgument, match="has no manifest for platform"):
+        resolve(path, "multi")
+
+
+def test_index_entries_are_tried_best_first_until_one_runs_on_the_node(layout):
+    """The entry naming the node's platform leads to an index with nothing for the node:
+    the next candidate, which names no platform, is taken."""
+    path, mdigest = layout
+    empty = {"schemaVersion": 2, "mediaType": mf.OCI_INDEX, "manifests": [
+        {**manifest_entry(path, mdigest), "platform": {"os": "plan9", "architecture": "mips"}}]}
+    ed, es = put_blob(path, json.dumps(empty).encode())
+    index_of(path, {"mediaType": mf.OCI_INDEX, "digest": ed, "size": es,
+                    "platform": node_platform_dict()},
+             manifest_entry(path, mdigest))
+    assert resolve(path, "multi").manifest_digest == mdigest
+
+
+@pytest.mark.parametrize("depth, ok", [(4, True), (5, False)])
+def test_indexes_nested_more_than_4_deep_are_invalid_argument(layout, depth, ok):
+    path, mdigest = layout
+    entry = manifest_entry(path, mdigest, node_platform_dict())
+    for _ in range(depth):
+        d, size = put_blob(path, json.dumps({"schemaVersion": 2, "mediaType": mf.OCI_INDEX,
+                                             "manifests": [entry]}).encode())
+        entry = {"mediaType": mf.OCI_INDEX, "digest": d, "size": size,
+                 "platform": node_platform_dict()}
+    write_index(path, {"schemaVersion": 2, "manifests": [
+        {**entry, "annotations": {REF_NAME: "deep"}}]})
+    if ok:
+        assert resolve(path, "deep").manifest_digest == mdigest
+    else:
+        with pytest.raises(InvalidArgument, match="nested more than 4 deep"):
+            resolve(path, "deep")
+
+
 # -- layer blobs ---------------------------------------------------------------------------
 def test_open_blob_reads_verified_layer(layout):
     path, _ = layout

@@ -6,7 +6,9 @@ import time
 import pytest
 
 from csi.image.reference import parse
-from csi.image.registry import Options, RegistryClient, _registry_error, parse_challenge
+from csi.image.registry import Endpoint, RegistryClient
+from csi.image.tokens import parse_challenge
+from csi.image.transport import Options, Reply, Transport, registry_error
 
 
 def test_parse_bearer_and_basic_challenges():
@@ -19,7 +21,7 @@ def test_parse_bearer_and_basic_challenges():
 
 
 def test_retry_after_seconds_and_http_date():
-    from csi.image.registry import _retry_after
+    from csi.image.transport import _retry_after
 
     assert _retry_after("3") == 3.0
     assert _retry_after(None) is None
@@ -29,8 +31,8 @@ def test_retry_after_seconds_and_http_date():
 
 
 def test_backoff_is_exponential_with_jitter_and_capped():
-    lo = RegistryClient(Options(backoff=1, backoff_max=8), rng=lambda: 0.0)
-    hi = RegistryClient(Options(backoff=1, backoff_max=8), rng=lambda: 1.0)
+    lo = Transport(Options(backoff=1, backoff_max=8), rng=lambda: 0.0)
+    hi = Transport(Options(backoff=1, backoff_max=8), rng=lambda: 1.0)
     assert [lo._backoff(a, None) for a in range(5)] == [0.5, 1, 2, 4, 4]
     assert [hi._backoff(a, None) for a in range(5)] == [1.5, 3, 6, 12, 12]
     assert lo._backoff(0, 7.0) == 7.0  # Retry-After wins over the schedule
@@ -56,7 +58,7 @@ def test_endpoints_mirrors_first_then_origin():
     (b'{"errors":[]}', '{"errors":[]}'),
 ])
 def test_registry_error_text(body, expected):
-    assert _registry_error(body) == expected
+    assert registry_error(body) == expected
 
 
 def test_the_token_cache_is_safe_for_concurrent_pulls(monkeypatch):
@@ -67,22 +69,22 @@ def test_the_token_cache_is_safe_for_concurrent_pulls(monkeypatch):
     import sys
     import threading
 
-    from csi.image.registry import Endpoint
-
     manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image."
                            "manifest.v1+json", "config": {}, "layers": []}).encode()
     tokens_issued = []
 
-    def simple(scheme, host, method, target, headers, what, body=None):
+    def call(scheme, host, method, target, headers, what, body=None):
         if target.startswith("/token"):
             tokens_issued.append(target)
-            return 200, {}, b'{"token": "t", "expires_in": 3600}'
+            return Reply(200, {}, b'{"token": "t", "expires_in": 3600}')
         if "Authorization" not in headers:
-            return 401, {"WWW-Authenticate": 'Bearer realm="http://auth.test/token"'}, b""
-        return 200, {"Content-Type": "application/vnd.oci.image.manifest.v1+json"}, manifest
+            return Reply(401, {"WWW-Authenticate": 'Bearer realm="http://auth.test/token"'},
+                         b"")
+        return Reply(200, {"Content-Type": "application/vnd.oci.image.manifest.v1+json"},
+                     manifest)
 
     client = RegistryClient(Options(retries=0))
-    monkeypatch.setattr(client, "_simple", simple)
+    monkeypatch.setattr(client.transport, "call", call)
     ep = Endpoint("https", "r.test")
     threads, per_thread, errors = 8, 150, []
 
@@ -119,7 +121,7 @@ def test_the_token_cache_is_safe_for_concurrent_pulls(monkeypatch):
     ("/v2/", ""),
 ])
 def test_the_repository_a_redirect_names(path, repo):
-    from csi.image.registry import _repository_in
+    from csi.image.tokens import _repository_in
 
     assert _repository_in(path) == repo
 
@@ -142,23 +144,21 @@ def test_a_token_covers_the_scope_the_challenge_names_too(monkeypatch):
     pull scope is asked for beside ours (as containerd does); nothing beyond pull."""
     import urllib.parse
 
-    from csi.image.registry import Endpoint
-
     token_queries = []
 
-    def simple(scheme, host, method, target, headers, what, body=None):
+    def call(scheme, host, method, target, headers, what, body=None):
         if target.startswith("/token"):
             token_queries.append(urllib.parse.parse_qs(urllib.parse.urlsplit(target).query))
-            return 200, {}, b'{"token": "t"}'
+            return Reply(200, {}, b'{"token": "t"}')
         if "Authorization" not in headers:
-            return 401, {"WWW-Authenticate": 'Bearer realm="https://auth.test/token",'
-                         'service="reg",scope="repository:prod/app:pull '
-                         'repository:prod/app:push repository:team/app:pull"'}, b""
-        return 200, {"Content-Type": "application/vnd.oci.image.manifest.v1+json"}, \
-            b'{"schemaVersion": 2}'
+            return Reply(401, {"WWW-Authenticate": 'Bearer realm="https://auth.test/token",'
+                               'service="reg",scope="repository:prod/app:pull '
+                               'repository:prod/app:push repository:team/app:pull"'}, b"")
+        return Reply(200, {"Content-Type": "application/vnd.oci.image.manifest.v1+json"},
+                     b'{"schemaVersion": 2}')
 
     client = RegistryClient(Options(retries=0))
-    monkeypatch.setattr(client, "_simple", simple)
+    monkeypatch.setattr(client.transport, "call", call)
     client.manifest(Endpoint("https", "r.test"), parse("r.test/team/app:1"), "1", None)
     assert token_queries == [{"scope": ["repository:team/app:pull", "repository:prod/app:pull"],
                               "service": ["reg"]}]

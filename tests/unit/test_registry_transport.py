@@ -4,24 +4,25 @@ import errno
 import os
 import socket
 import threading
-import time
 
 import pytest
 
 from csi.errors import DataLoss, Internal, InvalidArgument, ResourceExhausted, Unavailable
 from csi.image.manifest import MAX_MANIFEST_BYTES
 from csi.image.reference import parse
-from csi.image.registry import Endpoint, Options, RegistryClient, _registry_error
+from csi.image.registry import Endpoint, RegistryClient
+from csi.image.transport import Options, registry_error
 
 
 class Server:
-    """Answers every connection with `head` then `body`, `delay` seconds between bytes."""
+    """Answers every connection with `head` then `body`: at once, or with `pace` (a
+    semaphore) one byte each time it is released."""
 
-    def __init__(self, head: bytes, body: bytes, delay: float = 0.0):
+    def __init__(self, head: bytes, body: bytes, pace: threading.Semaphore | None = None):
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(8)
-        self.head, self.body, self.delay = head, body, delay
+        self.head, self.body, self.pace = head, body, pace
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
@@ -41,9 +42,10 @@ class Server:
                 try:
                     conn.recv(65536)
                     conn.sendall(self.head)
-                    if self.delay:
+                    if self.pace is not None:
                         for b in self.body:
-                            if self.stop.wait(self.delay):
+                            self.pace.acquire()
+                            if self.stop.is_set():
                                 break
                             conn.sendall(bytes([b]))
                     else:
@@ -53,6 +55,8 @@ class Server:
 
     def close(self):
         self.stop.set()
+        if self.pace is not None:
+            self.pace.release()  # a paced sender waiting for its next byte: it is over
         self.thread.join(5)
         self.sock.close()
 
@@ -66,14 +70,24 @@ def server():
 
 
 def test_a_trickling_registry_times_out(server):
-    srv = server(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n", b"x" * 1000, delay=0.1)
-    client = RegistryClient(Options(read_timeout=0.5, min_rate=1000, retries=0))
-    ep = Endpoint("http", srv.host)
-    started = time.monotonic()
-    with pytest.raises(Unavailable, match="slower than"):
-        client.manifest(ep, parse(f"{srv.host}/a:1"), "1", None)
-    assert time.monotonic() - started < 5, "one byte every 0.1 s never trips a 0.5 s read " \
-        "timeout; the transfer deadline must"
+    """One byte a second never trips a 30 s read timeout; the deadline for the whole
+    transfer (30 s, plus 1000 bytes at 100 bytes/s) must. The registry sends its next byte
+    each time the client looks at its clock, and each look finds a second gone: so every
+    read gets one byte, and no real second passes."""
+    pace = threading.Semaphore(0)
+    now = 0.0
+
+    def clock() -> float:
+        nonlocal now
+        now += 1.0
+        pace.release()
+        return now
+
+    srv = server(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n", b"x" * 1000, pace=pace)
+    client = RegistryClient(Options(read_timeout=30, min_rate=100, retries=0), clock=clock)
+    with pytest.raises(Unavailable, match="slower than 100 bytes/s"):
+        client.manifest(Endpoint("http", srv.host), parse(f"{srv.host}/a:1"), "1", None)
+    assert 41 < now <= 42, "it gave up at the first look past the deadline (1 + 30 + 10)"
 
 
 def test_a_blob_longer_than_its_descriptor_is_data_loss(server, tmp_path):
@@ -86,9 +100,9 @@ def test_a_blob_longer_than_its_descriptor_is_data_loss(server, tmp_path):
 
 
 def test_malformed_error_bodies_do_not_crash():
-    assert _registry_error(b'{"errors": 5}') == '{"errors": 5}'
-    assert _registry_error(b'{"errors": [5]}') == '{"errors": [5]}'
-    assert _registry_error(b"\xff\xfe") != ""
+    assert registry_error(b'{"errors": 5}') == '{"errors": 5}'
+    assert registry_error(b'{"errors": [5]}') == '{"errors": [5]}'
+    assert registry_error(b"\xff\xfe") != ""
 
 
 @pytest.mark.parametrize("framing", ["content-length", "until-close"])
