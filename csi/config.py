@@ -8,7 +8,7 @@ import os
 import re
 
 from csi.errors import InvalidArgument
-from csi.image.registry import Options
+from csi.image.transport import Options
 from csi.store.gc import POLICIES as GC_POLICIES
 from csi.store.gc import Policy
 
