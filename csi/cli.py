@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     from csi import store_cli
 
     if args.command == "pull":
-        return store_cli.pull(config, args.image, args.pull_policy)
+        return store_cli.run(store_cli.pull, config, args.image, args.pull_policy)
     if args.command == "diff":
         return store_cli.run(store_cli.diff, config, args.target)
     return store_cli.run(getattr(store_cli, args.command), config)

@@ -12,6 +12,7 @@ Every part takes what it needs through its constructor, so tests build any subse
 
 import dataclasses
 import logging
+import os
 import time
 
 from csi.backend import Backend
@@ -74,6 +75,20 @@ def build_puller(config: Config, state: State, layers: LayerStore,
                   layout_roots=config.oci_layout_roots)
 
 
+def _probe(scratch: str) -> kernel.Features:
+    """The kernel's overlay features; if the probe itself fails (a kernel or sandbox that
+    refuses it), start anyway with none assumed: Probe and unpublish keep working, and each
+    publish fails with the kernel's own reason."""
+    try:
+        features = kernel.probe(scratch)
+    except OSError as e:
+        log.error("probing the kernel's overlayfs failed (%s); assuming no optional "
+                  "features", e)
+        return kernel.Features()
+    log.info("kernel features: %s", features)
+    return features
+
+
 def node(config: Config, metrics: Metrics | None = None, mounter: Mounter | None = None,
          features: kernel.Features | None = None, clock=time.time) -> Parts:
     """The parts of `strata serve`. A start that fails lets go of the store's lock and
@@ -85,8 +100,7 @@ def node(config: Config, metrics: Metrics | None = None, mounter: Mounter | None
     try:
         state = State(paths.state_db)
         if features is None:
-            features = kernel.probe(paths.tmp)
-            log.info("kernel features: %s", features)
+            features = _probe(paths.tmp)
         mounter = mounter or Mounter(features=features)
         backend = OverlayBackend(paths, features)
         layers = LayerStore(paths, state, clock=clock, on_unpack=metrics.on_unpack)
@@ -109,11 +123,15 @@ def node(config: Config, metrics: Metrics | None = None, mounter: Mounter | None
 
 def tool(config: Config, on_unpack=None, on_bytes=None) -> Parts:
     """The store, pulls and GC for `strata pull` / `strata gc`, beside a running server.
-    Holding the store's lock shared keeps a server that starts meanwhile out of our tmp/."""
+    Holding the store's lock shared keeps a server that starts meanwhile out of our tmp/.
+    The schema is upgraded only when no other process uses the store: an older server
+    running on it would break on the new schema."""
     paths = StorePaths(config.root).make()
-    users = StoreUsers(paths.store_lock).share()
+    users = StoreUsers(paths.store_lock)
     try:
-        state = State(paths.state_db)
+        fresh = not os.path.exists(paths.state_db)  # nothing to break: create it
+        state = State(paths.state_db, migrate=users.alone() or fresh)
+        users.share()
     except BaseException:
         users.close()
         raise

@@ -38,7 +38,8 @@ class Config:
                                        ("serve",))
     metrics_address: str = setting("", "serve Prometheus metrics on HOST:PORT", ("serve",))
     log_level: str = setting("INFO", "log level", ("serve",),
-                             choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+                             choices=("DEBUG", "INFO", "WARNING", "WARN", "ERROR",
+                                      "CRITICAL"))
     grace_seconds: float = setting(10.0, "how long running RPCs may take to finish on "
                                    "SIGTERM", ("serve",))
     gc_policy: str = setting("lru", "immediate: drop unreferenced layers at once; lru: keep "
@@ -105,6 +106,11 @@ class Config:
     def validate(self, command: str = "serve") -> "Config":
         """Every check, once; `command` is what the settings are for (`serve` needs a node
         ID and endpoints, the tools only a store)."""
+        for f in dataclasses.fields(self):  # also what the environment gave
+            choices = f.metadata["choices"]
+            if choices and getattr(self, f.name) not in choices:
+                raise InvalidArgument(f"{flag(f)} must be one of {', '.join(choices)}, got "
+                                      f"{getattr(self, f.name)!r}")
         if not os.path.isabs(self.root):
             raise InvalidArgument(f"--root must be an absolute path, got {self.root!r}")
         # Layer paths are joined into overlay's lowerdir=a:b:c,upperdir=… option string,

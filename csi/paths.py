@@ -19,11 +19,17 @@ import dataclasses
 import os
 
 DIRS = ("tmp", "layers", "volumes", "blobs/sha256")
+NEEDED = ("tmp", "layers", "volumes")  # blobs/ is a cache an operator may prune
 
 
 @dataclasses.dataclass(frozen=True)
 class StorePaths:
     root: str
+
+    def __post_init__(self) -> None:
+        # One spelling of the root (`/var/lib/strata/` is `/var/lib/strata`): it is part of
+        # the mount source by which start-up recognises this store's overlays.
+        object.__setattr__(self, "root", os.path.normpath(self.root))
 
     @property
     def state_db(self) -> str:
@@ -76,5 +82,5 @@ class StorePaths:
         return self
 
     def complete(self) -> bool:
-        """Whether every directory of the layout is there (Probe's question)."""
-        return all(os.path.isdir(os.path.join(self.root, sub)) for sub in DIRS)
+        """Whether the directories publishing needs are there (Probe's question)."""
+        return all(os.path.isdir(os.path.join(self.root, sub)) for sub in NEEDED)

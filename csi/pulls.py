@@ -42,9 +42,10 @@ POLICIES = ("IfNotPresent", "Always", "Never")  # the kubelet's imagePullPolicy 
 DEFAULT_POLICY = "IfNotPresent"
 
 
-def policy(value: str) -> str:
-    """A `pullPolicy` attribute checked, with the kubelet's default for none."""
-    value = value or DEFAULT_POLICY
+def policy(value: str | None) -> str:
+    """A `pullPolicy` attribute checked; None (not given) is the kubelet's default. An
+    empty string is given, and not a policy."""
+    value = DEFAULT_POLICY if value is None else value
     if value not in POLICIES:
         raise InvalidArgument(f"pullPolicy {value!r} is not one of {', '.join(POLICIES)}")
     return value
@@ -101,7 +102,7 @@ class Puller:
         """(source, Image) with every layer present and the image recorded. Raises Aborted
         when `wait` seconds pass while a registry pull is still running (it goes on; the
         next call joins it)."""
-        pull_policy = policy(pull_policy)
+        pull_policy = policy(pull_policy or None)  # a staged volume's publish names none
         ref = reference.parse(image)
         if isinstance(ref, reference.LayoutReference):
             check_layout_allowed(ref, self._layout_roots)

@@ -71,7 +71,7 @@ def image(context, field: str = "volume_context") -> str:
 
 def pull_policy(context) -> str:
     try:
-        return pulls.policy(context.get("pullPolicy", ""))
+        return pulls.policy(context.get("pullPolicy"))
     except InvalidArgument as e:
         raise InvalidArgument(f"volume_context['pullPolicy']: {e}") from None
 

@@ -130,26 +130,33 @@ class OverlayBackend(Backend):
         return Usage(*usage(self._paths.volume(key)))
 
     def keys(self) -> set[str]:
-        try:
-            return {e.name for e in os.scandir(self._paths.volumes)
-                    if e.is_dir(follow_symlinks=False)}
+        try:  # a stray file is state too, to be removed if no publication names it
+            return set(os.listdir(self._paths.volumes))
         except FileNotFoundError:
             return set()
 
     # -- start-up ----------------------------------------------------------------------
     def recognizer(self, mounts: Sequence[MountInfo]) -> Callable[[MountInfo], bool]:
-        inside = (self._paths.volumes + "/", self._paths.layers + "/")
         views = self._layer_views(mounts)
 
         def mine(m: MountInfo) -> bool:
             if m.fstype == "overlay":
-                return m.source == self.source or any(
-                    p.startswith(inside) for p in overlay_paths(m.super_options))
+                return m.source == self.source or self._ours_by_paths(m.super_options)
             # A read-only view of a one-layer image is a bind mount of the layer. A subPath
             # bind of a view has a root below the layer's, so it is not one of ours.
             return (m.device, m.root) in views
 
         return mine
+
+    def _ours_by_paths(self, super_options: str) -> bool:
+        """An untagged overlay (mounted by a strata before the source tag) is ours if its
+        upper dir is one of our publications', or, read-only, if every lower is one of our
+        layers: someone else's overlay may well stack one of our layers among its own."""
+        dirs = overlay_dirs(super_options)
+        if "upperdir" in dirs:
+            return all(d.startswith(self._paths.volumes + "/") for d in dirs["upperdir"])
+        lowers = dirs.get("lowerdir", [])
+        return bool(lowers) and all(d.startswith(self._paths.layers + "/") for d in lowers)
 
     def _layer_views(self, mounts: Sequence[MountInfo]) -> set[tuple[str, str]]:
         """(device, root) that a bind mount of each layer directory shows in mountinfo: the
@@ -162,11 +169,14 @@ class OverlayBackend(Backend):
         return {(home.device, f"{base}/{lid}/fs") for lid in os.listdir(real)}
 
 
-def overlay_paths(super_options: str) -> list[str]:
-    """Every directory an overlay's options name (lower, data, upper and work dirs)."""
-    out = []
+def overlay_dirs(super_options: str) -> dict[str, list[str]]:
+    """The directories an overlay's options name, by role: `lowerdir` (from `lowerdir=a:b`
+    or one `lowerdir+=` each, as the kernel shows the new mount API's), `datadir`,
+    `upperdir`, `workdir`."""
+    out: dict[str, list[str]] = {}
     for opt in super_options.split(","):
         key, sep, value = opt.partition("=")
         if sep and key in OVERLAY_PATH_KEYS:
-            out += value.split(":") if key == "lowerdir" else [value]
+            role = key.rstrip("+")
+            out.setdefault(role, []).extend(value.split(":") if key == "lowerdir" else [value])
     return out

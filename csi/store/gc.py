@@ -101,11 +101,16 @@ class Collector:
         """Collect if this process unpacked layers since the last look: an LRU policy may
         need to make room. Racing callers see the growth once."""
         with self._mu:
-            unpacked = self._layers.unpacked
-            if unpacked == self._seen:
+            unpacked, seen = self._layers.unpacked, self._seen
+            if unpacked == seen:
                 return None
             self._seen = unpacked
-        return self.collect()
+        try:
+            return self.collect()
+        except BaseException:
+            with self._mu:  # not collected after all: the next call tries again
+                self._seen = min(self._seen, seen)
+            raise
 
     def collect(self, policy: Policy | None = None) -> Result:
         policy = policy or self.policy

@@ -129,7 +129,10 @@ class LayerStore:
         for lid in os.listdir(self.paths.layers):
             if lid not in recorded:
                 log.warning("removing unrecorded layer directory %s", lid)
-                self._discard(self.paths.layer(lid))
+                try:
+                    self._discard(self.paths.layer(lid))
+                except OSError as e:  # logged: it must not stop the start
+                    log.error("cannot remove layer directory %s: %s", lid, e)
 
     def _discard(self, path: str) -> None:
         """Move a directory out of layers/ atomically, then delete it at leisure."""

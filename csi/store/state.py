@@ -34,7 +34,26 @@ SCHEMA_VERSION = 4
 def _v4(db: sqlite3.Connection) -> None:
     """A join table replaces the JSON list of layer IDs, which "which images contain this
     layer?" could only answer with LIKE. Images whose layers are not all recorded were
-    unusable anyway and are dropped."""
+    unusable anyway and are dropped. The images table is rebuilt without the list rather
+    than altered (DROP COLUMN needs SQLite 3.35; Debian 11 and RHEL 9 have 3.34), before
+    anything references it."""
+    known = {r[0] for r in db.execute("SELECT id FROM layers")}
+    lists = {digest: json.loads(ids) for digest, ids in
+             db.execute("SELECT manifest_digest, layer_ids FROM images")}
+    complete = {d: ids for d, ids in lists.items() if set(ids) <= known}
+    db.execute("""
+CREATE TABLE images_v4 (
+    manifest_digest TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    config_digest TEXT NOT NULL,
+    resolved REAL NOT NULL,
+    layers TEXT NOT NULL DEFAULT '[]'  -- JSON layer descriptors (digest, type, size, DiffID)
+)""")
+    db.executemany("INSERT INTO images_v4 SELECT manifest_digest, name, config_digest, "
+                   "resolved, layers FROM images WHERE manifest_digest=?",
+                   [(d,) for d in complete])
+    db.execute("DROP TABLE images")
+    db.execute("ALTER TABLE images_v4 RENAME TO images")
     db.execute("""
 CREATE TABLE image_layers (
     manifest_digest TEXT NOT NULL REFERENCES images(manifest_digest) ON DELETE CASCADE,
@@ -43,15 +62,8 @@ CREATE TABLE image_layers (
     PRIMARY KEY (manifest_digest, position)
 )""")
     db.execute("CREATE INDEX image_layers_layer ON image_layers(layer_id)")
-    known = {r[0] for r in db.execute("SELECT id FROM layers")}
-    for digest, ids in db.execute("SELECT manifest_digest, layer_ids FROM images").fetchall():
-        ids = json.loads(ids)
-        if not set(ids) <= known:
-            db.execute("DELETE FROM images WHERE manifest_digest=?", (digest,))
-            continue
-        db.executemany("INSERT INTO image_layers VALUES (?,?,?)",
-                       [(digest, i, lid) for i, lid in enumerate(ids)])
-    db.execute("ALTER TABLE images DROP COLUMN layer_ids")
+    db.executemany("INSERT INTO image_layers VALUES (?,?,?)",
+                   [(d, i, lid) for d, ids in complete.items() for i, lid in enumerate(ids)])
     db.execute("DELETE FROM image_aliases WHERE manifest_digest NOT IN "
                "(SELECT manifest_digest FROM images)")
 

@@ -482,7 +482,7 @@ def own_plans(h, chain: list[str], deep: list[str] | None = None) -> list[Mount]
 def foreign_plans(h, chain: list[str]) -> dict[str, Mount]:
     """Mounts on the same node that `h`'s backend did not make."""
     foreign = os.path.join(h.base, "foreign")
-    for d in ("l1", "l2", "u", "w", "other"):
+    for d in ("l1", "l2", "u", "w", "u2", "w2", "other"):
         os.makedirs(os.path.join(foreign, d))
     return {
         "tmpfs": Mount(type="tmpfs", source="tmpfs", target=h.target("tmpfs")),
@@ -491,6 +491,14 @@ def foreign_plans(h, chain: list[str]) -> dict[str, Mount]:
                                 h.target("overlay")),
         "bind": Mount(type="bind", source=os.path.join(foreign, "other"),
                       target=h.target("bind"), options=("bind",)),
+        # Someone else's overlays that stack one of our layers among their own.
+        "overlay-over-our-layer": spec.overlay(
+            [os.path.join(foreign, "l1"), h.backend.lowers(chain)[-1]],
+            os.path.join(foreign, "u2"), os.path.join(foreign, "w2"),
+            h.target("overlay-over-our-layer")),
+        "view-over-our-layer": spec.view([h.backend.lowers(chain)[0],
+                                          os.path.join(foreign, "l2")],
+                                         h.target("view-over-our-layer")),
         # A kubelet subPath of a one-layer view: a bind of a directory inside a layer.
         "subpath": Mount(type="bind", source=os.path.join(h.backend.lowers(chain)[-1], "etc"),
                          target=h.target("subpath"), options=("rbind", "ro")),

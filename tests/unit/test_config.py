@@ -82,7 +82,8 @@ def test_controller_socket_path():
     ({"node_id": ""}, "--node-id"),
     ({"node_id": "n" * 257}, "at most 256"),
     ({"metrics_address": "9090"}, "HOST:PORT"),
-    ({"gc_policy": "never"}, "gc policy"),
+    ({"gc_policy": "never"}, "--gc-policy must be one of"),
+    ({"log_level": "VERBOSE"}, "--log-level must be one of"),
     ({"gc_high_percent": 70.0, "gc_low_percent": 80.0}, "--gc-low-percent"),
     ({"gc_high_percent": 101.0}, "--gc-high-percent"),
     ({"gc_low_percent": -1.0}, "--gc-low-percent"),
@@ -183,3 +184,20 @@ def test_bad_flags_and_values_are_usage_errors(argv, env, fragment, monkeypatch,
         parse(argv)
     assert e.value.code == 2
     assert fragment in capsys.readouterr().err
+
+
+def test_one_spelling_of_the_root():
+    """The root is part of the mount source start-up recognises its overlays by."""
+    from csi.paths import StorePaths
+
+    assert StorePaths("/var/lib/strata/").root == StorePaths("/var/lib/strata").root
+    assert StorePaths("/var/lib//strata/.").volumes == "/var/lib/strata/volumes"
+
+
+def test_a_bad_log_level_from_the_environment_is_a_usage_error(monkeypatch, capsys):
+    monkeypatch.setenv("STRATA_LOG_LEVEL", "verbose")
+    with pytest.raises(SystemExit) as e:
+        parse(["serve", "--node-id", "n"])
+    assert e.value.code == 2 and "--log-level must be one of" in capsys.readouterr().err
+    monkeypatch.setenv("STRATA_LOG_LEVEL", "warn")
+    assert parse(["serve", "--node-id", "n"]).log_level == "WARN"

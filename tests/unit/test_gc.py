@@ -2,8 +2,10 @@
 
 import pytest
 
-from csi.store.gc import Policy, Usage, mark, plan
-from csi.store.state import Layer
+from csi.paths import StorePaths
+from csi.store.gc import Collector, Policy, Usage, mark, plan
+from csi.store.layers import LayerStore
+from csi.store.state import Layer, State
 
 NOW = 10_000.0
 
@@ -53,3 +55,30 @@ def test_plan_ties_break_by_id_for_a_stable_order():
 def test_policy_validation(kwargs):
     with pytest.raises(ValueError):
         Policy(**kwargs).validate()
+
+
+def test_collect_if_grown_collects_once_per_growth_and_again_after_a_failure(tmp_path):
+    paths = StorePaths(str(tmp_path)).make()
+    state = State(paths.state_db)
+    try:
+        layers = LayerStore(paths, state)
+        gc = Collector(layers, Policy(mode="immediate"))
+        assert gc.collect_if_grown() is None, "nothing unpacked yet"
+        layers._unpacked += 1  # as an unpack does, under its lock
+        assert gc.collect_if_grown() is not None
+        assert gc.collect_if_grown() is None, "that growth was seen"
+        layers._unpacked += 1
+        real, calls = gc.collect, []
+
+        def failing():
+            calls.append(1)
+            raise OSError("disk trouble")
+
+        gc.collect = failing
+        with pytest.raises(OSError):
+            gc.collect_if_grown()
+        gc.collect = real
+        assert gc.collect_if_grown() is not None, "a failed collection is tried again"
+        assert calls == [1]
+    finally:
+        state.close()

@@ -134,6 +134,9 @@ def test_version_3_store_survives_the_join_table_migration(tmp_path, monkeypatch
             assert rec.layer_ids == ("base", "top") and rec.manifest_digest == D3
             assert [d.size for d in rec.image.layers] == [5, 6]
         assert raw(path, "SELECT * FROM image_aliases") == [], "its alias went with it"
+        assert raw(path, "PRAGMA foreign_key_check") == []
+        assert raw(path, "SELECT sql FROM sqlite_master WHERE name='images'")[0][0].count(
+            "layer_ids") == 0
     finally:
         s.close()
 

@@ -34,3 +34,40 @@ def test_an_empty_store_lists_nothing(tmp_path, capsys):
     assert "0 publications" in capsys.readouterr().out
     assert cli.main(["diff", str(tmp_path / "pod"), "--root", str(tmp_path)]) == 1
     assert "nothing is published" in capsys.readouterr().out
+
+
+def test_write_tools_do_not_upgrade_a_store_another_process_uses(tmp_path, capsys,
+                                                                 monkeypatch):
+    """An older `strata serve` on the store would break on the new schema."""
+    from csi.locks import StoreUsers
+
+    monkeypatch.setattr(st, "SCHEMA_VERSION", 3)
+    st.State(str(tmp_path / "state.db")).close()
+    monkeypatch.undo()
+    server = StoreUsers(str(tmp_path / "store.lock")).share()  # as a running server does
+    try:
+        assert cli.main(["gc", "--root", str(tmp_path)]) == 1
+        assert "schema version 3" in capsys.readouterr().err
+        assert cli.main(["pull", "oci:/nowhere:x", "--root", str(tmp_path)]) == 1
+        assert "schema version 3" in capsys.readouterr().err
+    finally:
+        server.close()
+    con = sqlite3.connect(tmp_path / "state.db")
+    assert con.execute("PRAGMA user_version").fetchone() == (3,)
+    con.close()
+    assert cli.main(["gc", "--root", str(tmp_path)]) == 0, "alone, it upgrades"
+    con = sqlite3.connect(tmp_path / "state.db")
+    assert con.execute("PRAGMA user_version").fetchone() == (st.SCHEMA_VERSION,)
+    con.close()
+
+
+def test_a_new_root_is_created_by_a_pull_beside_another_tool(tmp_path, capsys):
+    from csi.locks import StoreUsers
+
+    (tmp_path / "store").mkdir()
+    other = StoreUsers(str(tmp_path / "store" / "store.lock")).share()
+    try:
+        assert cli.main(["pull", "oci:/nowhere:x", "--root", str(tmp_path / "store")]) == 1
+        assert "NOT_FOUND" in capsys.readouterr().out, "it got as far as the image"
+    finally:
+        other.close()

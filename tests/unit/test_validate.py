@@ -316,8 +316,13 @@ def test_pull_policy_is_carried(policy):
     assert validate.publish(req, wait=7.5).wait == 7.5
 
 
-def test_unknown_pull_policy_is_invalid():
+@pytest.mark.parametrize("policy", ["Sometimes", "", "always"])
+def test_unknown_pull_policy_is_invalid(policy):
     req = publish_req()
-    req.volume_context["pullPolicy"] = "Sometimes"
+    req.volume_context["pullPolicy"] = policy
     with pytest.raises(InvalidArgument, match="pullPolicy"):
         validate.publish(req)
+
+
+def test_no_pull_policy_is_the_kubelet_s_default():
+    assert validate.publish(publish_req()).pull_policy == "IfNotPresent"
