@@ -169,16 +169,23 @@ def test_e2big_when_options_exceed_a_page_and_there_is_no_lowerdir_plus(layers, 
 
 
 # -- the thread that carries a relative mount -------------------------------------------------
-def test_relative_mount_leaves_every_other_thread_where_it_was(layers, vol, tmp_path,
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    """The process's working directory for the test, holding a file `marker` that relative
+    opens must keep finding there."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "marker").write_text("home\n")
+    monkeypatch.chdir(home)
+    return home
+
+
+def test_relative_mount_leaves_every_other_thread_where_it_was(layers, vol, home,
                                                                monkeypatch):
     """While the mount's own thread sits in volumes/KEY/lower (held there after mount(2)
     until the check is done), another thread's relative paths still resolve from the
     process's directory."""
     d, target = vol
-    home = tmp_path / "home"
-    home.mkdir()
-    (home / "marker").write_text("home\n")
-    monkeypatch.chdir(home)
     lowers = link_layers(d / "lower", layers)
     inside, checked = threading.Event(), threading.Event()
     in_mount_thread: list[str] = []
@@ -214,14 +221,10 @@ def test_relative_mount_leaves_every_other_thread_where_it_was(layers, vol, tmp_
     assert_stack_visible(target, DEPTH)
 
 
-def test_relative_mounts_under_concurrent_relative_opens(layers, vol, tmp_path, monkeypatch):
+def test_relative_mounts_under_concurrent_relative_opens(layers, vol, home):
     """Repeated relative mounts while eight threads keep opening a relative path: none of
     them ever resolves it from the wrong directory."""
     d, target = vol
-    home = tmp_path / "home"
-    home.mkdir()
-    (home / "marker").write_text("home\n")
-    monkeypatch.chdir(home)
     lowers = link_layers(d / "lower", layers)
     stop = threading.Event()
     errors: list[str] = []

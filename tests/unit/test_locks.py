@@ -168,6 +168,22 @@ def test_single_flight_sequential_callers_each_run(waiters):
 
 
 # -- KeyedLock -----------------------------------------------------------------------------
+class WrappedLock:
+    """A threading.Lock whose acquire() a test changes; `with` takes the plain lock."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+
+    def release(self):
+        self._lock.release()
+
+    def __enter__(self):
+        self._lock.acquire()
+
+    def __exit__(self, *exc):
+        self._lock.release()
+
+
 @pytest.fixture
 def contended(monkeypatch) -> Waiters:
     """Make KeyedLock's per-key locks report an acquire() that finds the lock taken, so a
@@ -175,24 +191,12 @@ def contended(monkeypatch) -> Waiters:
     (KeyedLock's own mutex is taken with `with`, which is not counted.)"""
     w = Waiters()
 
-    class ReportingLock:
-        def __init__(self):
-            self._lock = threading.Lock()
-
+    class ReportingLock(WrappedLock):
         def acquire(self, blocking=True, timeout=-1):
             if self._lock.acquire(False):
                 return True
             w.arrived()
             return self._lock.acquire(blocking, timeout)
-
-        def release(self):
-            self._lock.release()
-
-        def __enter__(self):
-            self._lock.acquire()
-
-        def __exit__(self, *exc):
-            self._lock.release()
 
     monkeypatch.setattr(locks, "threading", types.SimpleNamespace(Lock=ReportingLock))
     return w
@@ -255,27 +259,15 @@ def test_keyed_lock_different_keys_concurrently():
     assert results == [0, 1, 2]
 
 
-class SlowLock:
+class SlowLock(WrappedLock):
     """A lock that pauses after each acquisition, so that two holders taking the same keys
     in opposite orders would each get their first key before the other's second: the classic
     deadlock, made certain for an implementation that does not order its keys."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
 
     def acquire(self, *args):
         got = self._lock.acquire(*args)
         time.sleep(0.02)
         return got
-
-    def release(self):
-        self._lock.release()
-
-    def __enter__(self):
-        self._lock.acquire()
-
-    def __exit__(self, *exc):
-        self._lock.release()
 
 
 def test_keyed_lock_no_deadlock_with_keys_in_different_order(monkeypatch):
