@@ -56,7 +56,7 @@ def reconcile(paths: StorePaths, state: State, mounter: Mounter, backend: Backen
         layer_ids = {layer.id for layer in tx.layers()}
     for key in sorted(backend.keys() - live_keys):
         log.warning("removing the private state of unrecorded publication %s", key)
-        _remove(backend, key)
+        backend.remove_or_log(key)
     if alone:
         layers.remove_unrecorded(layer_ids)
 
@@ -68,13 +68,6 @@ def _clean_tmp(tmp: str, now: float) -> None:
                 now - os.lstat(path).st_mtime < PARTIAL_MAX_AGE:
             continue  # a download to resume with Range; its digest is checked at the end
         remove_tree(path, ignore_errors=True)
-
-
-def _remove(backend: Backend, key: str) -> None:
-    try:
-        backend.remove(key)
-    except OSError as e:
-        log.error("cannot remove the private state of publication %s: %s", key, e)
 
 
 def _unmount_unrecorded(paths: StorePaths, recorded: set[str], mounter: Mounter,

@@ -226,7 +226,7 @@ class VolumeManager:
                 except OSError:
                     log.exception("cannot undo the mount at %s", p.target)
                     raise
-            self._remove_key(key)
+            self._backend.remove_or_log(key)
             if created_target:
                 _rmdir(p.target)
             raise
@@ -270,13 +270,7 @@ class VolumeManager:
             raise Internal(f"{pub.target} is still mounted after unmount")
         with self._state.transaction() as tx:
             tx.forget_publication(pub.target, self._clock())
-        self._remove_key(pub.key)
-
-    def _remove_key(self, key: str) -> None:
-        try:
-            self._backend.remove(key)
-        except OSError as e:  # logged, never raised: start-up removes what is left
-            log.error("cannot remove the private state of publication %s: %s", key, e)
+        self._backend.remove_or_log(pub.key)
 
     # -- stats -------------------------------------------------------------------------
     def stats(self, volume_id: str, path: str) -> VolumeStats:

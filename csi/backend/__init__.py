@@ -32,10 +32,13 @@ Overlayfs (`overlay.py`) is the first backend; the conformance suite in
 
 import abc
 import dataclasses
+import logging
 from collections.abc import Callable, Sequence
 
 from csi.mount.mountinfo import MountInfo
 from csi.mount.spec import Mount
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +77,15 @@ class Backend(abc.ABC):
     def remove(self, key: str) -> None:
         """Delete `key`'s private state; a key with none is not an error. Called only once
         nothing is mounted from it. Never deletes into a mount found inside it."""
+
+    def remove_or_log(self, key: str) -> None:
+        """`remove`, with a failure logged instead of raised: for callers whose own work is
+        done (an unpublish, a publish being undone, start-up); start-up removes what is
+        left of a key no record names."""
+        try:
+            self.remove(key)
+        except OSError as e:
+            log.error("cannot remove the private state of publication %s: %s", key, e)
 
     @abc.abstractmethod
     def dirs(self, key: str) -> Dirs | None:
