@@ -22,6 +22,7 @@ and containerd's relative-lowerdir mount, per publication.
 import contextlib
 import dataclasses
 import errno
+import functools
 import os
 from collections.abc import Callable, Iterator, Sequence
 
@@ -61,18 +62,20 @@ class OverlayBackend(Backend):
             st = os.stat(lowers[0])
             os.chown(upper, st.st_uid, st.st_gid)
             os.chmod(upper, st.st_mode & 0o7777)
-            return self._fitted(key, lowers, lambda ls, cwd: spec.overlay(
-                ls, upper, work, target, cwd=cwd))
+            plan = functools.partial(spec.overlay, upper=upper, work=work, target=target)
+            m = self._tagged(plan(lowers))
+            return m if self._fits(m) else self._relative(key, lowers, plan)
 
     def view(self, key: str, chain: Sequence[str], target: str) -> Mount:
         lowers = self._lowers(chain)
         if len(lowers) == 1:
             return spec.view(lowers, target)  # a read-only bind of the layer
-        m = dataclasses.replace(spec.view(lowers, target), source=self.source)
+        plan = functools.partial(spec.view, target=target)
+        m = self._tagged(plan(lowers))
         if self._fits(m):
             return m  # no state of its own
         with self._making(key):
-            return self._fitted(key, lowers, lambda ls, cwd: spec.view(ls, target, cwd=cwd))
+            return self._relative(key, lowers, plan)
 
     def _lowers(self, chain: Sequence[str]) -> list[str]:
         """The chain's layer directories, each one checked: a plan naming a missing layer
@@ -97,24 +100,23 @@ class OverlayBackend(Backend):
             remove_tree(self._paths.volume(key), ignore_errors=True)
             raise
 
+    def _tagged(self, m: Mount) -> Mount:
+        return dataclasses.replace(m, source=self.source)
+
     def _fits(self, m: Mount) -> bool:
+        """Whether the executor can mount `m` as planned: its options fit one page, or the
+        kernel takes each lowerdir on its own (`lowerdir+`)."""
         return spec.fits(m, self._features.page_size) or self._features.lowerdir_plus
 
-    def _fitted(self, key: str, lowers: list[str],
-                plan: Callable[[list[str], str], Mount]) -> Mount:
-        """The mount with absolute lowerdirs when the kernel can take it (one page, or
-        `lowerdir+`), else with short relative ones from `volumes/KEY/lower/`. Either way
-        with this store's source tag."""
-        m = dataclasses.replace(plan(lowers, ""), source=self.source)
-        if self._fits(m):
-            return m
+    def _relative(self, key: str, lowers: list[str], plan: Callable[..., Mount]) -> Mount:
+        """`plan` over short lowerdirs relative to `volumes/KEY/lower/`, made here (in
+        `volumes/KEY`, which the caller made): links named 0 (the base) to N-1."""
         links = self._paths.volume_part(key, LOWER)
         os.mkdir(links, 0o700)
         count = len(lowers)
-        for i, lower in enumerate(lowers):  # nearest first: the base is 0
+        for i, lower in enumerate(lowers):  # nearest first
             os.symlink(lower, os.path.join(links, str(count - 1 - i)))
-        return dataclasses.replace(plan([str(count - 1 - i) for i in range(count)], links),
-                                   source=self.source)
+        return self._tagged(plan([str(count - 1 - i) for i in range(count)], cwd=links))
 
     # -- a publication's state ---------------------------------------------------------
     def remove(self, key: str) -> None:
