@@ -251,24 +251,28 @@ class Reader:
     def image(self, digest: str) -> ImageRecord | None:
         """The image with this manifest digest, or that an index with this digest resolved
         to on this node. Recorded means complete: every layer is recorded."""
-        row = self._c.execute(
-            "SELECT * FROM images WHERE manifest_digest = coalesce("
-            "(SELECT manifest_digest FROM image_aliases WHERE digest=?), ?)",
-            (digest, digest)).fetchone()
-        return self._image(row) if row else None
+        found = self._images("WHERE manifest_digest = coalesce("
+                             "(SELECT manifest_digest FROM image_aliases WHERE digest=?), ?)",
+                             digest, digest)
+        return found[0] if found else None
 
     def images(self) -> list[ImageRecord]:
         """Each image once, under its platform manifest digest (never an index's)."""
-        return [self._image(r) for r in
-                self._c.execute("SELECT * FROM images ORDER BY name").fetchall()]
+        return self._images("")
 
-    def _image(self, row) -> ImageRecord:
-        digest, name, config, resolved, descs = row
-        ids = tuple(r[0] for r in self._c.execute(
-            "SELECT layer_id FROM image_layers WHERE manifest_digest=? ORDER BY position",
-            (digest,)))
-        layers = tuple(LayerDesc(*d) for d in json.loads(descs))
-        return ImageRecord(Image(name, digest, config, layers), ids, resolved)
+    def _images(self, where: str, *args) -> list[ImageRecord]:
+        """The images `where` selects, with their layers: two queries however many images
+        (a scrape lists them all)."""
+        rows = self._c.execute(f"SELECT * FROM images {where} ORDER BY name", args).fetchall()
+        ids: dict[str, list[str]] = {}
+        for digest, lid in self._c.execute(
+                "SELECT manifest_digest, layer_id FROM image_layers WHERE manifest_digest IN "
+                f"(SELECT manifest_digest FROM images {where}) ORDER BY position", args):
+            ids.setdefault(digest, []).append(lid)
+        return [ImageRecord(Image(name, digest, config,
+                                  tuple(LayerDesc(*d) for d in json.loads(descs))),
+                            tuple(ids.get(digest, ())), resolved)
+                for digest, name, config, resolved, descs in rows]
 
     def tag(self, name: str) -> Tag | None:
         return self._one(Tag, "SELECT * FROM tags WHERE name=?", name)
