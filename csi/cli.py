@@ -17,7 +17,7 @@ import logging
 import os
 import sys
 
-from csi.config import Config, env_name, flag, settings
+from csi.config import Config, env_name, flag, repeatable, settings
 from csi.errors import StrataError
 from csi.pulls import POLICIES
 
@@ -38,8 +38,7 @@ def _add_settings(p: argparse.ArgumentParser, command: str) -> None:
         env = env_name(f)
         raw = os.environ.get(env)
         text = f.metadata["help"].replace("%", "%%")  # argparse formats help with %
-        if f.type == tuple[str, ...]:
-            # Repeatable; the environment gives a comma-separated list.
+        if repeatable(f):
             p.add_argument(flag(f), dest=f.name, action="append", default=None,
                            metavar=flag(f).lstrip("-").replace("-", "_").upper(),
                            help=f"{text}; repeatable (env {env}, "
@@ -79,7 +78,7 @@ def _config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Config
     values = {}
     for f in settings(args.command):
         value = getattr(args, f.name)
-        if f.type == tuple[str, ...]:
+        if repeatable(f):
             value = tuple(value if value is not None else getattr(args, f.name + "_env"))
         values[f.name] = value
     try:

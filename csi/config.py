@@ -146,6 +146,11 @@ def settings(command: str) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(Config) if command in f.metadata["commands"]]
 
 
+def repeatable(field: dataclasses.Field) -> bool:
+    """A list setting: a repeatable flag, a comma-separated environment variable."""
+    return field.type == tuple[str, ...]
+
+
 def flag(field: dataclasses.Field) -> str:
     return field.metadata["flag"] or "--" + field.name.replace("_", "-")
 

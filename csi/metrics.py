@@ -80,8 +80,7 @@ class Metrics:
         self.unpack_seconds.observe(seconds)
         self.unpack_bytes.inc(nbytes)
 
-    def install_store(self, state: State, backend: Backend | None = None,
-                      paths: StorePaths | None = None) -> None:
+    def install_store(self, state: State, backend: Backend, paths: StorePaths) -> None:
         self.registry.register(StoreCollector(state, backend, paths))
 
 
@@ -142,15 +141,14 @@ class StoreCollector:
     pods cause, at scrape time. Walking an upper layer costs time in proportion to what the
     pod wrote, so each publication's walk is reused for `copy_up_ttl` seconds."""
 
-    def __init__(self, state: State, backend: Backend | None = None,
-                 paths: StorePaths | None = None, clock=time.monotonic,
+    def __init__(self, state: State, backend: Backend, paths: StorePaths, clock=time.monotonic,
                  copy_up_ttl: float = 15.0):
         self._state = state
         self._backend = backend
         self._clock = clock
         self._ttl = copy_up_ttl
         self._copy_up: dict[str, tuple[float, CopyUp]] = {}
-        self.page_cache = PageCacheSampler(paths) if paths is not None else None
+        self.page_cache = PageCacheSampler(paths)
 
     def _copy_up_of(self, pubs, images) -> CopyUp:
         layer_ids = {i.manifest_digest: i.layer_ids for i in images}
@@ -195,32 +193,30 @@ class StoreCollector:
                                 value=share.saved_bytes)
         yield GaugeMetricFamily("strata_publications", "Volumes mounted at target paths.",
                                 value=len(pubs))
-        if self._backend is not None:
-            cu = self._copy_up_of(pubs, images)
-            files = GaugeMetricFamily(
-                "strata_copy_up_files", "Files in the pods' writable layers: lower files "
-                "copied up on first write, files created, lower entries deleted (whiteouts).",
-                labels=["kind"])
-            files.add_metric(["copied"], cu.copied_files)
-            files.add_metric(["created"], cu.created_files)
-            files.add_metric(["deleted"], cu.deleted)
-            yield files
-            data = GaugeMetricFamily(
-                "strata_copy_up_bytes", "Bytes in the pods' writable layers: copied up from "
-                "the shared layers, or created.", labels=["kind"])
-            data.add_metric(["copied"], cu.copied_bytes)
-            data.add_metric(["created"], cu.created_bytes)
-            yield data
-        if self.page_cache is not None:
-            pods = pods_per_layer(images, pubs)
-            resident = self.page_cache.get(set(pods))
-            yield GaugeMetricFamily(
-                "strata_layer_page_cache_bytes", "Bytes of the layers that publications use "
-                "in the page cache: cached once, read by every pod that shares the layer "
-                "(sampled at most every 30 s).", value=sum(resident.values()))
-            yield GaugeMetricFamily(
-                "strata_page_cache_saved_bytes", "Page cache that sharing saves: what a "
-                "private copy of each layer per pod would cache again, (pods-1) times its "
-                "resident bytes.", value=sum(resident[lid] * (pods[lid] - 1) for lid in pods))
+        cu = self._copy_up_of(pubs, images)
+        files = GaugeMetricFamily(
+            "strata_copy_up_files", "Files in the pods' writable layers: lower files "
+            "copied up on first write, files created, lower entries deleted (whiteouts).",
+            labels=["kind"])
+        files.add_metric(["copied"], cu.copied_files)
+        files.add_metric(["created"], cu.created_files)
+        files.add_metric(["deleted"], cu.deleted)
+        yield files
+        data = GaugeMetricFamily(
+            "strata_copy_up_bytes", "Bytes in the pods' writable layers: copied up from "
+            "the shared layers, or created.", labels=["kind"])
+        data.add_metric(["copied"], cu.copied_bytes)
+        data.add_metric(["created"], cu.created_bytes)
+        yield data
+        pods = pods_per_layer(images, pubs)
+        resident = self.page_cache.get(set(pods))
+        yield GaugeMetricFamily(
+            "strata_layer_page_cache_bytes", "Bytes of the layers that publications use "
+            "in the page cache: cached once, read by every pod that shares the layer "
+            "(sampled at most every 30 s).", value=sum(resident.values()))
+        yield GaugeMetricFamily(
+            "strata_page_cache_saved_bytes", "Page cache that sharing saves: what a "
+            "private copy of each layer per pod would cache again, (pods-1) times its "
+            "resident bytes.", value=sum(resident[lid] * (pods[lid] - 1) for lid in pods))
         yield GaugeMetricFamily("strata_stages", "Volumes staged on this node.",
                                 value=len(stages))

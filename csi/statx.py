@@ -36,14 +36,13 @@ def _call(path: str, dir_fd: int | None, flags: int, mask: int) -> bytes | int:
     return buf.raw
 
 
-def mount_id(path: str, dir_fd: int | None = None, follow: bool = True) -> int | None:
+def mount_id(path: str, dir_fd: int | None = None) -> int | None:
     """The ID (mountinfo's first field) of the mount `path` is on. With `dir_fd`, `path` is
     relative to it, and "" means the directory itself. A mount point's answer is the mount
     on it (path walks cross into mounts), which is how a walk notices one."""
     if _statx is None:
         return None
-    flags = (0 if follow else AT_SYMLINK_NOFOLLOW) | (AT_EMPTY_PATH if path == "" else 0)
-    raw = _call(path, dir_fd, flags, STATX_MNT_ID)
+    raw = _call(path, dir_fd, AT_EMPTY_PATH if path == "" else 0, STATX_MNT_ID)
     if isinstance(raw, int):
         if raw in (errno.ENOENT, errno.ENOTDIR):
             raise FileNotFoundError(raw, os.strerror(raw), path)

@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import BinaryIO, Protocol
 
-from csi.digest import VerifyingReader
+from csi.digest import VerifyingReader, hex_of
 from csi.errors import (
     Aborted,
     DataLoss,
@@ -60,7 +60,7 @@ class BlobSource(Protocol):
 
 
 def layer_id(diff_id: str) -> str:
-    return diff_id.partition(":")[2][:16]
+    return hex_of(diff_id)[:16]
 
 
 class LayerStore:
