@@ -108,7 +108,8 @@ def node(config: Config, metrics: Metrics | None = None, mounter: Mounter | None
         users.share()
         gc = Collector(layers, config.gc, clock=clock, on_collect=metrics.on_collect)
         puller = build_puller(config, state, layers, metrics=metrics, clock=clock)
-        volumes = VolumeManager(paths, state, backend, mounter, puller, clock=clock, gc=gc)
+        volumes = VolumeManager(paths, state, backend, mounter, puller, clock=clock, gc=gc,
+                                default_size_limit=config.default_size_limit_bytes)
         gc.collect()  # released while we were down, or a policy that changed
         provisioner = Provisioner(state, Resolver(config.oci_layout_roots))
         metrics.install_store(state, backend, paths)

@@ -7,6 +7,7 @@ import dataclasses
 import os
 import re
 
+from csi import validate
 from csi.errors import InvalidArgument
 from csi.image.transport import Options
 from csi.store.gc import POLICIES as GC_POLICIES
@@ -74,6 +75,9 @@ class Config:
     pull_wait: float = setting(100.0, "seconds NodePublish waits for a pull before answering "
                                "ABORTED (the pull goes on; the kubelet's retry joins it)",
                                ("serve",))
+    default_size_limit: str = setting(
+        "", "bound the writable layer of volumes that name no sizeLimit, e.g. 1Gi (a "
+        "Kubernetes quantity); empty: unbounded", ("serve",))
     oci_layout_roots: tuple[str, ...] = setting(
         (), "allow oci:/PATH images only below this directory (default: anywhere)",
         ("serve",), flag="--oci-layout-root")
@@ -94,6 +98,11 @@ class Config:
     def gc(self) -> Policy:
         return Policy(self.gc_policy, self.gc_high_percent, self.gc_low_percent,
                       self.gc_max_bytes, self.gc_min_age)
+
+    @property
+    def default_size_limit_bytes(self) -> int:
+        # one parser for the flag and the volume attribute
+        return validate.size_limit(self.default_size_limit, "--default-size-limit")
 
     @property
     def socket_path(self) -> str:
@@ -132,6 +141,7 @@ class Config:
         except ValueError as e:
             raise InvalidArgument(str(e)) from None
         self.registry  # noqa: B018 - parses the mirrors
+        self.default_size_limit_bytes  # noqa: B018
         for path in self.registry_ca + ((self.registry_config,) if self.registry_config else ()):
             if not os.path.isfile(path):
                 raise InvalidArgument(f"{path} does not exist")

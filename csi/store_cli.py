@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 
-from csi import compose
+from csi import compose, quantity
 from csi.config import Config
 from csi.errors import StrataError
 from csi.store.report import human, image_rows, sharing
@@ -99,6 +99,7 @@ def _snapshot(parts: compose.Parts):
 def ls(config: Config) -> int:
     with _opened(config) as parts:
         layers, images, pubs, stages, refs = _snapshot(parts)
+        uppers = {p.key: parts.backend.usage(p.key).bytes for p in pubs if not p.readonly}
     print(f"{'IMAGE':<48} {'DIGEST':<19} {'LAYERS':>6} {'SIZE':>10} {'PODS':>5} {'STAGED':>6}")
     for r in image_rows(layers, images, pubs, stages):
         print(f"{r.name[-48:]:<48} {r.manifest_digest[7:19]:<19} {r.layers:>6} "
@@ -108,6 +109,13 @@ def ls(config: Config) -> int:
     for x in layers:
         print(f"{x.id:<17} {x.diff_id[7:19]:<19} {human(x.size):>10} {refs.get(x.id, 0):>5}  "
               f"{_ago(x.last_used)}")
+    print()
+    print(f"{'POD':<40} {'VOLUME':<24} {'UPPER':>10} {'LIMIT':>8}  TARGET")
+    for p in pubs:
+        upper = "ro" if p.readonly else human(uppers[p.key])
+        limit = quantity.human(p.size_limit) if p.size_limit else "-"
+        print(f"{(p.pod or '-')[-40:]:<40} {p.volume_id[-24:]:<24} {upper:>10} {limit:>8}  "
+              f"{p.target}")
     return 0
 
 

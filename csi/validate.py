@@ -6,11 +6,11 @@ IDs to negative specs, and expects INVALID_ARGUMENT only for what is malformed).
 
 import os
 
-from csi import pulls
+from csi import pulls, quantity
 from csi.errors import InvalidArgument
 from csi.proto import csi_pb2
 from csi.provision import CreateSpec
-from csi.volumes import PublishSpec, StageSpec
+from csi.volumes import Pod, PublishSpec, StageSpec
 
 Mode = csi_pb2.VolumeCapability.AccessMode.Mode
 
@@ -20,6 +20,14 @@ SUPPORTED_MODES = {
 }
 READER_MODES = {Mode.SINGLE_NODE_READER_ONLY, Mode.MULTI_NODE_READER_ONLY}
 EPHEMERAL_KEY = "csi.storage.k8s.io/ephemeral"
+SIZE_LIMIT_KEY = "sizeLimit"
+# What the kubelet adds to volume_context when the CSIDriver has podInfoOnMount: true.
+POD_KEYS = {"namespace": "csi.storage.k8s.io/pod.namespace",
+            "name": "csi.storage.k8s.io/pod.name",
+            "uid": "csi.storage.k8s.io/pod.uid",
+            "service_account": "csi.storage.k8s.io/serviceAccount.name"}
+MIN_SIZE_LIMIT = 1 << 20  # smaller cannot hold a filesystem's own metadata
+MAX_SIZE_LIMIT = 1 << 60
 MAX_ID = 128  # CSI: identifiers SHOULD be at most 128 bytes
 
 
@@ -76,6 +84,26 @@ def pull_policy(context) -> str:
         raise InvalidArgument(f"volume_context['pullPolicy']: {e}") from None
 
 
+def size_limit(value: str, field: str) -> int:
+    """A `sizeLimit` in the Kubernetes quantity syntax, as bytes; "" is no limit (0)."""
+    if not value:
+        return 0
+    try:
+        n = quantity.bytes_of(value.strip())
+    except ValueError as e:
+        raise InvalidArgument(f"{field}: {e}") from None
+    if not MIN_SIZE_LIMIT <= n <= MAX_SIZE_LIMIT:
+        raise InvalidArgument(f"{field}: {value!r} is {n} bytes; a size limit must be between "
+                              f"{quantity.human(MIN_SIZE_LIMIT)} and "
+                              f"{quantity.human(MAX_SIZE_LIMIT)}")
+    return n
+
+
+def pod(context) -> Pod:
+    """Who the volume is for, as the kubelet says (podInfoOnMount); empty where it does not."""
+    return Pod(**{k: context.get(key, "") for k, key in POD_KEYS.items()})
+
+
 def stage(req: csi_pb2.NodeStageVolumeRequest, wait: float | None = None) -> StageSpec:
     vid = volume_id(req.volume_id)
     staging = path(req.staging_target_path, "staging_target_path")
@@ -101,8 +129,10 @@ def publish(req: csi_pb2.NodePublishVolumeRequest, wait: float | None = None) ->
     img = req.volume_context.get("image", "") if staging else image(req.volume_context)
     readonly = req.readonly or mode in READER_MODES
     policy = pull_policy(req.volume_context) if not staging else ""
+    limit = size_limit(req.volume_context.get(SIZE_LIMIT_KEY, ""),
+                       f"volume_context[{SIZE_LIMIT_KEY!r}]")
     return PublishSpec(vid, target, img, readonly, mode, staging, dict(req.secrets), policy,
-                       wait)
+                       wait, size_limit=limit, pod=pod(req.volume_context))
 
 
 def unpublish(req: csi_pb2.NodeUnpublishVolumeRequest) -> tuple[str, str]:
@@ -128,6 +158,7 @@ def create(req: csi_pb2.CreateVolumeRequest) -> CreateSpec:
     if required < 0 or limit < 0 or (limit and required > limit):
         raise InvalidArgument(f"capacity_range is invalid (required {required}, limit {limit})")
     image(req.parameters, "parameters")
+    size_limit(req.parameters.get(SIZE_LIMIT_KEY, ""), f"parameters[{SIZE_LIMIT_KEY!r}]")
     return CreateSpec(name, required, limit, dict(req.parameters))
 
 

@@ -41,6 +41,16 @@ class StageSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class Pod:
+    """The pod a publication is for (the kubelet's podInfoOnMount attributes)."""
+
+    namespace: str = ""
+    name: str = ""
+    uid: str = ""
+    service_account: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
 class PublishSpec:
     volume_id: str
     target: str
@@ -51,6 +61,8 @@ class PublishSpec:
     secrets: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
     pull_policy: str = ""
     wait: float | None = None
+    size_limit: int = 0  # bytes the upper layer may hold; 0: none named
+    pod: Pod = Pod()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +79,9 @@ class VolumeStats:
 
 class VolumeManager:
     def __init__(self, paths: StorePaths, state: State, backend: Backend, mounter: Mounter,
-                 puller: Puller, clock=time.time, locks=None, gc: Collector | None = None):
+                 puller: Puller, clock=time.time, locks=None, gc: Collector | None = None,
+                 default_size_limit: int = 0):
+        self._default_size_limit = default_size_limit
         self._paths = paths
         self._state = state
         self._backend = backend
@@ -144,7 +158,10 @@ class VolumeManager:
     # -- publish -----------------------------------------------------------------------
     def publish(self, p: PublishSpec) -> None:
         p = dataclasses.replace(p, target=canonical(p.target),
-                                staging_path=canonical(p.staging_path) if p.staging_path else "")
+                                staging_path=canonical(p.staging_path) if p.staging_path else "",
+                                # a read-only view has no upper layer to bound
+                                size_limit=0 if p.readonly else
+                                p.size_limit or self._default_size_limit)
         if os.path.islink(p.target):
             # mount(2) would follow it, but the mount table, statx and umount2(NOFOLLOW)
             # would not: the record and the kernel would disagree about where we mounted.
@@ -192,7 +209,7 @@ class VolumeManager:
         """CSI: a repeat with a different capability or readonly is ALREADY_EXISTS."""
         return (pub.volume_id == p.volume_id and pub.readonly == p.readonly
                 and pub.access_mode == p.access_mode
-                and pub.staging_path == p.staging_path
+                and pub.staging_path == p.staging_path and pub.size_limit == p.size_limit
                 and (p.staging_path != "" or pub.image == p.image))
 
     def _mount(self, p: PublishSpec, image_name: str, manifest_digest: str,
@@ -218,7 +235,10 @@ class VolumeManager:
             with self._state.transaction() as tx:
                 tx.record_publication(Publication(
                     p.target, p.volume_id, key, image_name, manifest_digest, p.readonly,
-                    p.staging_path, p.access_mode, self._clock()), layer_ids, self._clock())
+                    p.staging_path, p.access_mode, self._clock(),
+                    pod_namespace=p.pod.namespace, pod_name=p.pod.name, pod_uid=p.pod.uid,
+                    service_account=p.pod.service_account, size_limit=p.size_limit),
+                    layer_ids, self._clock())
         except BaseException:
             if mounted:
                 try:

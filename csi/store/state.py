@@ -28,7 +28,7 @@ from collections.abc import Iterable, Iterator
 
 from csi.image.manifest import Image, LayerDesc
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 
 def _v4(db: sqlite3.Connection) -> None:
@@ -90,6 +90,16 @@ CREATE TABLE image_aliases (
     # which one is the index cannot be told from the rows: record_image folds them the next
     # time that image is recorded, when it can.
     4: _v4,
+    # Who a publication is for (the kubelet's podInfoOnMount attributes; empty where it
+    # sends none, and for publications recorded before) and what bounds its upper layer.
+    5: """
+ALTER TABLE publications ADD COLUMN pod_namespace TEXT NOT NULL DEFAULT '';
+ALTER TABLE publications ADD COLUMN pod_name TEXT NOT NULL DEFAULT '';
+ALTER TABLE publications ADD COLUMN pod_uid TEXT NOT NULL DEFAULT '';
+ALTER TABLE publications ADD COLUMN service_account TEXT NOT NULL DEFAULT '';
+ALTER TABLE publications ADD COLUMN size_limit INTEGER NOT NULL DEFAULT 0;  -- bytes, 0: none
+ALTER TABLE publications ADD COLUMN project_id INTEGER NOT NULL DEFAULT 0;  -- quota, 0: none
+""",
 }
 
 _SCHEMA = """
@@ -199,6 +209,17 @@ class Publication:
     staging_path: str
     access_mode: int
     created: float
+    pod_namespace: str = ""
+    pod_name: str = ""
+    pod_uid: str = ""
+    service_account: str = ""
+    size_limit: int = 0  # bytes the upper layer may hold; 0: unbounded
+    project_id: int = 0  # the filesystem project quota bounding it; 0: none (or a loop fs)
+
+    @property
+    def pod(self) -> str:
+        """namespace/name, or "" when the kubelet did not say (podInfoOnMount off)."""
+        return f"{self.pod_namespace}/{self.pod_name}" if self.pod_name else ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,15 +306,17 @@ class Reader:
         return self._all(Stage, "SELECT * FROM stages ORDER BY created")
 
     def publication(self, target: str) -> Publication | None:
-        row = self._c.execute("SELECT * FROM publications WHERE target=?", (target,)).fetchone()
+        row = self._c.execute(f"SELECT {_PUBLICATION_COLUMNS} FROM publications "
+                              "WHERE target=?", (target,)).fetchone()
         return _publication(row) if row else None
 
     def publications(self, volume_id: str | None = None) -> list[Publication]:
         if volume_id is None:
-            rows = self._c.execute("SELECT * FROM publications ORDER BY created")
+            rows = self._c.execute(f"SELECT {_PUBLICATION_COLUMNS} FROM publications "
+                                   "ORDER BY created")
         else:
-            rows = self._c.execute("SELECT * FROM publications WHERE volume_id=? "
-                                   "ORDER BY created", (volume_id,))
+            rows = self._c.execute(f"SELECT {_PUBLICATION_COLUMNS} FROM publications "
+                                   "WHERE volume_id=? ORDER BY created", (volume_id,))
         return [_publication(r) for r in rows.fetchall()]
 
     # references
@@ -413,8 +436,9 @@ class Tx(Reader):
 
     def record_publication(self, pub: Publication, layer_ids: Iterable[str],
                            now: float) -> None:
-        self._c.execute("INSERT INTO publications VALUES (?,?,?,?,?,?,?,?,?)",
-                        dataclasses.astuple(pub))
+        fields = dataclasses.fields(Publication)
+        self._c.execute(f"INSERT INTO publications ({','.join(f.name for f in fields)}) "
+                        f"VALUES ({','.join('?' * len(fields))})", dataclasses.astuple(pub))
         self._hold(_pub(pub.target), layer_ids, now)
 
     def forget_publication(self, target: str, now: float) -> list[str]:
@@ -468,9 +492,11 @@ class Tx(Reader):
         self._c.execute("DELETE FROM controller_volumes WHERE volume_id=?", (volume_id,))
 
 
+_PUBLICATION_COLUMNS = ",".join(f.name for f in dataclasses.fields(Publication))
+
+
 def _publication(row) -> Publication:
-    return Publication(row[0], row[1], row[2], row[3], row[4], bool(row[5]), row[6], row[7],
-                       row[8])
+    return Publication(*row[:5], bool(row[5]), *row[6:])
 
 
 def _controller_volume(row) -> ControllerVolume:

@@ -141,6 +141,37 @@ def test_version_3_store_survives_the_join_table_migration(tmp_path, monkeypatch
         s.close()
 
 
+def test_version_4_store_keeps_its_publications_and_gains_pod_identity(tmp_path,
+                                                                        monkeypatch):
+    """A live publication recorded by a v4 strata survives the upgrade (its pod unknown,
+    its upper unbounded), and new ones record the pod and the limit."""
+    path = str(tmp_path / "state.db")
+    monkeypatch.setattr(st, "SCHEMA_VERSION", 4)
+    State(path).close()
+    raw(path, "INSERT INTO layers VALUES ('base', ?, 1, 0, 0)", D1)
+    raw(path, "INSERT INTO publications VALUES ('/pods/old/vol', 'v-old', 'k-old', 'img', ?, "
+        "0, '', 1, 5.0)", D3)
+    raw(path, "INSERT INTO refs VALUES ('base', 'pub:/pods/old/vol')")
+    monkeypatch.undo()
+    s = State(path)
+    try:
+        assert raw(path, "PRAGMA user_version") == [(st.SCHEMA_VERSION,)]
+        new = publication("/pods/new/vol", key="k-new", pod_namespace="ns", pod_name="web-0",
+                          pod_uid="u-1", service_account="sa", size_limit=1 << 20,
+                          project_id=7)
+        with s.transaction() as tx:
+            tx.record_publication(new, ["base"], 6.0)
+        with s.read() as tx:
+            old = tx.publication("/pods/old/vol")
+            assert (old.key, old.readonly, old.created) == ("k-old", False, 5.0)
+            assert (old.pod, old.pod_uid, old.size_limit, old.project_id) == ("", "", 0, 0)
+            assert tx.publication("/pods/new/vol") == new
+            assert new.pod == "ns/web-0"
+            assert tx.refcount("base") == 2
+    finally:
+        s.close()
+
+
 # -- transactions --------------------------------------------------------------------------
 def test_transaction_commits(db):
     with db.transaction() as tx:

@@ -326,3 +326,48 @@ def test_unknown_pull_policy_is_invalid(policy):
 
 def test_no_pull_policy_is_the_kubelet_s_default():
     assert validate.publish(publish_req()).pull_policy == "IfNotPresent"
+
+
+# -- sizeLimit and pod identity ------------------------------------------------------------
+@pytest.mark.parametrize("value,expected", [
+    ("512Mi", 512 << 20), ("2G", 2_000_000_000), ("1.5Gi", 3 << 29), ("1e9", 10 ** 9),
+    ("0.1Gi", 107374183), ("1048576", 1 << 20), ("+4Mi", 4 << 20), ("1E7", 10 ** 7),
+    ("2000000000m", 2_000_000), ("5.Mi", 5 << 20),
+])
+def test_size_limit_is_a_kubernetes_quantity(value, expected):
+    spec = validate.publish(publish_req(volume_context={"image": IMAGE, "sizeLimit": value,
+                                                       **EPHEMERAL}))
+    assert spec.size_limit == expected
+
+
+@pytest.mark.parametrize("value,fragment", [
+    ("-1", "must be between"), ("10Qi", "not a Kubernetes quantity"), ("0", "must be between"),
+    ("1Ki", "must be between"), ("12 Mi", "not a Kubernetes quantity"),
+    ("Mi", "not a Kubernetes quantity"), ("1e999", "exponent out of range"),
+    ("2Ei", "must be between"), ("1.2.3", "not a Kubernetes quantity"),
+])
+def test_bad_size_limits_are_invalid_argument(value, fragment):
+    with pytest.raises(InvalidArgument, match=fragment) as e:
+        validate.publish(publish_req(volume_context={"image": IMAGE, "sizeLimit": value,
+                                                    **EPHEMERAL}))
+    assert "sizeLimit" in str(e.value)
+
+
+def test_size_limit_checked_in_storage_class_parameters():
+    with pytest.raises(InvalidArgument, match=r"parameters\['sizeLimit'\]"):
+        validate.create(create_req(parameters={"image": IMAGE, "sizeLimit": "lots"}))
+    assert validate.create(create_req(parameters={"image": IMAGE, "sizeLimit": "1Gi"}))
+
+
+def test_no_size_limit_is_zero():
+    assert validate.publish(publish_req()).size_limit == 0
+
+
+def test_pod_identity_from_pod_info_on_mount():
+    ctx = {"image": IMAGE, **EPHEMERAL, "csi.storage.k8s.io/pod.name": "web-0",
+           "csi.storage.k8s.io/pod.namespace": "shop", "csi.storage.k8s.io/pod.uid": "u-1",
+           "csi.storage.k8s.io/serviceAccount.name": "default"}
+    pod = validate.publish(publish_req(volume_context=ctx)).pod
+    assert (pod.namespace, pod.name, pod.uid, pod.service_account) == \
+        ("shop", "web-0", "u-1", "default")
+    assert validate.publish(publish_req()).pod.name == ""
