@@ -19,12 +19,11 @@ reached the disk.
   The rename itself need not be durable before the commit: a record whose `layers/ID` is
   missing after a power cut is found at start-up (reconcile forgets the layer and the images
   that contain it, and their next publish pulls it again), a layer with damaged files is not.
-- **A publication**: nothing. After a power cut every mount is gone, so start-up forgets
-  every publication and removes its private state (`volumes/KEY`: upper, work, a
-  size-limited volume's filesystem image), whatever of it reached the disk: no record of a
-  publication is ever used after an unclean shutdown, and an upper is never mounted again
-  (writable overlays are even mounted `volatile`, see backend/overlay.py). A clean
-  shutdown unmounts, which writes everything back.
+- **A publication**: nothing. After a power cut (as after any reboot) every mount is gone,
+  so start-up forgets every publication and removes its private state (`volumes/KEY`:
+  upper, work, a size-limited volume's filesystem image), whatever of it reached the disk:
+  no record of a publication outlives its mount, and an upper is never mounted again
+  (writable overlays are even mounted `volatile`, see mount/spec.py).
 - **A stage** records an image whose layers are recorded (so durable) and makes no files.
 - **Blobs** are a cache checked against their digest whenever they are read; a damaged one
   is evicted and fetched again (pulls.py, image/registry.py).
