@@ -52,6 +52,7 @@ bench: $(STAMP)
 	$(PY) bench/publish.py
 	$(PY) bench/unpack.py
 	$(PY) bench/pull.py
+	$(PY) bench/volatile.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -17,7 +17,7 @@ import logging
 import os
 import sys
 
-from csi.config import Config, env_name, flag, repeatable, settings
+from csi.config import Config, env_name, flag, parse_switch, repeatable, settings, switch
 from csi.errors import StrataError
 from csi.pulls import POLICIES
 
@@ -44,6 +44,11 @@ def _add_settings(p: argparse.ArgumentParser, command: str) -> None:
                            help=f"{text}; repeatable (env {env}, "
                                 "comma-separated)")
             p.set_defaults(**{f.name + "_env": [x for x in (raw or "").split(",") if x]})
+            continue
+        if switch(f):  # given: on; else the environment's value (parsed in _config)
+            p.add_argument(flag(f), dest=f.name, action="store_true", default=None,
+                           help=f"{text} (env {env}=true)")
+            p.set_defaults(**{f.name + "_env": raw})
             continue
         # A string default (from the environment) is converted by `type` like a flag is,
         # so a bad STRATA_* value fails as clearly as a bad flag.
@@ -76,12 +81,15 @@ def _parser() -> argparse.ArgumentParser:
 
 def _config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Config:
     values = {}
-    for f in settings(args.command):
-        value = getattr(args, f.name)
-        if repeatable(f):
-            value = tuple(value if value is not None else getattr(args, f.name + "_env"))
-        values[f.name] = value
     try:
+        for f in settings(args.command):
+            value = getattr(args, f.name)
+            if repeatable(f):
+                value = tuple(value if value is not None else getattr(args, f.name + "_env"))
+            elif switch(f) and value is None:
+                raw = getattr(args, f.name + "_env")
+                value = f.default if raw is None else parse_switch(raw, env_name(f))
+            values[f.name] = value
         return dataclasses.replace(Config(), **values).validate(args.command)
     except (StrataError, ValueError) as e:
         getattr(args, "command_parser", parser).error(str(e))

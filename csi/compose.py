@@ -1,8 +1,8 @@
 """The composition root: the one place where a strata process's parts are built and wired.
 
-- `node()` is what `strata serve` runs: the store with start-up repairs (reconcile), the
-  kernel's features probed once, the backend, pulls, GC, the volume manager and the
-  provisioner, and the store's metrics.
+- `node()` is what `strata serve` runs: the store's serving role (one server per store),
+  the store with start-up repairs (reconcile), the kernel's features probed once, the
+  backend, pulls, GC, the volume manager and the provisioner, and the store's metrics.
 - `tool()` is what `strata pull` and `strata gc` run beside a server: the same store, pull
   and GC parts, sharing the store (no repairs: the server may be mid-publish).
 - `reader()` is what `strata ls`, `df` and `diff` use: records and the backend's answers,
@@ -21,7 +21,7 @@ from csi.config import Config
 from csi.image.auth import Keyring
 from csi.image.registry import RegistryClient
 from csi.image.resolver import Resolver
-from csi.locks import StoreUsers
+from csi.locks import ServeLock, StoreServed, StoreUsers
 from csi.metrics import Metrics
 from csi.mount import features as kernel
 from csi.mount.syscalls import Mounter
@@ -51,11 +51,14 @@ class Parts:
     volumes: VolumeManager | None = None
     provisioner: Provisioner | None = None
     metrics: Metrics | None = None
+    serving: ServeLock | None = None
 
     def close(self) -> None:
         self.state.close()
         if self.users is not None:
             self.users.close()
+        if self.serving is not None:
+            self.serving.close()  # last: another server may start on the store now
 
 
 def build_puller(config: Config, state: State, layers: LayerStore,
@@ -90,14 +93,26 @@ def _probe(scratch: str) -> kernel.Features:
 
 
 def node(config: Config, metrics: Metrics | None = None, mounter: Mounter | None = None,
-         features: kernel.Features | None = None, clock=time.time) -> Parts:
-    """The parts of `strata serve`. A start that fails lets go of the store's lock and
+         features: kernel.Features | None = None, clock=time.time,
+         serving: ServeLock | None = None) -> Parts:
+    """The parts of `strata serve`. `serving` is the store's serving role, already taken
+    (server.serve waits for it); without one it is taken here, or StoreServed is raised at
+    once: start-up repairs must never run beside a live server. The parts hold the role
+    until they are closed. A start that fails lets go of the role, the store's lock and the
     database at any step. `clock` (wall time) is what records and GC ages are read from."""
     paths = StorePaths(config.root).make()
+    if serving is None:
+        serving = ServeLock(paths.serve_lock)
+        if not serving.try_take():
+            holder = serving.holder()
+            serving.close()
+            raise StoreServed(f"another strata server ({holder}) serves the store "
+                              f"{paths.root}")
     metrics = metrics or Metrics()
-    users = StoreUsers(paths.store_lock)
+    users = None
     state = None
     try:
+        users = StoreUsers(paths.store_lock)
         state = State(paths.state_db)
         if features is None:
             features = _probe(paths.tmp)
@@ -116,10 +131,12 @@ def node(config: Config, metrics: Metrics | None = None, mounter: Mounter | None
     except BaseException:
         if state is not None:
             state.close()
-        users.close()
+        if users is not None:
+            users.close()
+        serving.close()
         raise
     return Parts(paths, state, backend, users, layers, puller, gc, mounter, volumes,
-                 provisioner, metrics)
+                 provisioner, metrics, serving)
 
 
 def tool(config: Config, on_unpack=None, on_bytes=None) -> Parts:

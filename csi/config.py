@@ -43,6 +43,10 @@ class Config:
                                       "CRITICAL"))
     grace_seconds: float = setting(10.0, "how long running RPCs may take to finish on "
                                    "SIGTERM", ("serve",))
+    # A DaemonSet rolled with maxSurge starts the new pod while the old one still serves.
+    no_wait: bool = setting(False, "when another strata server holds the store (--root), "
+                            "exit with status 1 instead of waiting for it to stop",
+                            ("serve",))
     gc_policy: str = setting("lru", "immediate: drop unreferenced layers at once; lru: keep "
                              "them as a cache until the high-water mark", ("serve", "gc"),
                              choices=GC_POLICIES)
@@ -154,6 +158,22 @@ class Config:
 def settings(command: str) -> list[dataclasses.Field]:
     """The settings a command takes, in declaration order."""
     return [f for f in dataclasses.fields(Config) if command in f.metadata["commands"]]
+
+
+def switch(field: dataclasses.Field) -> bool:
+    """An on/off setting: a flag without a value; in the environment 1/true/yes/on or
+    0/false/no/off."""
+    return field.type is bool
+
+
+def parse_switch(text: str, name: str) -> bool:
+    value = {"1": True, "true": True, "yes": True, "on": True,
+             "0": False, "false": False, "no": False, "off": False, "": False}.get(
+        text.strip().lower())
+    if value is None:
+        raise InvalidArgument(f"{name} must be true or false (1/0, yes/no, on/off), got "
+                              f"{text!r}")
+    return value
 
 
 def repeatable(field: dataclasses.Field) -> bool:

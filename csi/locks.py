@@ -1,9 +1,13 @@
-"""Per-key locks and single-flight: one unpack per layer however many requests race for it."""
+"""Per-key locks and single-flight (one unpack per layer however many requests race for it),
+and the file locks by which strata processes share a store."""
 
 import contextlib
 import fcntl
+import json
 import os
+import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
@@ -139,3 +143,52 @@ class StoreUsers:
         fd, self._fd = self._fd, None
         if fd is not None:
             os.close(fd)
+
+
+class ServeLock:
+    """The serving role on a store: an exclusive flock on `serve.lock`, held by one
+    `strata serve` from before its start-up repairs until it has stopped serving. Two servers
+    on one store would each repair what the other is doing (start-up unmounts mounts it
+    has no record of, and deletes unrecorded layers and uppers), and answer the kubelet
+    from two views of the store. The holder writes who it is into the file, so that a
+    server kept out can say whom it waits for. Tools (`strata pull`, `gc`, `ls`) do not
+    take it: they work beside a server (see StoreUsers).
+
+    The kernel drops the lock when the holder's descriptor closes, however the holder
+    ends (kill -9 included); the file, and a stale holder line in it, stay."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+    def try_take(self) -> bool:
+        """Take the role if nobody holds it, and say so in the file."""
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        me = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                         "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n"
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, me.encode(), 0)
+        return True
+
+    def holder(self) -> str:
+        """Who holds the role, as the holder wrote it: the pid is in the holder's pid
+        namespace (in Kubernetes the host is its pod's name)."""
+        try:
+            with open(self.path, "rb") as f:
+                who = json.loads(f.read(4096))
+            return f"pid {int(who['pid'])} on host {who['host']}, serving since {who['since']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "a server that did not say who it is"
+
+    def close(self) -> None:
+        """Let go of the role (closing drops the flock); again is a no-op."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+
+class StoreServed(RuntimeError):
+    """Another `strata serve` holds the store's serving role."""

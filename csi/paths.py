@@ -2,6 +2,7 @@
 
 ```
 state.db              SQLite (WAL): layers, images, tags, stages, publications, references
+serve.lock            exclusive flock of the one `strata serve` on the store; says who holds it
 store.lock            shared flock held by every process using the store (serve, pull, gc)
 layers.lock           orders layer-directory renames between unpack and GC, across processes
 blobs/sha256/HEX      compressed blobs being pulled (a cache)
@@ -34,6 +35,10 @@ class StorePaths:
     @property
     def state_db(self) -> str:
         return os.path.join(self.root, "state.db")
+
+    @property
+    def serve_lock(self) -> str:
+        return os.path.join(self.root, "serve.lock")
 
     @property
     def store_lock(self) -> str:

@@ -5,13 +5,23 @@ stop.
 services (kept apart from `serve()` so tests can build one in-process); `serve()` blocks
 until SIGTERM/SIGINT, then lets running RPCs finish within the grace period and removes
 its sockets.
+
+One server per store, and never two on a socket. `serve()` first takes the store's serving
+role (locks.ServeLock), before any start-up repair: while another server holds it, it
+waits (a DaemonSet rolled with maxSurge starts the new pod before the old one stops), or
+with --no-wait exits with status 1. A socket path is taken over only when nobody accepts
+connections on it (a crashed run's leftover); a live one, say of a server on another
+--root, is refused and left alone (gRPC itself would unlink whatever socket is at the path
+before binding it: the check must come first).
 """
 
 import logging
 import os
 import signal
+import socket
 import stat
 import threading
+import time
 from concurrent import futures
 
 import grpc
@@ -22,31 +32,61 @@ from csi.config import Config, parse_host_port
 from csi.controller import ControllerService
 from csi.identity import IdentityService
 from csi.interceptors import RpcInterceptor
+from csi.locks import ServeLock
 from csi.metrics import Metrics
 from csi.mount.features import Features
 from csi.mount.syscalls import Mounter
 from csi.node import NodeService
+from csi.paths import StorePaths
 from csi.proto import csi_pb2_grpc
 
 log = logging.getLogger(__name__)
 
+WAIT_POLL = 0.2  # seconds between tries of the serving role while another server holds it
+WAIT_LOG = 60.0  # seconds between reminders in the log that we still wait
+CONNECT_TIMEOUT = 5.0  # a listener this slow to accept is still a listener
 
-def _bind_path(path: str) -> None:
+
+def _listening(path: str) -> str:
+    """Why `path` must be left alone ("" when nobody accepts connections on it). Only a
+    refused connection proves it stale; a slow or odd answer counts as someone there."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(CONNECT_TIMEOUT)
+        try:
+            s.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            return ""
+        except OSError as e:
+            return f"connecting to it fails with {e.strerror or e}, so it may be live"
+    return "a process accepts connections on it"
+
+
+def _claim(path: str) -> None:
+    """Make `path` free for our socket: remove a stale socket file, refuse anything else."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     try:
-        if stat.S_ISSOCK(os.lstat(path).st_mode):
-            os.unlink(path)  # a stale socket from a previous run
-        else:
-            raise SystemExit(f"{path} exists and is not a socket; refusing to replace it")
+        st = os.lstat(path)
     except FileNotFoundError:
-        pass
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise SystemExit(f"strata serve: {path} exists and is not a socket; refusing to "
+                         "replace it")
+    why = _listening(path)
+    if why:
+        raise SystemExit(f"strata serve: {path}: {why} (another strata server, on another "
+                         "--root?); not taking it over")
+    log.info("removing stale socket %s: nobody accepts connections on it", path)
+    os.unlink(path)
 
 
 class Plugin:
     def __init__(self, config: Config, metrics: Metrics | None = None,
-                 mounter: Mounter | None = None, features: Features | None = None):
+                 mounter: Mounter | None = None, features: Features | None = None,
+                 serving: ServeLock | None = None):
+        """`serving`: the store's serving role, already taken (see serve()); without it
+        the role is taken here or StoreServed raised (compose.node)."""
         self.config = config
-        self.parts = compose.node(config, metrics, mounter, features)
+        self.parts = compose.node(config, metrics, mounter, features, serving=serving)
         self.state = self.parts.state
         self.metrics = self.parts.metrics
         self.mounter = self.parts.mounter
@@ -75,6 +115,10 @@ class Plugin:
         cfg = self.config
         same = cfg.controller_endpoint and cfg.controller_socket_path == cfg.socket_path
         has_controller = bool(cfg.controller_endpoint)
+        # Both paths before either server starts: a refusal then leaves nothing bound.
+        for path in dict.fromkeys(p for p in (cfg.socket_path, cfg.controller_socket_path)
+                                  if p):
+            _claim(path)
         identity = IdentityService(controller=has_controller, ready=self.ready)
         node = self._server()
         csi_pb2_grpc.add_IdentityServicer_to_server(identity, node)
@@ -96,7 +140,6 @@ class Plugin:
             log.info("metrics on http://%s/metrics", cfg.metrics_address)
 
     def _add(self, server: grpc.Server, path: str) -> None:
-        _bind_path(path)
         server.add_insecure_port("unix://" + path)
         server.start()
         self._servers.append((server, path))
@@ -108,6 +151,9 @@ class Plugin:
         for event in events:
             event.wait()
         for _, path in self._servers:
+            # gRPC unlinks the path itself when its listener closes; this is for a server
+            # that never got that far. Nobody else can be serving on the path meanwhile:
+            # no strata takes over a socket while someone accepts connections on it.
             try:
                 os.unlink(path)
             except FileNotFoundError:
@@ -122,8 +168,37 @@ class Plugin:
         log.info("stopped")
 
 
+def take_store(config: Config, stop: threading.Event) -> ServeLock | None:
+    """The store's serving role: at once, or once the server holding it lets go. None when
+    `stop` is set while waiting; SystemExit (status 1) with --no-wait."""
+    paths = StorePaths(config.root).make()
+    lock = ServeLock(paths.serve_lock)
+    if lock.try_take():
+        return lock
+    holder = lock.holder()
+    if config.no_wait:
+        lock.close()
+        raise SystemExit(f"strata serve: another strata server ({holder}) serves the store "
+                         f"{paths.root}; not waiting for it (--no-wait)")
+    log.warning("another strata server (%s) serves the store %s; waiting for it to stop "
+                "before starting (--no-wait to exit instead)", holder, paths.root)
+    started = time.monotonic()
+    remind = started + WAIT_LOG
+    while not stop.wait(WAIT_POLL):
+        if lock.try_take():
+            log.info("took over the store %s after waiting %.1fs", paths.root,
+                     time.monotonic() - started)
+            return lock
+        if time.monotonic() >= remind:
+            remind += WAIT_LOG
+            log.warning("still waiting for the strata server (%s) that serves %s",
+                        lock.holder(), paths.root)
+    lock.close()
+    log.info("stopped while waiting for the store %s", paths.root)
+    return None
+
+
 def serve(config: Config) -> int:
-    plugin = Plugin(config)
     stop = threading.Event()
 
     def on_signal(signum, frame):
@@ -131,9 +206,18 @@ def serve(config: Config) -> int:
                  config.grace_seconds)
         stop.set()
 
+    # Before anything that may wait: a server still waiting for the store stops cleanly.
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    plugin.start()
+    serving = take_store(config, stop)
+    if serving is None:
+        return 0
+    plugin = Plugin(config, serving=serving)  # owns the role from here, even if it fails
+    try:
+        plugin.start()
+    except BaseException:
+        plugin.stop(0)
+        raise
     stop.wait()
     plugin.stop()
     return 0

@@ -191,6 +191,10 @@ class StrataProcess:
         self.csi: Csi | None = None
 
     def start(self, timeout: float = 30) -> "StrataProcess":
+        return self.launch().ready(timeout)
+
+    def launch(self) -> "StrataProcess":
+        """Start the process without waiting for it to serve (it may wait for the store)."""
         args = [sys.executable, "-m", "csi", "serve", "--endpoint", f"unix://{self.node_sock}",
                 "--controller-endpoint", f"unix://{self.ctrl_sock}", "--root", self.root,
                 "--node-id", "test-node", "--log-level", "DEBUG", "--grace-seconds", "5"]
@@ -199,6 +203,10 @@ class StrataProcess:
         args += self.extra_args
         with open(self.log, "a") as log:
             self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        return self
+
+    def ready(self, timeout: float = 30) -> "StrataProcess":
+        """Wait until the launched process serves on both sockets and connect to them."""
         deadline = time.monotonic() + timeout
         while not (os.path.exists(self.node_sock) and os.path.exists(self.ctrl_sock)):
             if self.proc.poll() is not None or time.monotonic() > deadline:

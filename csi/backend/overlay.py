@@ -62,7 +62,8 @@ class OverlayBackend(Backend):
             st = os.stat(lowers[0])
             os.chown(upper, st.st_uid, st.st_gid)
             os.chmod(upper, st.st_mode & 0o7777)
-            plan = functools.partial(spec.overlay, upper=upper, work=work, target=target)
+            plan = functools.partial(spec.overlay, upper=upper, work=work, target=target,
+                                     volatile=self._features.volatile)
             m = self._tagged(plan(lowers))
             return m if self._fits(m) else self._relative(key, lowers, plan)
 

@@ -45,16 +45,38 @@ def fits(m: Mount, page_size: int) -> bool:
     return len(os.fsencode(data(m.options))) < page_size
 
 
-def overlay(lowers: Sequence[str], upper: str, work: str, target: str, cwd: str = "") -> Mount:
+def overlay(lowers: Sequence[str], upper: str, work: str, target: str, cwd: str = "",
+            volatile: bool = False) -> Mount:
     """A writable overlay: `lowers` nearest first; writes copy up into `upper`. Relative
-    lowers are resolved from `cwd`."""
+    lowers are resolved from `cwd`.
+
+    `volatile` (Linux 5.10; the caller knows from features.probe whether the kernel takes
+    it): the overlay omits every sync of its upper (fsync(2), syncfs(2) and sync(2) inside
+    it, and the one at unmount), and leaves `work/work/incompat/volatile` behind, by which
+    the kernel refuses to mount that upper and work dir ever again: it cannot know whether
+    their contents reached the disk. For an upper that is discarded when it is unmounted,
+    and never mounted again (after a crash start-up forgets the publication and deletes its
+    state), that costs nothing and spares the pod's syncs and the unmount their flushes.
+
+    `metacopy` and `index` are not asked for (the module's defaults stand; off unless a
+    distribution changed them). metacopy=on would make a chown/chmod of a lower file copy up
+    a data-less file that points into the lowers by xattrs; the kernel's documentation says
+    not to use it with untrusted lowers, and image layers are untrusted (unpack strips their
+    trusted.overlay.* xattrs: one guard, where the kernel wants none to be needed); it also
+    turns redirect_dir on, which changes what a pod's renames leave in its upper. index=on
+    keeps hard links whole across copy-up (without it, writing one name of a hard-linked
+    lower file leaves its other names showing the old contents), but makes every mount fail
+    with EOPNOTSUPP where the store's filesystem cannot encode file handles or has no UUID,
+    and verifies the lowers against an upper that strata never mounts twice.
+    """
     if not lowers:
         raise ValueError("an overlay needs at least one lower layer")
     return Mount(
         type="overlay",
         source="overlay",
         target=target,
-        options=(f"lowerdir={':'.join(lowers)}", f"upperdir={upper}", f"workdir={work}"),
+        options=(f"lowerdir={':'.join(lowers)}", f"upperdir={upper}", f"workdir={work}",
+                 *(("volatile",) if volatile else ())),
         cwd=cwd,
     )
 

@@ -201,3 +201,22 @@ def test_a_bad_log_level_from_the_environment_is_a_usage_error(monkeypatch, caps
     assert e.value.code == 2 and "--log-level must be one of" in capsys.readouterr().err
     monkeypatch.setenv("STRATA_LOG_LEVEL", "warn")
     assert parse(["serve", "--node-id", "n"]).log_level == "WARN"
+
+
+def test_no_wait_is_a_switch_from_flag_or_environment(monkeypatch):
+    assert parse(["serve", "--node-id", "n"]).no_wait is False
+    assert parse(["serve", "--node-id", "n", "--no-wait"]).no_wait is True
+    for raw, value in (("true", True), ("1", True), ("Yes", True), ("off", False),
+                       ("0", False), ("", False)):
+        monkeypatch.setenv("STRATA_NO_WAIT", raw)
+        assert parse(["serve", "--node-id", "n"]).no_wait is value, raw
+    monkeypatch.setenv("STRATA_NO_WAIT", "false")
+    assert parse(["serve", "--node-id", "n", "--no-wait"]).no_wait is True, "the flag wins"
+
+
+def test_a_bad_switch_from_the_environment_is_a_usage_error(monkeypatch, capsys):
+    monkeypatch.setenv("STRATA_NO_WAIT", "perhaps")
+    with pytest.raises(SystemExit) as e:
+        parse(["serve", "--node-id", "n"])
+    assert e.value.code == 2 and "STRATA_NO_WAIT must be true or false" in \
+        capsys.readouterr().err

@@ -1,4 +1,5 @@
-"""csi/locks.py: SingleFlight (one run per key while callers race), KeyedLock and FileLock.
+"""csi/locks.py: SingleFlight (one run per key while callers race), KeyedLock, FileLock and
+ServeLock.
 
 No assertion here depends on how long anything takes: a test that needs a caller to be
 blocked first waits for proof that it is (a counted wait, a contended acquire, a queued
@@ -15,7 +16,7 @@ import types
 import pytest
 
 from csi import locks
-from csi.locks import FileLock, KeyedLock, SingleFlight
+from csi.locks import FileLock, KeyedLock, ServeLock, SingleFlight
 
 TIMEOUT = 10
 
@@ -447,3 +448,32 @@ def test_file_lock_waits_for_another_process_to_release(tmp_path):
             holder.kill()
             holder.wait()
         holder.stdout.close()
+
+
+def test_serve_lock_has_one_holder_that_says_who_it_is(tmp_path):
+    path = str(tmp_path / "serve.lock")
+    first, second = ServeLock(path), ServeLock(path)  # two descriptions: two flock owners
+    try:
+        assert first.try_take()
+        assert probe(path) == "busy"
+        assert not second.try_take()
+        who = second.holder()
+        assert who.startswith(f"pid {os.getpid()} on host ") and "serving since" in who
+        first.close()
+        first.close()  # again: nothing
+        assert second.try_take(), "closing lets go"
+    finally:
+        first.close()
+        second.close()
+    assert probe(path) == "free"
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage", b'{"pid": "x"}', b"[1, 2]"])
+def test_serve_lock_holder_that_did_not_say(tmp_path, content):
+    path = tmp_path / "serve.lock"
+    path.write_bytes(content)
+    lock = ServeLock(str(path))
+    try:
+        assert lock.holder() == "a server that did not say who it is"
+    finally:
+        lock.close()

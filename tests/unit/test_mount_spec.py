@@ -30,6 +30,23 @@ def test_overlay_single_lower_is_still_writable_overlay():
     assert m.options == ("lowerdir=/l/only", "upperdir=/u", "workdir=/w")
 
 
+def test_overlay_is_volatile_only_when_asked():
+    # volatile where the kernel takes it (the backend asks when features.probe found it):
+    # an upper discarded at unmount needs none of overlay's syncs.
+    m = spec.overlay(["/l/a", "/l/b"], "/u", "/w", "/t", volatile=True)
+    assert m.options == ("lowerdir=/l/a:/l/b", "upperdir=/u", "workdir=/w", "volatile")
+    assert spec.data(m.options).endswith(",volatile")  # data for the kernel, not a flag
+    assert "volatile" not in spec.overlay(["/l/a"], "/u", "/w", "/t").options
+    relative = spec.overlay(["1", "0"], "/u", "/w", "/t", cwd="/v/k/lower", volatile=True)
+    assert relative.options[-1] == "volatile" and relative.cwd == "/v/k/lower"
+
+
+def test_overlay_never_asks_for_metacopy_or_index():
+    for volatile in (False, True):
+        opts = spec.overlay(["/l/a", "/l/b"], "/u", "/w", "/t", volatile=volatile).options
+        assert not [o for o in opts if o.startswith(("metacopy", "index", "redirect_dir"))]
+
+
 @pytest.mark.parametrize("lowers", [[], ()])
 def test_overlay_without_lowers_is_refused(lowers):
     with pytest.raises(ValueError, match="at least one lower"):
