@@ -323,7 +323,6 @@ def test_default_mounter_probes_once_when_a_plan_is_over_a_page(layers, vol, mon
 
 # -- probe() on this kernel ------------------------------------------------------------------
 def test_probe_on_this_kernel(tmp_path):
-    before = MountTable().mounts()
     f = probe(str(tmp_path))
     assert f.lowerdir_plus and f.volatile and f.userxattr  # Linux >= 6.8
     assert f.redirect_dir and f.metacopy and f.index
@@ -333,7 +332,7 @@ def test_probe_on_this_kernel(tmp_path):
         if os.path.exists(param):
             assert getattr(f, f"{name}_default") is (read(param).strip() == "Y")
     assert os.listdir(tmp_path) == []
-    assert MountTable().mounts() == before
+    assert MountTable().under(str(tmp_path)) == [], "the probe's trial mounts are gone"
 
 
 def test_probe_without_fsopen_uses_mount2_and_leaves_nothing(tmp_path, monkeypatch):
@@ -341,12 +340,11 @@ def test_probe_without_fsopen_uses_mount2_and_leaves_nothing(tmp_path, monkeypat
         raise OSError(errno.ENOSYS, "fsopen: Function not implemented")
 
     monkeypatch.setattr(syscalls, "_fsopen_overlay", nosys)
-    before = MountTable().mounts()
     f = probe(str(tmp_path))
     assert not f.lowerdir_plus, "lowerdir+ is a question about fsconfig"
     assert f.volatile and f.userxattr and f.redirect_dir
     assert os.listdir(tmp_path) == []
-    assert MountTable().mounts() == before
+    assert MountTable().under(str(tmp_path)) == [], "the probe's trial mounts are gone"
 
 
 def test_probe_that_fails_leaves_nothing(tmp_path, monkeypatch):
@@ -360,8 +358,7 @@ def test_probe_that_fails_leaves_nothing(tmp_path, monkeypatch):
         return real(fs, options, target, source)
 
     monkeypatch.setattr(syscalls, "_configure", fail_third)
-    before = MountTable().mounts()
     with pytest.raises(OSError, match="injected"):
         probe(str(tmp_path))
     assert os.listdir(tmp_path) == []
-    assert MountTable().mounts() == before
+    assert MountTable().under(str(tmp_path)) == [], "the probe's trial mounts are gone"
