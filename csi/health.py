@@ -29,9 +29,12 @@ from csi.mount.mountinfo import MountTable
 from csi.paths import StorePaths
 from csi.store.state import Publication, Stage, State
 
-# A layer's top directory may show a ctime up to this much later than its record without
-# counting as changed: the record's clock and the kernel's coarse timestamps differ a little.
-CTIME_SLACK = 2.0
+# How much later than its record a layer's top directory may have changed without counting
+# as changed. None needed: the unpack's last change to it (directory times are set last)
+# comes before the record's time is read, and the kernel stamps ctime from a clock that runs
+# up to a tick behind the one the record reads. Only a wall-clock step backwards in those few
+# milliseconds could make an untouched layer look changed.
+CTIME_SLACK = 0.0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -154,3 +154,100 @@ def test_a_pending_release_survives_a_restart(server, images, tmp_path):
     with st.read() as tx:
         assert tx.holders() == []
     st.close()
+
+
+# -- a node reboot -------------------------------------------------------------------------
+@pytest.mark.parametrize("boot", ["rebooted", "same boot"])
+def test_node_reboot_republishes_fresh_and_leaves_nothing_stale(server, images, tmp_path,
+                                                                boot):
+    """A reboot keeps state.db and the target dirs and loses every mount. The kubelet's
+    retries publish again (and stage again first: a stage is its own record); what the pods
+    wrote before is gone, as an ephemeral upper should be. "same boot" is the same loss
+    without a reboot (every mount lost behind strata's back): start-up must then ask the
+    kernel before it deletes anything."""
+    eph, pub, staging = tmp_path / "pods/a/vol", tmp_path / "pods/b/vol", tmp_path / "staging"
+    eph.parent.mkdir(parents=True)
+    pub.parent.mkdir(parents=True)
+    server.csi.publish("eph", eph, images.app)
+    server.csi.stage("pv", staging, images.other)
+    server.csi.publish("pv", pub, staging=staging)
+    for t in (eph, pub):
+        (t / "written-before.txt").write_text("gone after a reboot\n")
+    before = volumes(server)
+    assert len(before) == 2
+    server.stop()
+    unmount_all_under(str(tmp_path))  # every mount of the store and of the pods
+    if boot == "rebooted":
+        with open(os.path.join(server.root, "boot_id"), "w") as f:
+            f.write("a-boot-before-this-one\n")
+    assert eph.is_dir() and pub.is_dir(), "the kubelet's target dirs stay"
+    server.start()
+    assert volumes(server) == set(), "uppers from before the reboot are discarded"
+    server.csi.publish("eph", eph, images.app)  # the kubelet's retry, unchanged
+    server.csi.stage("pv", staging, images.other)
+    server.csi.publish("pv", pub, staging=staging)
+    assert (eph / "etc/motd").read_text() == "app motd\n"
+    assert (pub / "opt/other.txt").read_text().startswith("another image")
+    assert not (eph / "written-before.txt").exists()
+    assert not (pub / "written-before.txt").exists()
+    after = volumes(server)
+    assert len(after) == 2 and not after & before
+    server.csi.unpublish("eph", eph)
+    server.csi.unpublish("pv", pub)
+    server.csi.unstage("pv", staging)
+    assert volumes(server) == set()
+    assert not MountTable().under(str(tmp_path))
+
+
+# -- a plugin upgrade ----------------------------------------------------------------------
+# A pod that keeps writing: one numbered line every few milliseconds until its input ends.
+WRITER = r"""
+import os, sys, threading
+stop = threading.Event()
+threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+n = 0
+with open(os.path.join(sys.argv[1], "log.txt"), "a") as f:
+    while not stop.wait(0.005):
+        f.write(f"{n}\n")
+        f.flush()
+        n += 1
+"""
+
+
+def lines(path) -> list[str]:
+    with open(path) as f:
+        return f.read().splitlines()
+
+
+def test_plugin_upgrade_leaves_live_mounts_and_their_writes_alone(server, images, tmp_path):
+    """SIGTERM while a pod writes, then a new `strata serve` on the same store (a rolling
+    upgrade of the DaemonSet): the mount, its upper and the writes go on untouched, and the
+    new server unpublishes it cleanly later."""
+    target = tmp_path / "pod" / "vol"
+    target.parent.mkdir()
+    server.csi.publish("upgrade", target, images.app)
+    [mount] = MountTable().at(str(target))
+    pub, _ = record(server, target)
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(target)],
+                              stdin=subprocess.PIPE)
+    try:
+        wait_for(lambda: (target / "log.txt").exists() and len(lines(target / "log.txt")) > 10)
+        assert server.stop(signal.SIGTERM) == 0
+        written = len(lines(target / "log.txt"))
+        server.start()
+        wait_for(lambda: len(lines(target / "log.txt")) > written + 10,
+                 what="the pod to go on writing")
+        assert MountTable().at(str(target)) == [mount], "the same mount, untouched"
+        assert record(server, target)[0] == pub
+    finally:
+        writer.stdin.close()
+        writer.wait(timeout=30)
+    log = lines(target / "log.txt")
+    assert log == [str(i) for i in range(len(log))], "no write lost or torn"
+    with open(os.path.join(server.root, "volumes", pub.key, "upper", "log.txt")) as f:
+        assert f.read().splitlines() == log
+    server.csi.unpublish("upgrade", target)
+    assert metric(server, "strata_lazy_unmounts_total") == 0
+    assert not target.exists()
+    assert volumes(server) == set()
+    assert not MountTable().under(str(tmp_path))
