@@ -1,11 +1,11 @@
 """Start-up reconciliation of state.db with the disk and the kernel's mount table.
 
 A crash can leave: half-built work in tmp/ (emptied), layer or publication directories
-that were never recorded (removed: unrecorded means unverified or unused), publications whose
-mount is gone (forgotten, and their private state removed once no overlay uses it: see
-releases.py), references that no longer match
-the publications and stages that exist (rebuilt by the state), and mounts of this store that
-no publication records (a publish interrupted between mount(2) and its record: unmounted, so
+that were never recorded (removed: unrecorded means unverified or unused, but a publication's
+only once no overlay uses it, see releases.py), publications whose mount is gone (forgotten,
+and their private state removed likewise), references that no longer match the publications
+and stages that exist (rebuilt by the state), and mounts of this store that no publication
+records (a publish interrupted between mount(2) and its record: unmounted, so
 that the kubelet's retry finds its target free). Which mounts are this store's, and which
 directories a publication owns, the backend says.
 """
