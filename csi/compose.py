@@ -29,6 +29,7 @@ from csi.paths import StorePaths
 from csi.provision import Provisioner
 from csi.pulls import Puller
 from csi.reconcile import reconcile
+from csi.releases import Releases
 from csi.store.blobs import BlobStore
 from csi.store.gc import Collector
 from csi.store.layers import LayerStore
@@ -52,8 +53,11 @@ class Parts:
     provisioner: Provisioner | None = None
     metrics: Metrics | None = None
     serving: ServeLock | None = None
+    releases: Releases | None = None
 
     def close(self) -> None:
+        if self.releases is not None:
+            self.releases.stop()  # it writes to the state
         self.state.close()
         if self.users is not None:
             self.users.close()
@@ -109,8 +113,7 @@ def node(config: Config, metrics: Metrics | None = None, mounter: Mounter | None
             raise StoreServed(f"another strata server ({holder}) serves the store "
                               f"{paths.root}")
     metrics = metrics or Metrics()
-    users = None
-    state = None
+    users = state = releases = None
     try:
         users = StoreUsers(paths.store_lock)
         state = State(paths.state_db)
@@ -119,16 +122,23 @@ def node(config: Config, metrics: Metrics | None = None, mounter: Mounter | None
         mounter = mounter or Mounter(features=features)
         backend = OverlayBackend(paths, features)
         layers = LayerStore(paths, state, clock=clock, on_unpack=metrics.on_unpack)
-        reconcile(paths, state, mounter, backend, layers, alone=users.alone(), clock=clock)
-        users.share()
         gc = Collector(layers, config.gc, clock=clock, on_collect=metrics.on_collect)
+        releases = Releases(paths, state, backend, mounter, clock=clock, collect=gc.collect,
+                            on_detach=metrics.lazy_unmounts.inc)
+        reconcile(paths, state, mounter, backend, layers, alone=users.alone(), clock=clock,
+                  releases=releases)
+        releases.settle()  # what the kernel let go while we were down; the rest later
+        users.share()
         puller = build_puller(config, state, layers, metrics=metrics, clock=clock)
         volumes = VolumeManager(paths, state, backend, mounter, puller, clock=clock, gc=gc,
-                                default_size_limit=config.default_size_limit_bytes)
+                                default_size_limit=config.default_size_limit_bytes,
+                                releases=releases)
         gc.collect()  # released while we were down, or a policy that changed
         provisioner = Provisioner(state, Resolver(config.oci_layout_roots))
         metrics.install_store(state, backend, paths)
     except BaseException:
+        if releases is not None:
+            releases.stop()
         if state is not None:
             state.close()
         if users is not None:
@@ -136,7 +146,7 @@ def node(config: Config, metrics: Metrics | None = None, mounter: Mounter | None
         serving.close()
         raise
     return Parts(paths, state, backend, users, layers, puller, gc, mounter, volumes,
-                 provisioner, metrics, serving)
+                 provisioner, metrics, serving, releases)
 
 
 def tool(config: Config, on_unpack=None, on_bytes=None) -> Parts:

@@ -47,6 +47,12 @@ class Metrics:
         self.gc_freed = Counter(
             "strata_gc_freed_bytes_total", "Bytes freed by GC.", registry=self.registry)
 
+        self.lazy_unmounts = Counter(
+            "strata_lazy_unmounts_total", "Unpublishes whose mount stayed busy (a process "
+            "in the pod held it) and was detached lazily; its writable layer is deleted once "
+            "the kernel lets the overlay go (strata_pending_releases).",
+            registry=self.registry)
+
         self.pulls = Counter(
             "strata_pulls", "Image pulls by result: pulled (from a registry), present (on the "
             "node already), or the gRPC code of the failure.", ["result"],
@@ -176,6 +182,7 @@ class StoreCollector:
             images = tx.images()
             pubs = tx.publications()
             stages = tx.stages()
+            releases = tx.releases()
         share = sharing(layers, images, pubs)
         yield GaugeMetricFamily("strata_layers", "Layers in the shared store.",
                                 value=len(layers))
@@ -220,3 +227,6 @@ class StoreCollector:
             "resident bytes.", value=sum(resident[lid] * (pods[lid] - 1) for lid in pods))
         yield GaugeMetricFamily("strata_stages", "Volumes staged on this node.",
                                 value=len(stages))
+        yield GaugeMetricFamily(
+            "strata_pending_releases", "Writable layers of lazily detached overlays that a "
+            "process still holds, kept until the kernel lets them go.", value=len(releases))

@@ -5,6 +5,7 @@ state.db              SQLite (WAL): layers, images, tags, stages, publications, 
 serve.lock            exclusive flock of the one `strata serve` on the store; says who holds it
 store.lock            shared flock held by every process using the store (serve, pull, gc)
 layers.lock           orders layer-directory renames between unpack and GC, across processes
+boot_id               the kernel boot the last server started in (a reboot ends every overlay)
 blobs/sha256/HEX      compressed blobs being pulled (a cache)
 layers/ID/fs          one unpacked layer, shared by every image and publication using it
 volumes/KEY/          one publication's private state, owned by the storage backend
@@ -47,6 +48,10 @@ class StorePaths:
     @property
     def layers_lock(self) -> str:
         return os.path.join(self.root, "layers.lock")
+
+    @property
+    def boot_id(self) -> str:
+        return os.path.join(self.root, "boot_id")
 
     @property
     def tmp(self) -> str:

@@ -1,10 +1,11 @@
 """Start-up reconciliation of state.db with the disk and the kernel's mount table.
 
 A crash can leave: half-built work in tmp/ (emptied), layer or publication directories
-that were never recorded (removed: unrecorded means unverified or unused), publications whose
-mount is gone (forgotten, and their private state removed), references that no longer match
-the publications and stages that exist (rebuilt by the state), and mounts of this store that
-no publication records (a publish interrupted between mount(2) and its record: unmounted, so
+that were never recorded (removed: unrecorded means unverified or unused, but a publication's
+only once no overlay uses it, see releases.py), publications whose mount is gone (forgotten,
+and their private state removed likewise), references that no longer match the publications
+and stages that exist (rebuilt by the state), and mounts of this store that no publication
+records (a publish interrupted between mount(2) and its record: unmounted, so
 that the kubelet's retry finds its target free). Which mounts are this store's, and which
 directories a publication owns, the backend says.
 """
@@ -17,6 +18,7 @@ from csi.backend import Backend
 from csi.mount.mountinfo import mount_of
 from csi.mount.syscalls import Mounter
 from csi.paths import StorePaths
+from csi.releases import Releases
 from csi.store.layers import LayerStore
 from csi.store.state import State
 from csi.tree import remove_tree
@@ -27,10 +29,13 @@ PARTIAL_MAX_AGE = 24 * 3600  # a partial download nobody resumed for a day is dr
 
 
 def reconcile(paths: StorePaths, state: State, mounter: Mounter, backend: Backend,
-              layers: LayerStore, alone: bool = True, clock=time.time) -> None:
+              layers: LayerStore, alone: bool = True, clock=time.time,
+              releases: Releases | None = None) -> None:
     """`alone`: no other process uses the store (see locks.StoreUsers). When one does (a
     `strata pull` mid-unpack), tmp/, unrecorded layer directories and the other process's
-    leases are left for the next start."""
+    leases are left for the next start. `releases` decides about private state that a
+    live overlay may still use (releases.py): the keys of pending releases are left to it,
+    and unrecorded keys go only once the kernel says no overlay uses them."""
     if alone:
         _clean_tmp(paths.tmp, clock())
     else:
@@ -52,11 +57,11 @@ def reconcile(paths: StorePaths, state: State, mounter: Mounter, backend: Backen
                       "the images that contain it (they are pulled again when used)", lid)
         for line in tx.rebuild_references(lost, keep_leases=not alone):
             log.error("%s", line)  # its next publish pulls the image again
-        live_keys = {p.key for p in tx.publications()}
+        live_keys = {p.key for p in tx.publications()} | {r.key for r in tx.releases()}
         layer_ids = {layer.id for layer in tx.layers()}
+    releases = releases or Releases(paths, state, backend, mounter, clock=clock)
     for key in sorted(backend.keys() - live_keys):
-        log.warning("removing the private state of unrecorded publication %s", key)
-        backend.remove_or_log(key)
+        releases.remove_unless_held(key, f"unrecorded publication {key}")
     if alone:
         layers.remove_unrecorded(layer_ids)
 

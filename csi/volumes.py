@@ -9,6 +9,7 @@ something unknown is OK.
 """
 
 import dataclasses
+import errno
 import logging
 import os
 import secrets
@@ -16,11 +17,13 @@ import time
 
 from csi.backend import Backend
 from csi.errors import AlreadyExists, FailedPrecondition, Internal, NotFound
+from csi.health import Health
 from csi.locks import KeyedLock
 from csi.mount.syscalls import Mounter
 from csi.paths import StorePaths
 from csi.proto.csi_pb2 import VolumeCapability
 from csi.pulls import Puller
+from csi.releases import Releases
 from csi.store.gc import Collector
 from csi.store.state import Publication, Stage, State
 
@@ -80,7 +83,8 @@ class VolumeStats:
 class VolumeManager:
     def __init__(self, paths: StorePaths, state: State, backend: Backend, mounter: Mounter,
                  puller: Puller, clock=time.time, locks=None, gc: Collector | None = None,
-                 default_size_limit: int = 0):
+                 default_size_limit: int = 0, releases: Releases | None = None,
+                 health: Health | None = None):
         self._default_size_limit = default_size_limit
         self._paths = paths
         self._state = state
@@ -90,6 +94,8 @@ class VolumeManager:
         self._clock = clock
         self._locks = locks or KeyedLock()
         self._gc = gc
+        self._releases = releases or Releases(paths, state, backend, mounter, clock=clock)
+        self._health = health or Health(paths, state, backend, mounter.table)
 
     # -- stage -------------------------------------------------------------------------
     def stage(self, s: StageSpec) -> None:
@@ -284,13 +290,27 @@ class VolumeManager:
             log.exception("garbage collection failed")
 
     def _teardown(self, pub: Publication) -> None:
-        """Unmount, forget, then delete the ephemeral upper layer (record before files)."""
-        self._mounter.unmount(pub.target)
+        """Unmount, forget, then delete the ephemeral upper layer (record before files).
+        A mount that stays busy (a process in the pod holds it) is detached lazily instead,
+        and its upper kept until the kernel lets the overlay go (releases.py): either way
+        the target is no longer a mount point when this returns."""
+        lost = not self._mounter.table.is_mountpoint(pub.target)
+        try:
+            self._mounter.unmount(pub.target, lazy=False)
+        except OSError as e:
+            if e.errno != errno.EBUSY:
+                raise
+            self._releases.detach(pub)
+            return
         if self._mounter.table.is_mountpoint(pub.target):
             raise Internal(f"{pub.target} is still mounted after unmount")
         with self._state.transaction() as tx:
             tx.forget_publication(pub.target, self._clock())
-        self._backend.remove_or_log(pub.key)
+        if lost:  # unmounted behind our back: its overlay may live on, held by a process
+            self._releases.remove_unless_held(pub.key, f"publication {pub.key} whose mount "
+                                                       f"at {pub.target} was lost")
+        else:
+            self._backend.remove_or_log(pub.key)
 
     # -- stats -------------------------------------------------------------------------
     def stats(self, volume_id: str, path: str) -> VolumeStats:
@@ -304,11 +324,11 @@ class VolumeManager:
             stage = tx.stage(volume_id)
         if pub is not None and pub.volume_id == volume_id:
             used = self._backend.usage(pub.key)
-            mounted = self._mounter.table.is_mountpoint(pub.target)
-            message = "mounted" if mounted else f"{pub.target} is not mounted any more"
-            return self._stats(used.bytes, used.inodes, not mounted, message)
+            health = self._health.publication(pub, used)
+            return self._stats(used.bytes, used.inodes, health.abnormal, health.message)
         if stage is not None and stage.staging_path == path:
-            return self._stats(0, 0, False, "staged")
+            health = self._health.stage(stage)
+            return self._stats(0, 0, health.abnormal, health.message)
         raise NotFound(f"volume {volume_id} is not published or staged at {path}")
 
     def _stats(self, used: int, inodes: int, abnormal: bool, message: str) -> VolumeStats:

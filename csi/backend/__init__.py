@@ -15,6 +15,9 @@ Its vocabulary:
 - **dirs(key)** says where the writes of a prepared key land (what `strata diff` and the
   copy-up metrics read), **lowers(chain)** the layer directories they are read against,
   **usage(key)** what the key's private state takes on disk.
+- **holder_probe(key)** is how to ask the kernel whether a view of `key` that left the mount
+  table (detached lazily, or still mounted in another namespace) can still write to its
+  private state, which must not be deleted until it cannot (see csi/releases.py).
 - **keys()** lists the keys with state on disk (start-up removes those no record names), and
   **recognizer(mounts)** answers "is this mount one of mine?" from the mount table alone,
   for start-up to unmount what a crash left mounted but unrecorded.
@@ -98,6 +101,12 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def usage(self, key: str) -> Usage:
         """Bytes and inodes `key`'s private state takes (zero for none)."""
+
+    @abc.abstractmethod
+    def holder_probe(self, key: str) -> Mount | None:
+        """A plan that `Mounter.in_use` tries (never mounts) to learn whether a live view
+        can still write to `key`'s private state; None when nothing could: a read-only
+        view, or a key without writable state."""
 
     @abc.abstractmethod
     def keys(self) -> set[str]:

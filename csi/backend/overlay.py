@@ -129,6 +129,12 @@ class OverlayBackend(Backend):
             return None
         return Dirs(upper, self._paths.volume_part(key, WORK))
 
+    def holder_probe(self, key: str) -> Mount | None:
+        # The one thing a detached overlay writes to is its upper (its work dir lies beside
+        # it and goes with it); overlayfs marks the upper in use for the overlay's lifetime.
+        dirs = self.dirs(key)
+        return spec.holder_probe(dirs.upper) if dirs is not None else None
+
     def usage(self, key: str) -> Usage:
         return Usage(*usage(self._paths.volume(key)))
 

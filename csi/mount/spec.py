@@ -93,3 +93,19 @@ def view(lowers: Sequence[str], target: str, cwd: str = "") -> Mount:
         type="overlay", source="overlay", target=target,
         options=(f"lowerdir={':'.join(lowers)}", "ro"), cwd=cwd,
     )
+
+
+def holder_probe(upper: str) -> Mount:
+    """A plan that asks the kernel whether a live overlay still uses `upper` as its upper
+    dir, without building anything: the executor only tries it (Mounter.in_use).
+
+    An overlay marks its upper dir in use from the moment it is built until its superblock
+    is destroyed, which happens only when the last thing holding it goes: a mount in any
+    namespace, an open file, a working directory, a mapping. With `index=on` a second overlay
+    on a marked upper fails with EBUSY, and the kernel checks that mark first; this plan
+    names `upper` as its workdir too, which the kernel refuses (EINVAL, "workdir and
+    upperdir must be separate subtrees") right after that check, before it writes anything.
+    So EBUSY means held, EINVAL means free, and nothing changes either way."""
+    return Mount(type="overlay", source="overlay", target=upper,
+                 options=(f"lowerdir={upper}", f"upperdir={upper}", f"workdir={upper}",
+                          "index=on"))

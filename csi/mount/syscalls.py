@@ -131,10 +131,12 @@ def _fsopen_overlay() -> int:
     return _sys(SYS_FSOPEN, b"overlay", ctypes.c_uint(FSOPEN_CLOEXEC), what="fsopen overlay")
 
 
-def _configure(fs: int, options: Sequence[str], target: str, source: str = "") -> int:
+def _configure(fs: int, options: Sequence[str], target: str, source: str = "",
+               split_lowerdir: bool = True) -> int:
     """Pass `options` to the overlay context `fs` one fsconfig call each, "lowerdir=a:b"
-    as one "lowerdir+" per layer; returns the mount attributes that mount(2) flags become.
-    A bare option is a flag: fsconfig refuses a flag passed as an empty string."""
+    as one "lowerdir+" per layer (unless not `split_lowerdir`: "lowerdir+" needs Linux
+    6.8); returns the mount attributes that mount(2) flags become. A bare option is a
+    flag: fsconfig refuses a flag passed as an empty string."""
     attrs = 0
     # mountinfo's source field: without it the mount shows "none" where mount(2) would
     # have shown the plan's source, and readers of the table should not see a difference.
@@ -145,8 +147,9 @@ def _configure(fs: int, options: Sequence[str], target: str, source: str = "") -
         if opt in spec.FLAGS:
             raise ValueError(f"{opt!r} does not apply to an overlay (mount of {target})")
         key, eq, value = opt.partition("=")
-        values = value.split(":") if key == "lowerdir" else [value]
-        if key == "lowerdir":
+        split = key == "lowerdir" and split_lowerdir
+        values = value.split(":") if split else [value]
+        if split:
             key = "lowerdir+"
         for v in values:
             _sys(SYS_FSCONFIG, ctypes.c_int(fs),
@@ -189,7 +192,9 @@ def trial_overlay(options: Sequence[str], target: str, fsconfig_only: bool = Fal
             raise
     else:
         try:
-            _configure(fs, options, target)
+            # "lowerdir" as given: a question about any other option must not depend on
+            # whether this kernel has "lowerdir+" (6.8), which asks for it by name.
+            _configure(fs, options, target, split_lowerdir=False)
         finally:
             os.close(fs)
         return
@@ -213,7 +218,7 @@ class Mounter:
     start-up should probe on the store's filesystem and pass the result in."""
 
     def __init__(self, table: MountTable | None = None, busy_retries: int = 5,
-                 busy_delay: float = 0.05, features: Features | None = None):
+                 busy_delay: float = 0.01, features: Features | None = None):
         self.table = table or MountTable()
         self._busy_retries = busy_retries
         self._busy_delay = busy_delay
@@ -267,9 +272,14 @@ class Mounter:
                            os.fsencode(data) if data else None),
                f"mount {m.type} on {m.target}")
 
-    def unmount(self, target: str) -> None:
-        """Unmount everything stacked on `target`. EBUSY is retried; a lazy detach is the
-        last resort, logged, so that a stuck reader cannot leak the publication."""
+    def unmount(self, target: str, lazy: bool = True) -> bool:
+        """Unmount everything stacked on `target`. EBUSY (a process has a file open or its
+        working directory there) is retried with backoff, about 0.3 s in all by default.
+        Then, with `lazy`, the mount is detached (MNT_DETACH), logged, and True returned:
+        it leaves the mount table, but the filesystem lives on until its last user lets go.
+        Without `lazy`, OSError(EBUSY) is raised instead, so that the caller can keep what
+        the detached filesystem may still write to (see `detach`)."""
+        detached = False
         while self.table.is_mountpoint(target):
             for attempt in range(self._busy_retries + 1):
                 rc = _libc.umount2(target.encode(), UMOUNT_NOFOLLOW)
@@ -277,13 +287,42 @@ class Mounter:
                     break
                 err = ctypes.get_errno()
                 if err == errno.EINVAL and not self.table.is_mountpoint(target):
-                    return
+                    return detached
                 if err != errno.EBUSY:
                     raise OSError(err, f"umount {target}: {os.strerror(err)}")
                 if attempt < self._busy_retries:
                     time.sleep(self._busy_delay * (2 ** attempt))
             else:
-                log.warning("%s is still busy after %d tries; detaching it lazily",
-                            target, self._busy_retries + 1)
-                _check(_libc.umount2(target.encode(), MNT_DETACH | UMOUNT_NOFOLLOW),
-                       f"lazy umount {target}")
+                if not lazy:
+                    raise OSError(errno.EBUSY, f"umount {target}: still busy after "
+                                               f"{self._busy_retries + 1} tries")
+                self.detach(target)
+                detached = True
+        return detached
+
+    def detach(self, target: str) -> None:
+        """Detach the mount on `target` lazily (MNT_DETACH): gone from every path at once,
+        alive for whoever still holds it."""
+        log.warning("%s is still busy after %d tries; detaching it lazily", target,
+                    self._busy_retries + 1)
+        _check(_libc.umount2(target.encode(), MNT_DETACH | UMOUNT_NOFOLLOW),
+               f"lazy umount {target}")
+
+    def in_use(self, probe: Mount) -> bool:
+        """Try `probe`, a plan from spec.holder_probe, and read the kernel's answer: True
+        while a live overlay (mounted anywhere, or detached and still held) uses its upper
+        dir, False once none does. Raises OSError when the kernel answers anything else;
+        then nobody can tell. Every answer leaves a line in the kernel log (overlayfs
+        reports both refusals there), so callers ask only where an overlay may outlive its
+        mount, and back off while it does."""
+        try:
+            trial_overlay(probe.options, probe.target)
+        except OSError as e:
+            if e.errno == errno.EBUSY:
+                return True
+            if e.errno == errno.EINVAL:
+                return False
+            raise
+        raise OSError(errno.EEXIST, f"the kernel built the probe overlay on {probe.target}, "
+                                    "which it should have refused; cannot tell whether the "
+                                    "upper is in use")

@@ -99,6 +99,16 @@ ALTER TABLE publications ADD COLUMN pod_uid TEXT NOT NULL DEFAULT '';
 ALTER TABLE publications ADD COLUMN service_account TEXT NOT NULL DEFAULT '';
 ALTER TABLE publications ADD COLUMN size_limit INTEGER NOT NULL DEFAULT 0;  -- bytes, 0: none
 ALTER TABLE publications ADD COLUMN project_id INTEGER NOT NULL DEFAULT 0;  -- quota, 0: none
+-- A publication whose overlay had to be detached lazily (a process in the pod held it):
+-- its private state waits here until the kernel lets the overlay go, holding its layers.
+CREATE TABLE released (
+    key TEXT PRIMARY KEY,           -- the backend's key (volumes/KEY) the overlay may write
+    target TEXT NOT NULL,           -- where it was mounted ('' when start-up found it)
+    volume_id TEXT NOT NULL,
+    manifest_digest TEXT NOT NULL,  -- its image ('' when unknown): its layers stay referenced
+    device TEXT NOT NULL,           -- major:minor of the overlay when detached ('' unknown)
+    since REAL NOT NULL
+);
 """,
 }
 
@@ -223,6 +233,19 @@ class Publication:
 
 
 @dataclasses.dataclass(frozen=True)
+class Release:
+    """Private state (`key`) that a detached overlay may still write to: deleted only once
+    the kernel has let that overlay go. Until then it holds the layers the overlay reads."""
+
+    key: str
+    target: str = ""
+    volume_id: str = ""
+    manifest_digest: str = ""
+    device: str = ""  # major:minor of the overlay, for people looking for its holders
+    since: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
 class ControllerVolume:
     name: str
     volume_id: str
@@ -243,6 +266,10 @@ def _stage(volume_id: str) -> str:
 
 def _lease(token: str) -> str:
     return "lease:" + token
+
+
+def _released(key: str) -> str:
+    return "release:" + key
 
 
 class Reader:
@@ -318,6 +345,13 @@ class Reader:
             rows = self._c.execute(f"SELECT {_PUBLICATION_COLUMNS} FROM publications "
                                    "WHERE volume_id=? ORDER BY created", (volume_id,))
         return [_publication(r) for r in rows.fetchall()]
+
+    def release(self, key: str) -> Release | None:
+        return self._one(Release, "SELECT * FROM released WHERE key=?", key)
+
+    def releases(self) -> list[Release]:
+        """Private state waiting for the kernel to let a detached overlay go, oldest first."""
+        return self._all(Release, "SELECT * FROM released ORDER BY since")
 
     # references
     def refcount(self, layer_id: str) -> int:
@@ -446,19 +480,50 @@ class Tx(Reader):
         self._c.execute("DELETE FROM publications WHERE target=?", (target,))
         return self._release(_pub(target), now)
 
+    def release_publication(self, target: str, device: str, now: float) -> Release | None:
+        """Forget a publication whose overlay was detached but may live on, and keep its
+        private state and its layers for that overlay: the references pass to the release.
+        None (changing nothing) for an unknown target."""
+        pub = self.publication(target)
+        if pub is None:
+            return None
+        release = Release(pub.key, pub.target, pub.volume_id, pub.manifest_digest, device, now)
+        self._c.execute("INSERT OR REPLACE INTO released VALUES (?,?,?,?,?,?)",
+                        dataclasses.astuple(release))
+        self._c.execute("DELETE FROM publications WHERE target=?", (target,))
+        self._c.execute("UPDATE OR IGNORE refs SET holder=? WHERE holder=?",
+                        (_released(pub.key), _pub(target)))
+        self._c.execute("DELETE FROM refs WHERE holder=?", (_pub(target),))
+        return release
+
+    def record_release(self, release: Release) -> None:
+        """Private state no publication records that a live overlay still uses (start-up
+        found it): it holds no layers, since which ones is not known."""
+        self._c.execute("INSERT OR IGNORE INTO released VALUES (?,?,?,?,?,?)",
+                        dataclasses.astuple(release))
+
+    def forget_release(self, key: str, now: float) -> list[str]:
+        """The kernel let the overlay go: forget the release and its references; returns
+        the layers it held."""
+        self._c.execute("DELETE FROM released WHERE key=?", (key,))
+        return self._release(_released(key), now)
+
     # -- start-up ----------------------------------------------------------------------
     def rebuild_references(self, lost: set[str], keep_leases: bool = False) -> list[str]:
-        """References are derived data: rebuild them from the publications and stages that
-        exist, forgetting the `lost` layers (recorded, but their directory is gone) with
-        the images that contain them. Each holder keeps its image's layers that remain (a
-        live overlay may still use them); a holder whose image a lost layer took at an
-        earlier start keeps the references it has. Leases are dropped (their processes are
-        gone) unless `keep_leases` (another process uses the store). Returns a line for
-        each holder whose image is no longer complete (its next use pulls it again)."""
+        """References are derived data: rebuild them from the publications, stages and
+        releases that exist, forgetting the `lost` layers (recorded, but their directory
+        is gone) with the images that contain them. Each holder keeps its image's layers
+        that remain (a live overlay may still use them); a holder whose image a lost layer
+        took at an earlier start keeps the references it has. Leases are dropped (their
+        processes are gone) unless `keep_leases` (another process uses the store). Returns
+        a line for each holder whose image is no longer complete (its next use pulls it
+        again)."""
         holders = [(_pub(p.target), f"publication at {p.target}", p.manifest_digest)
                    for p in self.publications()]
         holders += [(_stage(s.volume_id), f"stage of {s.volume_id}", s.manifest_digest)
                     for s in self.stages()]
+        holders += [(_released(r.key), f"detached overlay of {r.key}", r.manifest_digest)
+                    for r in self.releases() if r.manifest_digest]
         had: dict[str, list[str]] = {}
         for lid, holder in self.holders():
             had.setdefault(holder, []).append(lid)

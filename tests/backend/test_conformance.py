@@ -439,6 +439,42 @@ def test_usage_of_an_unknown_key_is_zero(harness):
     assert harness.backend.usage("never-prepared") == Usage(0, 0)
 
 
+# -- a view that outlives its mount ------------------------------------------------------------
+def held(harness, key: str) -> bool:
+    probe = harness.backend.holder_probe(key)
+    return probe is not None and harness.mounter.in_use(probe)
+
+
+def test_a_writable_view_is_held_until_its_last_holder_lets_go(harness, image):
+    """Detached lazily while a file in it is open, a writable view lives on and writes to
+    the key's state; the kernel says so until the file is closed, and changes nothing by
+    saying it."""
+    t = harness.target("t")
+    assert not held(harness, "k") and harness.backend.holder_probe("k") is None
+    harness.mounter.mount(harness.backend.prepare("k", image, t))
+    assert held(harness, "k"), "mounted is held"
+    f = open(os.path.join(t, "open"), "w")
+    try:
+        harness.mounter.detach(t)
+        assert held(harness, "k"), "detached, with a file open"
+        f.write("written after the detach\n")
+        f.flush()
+        assert "open" in os.listdir(harness.backend.dirs("k").upper)
+    finally:
+        f.close()
+    assert not held(harness, "k")
+    assert not held(harness, "k"), "asking is repeatable: it left nothing behind"
+    harness.backend.remove("k")
+    assert "k" not in harness.backend.keys()
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_a_read_only_view_has_nothing_to_hold(harness, depth):
+    with harness.mounted(harness.backend.view("v", ro_chain(harness, depth),
+                                              harness.target("t"))):
+        assert harness.backend.holder_probe("v") is None
+
+
 # -- keys ------------------------------------------------------------------------------------
 def test_keys_are_exactly_those_with_state(harness, image):
     assert harness.backend.keys() == set()

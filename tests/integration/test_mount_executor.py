@@ -351,11 +351,11 @@ def test_probe_that_fails_leaves_nothing(tmp_path, monkeypatch):
     real = syscalls._configure
     calls = [0]
 
-    def fail_third(fs, options, target, source=""):
+    def fail_third(fs, options, target, source="", **kw):
         calls[0] += 1
         if calls[0] == 3:
             raise OSError(errno.EIO, "injected")
-        return real(fs, options, target, source)
+        return real(fs, options, target, source, **kw)
 
     monkeypatch.setattr(syscalls, "_configure", fail_third)
     with pytest.raises(OSError, match="injected"):
