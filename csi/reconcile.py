@@ -6,7 +6,8 @@ mount is gone (forgotten, and their private state removed), references that no l
 the publications and stages that exist (rebuilt by the state), and mounts of this store that
 no publication records (a publish interrupted between mount(2) and its record: unmounted, so
 that the kubelet's retry finds its target free). Which mounts are this store's, and which
-directories a publication owns, the backend says.
+directories a publication owns, the backend says; it also releases what it holds for
+unrecorded keys outside the mount table (a size-limited key's loop device).
 """
 
 import logging
@@ -55,8 +56,10 @@ def reconcile(paths: StorePaths, state: State, mounter: Mounter, backend: Backen
         live_keys = {p.key for p in tx.publications()}
         layer_ids = {layer.id for layer in tx.layers()}
     for key in sorted(backend.keys() - live_keys):
+        # A size-limited key's filesystem is unmounted first (remove never enters a mount).
         log.warning("removing the private state of unrecorded publication %s", key)
         backend.remove_or_log(key)
+    backend.repair(live_keys)  # loop devices no record owns; live keys' filesystems
     if alone:
         layers.remove_unrecorded(layer_ids)
 
