@@ -1,6 +1,7 @@
 """csi/mount/loop.py against the kernel's real loop devices: attach with LOOP_CONFIGURE,
 autoclear on the last close or unmount, detach, the listing, a missing /dev node, and the
-race for a free device.
+race for a free device. And the images a limited publication's filesystem lives on
+(csi/backend/loopfs.py): mkfs, and copies of a size's template.
 
 Loop devices are global to the machine and other processes use them meanwhile: every check
 here looks only at devices backed by this test's own files."""
@@ -8,10 +9,11 @@ here looks only at devices backed by this test's own files."""
 import errno
 import os
 import stat
+import subprocess
 
 import pytest
 
-from csi.backend.loopfs import MOUNT_OPTIONS, mkfs
+from csi.backend.loopfs import MOUNT_OPTIONS, Templates, mkfs
 from csi.mount.loop import LoopControl
 from csi.mount.mountinfo import MountTable
 from csi.mount.spec import Mount
@@ -150,3 +152,59 @@ def test_mkfs_failure_reports_its_reason(work):
     with pytest.raises(OSError) as e:
         mkfs(str(work / "absent-dir" / "x.img"))
     assert e.value.errno == errno.EIO and "mkfs.ext4" in str(e.value)
+
+
+def fsck(image: str) -> None:
+    run = subprocess.run(["e2fsck", "-f", "-n", image], capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_a_template_copy_is_the_filesystem_mkfs_made(work):
+    templates = Templates()
+    first, second = str(work / "first.img"), str(work / "second.img")
+    templates.make(first, 64 * MiB)  # mkfs
+    templates.make(second, 64 * MiB)  # the template's data segments, written
+    with open(first, "rb") as a, open(second, "rb") as b:
+        assert a.read() == b.read()
+    assert os.stat(second).st_blocks * 512 <= 256 * 1024, "sparse"
+    fsck(second)
+    # Used, and unmounted: still a clean filesystem (no journal to replay, none needed).
+    target = work / "mnt"
+    target.mkdir()
+    with LoopControl().attach(second) as held:
+        Mounter().mount(Mount("ext4", held.device, str(target), MOUNT_OPTIONS))
+    (target / "f").write_bytes(os.urandom(MiB))
+    Mounter().unmount(str(target))
+    fsck(second)
+
+
+def counting_mkfs(work):
+    """A mkfs.ext4 that notes each image it makes: (its path, the images made so far)."""
+    log = work / "calls"
+    wrapper = work / "mkfs-counting"
+    wrapper.write_text(f"#!/bin/sh\necho \"$*\" >> {log}\nexec mkfs.ext4 \"$@\"\n")
+    wrapper.chmod(0o755)
+
+    def calls() -> list[str]:
+        return [line.rsplit("/", 1)[1] for line in log.read_text().splitlines()]
+
+    return str(wrapper), calls
+
+
+def test_templates_are_kept_per_size_while_small(work):
+    """mkfs runs for the first image of each size only, and only for sizes whose template
+    is small enough to keep (a counting wrapper around mkfs.ext4 says which ran)."""
+    wrapper, calls = counting_mkfs(work)
+    templates = Templates(wrapper, max_template=64 * 1024)
+    for i, size in enumerate([64 * MiB, 64 * MiB, 10 << 30, 10 << 30, 64 * MiB]):
+        templates.make(str(work / f"{i}.img"), size)
+    # 64 MiB: one mkfs (a 40 KiB template); 10 GiB: a 160 KiB template, too big to keep.
+    assert calls() == ["0.img", "2.img", "3.img"]
+
+
+def test_the_least_recently_used_template_goes_first(work):
+    wrapper, calls = counting_mkfs(work)
+    templates = Templates(wrapper, max_bytes=60 * 1024)  # room for one 40 KiB template
+    for i, size in enumerate([32 * MiB, 64 * MiB, 64 * MiB, 32 * MiB]):
+        templates.make(str(work / f"{i}.img"), size)
+    assert calls() == ["0.img", "1.img", "3.img"]
