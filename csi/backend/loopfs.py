@@ -52,6 +52,7 @@ import threading
 
 from csi.backend import Space
 from csi.backend.bound import Bound
+from csi.errors import FailedPrecondition
 from csi.mount.loop import LoopControl, LoopDevice
 from csi.mount.spec import Mount
 from csi.mount.syscalls import Mounter
@@ -77,8 +78,8 @@ def mkfs(image: str, mkfs_ext4: str = "mkfs.ext4") -> None:
         run = subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True, text=True,
                              timeout=MKFS_TIMEOUT)
     except FileNotFoundError:
-        raise OSError(errno.ENOENT, f"{mkfs_ext4} not found: size limits need e2fsprogs "
-                                    "on the node") from None
+        raise FailedPrecondition(f"{mkfs_ext4} not found: size limits need e2fsprogs on "
+                                 "the node") from None
     if run.returncode != 0:
         said = " ".join((run.stderr or run.stdout).split())
         code = errno.ENOSPC if "No space left" in said else errno.EIO
@@ -179,8 +180,12 @@ class LoopBound(Bound):
         image, home = self.image(key), self.home(key)
         self._templates.make(image, size)
         os.mkdir(home, 0o700)
-        with self._loops.attach(image) as device:
-            self._mount(device.device, home)
+        try:
+            held = self._loops.attach(image)
+        except FileNotFoundError as e:  # no /dev/loop-control (the image was just made)
+            raise FailedPrecondition(f"size limits need loop devices: {e}") from None
+        with held:
+            self._mount(held.device, home)
 
     def _mount(self, device: str, home: str) -> None:
         self._mounter.mount(Mount(FSTYPE, device, home, MOUNT_OPTIONS))

@@ -22,7 +22,6 @@ loop device, detaches one, and lists the devices attached with their backing fil
   file's device and inode (LOOP_GET_STATUS64) before anything is detached (`identity`).
 """
 
-import contextlib
 import ctypes
 import dataclasses
 import errno
@@ -31,7 +30,6 @@ import glob
 import logging
 import os
 import stat
-from collections.abc import Iterator
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +98,9 @@ class LoopDevice:
 
 @dataclasses.dataclass
 class Attached:
-    """A device just attached, held open by `fd` until `close()`: with LO_FLAGS_AUTOCLEAR,
-    the close detaches it unless something else (a mount) holds it by then."""
+    """A device just attached, held open by `fd` until `close()` (or the end of a `with`
+    block): with LO_FLAGS_AUTOCLEAR, the close detaches it unless something else (a mount)
+    holds it by then."""
 
     device: str
     fd: int
@@ -110,6 +109,12 @@ class Attached:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+    def __enter__(self) -> "Attached":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 class LoopControl:
@@ -120,10 +125,9 @@ class LoopControl:
         self._dev = dev
         self._sys = sys_block
 
-    @contextlib.contextmanager
     def attach(self, backing: str, readonly: bool = False, block_size: int = 0,
-               autoclear: bool = True) -> Iterator[Attached]:
-        """Attach `backing` to a free loop device and hold the device open for the block:
+               autoclear: bool = True) -> Attached:
+        """Attach `backing` to a free loop device, held open: use it in a `with` block and
         mount it inside. On leaving, the hold is dropped (with autoclear, the device goes
         unless mounted). Raises OSError with the kernel's reason."""
         flags = (LO_FLAGS_AUTOCLEAR if autoclear else 0) | (LO_FLAGS_READ_ONLY if readonly else 0)
@@ -133,13 +137,9 @@ class LoopControl:
             config.info.lo_flags = flags
             name = os.fsencode(backing)[:LO_NAME_SIZE - 1]
             ctypes.memmove(config.info.lo_file_name, name, len(name))
-            held = self._configure(config, backing)
+            return self._configure(config, backing)
         finally:
             os.close(file_fd)  # the device holds the file now
-        try:
-            yield held
-        finally:
-            held.close()
 
     def _configure(self, config: LoopConfig, backing: str) -> Attached:
         for _ in range(ATTACH_TRIES):
@@ -163,7 +163,13 @@ class LoopControl:
                                    f"by another process {ATTACH_TRIES} times in a row")
 
     def _get_free(self) -> int:
-        fd = os.open(os.path.join(self._dev, "loop-control"), os.O_RDWR | os.O_CLOEXEC)
+        control = os.path.join(self._dev, "loop-control")
+        try:
+            fd = os.open(control, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise FileNotFoundError(errno.ENOENT, "no loop devices here (the loop module not "
+                                                  "loaded, or /dev not the host's)",
+                                    control) from None
         try:
             return fcntl.ioctl(fd, LOOP_CTL_GET_FREE)
         finally:

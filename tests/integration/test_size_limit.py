@@ -308,6 +308,46 @@ def test_a_publish_failing_after_its_filesystem_is_mounted_leaves_nothing(
     assert leftovers(limited.root) == []
 
 
+MKFS = {
+    "missing": None,
+    "failing": "#!/bin/sh\necho 'mkfs.ext4: something went wrong' >&2\nexit 1\n",
+    "making nothing": "#!/bin/sh\nexit 0\n",  # attach works, the mount of zeros fails
+}
+
+
+@pytest.mark.parametrize("mkfs_kind", MKFS)
+def test_a_prepare_failing_at_each_step_of_its_filesystem_leaves_nothing(tmp_path, mkfs_kind):
+    """The backend alone, with an mkfs.ext4 that is missing, fails, or makes nothing (so
+    that attaching works and mounting fails): a clear error, and nothing left behind."""
+    from csi.backend.loopfs import LoopBound, Templates
+    from csi.backend.overlay import OverlayBackend
+    from csi.errors import FailedPrecondition
+    from csi.paths import StorePaths
+
+    paths = StorePaths(str(tmp_path / "store")).make()
+    os.makedirs(paths.layer_fs("0000000000000001"))
+    mkfs_path = str(tmp_path / "mkfs")
+    if MKFS[mkfs_kind] is not None:
+        with open(mkfs_path, "w") as f:
+            f.write(MKFS[mkfs_kind])
+        os.chmod(mkfs_path, 0o755)
+    mounter = Mounter()
+    backend = OverlayBackend(paths, bound=LoopBound(paths, mounter, templates=Templates(mkfs_path)))
+    try:
+        with pytest.raises((OSError, FailedPrecondition)) as e:
+            backend.prepare("k", ["0000000000000001"], str(tmp_path / "t"), size_limit=8 * MiB)
+        print(f"\n{mkfs_kind}: {type(e.value).__name__}: {e.value}")
+        if mkfs_kind == "missing":
+            assert isinstance(e.value, FailedPrecondition) and "e2fsprogs" in str(e.value)
+        elif mkfs_kind == "failing":
+            assert "something went wrong" in str(e.value)
+        else:
+            assert "mount ext4" in str(e.value)
+        assert leftovers(paths.root) == []
+    finally:
+        unmount_all_under(str(tmp_path))
+
+
 # -- crashes --------------------------------------------------------------------------------
 def test_a_kill_leaves_a_live_limited_publication_working(server, tmp_path, images):
     p = server.start()
