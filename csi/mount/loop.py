@@ -38,9 +38,7 @@ LOOP_GET_STATUS64 = 0x4C05
 LOOP_CONFIGURE = 0x4C0A
 LOOP_CTL_GET_FREE = 0x4C82
 
-LO_FLAGS_READ_ONLY = 1
 LO_FLAGS_AUTOCLEAR = 4
-LO_FLAGS_DIRECT_IO = 16
 
 LO_NAME_SIZE = 64
 LO_KEY_SIZE = 32
@@ -125,16 +123,14 @@ class LoopControl:
         self._dev = dev
         self._sys = sys_block
 
-    def attach(self, backing: str, readonly: bool = False, block_size: int = 0,
-               autoclear: bool = True) -> Attached:
-        """Attach `backing` to a free loop device, held open: use it in a `with` block and
-        mount it inside. On leaving, the hold is dropped (with autoclear, the device goes
-        unless mounted). Raises OSError with the kernel's reason."""
-        flags = (LO_FLAGS_AUTOCLEAR if autoclear else 0) | (LO_FLAGS_READ_ONLY if readonly else 0)
-        file_fd = os.open(backing, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
+    def attach(self, backing: str, autoclear: bool = True) -> Attached:
+        """Attach `backing` (read-write) to a free loop device, held open: use it in a
+        `with` block and mount it inside. On leaving, the hold is dropped (with autoclear,
+        the device goes unless mounted). Raises OSError with the kernel's reason."""
+        file_fd = os.open(backing, os.O_RDWR | os.O_CLOEXEC)
         try:
-            config = LoopConfig(fd=file_fd, block_size=block_size)
-            config.info.lo_flags = flags
+            config = LoopConfig(fd=file_fd)  # block size 0: 512, whatever the file is on
+            config.info.lo_flags = LO_FLAGS_AUTOCLEAR if autoclear else 0
             name = os.fsencode(backing)[:LO_NAME_SIZE - 1]
             ctypes.memmove(config.info.lo_file_name, name, len(name))
             return self._configure(config, backing)
