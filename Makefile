@@ -50,6 +50,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/publish.py
+	$(PY) bench/size_limit.py
 	$(PY) bench/unpack.py
 	$(PY) bench/pull.py
 	$(PY) bench/volatile.py

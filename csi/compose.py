@@ -16,6 +16,7 @@ import os
 import time
 
 from csi.backend import Backend
+from csi.backend.loopfs import LoopBound
 from csi.backend.overlay import OverlayBackend
 from csi.config import Config
 from csi.image.auth import Keyring
@@ -120,7 +121,9 @@ def node(config: Config, metrics: Metrics | None = None, mounter: Mounter | None
         if features is None:
             features = _probe(paths.tmp)
         mounter = mounter or Mounter(features=features)
-        backend = OverlayBackend(paths, features)
+        # Size limits by loop-mounted filesystem images, mounted by the one executor. Where
+        # the store's filesystem enforces project quotas, a quota bound will go here.
+        backend = OverlayBackend(paths, features, LoopBound(paths, mounter))
         layers = LayerStore(paths, state, clock=clock, on_unpack=metrics.on_unpack)
         gc = Collector(layers, config.gc, clock=clock, on_collect=metrics.on_collect)
         releases = Releases(paths, state, backend, mounter, clock=clock, collect=gc.collect,

@@ -24,7 +24,7 @@ import errno
 import os
 import stat
 
-from csi.backend import Backend, Usage
+from csi.backend import Backend, Space, Usage
 from csi.mount.mountinfo import MountTable
 from csi.paths import StorePaths
 from csi.store.state import Publication, Stage, State
@@ -165,18 +165,21 @@ class Health:
         self._backend = backend
         self._table = table or MountTable()
 
-    def publication(self, pub: Publication, usage: Usage | None = None) -> Verdict:
-        return verdict(self.observe(pub, usage))
+    def publication(self, pub: Publication, usage: Usage | None = None,
+                    space: Space | None = None) -> Verdict:
+        return verdict(self.observe(pub, usage, space))
 
     def stage(self, stage: Stage) -> Verdict:
         return verdict(self.observe_stage(stage))
 
-    def observe(self, pub: Publication, usage: Usage | None = None) -> Observation:
+    def observe(self, pub: Publication, usage: Usage | None = None,
+                space: Space | None = None) -> Observation:
         """`usage`: the backend's usage of the publication's key, if the caller measured it
-        (it walks the upper); without it, the size limit is not judged."""
+        (it walks the upper); without it, the size limit is not judged. `space`: what the
+        bound of a size-limited key leaves (the backend's `space`), which decides."""
         complete, layers = self._layers(pub.manifest_digest)
         writable = "" if pub.readonly else self._paths.volume(pub.key)
-        available_bytes, available_inodes = _room(usage)
+        available_bytes, available_inodes = _room(space)
         return Observation(
             target=pub.target, image=pub.image,
             mounted=self._table.is_mountpoint(pub.target),
@@ -210,10 +213,9 @@ class Health:
                            ctime=st.st_ctime)
 
 
-def _room(usage: Usage | None) -> tuple[int | None, int | None]:
-    """What the writable layer's bound leaves (bytes, inodes), where the backend's usage
-    says (a size-limited upper's filesystem or quota); None where it does not. The one
-    place to adapt when the backend's usage gains those figures."""
-    if usage is None:
+def _room(space: Space | None) -> tuple[int | None, int | None]:
+    """What the writable layer's bound leaves (bytes, inodes), where the backend says (a
+    size-limited upper's filesystem or quota); None where it does not."""
+    if space is None:
         return None, None
-    return getattr(usage, "available", None), getattr(usage, "available_inodes", None)
+    return space.bytes_available, space.inodes_free

@@ -9,7 +9,8 @@ boot_id               the kernel boot the last server started in (a reboot ends 
 blobs/sha256/HEX      compressed blobs being pulled (a cache)
 layers/ID/fs          one unpacked layer, shared by every image and publication using it
 volumes/KEY/          one publication's private state, owned by the storage backend
-                      (overlay: upper/, work/, and lower/ links when options run long)
+                      (overlay: upper/, work/, and lower/ links when options run long;
+                      a size-limited one: fs.img mounted at fs/, upper/ and work/ in it)
 tmp/                  unpacks and downloads in progress
 ```
 Layer IDs are short (16 hex digits of the DiffID) so that long `lowerdir=` lists fit in the
@@ -79,9 +80,9 @@ class StorePaths:
     def volume(self, key: str) -> str:
         return os.path.join(self.volumes, key)
 
-    def volume_part(self, key: str, part: str) -> str:
-        """A named part of a publication's directory (`upper`, `work`, ...)."""
-        return os.path.join(self.volumes, key, part)
+    def volume_part(self, key: str, *parts: str) -> str:
+        """A named part of a publication's directory (`upper`, `work`, `fs/upper`, ...)."""
+        return os.path.join(self.volumes, key, *parts)
 
     def make(self) -> "StorePaths":
         """Create the root and its directories (private to root: layers hold other users'

@@ -7,7 +7,8 @@ and their private state removed likewise), references that no longer match the p
 and stages that exist (rebuilt by the state), and mounts of this store that no publication
 records (a publish interrupted between mount(2) and its record: unmounted, so
 that the kubelet's retry finds its target free). Which mounts are this store's, and which
-directories a publication owns, the backend says.
+directories a publication owns, the backend says; it also releases what it holds for
+unrecorded keys outside the mount table (a size-limited key's loop device).
 """
 
 import logging
@@ -61,7 +62,11 @@ def reconcile(paths: StorePaths, state: State, mounter: Mounter, backend: Backen
         layer_ids = {layer.id for layer in tx.layers()}
     releases = releases or Releases(paths, state, backend, mounter, clock=clock)
     for key in sorted(backend.keys() - live_keys):
+        # A size-limited key's filesystem is unmounted first (remove never enters a mount).
         releases.remove_unless_held(key, f"unrecorded publication {key}")
+    # Loop devices no record owns, and live keys' filesystems. What is still on disk was
+    # kept on purpose (a key pending release: its filesystem is under the detached overlay).
+    backend.repair(live_keys | backend.keys())
     if alone:
         layers.remove_unrecorded(layer_ids)
 

@@ -15,8 +15,17 @@ import os
 import secrets
 import time
 
-from csi.backend import Backend
-from csi.errors import AlreadyExists, FailedPrecondition, Internal, NotFound
+from csi import quantity
+from csi.backend import Backend, Space
+from csi.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    Internal,
+    NotFound,
+    ResourceExhausted,
+    is_no_space,
+    no_space,
+)
 from csi.health import Health
 from csi.locks import KeyedLock
 from csi.mount.syscalls import Mounter
@@ -224,8 +233,10 @@ class VolumeManager:
         created_target = False
         mounted = False
         try:
-            prepare = self._backend.view if p.readonly else self._backend.prepare
-            m = prepare(key, layer_ids, p.target)
+            if p.readonly:
+                m = self._backend.view(key, layer_ids, p.target)
+            else:
+                m = self._prepare(key, layer_ids, p)
             if self._mounter.table.is_mountpoint(p.target):
                 raise FailedPrecondition(f"{p.target} is already a mount point that strata "
                                          "did not record")
@@ -258,6 +269,26 @@ class VolumeManager:
             raise
         log.info("published volume %s at %s: %s (%d layers, %s)", p.volume_id, p.target,
                  image_name, len(layer_ids), "read-only" if p.readonly else "upper " + key)
+
+    def _prepare(self, key: str, layer_ids: list[str], p: PublishSpec):
+        """The backend's writable layer for `p`, within its size limit. A limit the
+        store's filesystem has no room for is refused before anything is made: the image
+        is sparse, so nothing would fail now, but the pod would find the node's disk full
+        before its own limit. (Limits are not reserved: publications together may promise
+        more than the disk holds, as emptyDir size limits do.)"""
+        if p.size_limit:
+            fs = os.statvfs(self._paths.volumes)
+            free = fs.f_bavail * fs.f_frsize
+            if p.size_limit > free:
+                raise ResourceExhausted(
+                    f"sizeLimit {quantity.human(p.size_limit)} ({p.size_limit} bytes) is more "
+                    f"than the {quantity.human(free)} free on the store's filesystem")
+        try:
+            return self._backend.prepare(key, layer_ids, p.target, size_limit=p.size_limit)
+        except OSError as e:
+            if is_no_space(e):
+                raise no_space(f"making the writable layer of {p.target}") from e
+            raise
 
     # -- unpublish ---------------------------------------------------------------------
     def unpublish(self, volume_id: str, target: str) -> None:
@@ -324,7 +355,10 @@ class VolumeManager:
             stage = tx.stage(volume_id)
         if pub is not None and pub.volume_id == volume_id:
             used = self._backend.usage(pub.key)
-            health = self._health.publication(pub, used)
+            space = self._backend.space(pub.key) if pub.size_limit else None
+            health = self._health.publication(pub, used, space)
+            if space is not None:
+                return _limited(space, health.abnormal, health.message)
             return self._stats(used.bytes, used.inodes, health.abnormal, health.message)
         if stage is not None and stage.staging_path == path:
             health = self._health.stage(stage)
@@ -332,12 +366,23 @@ class VolumeManager:
         raise NotFound(f"volume {volume_id} is not published or staged at {path}")
 
     def _stats(self, used: int, inodes: int, abnormal: bool, message: str) -> VolumeStats:
+        """An unlimited publication's room is the store's filesystem's."""
         fs = os.statvfs(self._paths.volumes)
         return VolumeStats(
             bytes_used=used, bytes_total=fs.f_blocks * fs.f_frsize,
             bytes_available=fs.f_bavail * fs.f_frsize, inodes_used=inodes,
             inodes_total=fs.f_files, inodes_free=fs.f_favail, abnormal=abnormal,
             message=message)
+
+
+def _limited(space: Space, abnormal: bool, message: str) -> VolumeStats:
+    """A limited publication's room is its limit: the kubelet and the pod's owner see the
+    limit as the total, and what the pod can still write as available."""
+    return VolumeStats(
+        bytes_used=space.bytes_used, bytes_total=space.bytes_total,
+        bytes_available=space.bytes_available, inodes_used=space.inodes_used,
+        inodes_total=space.inodes_total, inodes_free=space.inodes_free, abnormal=abnormal,
+        message=message)
 
 
 def canonical(path: str) -> str:

@@ -5,12 +5,12 @@
 #   umoci: the reference unpacker for the differential test
 #   docker-registry, skopeo, apache2-utils (htpasswd -B), openssl: the real registry the
 #   pull tests run against, the push tool, and the auth/TLS material for it
-#   xfsprogs, e2fsprogs (mkfs.xfs, mkfs.ext4): the filesystems the size-limit tests make
+#   e2fsprogs (mkfs.ext4): the filesystem image of a size-limited publication (the plugin
+#   needs it on the node too); xfsprogs (mkfs.xfs): the project-quota tests' filesystems
 set -euo pipefail
 tools=(make:make umount:util-linux umoci:umoci docker-registry:docker-registry
-       skopeo:skopeo htpasswd:apache2-utils openssl:openssl
-       mkfs.xfs:xfsprogs
-       mkfs.ext4:e2fsprogs)
+       skopeo:skopeo htpasswd:apache2-utils openssl:openssl mkfs.ext4:e2fsprogs
+       mkfs.xfs:xfsprogs)
 missing=()
 for t in "${tools[@]}"; do
   command -v "${t%%:*}" >/dev/null 2>&1 || missing+=("${t#*:}")

@@ -7,20 +7,25 @@ Its vocabulary:
   (`layers/ID/fs`). The same layer may appear twice; a backend decides what that means.
 - a **key** names one publication's private state (`volumes/KEY/`). Keys are chosen by the
   caller, unique, and recorded in state.db with the publication.
-- **prepare(key, chain, target)** creates the private writable layer over the chain and
-  returns the `Mount` (data, not an action) that shows it at `target`.
+- **prepare(key, chain, target, size_limit)** creates the private writable layer over the
+  chain and returns the `Mount` (data, not an action) that shows it at `target`. With a
+  `size_limit`, the layer cannot hold more than that many bytes (nor more inodes than a disk
+  of that size): the backend's `Bound` (bound.py) makes the room it lives in.
   **view(key, chain, target)** does the same for a read-only view.
   The caller executes the mount (mount/syscalls.py is the only executor) and, when anything
   fails, calls **remove(key)**, which also runs at unpublish once the mount is gone.
 - **dirs(key)** says where the writes of a prepared key land (what `strata diff` and the
   copy-up metrics read), **lowers(chain)** the layer directories they are read against,
-  **usage(key)** what the key's private state takes on disk.
+  **usage(key)** what the key's private state takes on the store's disk, and **space(key)**
+  a limited key's room (its limit, what is left) as the pod sees it.
 - **holder_probe(key)** is how to ask the kernel whether a view of `key` that left the mount
   table (detached lazily, or still mounted in another namespace) can still write to its
   private state, which must not be deleted until it cannot (see csi/releases.py).
-- **keys()** lists the keys with state on disk (start-up removes those no record names), and
+- **keys()** lists the keys with state on disk (start-up removes those no record names),
   **recognizer(mounts)** answers "is this mount one of mine?" from the mount table alone,
-  for start-up to unmount what a crash left mounted but unrecorded.
+  for start-up to unmount what a crash left mounted but unrecorded, and **repair(live)**
+  releases what the backend holds outside the mount table and `volumes/` for keys no record
+  names (loop devices).
 
 A worked example, for an image whose layers are `a` (base) and `b`:
 
@@ -51,6 +56,20 @@ class Usage:
 
 
 @dataclasses.dataclass(frozen=True)
+class Space:
+    """A size-limited key's room, as the pod sees it (NodeGetVolumeStats): `bytes_total` is
+    the limit; `bytes_used` what the pod's files take; the rest of the total that is not
+    available is the mechanism's own overhead (a filesystem's metadata)."""
+
+    bytes_total: int
+    bytes_used: int
+    bytes_available: int
+    inodes_total: int
+    inodes_used: int
+    inodes_free: int
+
+
+@dataclasses.dataclass(frozen=True)
 class Dirs:
     """Where a prepared key's writes land. `upper` holds everything the publication changed
     (created files, copied-up files, whiteouts); `work` is the backend's scratch space."""
@@ -66,10 +85,13 @@ class Backend(abc.ABC):
     name: str = ""
 
     @abc.abstractmethod
-    def prepare(self, key: str, chain: Sequence[str], target: str) -> Mount:
+    def prepare(self, key: str, chain: Sequence[str], target: str,
+                size_limit: int = 0) -> Mount:
         """Create `key`'s private writable layer over `chain` and return the mount that
         shows it at `target`. The root of the view takes the owner and mode of the chain's
-        root directory. Nothing is mounted here."""
+        root directory. `size_limit` (bytes, 0: none) bounds what the layer can hold; the
+        room for it is made here (a limited layer may mount a filesystem of its own, which
+        `remove` unmounts), but the view itself is not mounted."""
 
     @abc.abstractmethod
     def view(self, key: str, chain: Sequence[str], target: str) -> Mount:
@@ -102,6 +124,10 @@ class Backend(abc.ABC):
     def usage(self, key: str) -> Usage:
         """Bytes and inodes `key`'s private state takes (zero for none)."""
 
+    def space(self, key: str) -> Space | None:
+        """A size-limited key's room; None for a key without a limit."""
+        return None
+
     @abc.abstractmethod
     def holder_probe(self, key: str) -> Mount | None:
         """A plan that `Mounter.in_use` tries (never mounts) to learn whether a live view
@@ -111,6 +137,12 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def keys(self) -> set[str]:
         """Every key with private state on disk."""
+
+    @abc.abstractmethod
+    def repair(self, live: set[str]) -> None:
+        """Start-up, once the keys no record names are removed: release what the backend
+        holds for them beyond their directories (loop devices), and restore what a live
+        key needs that the plugin's restart took away. `live`: the recorded keys."""
 
     @abc.abstractmethod
     def recognizer(self, mounts: Sequence[MountInfo]) -> Callable[[MountInfo], bool]:

@@ -17,6 +17,10 @@ it; elsewhere (Ubuntu 22.04, RHEL 9, Bottlerocket/COS) this backend makes
 `volumes/KEY/lower/N` symlinks to the layers (0 is the base) and plans a mount whose
 lowerdirs are those short names, relative to that directory: Docker's overlay2 `l/` links
 and containerd's relative-lowerdir mount, per publication.
+
+Size limits: a limited publication's upper and work directories go one level down, into the
+room its `Bound` makes (`volumes/KEY/fs/`, a filesystem image of the limit's size, with the
+loop mechanism); `remove` has the bound release that room (unmount it) before deleting.
 """
 
 import contextlib
@@ -26,11 +30,14 @@ import functools
 import os
 from collections.abc import Callable, Iterator, Sequence
 
-from csi.backend import Backend, Dirs, Usage
+from csi.backend import Backend, Dirs, Space, Usage
+from csi.backend.bound import Bound
+from csi.backend.loopfs import LoopBound
 from csi.mount import spec
 from csi.mount.features import Features
 from csi.mount.mountinfo import MountInfo, mount_of
 from csi.mount.spec import Mount
+from csi.mount.syscalls import Mounter
 from csi.paths import StorePaths
 from csi.tree import remove_tree, usage
 
@@ -41,9 +48,13 @@ OVERLAY_PATH_KEYS = ("lowerdir", "lowerdir+", "datadir+", "upperdir", "workdir")
 class OverlayBackend(Backend):
     name = "overlay"
 
-    def __init__(self, paths: StorePaths, features: Features | None = None):
+    def __init__(self, paths: StorePaths, features: Features | None = None,
+                 bound: Bound | None = None):
+        """`bound` enforces size limits; left out, the loop mechanism with a mounter of
+        its own (the tools that only read and remove need nothing more)."""
         self._paths = paths
         self._features = features or Features()
+        self._bound = bound or LoopBound(paths, Mounter(features=features))
         self.source = f"strata:{paths.root}"
 
     # -- views -------------------------------------------------------------------------
@@ -52,10 +63,15 @@ class OverlayBackend(Backend):
         place (overlay refuses a repeated lowerdir, and the lower copy is hidden anyway)."""
         return [self._paths.layer_fs(lid) for lid in dict.fromkeys(reversed(tuple(chain)))]
 
-    def prepare(self, key: str, chain: Sequence[str], target: str) -> Mount:
+    def prepare(self, key: str, chain: Sequence[str], target: str,
+                size_limit: int = 0) -> Mount:
         lowers = self._lowers(chain)
-        upper, work = self._paths.volume_part(key, UPPER), self._paths.volume_part(key, WORK)
+        home = (self._bound.part,) if size_limit else ()
+        upper = self._paths.volume_part(key, *home, UPPER)
+        work = self._paths.volume_part(key, *home, WORK)
         with self._making(key):
+            if size_limit:
+                self._bound.make(key, size_limit)
             os.mkdir(work, 0o700)
             os.mkdir(upper)
             # The merged root takes the upper dir's owner and mode: match the image's root.
@@ -98,7 +114,7 @@ class OverlayBackend(Backend):
         try:
             yield
         except BaseException:
-            remove_tree(self._paths.volume(key), ignore_errors=True)
+            self.remove_or_log(key)
             raise
 
     def _tagged(self, m: Mount) -> Mount:
@@ -121,13 +137,15 @@ class OverlayBackend(Backend):
 
     # -- a publication's state ---------------------------------------------------------
     def remove(self, key: str) -> None:
+        self._bound.release(key)  # remove_tree never enters a mount: unmount it first
         remove_tree(self._paths.volume(key))
 
     def dirs(self, key: str) -> Dirs | None:
-        upper = self._paths.volume_part(key, UPPER)
-        if not os.path.isdir(upper):
-            return None
-        return Dirs(upper, self._paths.volume_part(key, WORK))
+        for home in ((), (self._bound.part,)):
+            upper = self._paths.volume_part(key, *home, UPPER)
+            if os.path.isdir(upper):
+                return Dirs(upper, self._paths.volume_part(key, *home, WORK))
+        return None
 
     def holder_probe(self, key: str) -> Mount | None:
         # The one thing a detached overlay writes to is its upper (its work dir lies beside
@@ -136,7 +154,17 @@ class OverlayBackend(Backend):
         return spec.holder_probe(dirs.upper) if dirs is not None else None
 
     def usage(self, key: str) -> Usage:
-        return Usage(*usage(self._paths.volume(key)))
+        """Bytes: what the key takes on the store's disk; for a limited key, its image's
+        allocated blocks (the walk does not enter the image's filesystem), which is the
+        disk's real cost, metadata included. Inodes: the files the publication holds, so
+        for a limited key those its filesystem has in use too (ext4 counts its root,
+        lost+found and reserved inodes among them)."""
+        used, inodes = usage(self._paths.volume(key))
+        space = self._bound.space(key)
+        return Usage(used, inodes + (space.inodes_used if space else 0))
+
+    def space(self, key: str) -> Space | None:
+        return self._bound.space(key)
 
     def keys(self) -> set[str]:
         try:  # a stray file is state too, to be removed if no publication names it
@@ -145,6 +173,9 @@ class OverlayBackend(Backend):
             return set()
 
     # -- start-up ----------------------------------------------------------------------
+    def repair(self, live: set[str]) -> None:
+        self._bound.repair(live)
+
     def recognizer(self, mounts: Sequence[MountInfo]) -> Callable[[MountInfo], bool]:
         views = self._layer_views(mounts)
 

@@ -8,6 +8,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
+from csi.mount.loop import LoopControl
 from tests.conftest import ROOT_REASON, StrataProcess, unmount_all_under
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -31,12 +32,17 @@ def tally(junit: str) -> dict[str, int]:
     return counts
 
 
-@pytest.fixture(params=["registry", "layout"])
+@pytest.fixture(params=["registry", "layout", "layout-limited"])
 def image_source(request, images, tmp_path_factory):
-    """(image reference, extra `strata serve` flags): an image in a real registry (the
-    kubelet's case), and the same image as a local OCI layout."""
+    """(image reference, extra `strata serve` flags, more volume parameters): an image in a
+    real registry (the kubelet's case), the same image as a local OCI layout, and that
+    again with a `sizeLimit`, so that every publication of the suite is a limited one (a
+    filesystem image on a loop device, made and removed per publication)."""
     if request.param == "layout":
-        yield images.app, ()
+        yield images.app, (), ""
+        return
+    if request.param == "layout-limited":
+        yield images.app, (), "sizeLimit: 16Mi\n"
         return
     import shutil
 
@@ -47,7 +53,7 @@ def image_source(request, images, tmp_path_factory):
     layout, tag = images.app[len("oci:"):].rsplit(":", 1)
     with Registry() as reg:
         push(layout, tag, reg, "strata/app", "1")
-        yield f"{reg.host}/strata/app:1", ("--insecure-registry", reg.host)
+        yield f"{reg.host}/strata/app:1", ("--insecure-registry", reg.host), ""
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason=ROOT_REASON)
@@ -56,10 +62,10 @@ def test_csi_sanity(tmp_path, image_source):
         if os.environ.get("CI"):
             pytest.fail(f"csi-sanity not found at {BINARY}")
         pytest.skip(f"csi-sanity not found at {BINARY} (set CSI_SANITY)")
-    image, flags = image_source
+    image, flags, more = image_source
     plugin = StrataProcess(str(tmp_path), extra_args=flags)
     params = tmp_path / "params.yaml"
-    params.write_text(f"image: {image}\n")
+    params.write_text(f"image: {image}\n{more}")
     junit = tmp_path / "sanity.xml"
     # Clean-up only in `finally`: an assertion there would replace the run's own failure
     # and skip the unmount. What the clean-up found is checked after it.
@@ -90,5 +96,9 @@ def test_csi_sanity(tmp_path, image_source):
     assert stopped == 0, f"strata serve exited {stopped} on SIGTERM:\n{log[-4000:]}"
     assert "Traceback" not in log, log[-4000:]
     assert not left, f"csi-sanity run left mounts: {left}"
+    if more:  # the suite's publications were limited ones (loop.py logs each attach)
+        assert "fs.img to /dev/loop" in log, log[-4000:]
     assert os.listdir(os.path.join(plugin.root, "volumes")) == []
+    store = os.path.realpath(plugin.root) + os.sep
+    assert not [d for d in LoopControl().attached() if d.backing_file.startswith(store)]
     assert not (tmp_path / "mount").exists() and not (tmp_path / "staging").exists()
