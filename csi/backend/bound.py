@@ -20,7 +20,7 @@ a restart answers for every key the old one made.
 
 import abc
 
-from csi.backend import Space
+from csi.backend import Space, Usage
 
 
 class Bound(abc.ABC):
@@ -45,6 +45,11 @@ class Bound(abc.ABC):
     def space(self, key: str) -> Space | None:
         """The bounded key's room (total = its limit); None for a key that has no bound, or
         whose bound cannot be read here."""
+
+    def usage(self, key: str) -> Usage | None:
+        """What a bounded key's files take where a walk of `volumes/KEY` cannot see them (a
+        filesystem of its own); None where it can (a quota's directory is on the store)."""
+        return None
 
     @abc.abstractmethod
     def repair(self, live: set[str]) -> None:

@@ -50,13 +50,14 @@ import os
 import subprocess
 import threading
 
-from csi.backend import Space
+from csi.backend import Space, Usage
 from csi.backend.bound import Bound
 from csi.errors import FailedPrecondition
 from csi.mount.loop import LoopControl, LoopDevice
 from csi.mount.spec import Mount
 from csi.mount.syscalls import Mounter
 from csi.paths import StorePaths
+from csi.tree import usage
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +209,16 @@ class LoopBound(Bound):
             bytes_total=size, bytes_used=(fs.f_blocks - fs.f_bfree) * fs.f_frsize,
             bytes_available=fs.f_bavail * fs.f_frsize, inodes_total=fs.f_files,
             inodes_used=fs.f_files - fs.f_ffree, inodes_free=fs.f_favail)
+
+    def usage(self, key: str) -> Usage | None:
+        """The files inside the key's filesystem (upper and work), walked: ext4 counts a
+        file's blocks as soon as they are written (delayed allocation included), while the
+        image's own blocks on the store's disk lag the page cache's writeback, and with
+        `volatile` may not grow until unmount."""
+        home = self.home(key)
+        if not self._mounter.table.is_mountpoint(home):
+            return None
+        return Usage(*usage(home))
 
     # -- start-up ----------------------------------------------------------------------
     def repair(self, live: set[str]) -> None:

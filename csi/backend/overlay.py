@@ -154,14 +154,10 @@ class OverlayBackend(Backend):
         return spec.holder_probe(dirs.upper) if dirs is not None else None
 
     def usage(self, key: str) -> Usage:
-        """Bytes: what the key takes on the store's disk; for a limited key, its image's
-        allocated blocks (the walk does not enter the image's filesystem), which is the
-        disk's real cost, metadata included. Inodes: the files the publication holds, so
-        for a limited key those its filesystem has in use too (ext4 counts its root,
-        lost+found and reserved inodes among them)."""
-        used, inodes = usage(self._paths.volume(key))
-        space = self._bound.space(key)
-        return Usage(used, inodes + (space.inodes_used if space else 0))
+        """Bytes and inodes of the publication's files (allocated: st_blocks); for a
+        limited key whose bound is a filesystem of its own, walked inside it (see
+        LoopBound.usage), not the blocks its image has on the store's disk so far."""
+        return self._bound.usage(key) or Usage(*usage(self._paths.volume(key)))
 
     def space(self, key: str) -> Space | None:
         return self._bound.space(key)
