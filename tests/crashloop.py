@@ -235,8 +235,8 @@ class CrashLoop:
         self.server.start(timeout=60)
 
     def kill(self) -> None:
-        """SIGKILL, then close our channels (closing them first would cancel the calls in
-        flight instead of letting the kill interrupt them)."""
+        """SIGKILL. Our channels stay open until the calls in flight have failed
+        (close_channels): closing them first would cancel those calls, not the kill."""
         proc = self.server.proc
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -254,8 +254,9 @@ class CrashLoop:
         self.tally.restarts += 1
 
     def _kill_during_start(self) -> bool:
-        """Start in a thread and SIGKILL it a moment after its kernel probe, while it
-        reconciles. False if it was serving by then (it is left running)."""
+        """Start in a thread and SIGKILL it a moment after it logged its kernel probe (the
+        line compose.node logs just before reconcile), while it repairs. False if it was
+        serving by then, or never logged that line: it is left running."""
         delay = self.rng.uniform(0, STARTUP_WINDOW)
         try:
             offset = os.path.getsize(self.server.log)
