@@ -167,7 +167,7 @@ class Tally:
     calls_by_kind: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     interrupted: int = 0  # calls still running when the server was killed, not answered
     completed_before_kill: int = 0  # answered OK before it
-    retries: int = 0
+    retries: int = 0  # the same request sent again after an error or a kill
     answers: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     kills: int = 0
     early_kills: int = 0
@@ -410,8 +410,8 @@ class CrashLoop:
         deadline = time.monotonic() + RETRY_FOR
         delay = 0.01
         while True:
+            self.tally.retries += call.attempts > 0  # a first try (teardown) is no retry
             code = self._attempt(self.server.csi, call)
-            self.tally.retries += 1
             if code is None:
                 return
             self.tally.answers[code.name] += 1
@@ -622,7 +622,7 @@ class CrashLoop:
             if budget is not None and time.monotonic() - started > budget:
                 self.tally.ended_by = f"the {budget:.0f}s budget"
                 break
-        else:
+        if not self.tally.problems:  # else the node is left as the problem found it
             self.finish()
         self.tally.seconds = time.monotonic() - started
         return self.tally

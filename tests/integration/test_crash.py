@@ -1,7 +1,7 @@
 """Crash safety: a randomized kill -9 loop (tests/crashloop.py) against a real `strata serve`
 with GC racing the publishes, and the regressions it found, each pinned by its own test.
 
-`make test` runs a short loop (STRATA_CRASH_ROUNDS, default 150 rounds, within a time budget);
+`make test` runs a short loop (STRATA_CRASH_ROUNDS, default 120 rounds, within a time budget);
 `make crash` runs it at full length. STRATA_CRASH_SEED replays a failing run's sequence of
 calls and kill moments (the kernel's timing is not replayed, so a rare race may need a few
 runs); STRATA_CRASH_TALLY names a file to write the tally to as JSON.
@@ -21,7 +21,7 @@ from tests.crashloop import CrashLoop, build_images, write_tally
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason=ROOT_REASON)
 
-DEFAULT_ROUNDS = 150
+DEFAULT_ROUNDS = 120
 DEFAULT_BUDGET = 100.0  # seconds of rounds in `make test`; a full run sets no budget
 
 
