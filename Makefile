@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: demo test unit integration sanity need-root system-deps proto lint bench clean
+.PHONY: demo test unit integration sanity crash need-root system-deps proto lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,15 @@ integration: system-deps $(STAMP)
 
 sanity: system-deps $(STAMP)
 	$(PY) -m pytest tests/sanity $(PYTEST_ARGS)
+
+# The kill -9 loop of tests/integration/test_crash.py at full length (make test runs a
+# short one): CRASH_ROUNDS rounds; STRATA_CRASH_SEED=N replays a run, and
+# STRATA_CRASH_TALLY=FILE writes its tally as JSON.
+CRASH_ROUNDS ?= 1000
+crash: system-deps $(STAMP)
+	STRATA_CRASH_ROUNDS=$(CRASH_ROUNDS) $(PY) -m pytest -s \
+		tests/integration/test_crash.py::test_kill_9_at_random_moments_leaves_every_pod_intact_and_nothing_behind \
+		$(PYTEST_ARGS)
 
 system-deps: need-root
 	bash scripts/system-deps.sh

@@ -297,7 +297,7 @@ class VolumeManager:
             with self._state.read() as tx:
                 pub = tx.publication(target)
             if pub is None:
-                log.info("volume %s is not published at %s, nothing to do", volume_id, target)
+                self._clean_unrecorded_target(volume_id, target)
                 return
             if pub.volume_id != volume_id:
                 raise NotFound(f"target {target} holds volume {pub.volume_id}, not {volume_id}")
@@ -305,6 +305,28 @@ class VolumeManager:
             _rmdir(target)
             log.info("unpublished volume %s from %s", volume_id, target)
         self._collect()
+
+    def _clean_unrecorded_target(self, volume_id: str, target: str) -> None:
+        """Unpublish of a target no publication records answers OK. An empty directory
+        there that is not a mount point is most likely the target a killed unpublish (or
+        publish) left between forgetting the record and removing it: remove it, as
+        csi-driver-host-path's CleanupMountPoint does, or the retry would answer OK around
+        it. Anything else (files in it, a mount, not a directory) is not ours to touch."""
+        if (os.path.isdir(target) and not os.path.islink(target)
+                and not self._mounter.table.is_mountpoint(target)):
+            try:
+                os.rmdir(target)
+            except FileNotFoundError:
+                pass
+            except OSError as e:  # ENOTEMPTY, EBUSY: leave it
+                log.warning("volume %s is not published at %s, which is left as it is: %s",
+                            volume_id, target, e.strerror)
+                return
+            else:
+                log.info("volume %s is not published at %s; removed the empty target dir",
+                         volume_id, target)
+                return
+        log.info("volume %s is not published at %s, nothing to do", volume_id, target)
 
     def _collect(self, grown_only: bool = False) -> None:
         """Run GC after references were released, or (`grown_only`) if the store grew. Its
