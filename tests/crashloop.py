@@ -1,8 +1,9 @@
 """A randomized kill -9 loop against a real `strata serve`: the harness of
 tests/integration/test_crash.py and of `make crash`.
 
-Each round issues 1-4 concurrent CSI calls (ephemeral publish, unpublish, stage, staged
-publish, unstage) chosen against a model of what the kubelet wants (which targets hold
+Each round issues 1-4 concurrent CSI calls (ephemeral publish (some with a `sizeLimit`, on a
+loop-mounted filesystem of their own, some read-only), unpublish, stage, staged publish,
+unstage) chosen against a model of what the kubelet wants (which targets hold
 which image, which volumes are staged), SIGKILLs the server at a random moment (most within
 the first 30 ms, when the calls are mid-flight), starts it again and retries every call that
 has not answered OK, as the kubelet does, until it does. The server runs with
@@ -10,7 +11,8 @@ has not answered OK, as the kubelet does, until it does. The server runs with
 
 After every round the node must look exactly as the model says: each published pod's target
 is mounted, shows its image's content and the files the pod wrote after its publish
-succeeded; nothing else of the store is mounted; the records (publications, stages) are the
+succeeded; nothing else of the store is mounted, and exactly the size-limited publications
+have their filesystem mounted and a loop device attached; the records (publications, stages) are the
 model's; tmp/ is empty, volumes/ holds the uppers of the recorded publications only, layers/
 the recorded layers only, and no recorded layer is unreferenced. The last round is followed
 by one more kill and restart, and then everything is unpublished and unstaged: no mount, no
@@ -33,6 +35,7 @@ from collections.abc import Callable
 import grpc
 
 from csi.image.build import LayerBuilder, write_image
+from csi.mount.loop import LoopControl
 from csi.mount.mountinfo import MountTable
 from csi.store.state import State
 from tests.conftest import Csi, StrataProcess, unmount_all_under
@@ -63,6 +66,9 @@ RETRY_FOR = 120.0  # seconds a call is retried after the restart before it is a 
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED}
 INTERRUPTED = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
 MARKER = "pod.txt"
+LIMIT = "16Mi"  # a size-limited pod's sizeLimit: its upper is an ext4 image on a loop device
+LIMITED_SHARE = 0.25  # of ephemeral publishes
+READONLY_SHARE = 0.15
 MOTD = "etc/motd"
 
 
@@ -129,6 +135,8 @@ class Pod:
     target: str
     image: TestImage
     staging: str = ""  # the staged volume's path; "" for an inline ephemeral volume
+    size_limit: str = ""
+    readonly: bool = False
 
 
 @dataclasses.dataclass
@@ -311,8 +319,15 @@ class CrashLoop:
         name = self._name("pod")
         parent = os.path.join(self.pods_dir, name, "volumes", "kubernetes.io~csi", "vol")
         os.makedirs(parent)  # the kubelet makes the parent; the driver the target
-        return Pod(name, volume_id or f"csi-{name}", os.path.join(parent, "mount"), image,
-                   staging)
+        pod = Pod(name, volume_id or f"csi-{name}", os.path.join(parent, "mount"), image,
+                  staging)
+        if not staging:
+            kind = self.rng.random()
+            if kind < LIMITED_SHARE:
+                pod.size_limit = LIMIT
+            elif kind < LIMITED_SHARE + READONLY_SHARE:
+                pod.readonly = True
+        return pod
 
     def choose(self) -> list[Call]:
         """1-4 calls the kubelet could issue at once: never two on one pod, and a volume
@@ -373,7 +388,8 @@ class CrashLoop:
     def _issue(self, csi: Csi, call: Call) -> None:
         p, s = call.pod, call.staged
         if call.kind == "publish":
-            csi.publish(p.volume_id, p.target, p.image.ref)
+            limit = {"sizeLimit": p.size_limit} if p.size_limit else {}
+            csi.publish(p.volume_id, p.target, p.image.ref, readonly=p.readonly, **limit)
         elif call.kind == "staged-publish":
             csi.publish(p.volume_id, p.target, staging=p.staging, ephemeral=False)
         elif call.kind == "unpublish":
@@ -389,7 +405,7 @@ class CrashLoop:
         """What the pod does once its publish answered OK: write a file of its own, and
         change one of the image's (a copy-up into its upper)."""
         call.done = True
-        if call.kind in ("publish", "staged-publish"):
+        if call.kind in ("publish", "staged-publish") and not call.pod.readonly:
             p = call.pod
             with open(os.path.join(p.target, MARKER), "w") as f:
                 f.write(p.name)
@@ -502,9 +518,10 @@ class CrashLoop:
     def _check_pods(self) -> list[str]:
         problems = []
         table = MountTable()
+        volumes = os.path.join(self.root, "volumes") + "/"
         ours = {m.mount_point for m in table.mounts()
-                if m.source == f"strata:{self.root}" or m.mount_point.startswith(
-                    self.base.rstrip("/") + "/")}
+                if (m.source == f"strata:{self.root}" or m.mount_point.startswith(
+                    self.base.rstrip("/") + "/")) and not m.mount_point.startswith(volumes)}
         want = set(self.model.published)
         for mp in sorted(ours - want):
             problems.append(f"{mp} is mounted but no pod should have it")
@@ -521,8 +538,9 @@ class CrashLoop:
 
     def _check_content(self, pod: Pod) -> list[str]:
         expected = dict(pod.image.files)
-        expected[MOTD] = expected[MOTD] + pod.name.encode() + b"\n"
-        expected[MARKER] = pod.name.encode()
+        if not pod.readonly:
+            expected[MOTD] = expected[MOTD] + pod.name.encode() + b"\n"
+            expected[MARKER] = pod.name.encode()
         problems = []
         for rel, data in sorted(expected.items()):
             path = os.path.join(pod.target, rel)
@@ -559,6 +577,7 @@ class CrashLoop:
             with st.read() as tx:
                 pubs, stages = tx.publications(), tx.stages()
                 keys = {p.key for p in pubs if not p.readonly}
+                limited = {p.key for p in pubs if p.size_limit}
                 layers = {x.id for x in tx.layers()}
                 refs = tx.refcounts()
                 held: dict[str, set[str]] = {}
@@ -597,11 +616,30 @@ class CrashLoop:
         if dirs != layers:
             problems.append(f"layers/ holds {sorted(dirs - layers)} unrecorded, and lacks "
                             f"{sorted(layers - dirs)} recorded")
+        problems += self._check_bounds(limited)
         unreferenced = sorted(lid for lid in layers if not refs.get(lid))
         if unreferenced:  # immediate GC with no minimum age
             problems.append(f"layers {unreferenced} are recorded but nobody references them")
         if final and (layers or dirs):
             problems.append(f"layers left after everything was unpublished: {sorted(dirs)}")
+        return problems
+
+    def _check_bounds(self, limited: set[str]) -> list[str]:
+        """Exactly the size-limited publications have their filesystem mounted (at
+        volumes/KEY/fs) and a loop device attached to its image."""
+        volumes = os.path.join(self.root, "volumes")
+        mounted = {os.path.relpath(m.mount_point, volumes).split("/")[0]
+                   for m in MountTable().under(volumes)}
+        devices = {os.path.relpath(d.backing_file, volumes).split("/")[0]
+                   for d in LoopControl().attached()
+                   if d.backing_file.startswith(volumes + "/")}
+        problems = []
+        if mounted != limited:
+            problems.append(f"filesystems mounted under volumes/ for {sorted(mounted)}, the "
+                            f"size-limited publications are {sorted(limited)}")
+        if devices != limited:
+            problems.append(f"loop devices attached for {sorted(devices)}, the size-limited "
+                            f"publications are {sorted(limited)}")
         return problems
 
     # -- the whole run ---------------------------------------------------------------------
