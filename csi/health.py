@@ -13,8 +13,10 @@ What is abnormal, most urgent first:
 - the image is no longer complete on this node (start-up found a layer lost);
 - a layer directory is missing, is not a directory, cannot be read, or was changed after it
   was unpacked: a layer is written once, in tmp/, and its record committed after, so a
-  top directory whose ctime is later than the record was touched (entries removed or
-  added, replaced by a copy) by someone else;
+  top directory (`layers/ID/fs`, or `layers/ID` that holds it) modified later than the
+  record had entries removed, added or replaced (a copy put in its place) by someone else.
+  Modified, not changed: mtime, not ctime, which a relabel (SELinux), an xattr or a chmod
+  also moves without touching a byte the pod reads;
 - the writable layer is gone;
 - the writable layer is at its size limit: the pod's writes fail with ENOSPC.
 """
@@ -23,18 +25,20 @@ import dataclasses
 import errno
 import os
 import stat
+import time
 
 from csi.backend import Backend, Space, Usage
 from csi.mount.mountinfo import MountTable
 from csi.paths import StorePaths
 from csi.store.state import Publication, Stage, State
 
-# How much later than its record a layer's top directory may have changed without counting
-# as changed. None needed: the unpack's last change to it (directory times are set last)
-# comes before the record's time is read, and the kernel stamps ctime from a clock that runs
-# up to a tick behind the one the record reads. Only a wall-clock step backwards in those few
-# milliseconds could make an untouched layer look changed.
-CTIME_SLACK = 0.0
+# How much later than its record a layer's top directories may have been modified without
+# counting as changed. None needed: the unpack's last change to them (directory times are
+# set last, then the rename into layers/) comes before the record's time is read, and the
+# kernel stamps times from a clock that runs up to a tick behind the one the record reads.
+# Only a wall-clock step backwards in those few milliseconds could make an untouched layer
+# look changed.
+MTIME_SLACK = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +50,7 @@ class LayerSample:
     recorded: float = 0.0  # when its record was committed; 0: unknown
     error: int = 0  # the errno stat(2) gave (ENOENT: missing); 0 when it answered
     is_dir: bool = True
-    ctime: float = 0.0
+    mtime: float = 0.0  # the later of layers/ID/fs's and layers/ID's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,9 +109,9 @@ def _layer_problems(o: Observation) -> list[str]:
             other.append(f"layer {s.layer_id} of image {o.image} is damaged: {s.path} is not "
                          "a directory; restart strata on this node (it forgets the layer and "
                          "pulls it again), then restart the pod")
-        elif s.recorded and s.ctime > s.recorded + CTIME_SLACK:
+        elif s.recorded and s.mtime > s.recorded + MTIME_SLACK:
             other.append(f"layer {s.layer_id} of image {o.image} was changed after it was "
-                         f"unpacked ({s.path} changed {s.ctime - s.recorded:.0f} s after its "
+                         f"unpacked ({s.path} changed {s.mtime - s.recorded:.0f} s after its "
                          "record): the pod may read damaged files; remove the layer directory "
                          "once no pod uses it and restart strata, which pulls it again")
     problems = []
@@ -159,7 +163,8 @@ class Health:
     """Gathers observations of publications and stages; `verdict` judges them."""
 
     def __init__(self, paths: StorePaths, state: State, backend: Backend,
-                 table: MountTable | None = None):
+                 table: MountTable | None = None, clock=time.time):
+        self._clock = clock
         self._paths = paths
         self._state = state
         self._backend = backend
@@ -207,10 +212,15 @@ class Health:
         path = self._backend.lowers([layer_id])[0]
         try:
             st = os.stat(path)
+            home = os.stat(os.path.dirname(path))
         except OSError as e:
             return LayerSample(layer_id, path, recorded, error=e.errno or errno.EIO)
+        # layers/ID is strata's own (the rename into layers/ made it); fs takes the time
+        # its tar's root entry names, which may lie in the future (a build machine's clock):
+        # such a time is not a modification, until the clock reaches it.
+        own = st.st_mtime if st.st_mtime <= self._clock() else 0.0
         return LayerSample(layer_id, path, recorded, is_dir=stat.S_ISDIR(st.st_mode),
-                           ctime=st.st_ctime)
+                           mtime=max(own, home.st_mtime))
 
 
 def _room(space: Space | None) -> tuple[int | None, int | None]:

@@ -89,7 +89,7 @@ def size_limit(value: str, field: str) -> int:
     if not value:
         return 0
     try:
-        n = quantity.bytes_of(value.strip())
+        n = quantity.bytes_of(value)
     except ValueError as e:
         raise InvalidArgument(f"{field}: {e}") from None
     if not MIN_SIZE_LIMIT <= n <= MAX_SIZE_LIMIT:

@@ -16,7 +16,7 @@ import secrets
 import time
 
 from csi import quantity
-from csi.backend import Backend, Space
+from csi.backend import Backend, Space, Usage
 from csi.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -172,6 +172,7 @@ class VolumeManager:
 
     # -- publish -----------------------------------------------------------------------
     def publish(self, p: PublishSpec) -> None:
+        named_limit = 0 if p.readonly else p.size_limit
         p = dataclasses.replace(p, target=canonical(p.target),
                                 staging_path=canonical(p.staging_path) if p.staging_path else "",
                                 # a read-only view has no upper layer to bound
@@ -188,7 +189,7 @@ class VolumeManager:
                 others = [x for x in tx.publications(p.volume_id) if x.target != p.target]
                 stage = tx.stage(p.volume_id) if p.staging_path else None
             if existing is not None:
-                if self._same(existing, p):
+                if self._same(existing, p, named_limit):
                     if self._mounter.table.is_mountpoint(p.target):
                         log.info("volume %s already published at %s, nothing to do",
                                  p.volume_id, p.target)
@@ -220,11 +221,15 @@ class VolumeManager:
                     self._mount(p, p.image, image.manifest_digest, layer_ids)
         self._collect(grown_only=True)
 
-    def _same(self, pub: Publication, p: PublishSpec) -> bool:
-        """CSI: a repeat with a different capability or readonly is ALREADY_EXISTS."""
+    def _same(self, pub: Publication, p: PublishSpec, named_limit: int) -> bool:
+        """CSI: a repeat with a different capability, readonly or sizeLimit is
+        ALREADY_EXISTS. Only a sizeLimit the request names counts: a repeat that names none
+        matches whatever --default-size-limit gave the publication (or did not, if the flag
+        was set, changed or the publication made before this strata)."""
         return (pub.volume_id == p.volume_id and pub.readonly == p.readonly
                 and pub.access_mode == p.access_mode
-                and pub.staging_path == p.staging_path and pub.size_limit == p.size_limit
+                and pub.staging_path == p.staging_path
+                and (not named_limit or pub.size_limit == named_limit)
                 and (p.staging_path != "" or pub.image == p.image))
 
     def _mount(self, p: PublishSpec, image_name: str, manifest_digest: str,
@@ -376,8 +381,10 @@ class VolumeManager:
             pub = tx.publication(path) if os.path.isabs(path) else None
             stage = tx.stage(volume_id)
         if pub is not None and pub.volume_id == volume_id:
-            used = self._backend.usage(pub.key)
             space = self._backend.space(pub.key) if pub.size_limit else None
+            # A limited upper's filesystem (or quota) says what it holds: no walk needed.
+            used = Usage(space.bytes_used, space.inodes_used) if space is not None \
+                else self._backend.usage(pub.key)
             health = self._health.publication(pub, used, space)
             if space is not None:
                 return _limited(space, health.abnormal, health.message)

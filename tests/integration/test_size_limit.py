@@ -295,6 +295,30 @@ def test_the_default_size_limit_bounds_volumes_that_name_none(tmp_path, images):
         unmount_all_under(str(tmp_path))
 
 
+def test_repeats_naming_no_limit_match_whatever_default_the_publication_got(tmp_path, images):
+    """A kubelet repeats NodePublish (after its own restart, say) with the same request.
+    Published under one --default-size-limit (or none), the repeat answers OK under another;
+    a repeat naming a different sizeLimit is still ALREADY_EXISTS."""
+    t = tmp_path / "pod"
+    p = StrataProcess(str(tmp_path))
+    try:
+        p.start()
+        p.csi.publish("lim-repeat", t, images.app)
+        p.stop()
+        p = StrataProcess(str(tmp_path), extra_args=("--default-size-limit", "8Mi"))
+        p.start()
+        p.csi.publish("lim-repeat", t, images.app)  # OK: nothing changes
+        assert stats(p.csi, "lim-repeat", t)["BYTES"][0] != 8 * MiB, "still unbounded"
+        with pytest.raises(grpc.RpcError) as e:
+            p.csi.publish("lim-repeat", t, images.app, sizeLimit="16Mi")
+        assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS
+        p.csi.unpublish("lim-repeat", t)
+        assert leftovers(p.root) == []
+    finally:
+        p.stop()
+        unmount_all_under(str(tmp_path))
+
+
 # -- refusals -------------------------------------------------------------------------------
 @pytest.mark.parametrize("value", ["-1", "10Qi", "lots", "512", "2Ei"])
 def test_bad_size_limits_are_invalid_argument(limited, pods, images, value):

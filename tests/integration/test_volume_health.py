@@ -123,3 +123,20 @@ def test_a_read_only_view_is_healthy(server, images, tmp_path):
         server.csi.publish(name, target, image, readonly=True)
         assert condition(server, name, target).message == "mounted"
         server.csi.unpublish(name, target)
+
+
+def test_a_relabelled_layer_is_still_healthy(server, images, tmp_path):
+    """An SELinux relabel, an xattr or a chmod of a layer's directory changes its ctime, not
+    a byte the pod reads: no alarm."""
+    target = tmp_path / "pod"
+    server.csi.publish("layer-relabelled", target, images.app)
+    try:
+        _, layers = layers_of(server, target)
+        time.sleep(0.05)
+        for layer in layers:
+            os.setxattr(layer + "/fs", "user.backup", b"1")
+            os.chmod(layer + "/fs", os.stat(layer + "/fs").st_mode & 0o7777)
+        c = condition(server, "layer-relabelled", target)
+        assert not c.abnormal, c.message
+    finally:
+        server.csi.unpublish("layer-relabelled", target)

@@ -5,13 +5,13 @@ import errno
 
 import pytest
 
-from csi.health import CTIME_SLACK, LayerSample, Observation, upper_full, verdict
+from csi.health import MTIME_SLACK, LayerSample, Observation, upper_full, verdict
 
 MiB = 1 << 20
 
 
 def layer(lid="aaaa", **over) -> LayerSample:
-    fields = dict(layer_id=lid, path=f"/store/layers/{lid}/fs", recorded=100.0, ctime=99.0)
+    fields = dict(layer_id=lid, path=f"/store/layers/{lid}/fs", recorded=100.0, mtime=99.0)
     fields.update(over)
     return LayerSample(**fields)
 
@@ -56,7 +56,7 @@ def test_one_missing_layer_reads_singular():
     (layer(is_dir=False), "is not a directory"),
     (layer(error=errno.EIO), "cannot be read"),
     (layer(error=errno.EACCES), "Permission denied"),
-    (layer(ctime=100.0 + CTIME_SLACK + 30), "was changed after it was unpacked"),
+    (layer(mtime=100.0 + MTIME_SLACK + 30), "was changed after it was unpacked"),
 ])
 def test_a_damaged_layer(sample, words):
     v = verdict(obs(layers=(sample,)))
@@ -64,8 +64,8 @@ def test_a_damaged_layer(sample, words):
 
 
 @pytest.mark.parametrize("sample", [
-    layer(ctime=100.0 + CTIME_SLACK),  # no later than its record
-    layer(recorded=0.0, ctime=1e9),  # no record time to compare with
+    layer(mtime=100.0 + MTIME_SLACK),  # no later than its record
+    layer(recorded=0.0, mtime=1e9),  # no record time to compare with
 ])
 def test_what_is_not_damage(sample):
     assert not verdict(obs(layers=(sample,))).abnormal

@@ -343,7 +343,8 @@ def test_size_limit_is_a_kubernetes_quantity(value, expected):
 @pytest.mark.parametrize("value,fragment", [
     ("-1", "must be between"), ("10Qi", "not a Kubernetes quantity"), ("0", "must be between"),
     ("1Ki", "must be between"), ("12 Mi", "not a Kubernetes quantity"),
-    ("Mi", "not a Kubernetes quantity"), ("1e999", "exponent out of range"),
+    ("Mi", "not a Kubernetes quantity"), (" 1Gi", "not a Kubernetes quantity"),
+    ("1e999", "exponent out of range"),
     ("2Ei", "must be between"), ("1.2.3", "not a Kubernetes quantity"),
 ])
 def test_bad_size_limits_are_invalid_argument(value, fragment):
