@@ -11,7 +11,9 @@ FS_IOC_FSGETXATTR. Where the kernel has quotas, test_quota_publish.py runs the w
 limits included, through the real server.
 """
 
+import dataclasses
 import errno
+import fcntl
 import io
 import os
 import tempfile
@@ -290,3 +292,57 @@ def test_a_restart_with_the_other_mechanism_still_removes_the_keys_of_the_first(
     # And back: a loop-first backend still releases the quota key's project.
     backend("loop", "quota").remove("by-quota")
     assert q.cleared() == [FIRST] and not os.path.exists(store.volume("by-quota"))
+
+
+def test_a_pod_can_move_a_file_it_owns_out_of_its_project(store):
+    """A bound of the mechanism, documented in docs/size-limits.md: the kernel lets a file's
+    owner change its project ID from the initial user namespace, and overlayfs passes
+    FS_IOC_FSSETXATTR to the upper. A process of uid 1000 without capabilities takes its
+    file out of the publication's project (and so out of its quota). If this ever fails,
+    the kernel closed the hole: say so in the docs."""
+    features = probe(store.tmp)
+    mounter = Mounter(features=features)
+    q = RecordingQuotas(store.root)
+    backend = OverlayBackend(store, features, QuotaBound(store, q))
+    lid = layer(store)
+    target = tempfile.mkdtemp(prefix="t-", dir=os.path.dirname(store.root))
+    try:
+        plan = backend.prepare("k", [lid], target, size_limit=8 * MiB)
+        os.chmod(backend.dirs("k").upper, 0o777)  # a pod's user may write at its root
+        mounter.mount(plan)
+        # The pod's root, opened here: the test's directories above it are root's alone.
+        root_fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
+        said_r, said_w = os.pipe()
+        try:
+            pid = os.fork()
+            if pid == 0:  # the pod's process
+                said = "nothing"
+                try:
+                    os.setgroups([])
+                    os.setgid(1000)
+                    os.setuid(1000)
+                    fd = os.open("mine", os.O_RDWR | os.O_CREAT, 0o644, dir_fd=root_fd)
+                    os.write(fd, b"x")
+                    now = quota._get_fsxattr(fd)
+                    fcntl.ioctl(fd, quota.FS_IOC_FSSETXATTR,
+                                dataclasses.replace(now, projid=0).pack())
+                    said = f"moved out of project {now.projid}"
+                except BaseException as e:  # noqa: BLE001 - reported to the parent
+                    said = repr(e)
+                finally:
+                    os.write(said_w, said.encode())
+                    os._exit(0)
+            os.close(said_w)
+            os.waitpid(pid, 0)
+            assert os.read(said_r, 4096).decode() == f"moved out of project {FIRST}"
+            mine = os.path.join(backend.dirs("k").upper, "mine")
+            assert os.stat(mine).st_uid == 1000
+            assert project_of(mine) == 0 and project_of(backend.dirs("k").upper) == FIRST
+        finally:
+            os.close(root_fd)
+            os.close(said_r)
+            mounter.unmount(target)
+        backend.remove("k")
+    finally:
+        unmount_all_under(target)
+        os.rmdir(target)
