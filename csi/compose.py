@@ -16,9 +16,13 @@ import os
 import time
 
 from csi.backend import Backend
+from csi.backend.bound import Bound, Bounds
 from csi.backend.loopfs import LoopBound
 from csi.backend.overlay import OverlayBackend
+from csi.backend.quota import ProjectQuotas
+from csi.backend.quotabound import QuotaBound
 from csi.config import Config
+from csi.errors import FailedPrecondition
 from csi.image.auth import Keyring
 from csi.image.registry import RegistryClient
 from csi.image.resolver import Resolver
@@ -97,6 +101,32 @@ def _probe(scratch: str) -> kernel.Features:
     return features
 
 
+def mechanism(setting: str, no_quotas: str) -> str:
+    """The size-limit mechanism for new publications: "quota" or "loop", from
+    `--size-limit-mechanism` and why the store's filesystem has no project quotas ("" when
+    it enforces them). Asking for quotas where there are none stops the start."""
+    if setting == "quota" and no_quotas:
+        raise FailedPrecondition(
+            f"--size-limit-mechanism quota, but the store's filesystem does not enforce "
+            f"project quotas: {no_quotas}. Enable them (docs/size-limits.md) or use "
+            f"--size-limit-mechanism auto or loop (a filesystem image per volume)")
+    return "quota" if setting != "loop" and not no_quotas else "loop"
+
+
+def size_limits(setting: str, paths: StorePaths, mounter: Mounter) -> Bound:
+    """The bound of new size-limited publications, decided once and logged; it answers for
+    the keys that the other mechanism bounded before a restart too (bound.Bounds)."""
+    quotas, no_quotas = ProjectQuotas.check(paths.volumes)
+    loop, quota = LoopBound(paths, mounter), QuotaBound(paths, quotas)
+    if mechanism(setting, no_quotas) == "quota":
+        log.info("size limits: project quotas (%r)", quotas)
+        return Bounds(quota, loop)
+    log.info("size limits: a filesystem image per volume on a loop device (%s)",
+             "--size-limit-mechanism loop" if setting == "loop"
+             else f"no project quotas: {no_quotas}")
+    return Bounds(loop, quota)
+
+
 def node(config: Config, metrics: Metrics | None = None, mounter: Mounter | None = None,
          features: kernel.Features | None = None, clock=time.time,
          serving: ServeLock | None = None) -> Parts:
@@ -121,9 +151,9 @@ def node(config: Config, metrics: Metrics | None = None, mounter: Mounter | None
         if features is None:
             features = _probe(paths.tmp)
         mounter = mounter or Mounter(features=features)
-        # Size limits by loop-mounted filesystem images, mounted by the one executor. Where
-        # the store's filesystem enforces project quotas, a quota bound will go here.
-        backend = OverlayBackend(paths, features, LoopBound(paths, mounter))
+        # Loop filesystems are mounted by the one executor.
+        bound = size_limits(config.size_limit_mechanism, paths, mounter)
+        backend = OverlayBackend(paths, features, bound)
         layers = LayerStore(paths, state, clock=clock, on_unpack=metrics.on_unpack)
         gc = Collector(layers, config.gc, clock=clock, on_collect=metrics.on_collect)
         releases = Releases(paths, state, backend, mounter, clock=clock, collect=gc.collect,

@@ -17,6 +17,7 @@ ENV_PREFIX = "STRATA_"
 TOOLS = ("pull", "gc", "ls", "df", "diff")  # the operator tools that open a store
 PULLING = ("serve", "pull")
 EVERY = ("serve", *TOOLS)
+SIZE_LIMIT_MECHANISMS = ("auto", "loop", "quota")
 
 
 def setting(default, help: str, commands: tuple[str, ...], flag: str = "",
@@ -82,6 +83,12 @@ class Config:
     default_size_limit: str = setting(
         "", "bound the writable layer of volumes that name no sizeLimit, e.g. 1Gi (a "
         "Kubernetes quantity); empty: unbounded", ("serve",))
+    # docs/size-limits.md: project quotas where the store's filesystem enforces them.
+    size_limit_mechanism: str = setting(
+        "auto", "how a sizeLimit is enforced: quota (project quotas of the filesystem under "
+        "--root; start-up fails where it does not enforce them), loop (a filesystem image "
+        "per volume, on a loop device), auto (quota where enforced, else loop)", ("serve",),
+        choices=SIZE_LIMIT_MECHANISMS)
     oci_layout_roots: tuple[str, ...] = setting(
         (), "allow oci:/PATH images only below this directory (default: anywhere)",
         ("serve",), flag="--oci-layout-root")

@@ -30,6 +30,7 @@ from prometheus_client import start_http_server
 from csi import compose
 from csi.config import Config, parse_host_port
 from csi.controller import ControllerService
+from csi.errors import StrataError
 from csi.identity import IdentityService
 from csi.interceptors import RpcInterceptor
 from csi.locks import ServeLock
@@ -212,7 +213,10 @@ def serve(config: Config) -> int:
     serving = take_store(config, stop)
     if serving is None:
         return 0
-    plugin = Plugin(config, serving=serving)  # owns the role from here, even if it fails
+    try:
+        plugin = Plugin(config, serving=serving)  # owns the role from here, even if it fails
+    except StrataError as e:  # the node cannot do what the settings ask: say why, and stop
+        raise SystemExit(f"strata serve: {e}") from None
     try:
         plugin.start()
     except BaseException:

@@ -18,7 +18,7 @@ from csi import compose, quantity
 from csi.config import Config
 from csi.errors import StrataError
 from csi.store.report import human, image_rows, sharing
-from csi.store.state import SchemaMismatch
+from csi.store.state import Publication, SchemaMismatch
 from csi.volumes import canonical
 
 
@@ -110,13 +110,21 @@ def ls(config: Config) -> int:
         print(f"{x.id:<17} {x.diff_id[7:19]:<19} {human(x.size):>10} {refs.get(x.id, 0):>5}  "
               f"{_ago(x.last_used)}")
     print()
-    print(f"{'POD':<40} {'VOLUME':<24} {'UPPER':>10} {'LIMIT':>8}  TARGET")
+    print(f"{'POD':<40} {'VOLUME':<24} {'UPPER':>10} {'LIMIT':>8} {'BY':<18}  TARGET")
     for p in pubs:
         upper = "ro" if p.readonly else human(uppers[p.key])
         limit = quantity.human(p.size_limit) if p.size_limit else "-"
-        print(f"{(p.pod or '-')[-40:]:<40} {p.volume_id[-24:]:<24} {upper:>10} {limit:>8}  "
-              f"{p.target}")
+        print(f"{(p.pod or '-')[-40:]:<40} {p.volume_id[-24:]:<24} {upper:>10} {limit:>8} "
+              f"{bounded_by(p):<18}  {p.target}")
     return 0
+
+
+def bounded_by(p: Publication) -> str:
+    """What enforces a publication's sizeLimit, from its record: a project quota (its ID)
+    or a loop filesystem (the only mechanism a limited publication without an ID has)."""
+    if not p.size_limit:
+        return "-"
+    return f"project {p.project_id}" if p.project_id else "loop"
 
 
 def df(config: Config) -> int:

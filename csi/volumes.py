@@ -259,7 +259,8 @@ class VolumeManager:
                     p.target, p.volume_id, key, image_name, manifest_digest, p.readonly,
                     p.staging_path, p.access_mode, self._clock(),
                     pod_namespace=p.pod.namespace, pod_name=p.pod.name, pod_uid=p.pod.uid,
-                    service_account=p.pod.service_account, size_limit=p.size_limit),
+                    service_account=p.pod.service_account, size_limit=p.size_limit,
+                    project_id=self._backend.project_id(key) if p.size_limit else 0),
                     layer_ids, self._clock())
         except BaseException:
             if mounted:

@@ -16,8 +16,9 @@ Its vocabulary:
   fails, calls **remove(key)**, which also runs at unpublish once the mount is gone.
 - **dirs(key)** says where the writes of a prepared key land (what `strata diff` and the
   copy-up metrics read), **lowers(chain)** the layer directories they are read against,
-  **usage(key)** what the key's private state takes on the store's disk, and **space(key)**
-  a limited key's room (its limit, what is left) as the pod sees it.
+  **usage(key)** what the key's private state takes on the store's disk, **space(key)**
+  a limited key's room (its limit, what is left) as the pod sees it, and
+  **project_id(key)** the project quota ID bounding it, if a quota does (state.db records it).
 - **holder_probe(key)** is how to ask the kernel whether a view of `key` that left the mount
   table (detached lazily, or still mounted in another namespace) can still write to its
   private state, which must not be deleted until it cannot (see csi/releases.py).
@@ -25,7 +26,7 @@ Its vocabulary:
   **recognizer(mounts)** answers "is this mount one of mine?" from the mount table alone,
   for start-up to unmount what a crash left mounted but unrecorded, and **repair(live)**
   releases what the backend holds outside the mount table and `volumes/` for keys no record
-  names (loop devices).
+  names (loop devices, project quotas).
 
 A worked example, for an image whose layers are `a` (base) and `b`:
 
@@ -128,6 +129,11 @@ class Backend(abc.ABC):
         """A size-limited key's room; None for a key without a limit."""
         return None
 
+    def project_id(self, key: str) -> int:
+        """The filesystem project ID whose quota bounds `key` (recorded with the
+        publication); 0 for a key bounded otherwise, or not at all."""
+        return 0
+
     @abc.abstractmethod
     def holder_probe(self, key: str) -> Mount | None:
         """A plan that `Mounter.in_use` tries (never mounts) to learn whether a live view
@@ -141,8 +147,9 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def repair(self, live: set[str]) -> None:
         """Start-up, once the keys no record names are removed: release what the backend
-        holds for them beyond their directories (loop devices), and restore what a live
-        key needs that the plugin's restart took away. `live`: the recorded keys."""
+        holds for them beyond their directories (loop devices, project quotas), and
+        restore what a live key needs that the plugin's restart took away. `live`: the
+        recorded keys."""
 
     @abc.abstractmethod
     def recognizer(self, mounts: Sequence[MountInfo]) -> Callable[[MountInfo], bool]:

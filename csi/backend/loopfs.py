@@ -51,7 +51,7 @@ import subprocess
 import threading
 
 from csi.backend import Space, Usage
-from csi.backend.bound import Bound
+from csi.backend.bound import BYTES_PER_INODE, Bound
 from csi.errors import FailedPrecondition
 from csi.mount.loop import LoopControl, LoopDevice
 from csi.mount.spec import Mount
@@ -62,7 +62,6 @@ from csi.tree import usage
 log = logging.getLogger(__name__)
 
 IMAGE, MOUNT = "fs.img", "fs"
-BYTES_PER_INODE = 16384
 BLOCK_SIZE = 4096
 FSTYPE = "ext4"
 MOUNT_OPTIONS = ("noinit_itable", "nobarrier")

@@ -20,7 +20,8 @@ and containerd's relative-lowerdir mount, per publication.
 
 Size limits: a limited publication's upper and work directories go one level down, into the
 room its `Bound` makes (`volumes/KEY/fs/`, a filesystem image of the limit's size, with the
-loop mechanism); `remove` has the bound release that room (unmount it) before deleting.
+loop mechanism; `volumes/KEY/quota/`, a directory with a project quota, with the other);
+`remove` has the bound release that room (unmount it, clear the quota) before deleting.
 """
 
 import contextlib
@@ -31,8 +32,9 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 
 from csi.backend import Backend, Dirs, Space, Usage
-from csi.backend.bound import Bound
+from csi.backend.bound import Bound, Bounds
 from csi.backend.loopfs import LoopBound
+from csi.backend.quotabound import QuotaBound
 from csi.mount import spec
 from csi.mount.features import Features
 from csi.mount.mountinfo import MountInfo, mount_of
@@ -51,10 +53,12 @@ class OverlayBackend(Backend):
     def __init__(self, paths: StorePaths, features: Features | None = None,
                  bound: Bound | None = None):
         """`bound` enforces size limits; left out, the loop mechanism with a mounter of
-        its own (the tools that only read and remove need nothing more)."""
+        its own, which also finds the keys that project quotas bounded (the tools that
+        only read and remove need nothing more)."""
         self._paths = paths
         self._features = features or Features()
-        self._bound = bound or LoopBound(paths, Mounter(features=features))
+        self._bound = bound or Bounds(LoopBound(paths, Mounter(features=features)),
+                                      QuotaBound(paths))
         self.source = f"strata:{paths.root}"
 
     # -- views -------------------------------------------------------------------------
@@ -141,7 +145,7 @@ class OverlayBackend(Backend):
         remove_tree(self._paths.volume(key))
 
     def dirs(self, key: str) -> Dirs | None:
-        for home in ((), (self._bound.part,)):
+        for home in ((), *((part,) for part in self._bound.parts)):
             upper = self._paths.volume_part(key, *home, UPPER)
             if os.path.isdir(upper):
                 return Dirs(upper, self._paths.volume_part(key, *home, WORK))
@@ -161,6 +165,9 @@ class OverlayBackend(Backend):
 
     def space(self, key: str) -> Space | None:
         return self._bound.space(key)
+
+    def project_id(self, key: str) -> int:
+        return self._bound.project_id(key)
 
     def keys(self) -> set[str]:
         try:  # a stray file is state too, to be removed if no publication names it

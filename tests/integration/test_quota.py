@@ -1,5 +1,5 @@
 """Project quotas on real filesystems: sparse images made with mkfs.xfs and mkfs.ext4,
-loop-mounted once per session.
+loop-mounted once per session (quotafs.py, the `quota_filesystems` fixture).
 
 Without quotas (XFS mounted without them, ext4 without the quota feature) the probe says
 no, with the reason, and XFS still stores a directory's project ID. With them (XFS mounted
@@ -9,110 +9,23 @@ XFS quota support or the ext4 quota format refuses those mounts; the enforcement
 skip, saying which, and run wherever the kernel has them.
 """
 
-import dataclasses
 import errno
-import gzip
 import logging
 import os
-import shutil
-import subprocess
 
 import pytest
 
 from csi.backend import quota
 from csi.backend.quota import ProjectQuotas
 from csi.tree import remove_tree
-from tests.conftest import ROOT_REASON, unmount_all_under
+from tests.conftest import ROOT_REASON
+from tests.integration.quotafs import Fs, quota_fs
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason=ROOT_REASON)
 
 MiB = 1 << 20
 LIMIT = 4 * MiB
 INODES = 64
-MKFS = {
-    # mkfs.xfs refuses images under 300 MB; the file is sparse, so this costs nothing.
-    "xfs": ["mkfs.xfs", "-q", "-f"],
-    # 256-byte inodes: the project feature keeps the ID in the larger inode, and mke2fs's
-    # "small" filesystem type would otherwise pick 128.
-    "ext4": ["mkfs.ext4", "-q", "-F", "-I", "256", "-E", "lazy_itable_init=1"],
-}
-SIZE = {"xfs": "320M", "ext4": "64M"}
-# The kernel options without which a quota mount fails, for the skip reason.
-NEEDS = {"xfs": ("CONFIG_XFS_QUOTA",), "ext4": ("CONFIG_QUOTA", "CONFIG_QFMT_V2")}
-WHAT = {"xfs": "XFS quota support", "ext4": "ext4 quota format"}
-
-
-@dataclasses.dataclass
-class Fs:
-    """A loop-mounted filesystem, or why there is none."""
-
-    kind: str
-    root: str = ""
-    skip: str = ""
-
-
-def _kernel_config(names) -> str:
-    """What /proc/config.gz says of `names` ("CONFIG_X is not set, ..."), or ""."""
-    try:
-        with gzip.open("/proc/config.gz", "rt") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return ""
-    said = []
-    for name in names:
-        line = next((ln for ln in lines if ln.startswith((f"{name}=", f"# {name} is not"))), "")
-        said.append(line.lstrip("# ") if line else f"{name} absent")
-    return ", ".join(said)
-
-
-def _make(base, kind: str, name: str, features: tuple[str, ...] = (),
-          options: tuple[str, ...] = ()) -> Fs:
-    """mkfs `kind` on a sparse image and loop-mount it with `options`; an Fs with a skip
-    reason when the tool is missing or the kernel refuses the mount."""
-    if shutil.which(MKFS[kind][0]) is None:
-        pkg = "xfsprogs" if kind == "xfs" else "e2fsprogs"
-        return Fs(kind, skip=f"{MKFS[kind][0]} is not installed ({pkg}; scripts/system-deps.sh)")
-    image, root = base / f"{name}.img", base / name
-    root.mkdir()
-    subprocess.run(["truncate", "-s", SIZE[kind], str(image)], check=True)
-    mkfs = MKFS[kind] + [a for f in features for a in ("-O", f)] + [str(image)]
-    made = subprocess.run(mkfs, capture_output=True, text=True)
-    if made.returncode != 0:
-        return Fs(kind, skip=f"{' '.join(mkfs[:-1])} failed: {made.stderr.strip()}")
-    # mount(8) attaches the loop device with autoclear: it goes with the last unmount.
-    opts = ",".join(("loop",) + options)
-    mounted = subprocess.run(["mount", "-t", kind, "-o", opts, str(image), str(root)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        config = _kernel_config(NEEDS[kind])
-        return Fs(kind, skip=(f"this kernel has no {WHAT[kind]}: it refuses to mount "
-                              f"{kind}{' -O ' + ','.join(features) if features else ''} with "
-                              f"-o {','.join(options)}" + (f" ({config})" if config else "")))
-    return Fs(kind, root=str(root))
-
-
-@pytest.fixture(scope="session")
-def quota_filesystems(tmp_path_factory):
-    """Every filesystem these tests use, made once; all unmounted at the end, whatever
-    happened."""
-    base = tmp_path_factory.mktemp("quota-fs")
-    try:
-        yield {
-            "plain-xfs": _make(base, "xfs", "plain-xfs"),
-            "plain-ext4": _make(base, "ext4", "plain-ext4"),
-            "quota-xfs": _make(base, "xfs", "quota-xfs", options=("prjquota",)),
-            "quota-ext4": _make(base, "ext4", "quota-ext4", features=("quota", "project"),
-                                options=("prjquota",)),
-        }
-    finally:
-        unmount_all_under(str(base))
-
-
-def _fs(quota_filesystems, name: str) -> Fs:
-    fs = quota_filesystems[name]
-    if fs.skip:
-        pytest.skip(fs.skip)
-    return fs
 
 
 @pytest.fixture
@@ -134,7 +47,7 @@ def workdir(request):
 # --- (a) XFS without quotas: no project quotas, but project IDs are stored.
 
 def test_probe_refuses_xfs_mounted_without_quota(quota_filesystems, caplog):
-    fs = _fs(quota_filesystems, "plain-xfs")
+    fs = quota_fs(quota_filesystems, "plain-xfs")
     with caplog.at_level(logging.INFO, logger="csi.backend.quota"):
         assert ProjectQuotas.probe(fs.root) is None
     said = [r.getMessage() for r in caplog.records if r.name == "csi.backend.quota"]
@@ -146,14 +59,14 @@ def test_probe_refuses_xfs_mounted_without_quota(quota_filesystems, caplog):
 
 def test_probe_through_quotactl_on_the_block_device(quota_filesystems):
     """The way of kernels before 5.14: quotactl(2) on the device the mount table names."""
-    fs = _fs(quota_filesystems, "plain-xfs")
+    fs = quota_fs(quota_filesystems, "plain-xfs")
     fd_said = ProjectQuotas.check(fs.root, quotactl_fd=True)
     dev_said = ProjectQuotas.check(fs.root, quotactl_fd=False)
     assert dev_said == fd_said and dev_said[0] is None
 
 
 def test_xfs_stores_project_ids_without_quotas(quota_filesystems, workdir):
-    fs = _fs(quota_filesystems, "plain-xfs")
+    fs = quota_fs(quota_filesystems, "plain-xfs")
     d = workdir(fs, "vol")
     assert quota.project_of(d) == 0
     quota.set_project(d, 1234)
@@ -177,7 +90,7 @@ def test_assign_without_quotas_fails_and_leaves_the_directory_alone(quota_filesy
                                                                      workdir):
     """Limits are set before the directory joins the project: when they cannot be, the
     directory is left as it was."""
-    fs = _fs(quota_filesystems, "plain-xfs")
+    fs = quota_fs(quota_filesystems, "plain-xfs")
     d = workdir(fs, "vol")
     q = ProjectQuotas(fs.root, "xfs")
     with pytest.raises(OSError) as e:
@@ -191,7 +104,7 @@ def test_assign_without_quotas_fails_and_leaves_the_directory_alone(quota_filesy
 # --- (b) ext4 without the quota feature.
 
 def test_probe_refuses_ext4_without_the_quota_feature(quota_filesystems):
-    fs = _fs(quota_filesystems, "plain-ext4")
+    fs = quota_fs(quota_filesystems, "plain-ext4")
     found, reason = ProjectQuotas.check(fs.root)
     assert found is None
     assert reason.startswith(f"ext4 at {fs.root}") and "-O quota,project" in reason, reason
@@ -199,7 +112,7 @@ def test_probe_refuses_ext4_without_the_quota_feature(quota_filesystems):
 
 
 def test_ext4_without_the_project_feature_keeps_no_project_ids(quota_filesystems, workdir):
-    fs = _fs(quota_filesystems, "plain-ext4")
+    fs = quota_fs(quota_filesystems, "plain-ext4")
     d = workdir(fs, "vol")
     with pytest.raises(OSError) as e:
         quota.set_project(d, 1234)
@@ -228,7 +141,7 @@ def _write_until_refused(path: str, most: int) -> tuple[int, OSError | None]:
 
 @pytest.mark.parametrize("name", ["quota-xfs", "quota-ext4"])
 def test_project_quota_is_enforced(quota_filesystems, workdir, name, record_property):
-    fs = _fs(quota_filesystems, name)
+    fs = quota_fs(quota_filesystems, name)
     q = ProjectQuotas.probe(fs.root)
     assert q is not None, ProjectQuotas.check(fs.root)[1]
     vol, free = workdir(fs, "vol"), workdir(fs, "free")

@@ -5,9 +5,9 @@ import dataclasses
 
 import pytest
 
-from csi import cli
+from csi import cli, compose
 from csi.config import Config, env_name, flag, parse_host_port, settings, socket_path
-from csi.errors import InvalidArgument
+from csi.errors import FailedPrecondition, InvalidArgument
 
 
 @pytest.mark.parametrize("endpoint, path", [
@@ -220,3 +220,59 @@ def test_a_bad_switch_from_the_environment_is_a_usage_error(monkeypatch, capsys)
         parse(["serve", "--node-id", "n"])
     assert e.value.code == 2 and "STRATA_NO_WAIT must be true or false" in \
         capsys.readouterr().err
+
+
+# --- --size-limit-mechanism and the choice it makes (compose.mechanism).
+
+def test_size_limit_mechanism_defaults_to_auto_and_takes_three_values(monkeypatch):
+    assert Config().size_limit_mechanism == "auto"
+    assert parse(["serve", "--node-id", "n"]).size_limit_mechanism == "auto"
+    for value in ("auto", "loop", "quota"):
+        assert parse(["serve", "--node-id", "n", "--size-limit-mechanism", value]) \
+            .size_limit_mechanism == value
+        good(size_limit_mechanism=value).validate()
+    monkeypatch.setenv("STRATA_SIZE_LIMIT_MECHANISM", "loop")
+    assert parse(["serve", "--node-id", "n"]).size_limit_mechanism == "loop"
+    assert parse(["serve", "--node-id", "n", "--size-limit-mechanism", "quota"]) \
+        .size_limit_mechanism == "quota", "a flag wins over the environment"
+
+
+def test_a_bad_size_limit_mechanism_is_refused(monkeypatch, capsys):
+    with pytest.raises(InvalidArgument, match="--size-limit-mechanism must be one of auto, "
+                                              "loop, quota, got 'xfs'"):
+        good(size_limit_mechanism="xfs").validate()
+    with pytest.raises(SystemExit):
+        parse(["serve", "--node-id", "n", "--size-limit-mechanism", "prjquota"])
+    assert "invalid choice" in capsys.readouterr().err
+    monkeypatch.setenv("STRATA_SIZE_LIMIT_MECHANISM", "both")
+    with pytest.raises(SystemExit):
+        parse(["serve", "--node-id", "n"])
+    assert "--size-limit-mechanism must be one of" in capsys.readouterr().err
+
+
+def test_size_limit_mechanism_is_a_serve_setting_only():
+    assert "size_limit_mechanism" in {f.name for f in settings("serve")}
+    assert all("size_limit_mechanism" not in {f.name for f in settings(c)}
+               for c in ("pull", "gc", "ls", "df", "diff"))
+
+
+@pytest.mark.parametrize("setting, no_quotas, chosen", [
+    ("auto", "", "quota"),
+    ("auto", "xfs at /s is mounted without project quotas", "loop"),
+    ("loop", "", "loop"),
+    ("loop", "no quotas", "loop"),
+    ("quota", "", "quota"),
+])
+def test_the_mechanism_chosen(setting, no_quotas, chosen):
+    assert compose.mechanism(setting, no_quotas) == chosen
+
+
+def test_quota_where_the_filesystem_has_none_stops_the_start_with_the_reason():
+    with pytest.raises(FailedPrecondition) as e:
+        compose.mechanism("quota", "xfs at /var/lib/strata is mounted without project quotas "
+                                   "(mount it with -o prjquota)")
+    said = str(e.value)
+    assert said.startswith("--size-limit-mechanism quota, but the store's filesystem does "
+                           "not enforce project quotas: xfs at /var/lib/strata is mounted "
+                           "without project quotas (mount it with -o prjquota)")
+    assert "--size-limit-mechanism auto or loop" in said
