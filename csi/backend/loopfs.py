@@ -20,6 +20,10 @@ The filesystem (`mkfs` below; its cost is in docs/size-limits.md):
   the kernel's lazyinit thread writes the inode tables, which would make 1.6% of the image
   real blocks for nothing: the image is a new sparse file, whose holes read as zeros already.
 - `^resize_inode`: the image never grows, so no blocks are kept for growing it.
+- every feature named (`MKE2FS_CONF`), none taken from the node's or the image's
+  /etc/mke2fs.conf: e2fsprogs 1.47 turns on `orphan_file`, which kernels before 5.15 refuse
+  to mount read-write, and a distribution may add `metadata_csum_seed` or others; what the
+  kernel must mount should not depend on which e2fsprogs the plugin image carries.
 - the mount option `nobarrier`: ext4 sends the loop device no cache flushes, each of which
   the loop driver turns into an fsync of the image on the node's disk. Durability buys
   nothing here, as for `volatile` overlays: an unclean shutdown discards the upper anyway,
@@ -48,6 +52,7 @@ import errno
 import logging
 import os
 import subprocess
+import tempfile
 import threading
 
 from csi.backend import Space, Usage
@@ -68,18 +73,47 @@ MOUNT_OPTIONS = ("noinit_itable", "nobarrier")
 MKFS_TIMEOUT = 60  # seconds; it takes milliseconds, but a stuck disk should not hang a publish
 
 
+# The features every kernel since 3.x mounts (no journal, no resize inode: see above). The
+# usage types mke2fs picks by size (floppy, small, default, big, huge) are declared empty so
+# that it does not warn about them; -b, -I and -i on the command line set what they would.
+MKE2FS_CONF = """[defaults]
+	base_features = sparse_super,large_file,filetype,dir_index,ext_attr
+[fs_types]
+	ext4 = {
+		features = extent,flex_bg,huge_file,dir_nlink,extra_isize
+	}
+	floppy = {
+	}
+	small = {
+	}
+	default = {
+	}
+	big = {
+	}
+	huge = {
+	}
+"""
+
+
 def mkfs(image: str, mkfs_ext4: str = "mkfs.ext4") -> None:
     """Make an ext4 filesystem filling `image` (a file of the limit's size), as described in
     the module docstring. Raises OSError with mkfs's own words; ENOSPC when it said so."""
-    args = [mkfs_ext4, "-q", "-F", "-b", str(BLOCK_SIZE), "-I", "256",
-            "-i", str(BYTES_PER_INODE), "-m", "0", "-O", "^has_journal,^resize_inode",
-            "-E", "lazy_itable_init=1,nodiscard", image]
-    try:
-        run = subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                             timeout=MKFS_TIMEOUT)
-    except FileNotFoundError:
-        raise FailedPrecondition(f"{mkfs_ext4} not found: size limits need e2fsprogs on "
-                                 "the node") from None
+    args = [mkfs_ext4, "-q", "-F", "-t", "ext4", "-b", str(BLOCK_SIZE), "-I", "256",
+            "-i", str(BYTES_PER_INODE), "-m", "0", "-E", "lazy_itable_init=1,nodiscard", image]
+    with tempfile.NamedTemporaryFile("w", prefix=".mke2fs-", suffix=".conf",
+                                     dir=os.path.dirname(image)) as conf:
+        conf.write(MKE2FS_CONF)
+        conf.flush()
+        try:
+            run = subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True,
+                                 text=True, timeout=MKFS_TIMEOUT,
+                                 env={**os.environ, "MKE2FS_CONFIG": conf.name})
+        except FileNotFoundError:
+            raise FailedPrecondition(f"{mkfs_ext4} not found: size limits need e2fsprogs on "
+                                     "the node") from None
+        except subprocess.TimeoutExpired:
+            raise OSError(errno.ETIMEDOUT, f"mkfs.ext4 {image} took longer than "
+                          f"{MKFS_TIMEOUT:.0f} s") from None
     if run.returncode != 0:
         said = " ".join((run.stderr or run.stdout).split())
         code = errno.ENOSPC if "No space left" in said else errno.EIO

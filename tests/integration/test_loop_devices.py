@@ -149,9 +149,27 @@ def test_attaching_a_missing_file_says_so(work):
 
 
 def test_mkfs_failure_reports_its_reason(work):
+    (work / "a-dir.img").mkdir()
     with pytest.raises(OSError) as e:
-        mkfs(str(work / "absent-dir" / "x.img"))
+        mkfs(str(work / "a-dir.img"))
     assert e.value.errno == errno.EIO and "mkfs.ext4" in str(e.value)
+    assert sorted(os.listdir(work)) == ["a-dir.img"], "its config file is gone too"
+
+
+def test_mkfs_names_every_feature_whatever_the_node_s_mke2fs_conf_says(work, monkeypatch):
+    """What the kernel must mount does not depend on the e2fsprogs the image carries: a
+    config asking for a journal and orphan_file (e2fsprogs 1.47's default) is not read."""
+    conf = work / "node-mke2fs.conf"
+    conf.write_text("[fs_types]\n\text4 = {\n\t\tfeatures = has_journal,orphan_file,"
+                    "metadata_csum\n\t}\n")
+    monkeypatch.setenv("MKE2FS_CONFIG", str(conf))
+    img = image(work / "x.img", fs=True)
+    out = subprocess.run(["dumpe2fs", "-h", img], capture_output=True, text=True).stdout
+    features = set(next(line for line in out.splitlines()
+                        if line.startswith("Filesystem features:")).split(":")[1].split())
+    assert features == {"ext_attr", "dir_index", "filetype", "extent", "flex_bg",
+                        "sparse_super", "large_file", "huge_file", "dir_nlink", "extra_isize"}
+    assert sorted(os.listdir(work)) == ["node-mke2fs.conf", "x.img"]
 
 
 def fsck(image: str) -> None:
