@@ -27,7 +27,9 @@ POD_KEYS = {"namespace": "csi.storage.k8s.io/pod.namespace",
             "uid": "csi.storage.k8s.io/pod.uid",
             "service_account": "csi.storage.k8s.io/serviceAccount.name"}
 MIN_SIZE_LIMIT = 1 << 20  # smaller cannot hold a filesystem's own metadata
-MAX_SIZE_LIMIT = 1 << 60
+# A loop filesystem has one inode per 16 KiB and ext4 at most 2^32 inodes: 64 TiB would
+# be one too many. No pod's writable layer needs half of that.
+MAX_SIZE_LIMIT = 1 << 45
 MAX_ID = 128  # CSI: identifiers SHOULD be at most 128 bytes
 
 

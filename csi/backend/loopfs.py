@@ -216,8 +216,12 @@ class LoopBound(Bound):
         os.mkdir(home, 0o700)
         try:
             held = self._loops.attach(image)
-        except FileNotFoundError as e:  # no /dev/loop-control (the image was just made)
-            raise FailedPrecondition(f"size limits need loop devices: {e}") from None
+        except OSError as e:
+            # No /dev/loop-control, or a kernel without LOOP_CONFIGURE (before 5.8): the
+            # node cannot do it, whatever the request (the image was just made).
+            if e.errno in (errno.ENOENT, errno.ENOTTY):
+                raise FailedPrecondition(f"size limits need loop devices: {e}") from None
+            raise
         with held:
             self._mount(held.device, home)
 

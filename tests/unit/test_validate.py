@@ -372,3 +372,14 @@ def test_pod_identity_from_pod_info_on_mount():
     assert (pod.namespace, pod.name, pod.uid, pod.service_account) == \
         ("shop", "web-0", "u-1", "default")
     assert validate.publish(publish_req()).pod.name == ""
+
+
+def test_the_largest_size_limit_fits_a_loop_filesystem_s_inode_count():
+    """One inode per 16 KiB, at most 2^32 - 1 inodes in ext4: mkfs must never be asked for
+    more (it would fail as INTERNAL, not as the caller's mistake)."""
+    assert validate.MAX_SIZE_LIMIT // (16 << 10) < 2 ** 32
+    assert validate.publish(publish_req(volume_context={
+        "image": IMAGE, "sizeLimit": "32Ti", **EPHEMERAL})).size_limit == 32 << 40
+    with pytest.raises(InvalidArgument, match="must be between"):
+        validate.publish(publish_req(volume_context={"image": IMAGE, "sizeLimit": "33Ti",
+                                                    **EPHEMERAL}))
