@@ -145,8 +145,8 @@ def upper_full(limit: int, used: int, available: int | None,
     else:
         return ""
     return (f"the writable layer is at its size limit ({_size(used)} used of {_size(limit)}, "
-            f"no {what} left): writes in the pod fail with ENOSPC; free space inside the pod "
-            "or raise the volume's sizeLimit")
+            f"no {what} left): writes in the pod fail with ENOSPC (EDQUOT under an ext4 "
+            "quota); free space inside the pod or raise the volume's sizeLimit")
 
 
 def _size(n: float) -> str:
