@@ -60,11 +60,13 @@ def bench_bare(mounter, lowers, work, n, mount_only):
     return out
 
 
-def bench_manager(vm, image, work, n, publish_only=None):
+def bench_manager(vm, image, work, n, publish_only=None, size_limit=0, tag="mgr"):
+    """`n` warm publish+unpublish cycles through the volume manager (seconds each);
+    `publish_only` collects the publishes alone. bench/size_limit.py runs it with limits."""
     out = []
     for i in range(n):
-        target = os.path.join(work, f"mgr{i}")
-        p = PublishSpec(f"bench-{i}", target, image, False, 1)
+        target = os.path.join(work, f"{tag}{i}")
+        p = PublishSpec(f"bench-{tag}-{i}", target, image, False, 1, size_limit=size_limit)
         t0 = time.perf_counter()
         vm.publish(p)
         t1 = time.perf_counter()

@@ -23,6 +23,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.publish import bench_manager  # noqa: E402
 from csi import compose, quantity  # noqa: E402
 from csi.backend.loopfs import MOUNT_OPTIONS, LoopBound, Templates, mkfs  # noqa: E402
 from csi.backend.overlay import OverlayBackend  # noqa: E402
@@ -30,24 +31,13 @@ from csi.config import Config  # noqa: E402
 from csi.demo import build_demo_image  # noqa: E402
 from csi.mount.loop import LoopControl  # noqa: E402
 from csi.mount.spec import Mount  # noqa: E402
-from csi.volumes import PublishSpec, VolumeManager  # noqa: E402
+from csi.volumes import VolumeManager  # noqa: E402
 
 SIZES = ("64Mi", "1Gi", "10Gi")
 
 
 def cycles(vm, image, work, n, limit, tag, publish_only=None):
-    out = []
-    for i in range(n):
-        target = os.path.join(work, f"{tag}{i}")
-        p = PublishSpec(f"bench-{tag}-{i}", target, image, False, 1, size_limit=limit)
-        t0 = time.perf_counter()
-        vm.publish(p)
-        t1 = time.perf_counter()
-        vm.unpublish(p.volume_id, target)
-        out.append(time.perf_counter() - t0)
-        if publish_only is not None:
-            publish_only.append(t1 - t0)
-    return out
+    return bench_manager(vm, image, work, n, publish_only, size_limit=limit, tag=tag)
 
 
 def mkfs_alone(work, n, size):
