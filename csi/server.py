@@ -6,13 +6,15 @@ services (kept apart from `serve()` so tests can build one in-process); `serve()
 until SIGTERM/SIGINT, then lets running RPCs finish within the grace period and removes
 its sockets.
 
-One server per store, and never two on a socket. `serve()` first takes the store's serving
-role (locks.ServeLock), before any start-up repair: while another server holds it, it
-waits (a DaemonSet rolled with maxSurge starts the new pod before the old one stops), or
-with --no-wait exits with status 1. A socket path is taken over only when nobody accepts
-connections on it (a crashed run's leftover); a live one, say of a server on another
---root, is refused and left alone (gRPC itself would unlink whatever socket is at the path
-before binding it: the check must come first).
+One server per store, and never two on a socket. Before it opens the database, `serve()`
+takes the store's serving role (locks.ServeLock) and makes sure nothing else serves here:
+while another server holds the role, or a process accepts connections on our
+sockets (a server of an earlier release, which takes no role), or the database needs a
+schema upgrade that another process on the store would not survive, it waits (a DaemonSet
+rolled with maxSurge starts the new pod before the old one stops), or with --no-wait exits
+with status 1. A socket path is taken over only when nobody accepts connections on it (a
+crashed run's leftover); a live one is never unlinked (gRPC itself would unlink whatever
+socket is at the path before binding it: the check must come first).
 """
 
 import logging
@@ -39,6 +41,7 @@ from csi.mount.syscalls import Mounter
 from csi.node import NodeService
 from csi.paths import StorePaths
 from csi.proto import csi_pb2_grpc
+from csi.store.state import SchemaMismatch
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +82,12 @@ def _claim(path: str) -> None:
     os.unlink(path)
 
 
+def _sockets(config: Config) -> list[str]:
+    """The node and the controller socket paths, each once."""
+    return list(dict.fromkeys(p for p in (config.socket_path, config.controller_socket_path)
+                              if p))
+
+
 class Plugin:
     def __init__(self, config: Config, metrics: Metrics | None = None,
                  mounter: Mounter | None = None, features: Features | None = None,
@@ -116,8 +125,7 @@ class Plugin:
         same = cfg.controller_endpoint and cfg.controller_socket_path == cfg.socket_path
         has_controller = bool(cfg.controller_endpoint)
         # Both paths before either server starts: a refusal then leaves nothing bound.
-        for path in dict.fromkeys(p for p in (cfg.socket_path, cfg.controller_socket_path)
-                                  if p):
+        for path in _sockets(cfg):
             _claim(path)
         identity = IdentityService(controller=has_controller, ready=self.ready)
         node = self._server()
@@ -169,30 +177,55 @@ class Plugin:
 
 
 def take_store(config: Config, stop: threading.Event) -> ServeLock | None:
-    """The store's serving role: at once, or once the server holding it lets go. None when
-    `stop` is set while waiting; SystemExit (status 1) with --no-wait."""
+    """The store's serving role, once nothing keeps this server out: at once, or once what
+    does has stopped. None when `stop` is set while waiting; SystemExit (status 1) with
+    --no-wait. What keeps it out, each checked before the database is opened:
+    - another server holding the role (serve.lock);
+    - a process accepting connections on our node or controller socket: a server of the
+      release before the role existed never takes serve.lock, and a DaemonSet rolled with
+      maxSurge starts us beside it on the same sockets (or a server on another --root);
+    - a database that needs a schema upgrade while another process uses the store (such
+      an old server on other sockets): see compose.upgrade_blocked.
+    The role, once taken, is held while we wait for the others, so that no third server
+    gets in meanwhile."""
     paths = StorePaths(config.root).make()
     lock = ServeLock(paths.serve_lock)
-    if lock.try_take():
+    sockets = _sockets(config)
+    held = False
+
+    def blocker() -> str:
+        nonlocal held
+        held = held or lock.try_take()
+        if not held:
+            return f"another strata server ({lock.holder()}) serves the store {paths.root}"
+        for path in sockets:
+            if why := _listening(path):
+                return (f"{path}: {why} (a strata server of an earlier release, or one on "
+                        "another --root?)")
+        return compose.upgrade_blocked(config)
+
+    why = blocker()
+    if not why:
         return lock
-    holder = lock.holder()
     if config.no_wait:
         lock.close()
-        raise SystemExit(f"strata serve: another strata server ({holder}) serves the store "
-                         f"{paths.root}; not waiting for it (--no-wait)")
-    log.warning("another strata server (%s) serves the store %s; waiting for it to stop "
-                "before starting (--no-wait to exit instead)", holder, paths.root)
+        raise SystemExit(f"strata serve: {why}; not waiting for it (--no-wait)")
+    log.warning("%s; waiting for it to stop before starting (--no-wait to exit instead)", why)
     started = time.monotonic()
     remind = started + WAIT_LOG
     while not stop.wait(WAIT_POLL):
-        if lock.try_take():
+        was, why = why, blocker()
+        if not why:
             log.info("took over the store %s after waiting %.1fs", paths.root,
                      time.monotonic() - started)
             return lock
-        if time.monotonic() >= remind:
-            remind += WAIT_LOG
-            log.warning("still waiting for the strata server (%s) that serves %s",
-                        lock.holder(), paths.root)
+        if why != was:
+            log.warning("%s; waiting for it to stop before starting", why)
+        elif time.monotonic() >= remind:
+            log.warning("still waiting: %s", why)
+        else:
+            continue
+        remind = time.monotonic() + WAIT_LOG
     lock.close()
     log.info("stopped while waiting for the store %s", paths.root)
     return None
@@ -212,7 +245,10 @@ def serve(config: Config) -> int:
     serving = take_store(config, stop)
     if serving is None:
         return 0
-    plugin = Plugin(config, serving=serving)  # owns the role from here, even if it fails
+    try:
+        plugin = Plugin(config, serving=serving)  # owns the role from here, even if it fails
+    except SchemaMismatch as e:
+        raise SystemExit(f"strata serve: {e}") from None
     try:
         plugin.start()
     except BaseException:
