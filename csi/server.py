@@ -15,6 +15,11 @@ rolled with maxSurge starts the new pod before the old one stops), or with --no-
 with status 1. A socket path is taken over only when nobody accepts connections on it (a
 crashed run's leftover); a live one is never unlinked (gRPC itself would unlink whatever
 socket is at the path before binding it: the check must come first).
+
+`Plugin.stop` lets go of the store only once no RPC handler runs any more: gRPC's stop
+cancels the calls after the grace period but cannot stop their threads, and a handler may
+still be mounting or unmounting. If one outlives the grace period and a margin, the
+process keeps its locks until it exits rather than hand the store to the next server.
 """
 
 import logging
@@ -48,6 +53,7 @@ log = logging.getLogger(__name__)
 WAIT_POLL = 0.2  # seconds between tries of the serving role while another server holds it
 WAIT_LOG = 60.0  # seconds between reminders in the log that we still wait
 CONNECT_TIMEOUT = 5.0  # a listener this slow to accept is still a listener
+STOP_MARGIN = 5.0  # seconds handlers may run on after gRPC cancelled their calls at stop
 
 
 def _listening(path: str) -> str:
@@ -103,6 +109,7 @@ class Plugin:
         self.gc = self.parts.gc
         self._servers: list[tuple[grpc.Server, str]] = []
         self._http = None
+        self.rpcs = RpcInterceptor(self.metrics)  # one for both sockets: stop waits on all
 
     def ready(self) -> bool:
         """Probe's answer: the store's database answers and its directories are there."""
@@ -118,7 +125,7 @@ class Plugin:
         # Publishes may wait on pulls (at most 48 at once, see Puller): the rest of the pool
         # keeps Probe, unpublish and stats answering.
         return grpc.server(futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="rpc"),
-                           interceptors=[RpcInterceptor(self.metrics)])
+                           interceptors=[self.rpcs])
 
     def start(self) -> None:
         cfg = self.config
@@ -153,8 +160,15 @@ class Plugin:
         self._servers.append((server, path))
         log.info("serving CSI on unix://%s", path)
 
-    def stop(self, grace: float | None = None) -> None:
+    def stop(self, grace: float | None = None) -> bool:
+        """Stop serving, let running RPCs finish within `grace` seconds (then gRPC cancels
+        them), and let go of the store once no handler runs. False when a handler still
+        ran STOP_MARGIN seconds after the grace period: then the store stays locked (its
+        database open, the serving role held) until the process exits, which it does only
+        once that handler returns (gRPC's workers are joined at exit) or when killed. A
+        waiting server would otherwise repair the store beside a handler still mounting."""
         grace = self.config.grace_seconds if grace is None else grace
+        deadline = time.monotonic() + grace + STOP_MARGIN
         events = [server.stop(grace) for server, _ in self._servers]
         for event in events:
             event.wait()
@@ -172,8 +186,19 @@ class Plugin:
             server.shutdown()
             server.server_close()
             self._http = None
+        if running := self.rpcs.running():
+            log.warning("waiting up to %.1fs for the RPC handlers that still run before "
+                        "letting go of the store: %s", max(0.0, deadline - time.monotonic()),
+                        ", ".join(running))
+            if running := self.rpcs.wait_idle(deadline - time.monotonic()):
+                log.error("RPC handlers still run %.0fs after the grace period: %s; keeping "
+                          "the store locked until this process exits (no other server may "
+                          "start on it while they may still mount or unmount)", STOP_MARGIN,
+                          ", ".join(running))
+                return False
         self.parts.close()
         log.info("stopped")
+        return True
 
 
 def take_store(config: Config, stop: threading.Event) -> ServeLock | None:
@@ -255,5 +280,4 @@ def serve(config: Config) -> int:
         plugin.stop(0)
         raise
     stop.wait()
-    plugin.stop()
-    return 0
+    return 0 if plugin.stop() else 1

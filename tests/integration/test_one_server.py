@@ -10,14 +10,18 @@ its use of the store, and neither migrates the database nor repairs under it. An
 stopping server keeps the store until its RPC handlers have returned, even past the
 grace period: a handler blocked on a FIFO for index.json stands for a slow pull."""
 
+import contextlib
 import fcntl
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
+import grpc
 import pytest
 
 from csi import compose
@@ -396,3 +400,120 @@ def test_the_composition_root_never_migrates_beside_another_user_of_the_store(
     finally:
         parts.close()
 
+
+# -- a stopping server keeps the store while its handlers run ---------------------------------
+@pytest.fixture
+def slow_image(tmp_path, images):
+    """(image, release): images.app from a layout whose index.json is a FIFO, so that a
+    publish of it blocks in its handler until release() writes the index."""
+    src = images.app.split(":")[1]
+    layout = tmp_path / "slow-layout"
+    layout.mkdir()
+    shutil.copy(os.path.join(src, "oci-layout"), layout / "oci-layout")
+    os.symlink(os.path.join(src, "blobs"), layout / "blobs")
+    with open(os.path.join(src, "index.json"), "rb") as f:
+        index = f.read()
+    fifo = str(layout / "index.json")
+    os.mkfifo(fifo)
+    fed = threading.Event()
+
+    def release(timeout: float = 60) -> None:
+        """Write the index to the reader blocked on the FIFO (there is one: a publish)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+                break
+            except OSError as e:  # ENXIO: nobody has it open for reading yet
+                assert time.monotonic() < deadline, f"nobody reads {fifo}: {e}"
+                time.sleep(0.05)
+        try:
+            os.set_blocking(fd, True)
+            os.write(fd, index)
+        finally:
+            os.close(fd)
+        fed.set()
+
+    yield f"oci:{layout}:app", release
+    if not fed.is_set():  # a failed test: unblock a reader that may still wait
+        with contextlib.suppress(AssertionError):
+            release(timeout=0)
+
+
+def publish_in_background(proc: StrataProcess, volume_id: str, target, image: str):
+    """The publish runs on a thread; its outcome (response or gRPC error) in `result`."""
+    result: list = []
+
+    def call():
+        try:
+            result.append(proc.csi.publish(volume_id, target, image))
+        except grpc.RpcError as e:
+            result.append(e)
+
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    wait_for_log(proc, f'NodePublishVolume: volume_id: "{volume_id}"')
+    return thread, result
+
+
+STILL_RUN = "the RPC handlers that still run before letting go of the store"
+KEPT = "keeping the store locked until this process exits"
+
+
+def test_a_stopping_server_lets_go_of_the_store_only_after_its_handlers_return(
+        procs, tmp_path, slow_image):
+    image, release = slow_image
+    first = procs("first", extra_args=("--grace-seconds", "1")).start()
+    target = tmp_path / "pod"
+    thread, result = publish_in_background(first, "slow", target, image)
+    second = procs("second", root=first.root).launch()
+    wait_for_log(second, WAITING)
+
+    first.proc.send_signal(signal.SIGTERM)
+    log = wait_for_log(first, STILL_RUN)  # gRPC cancelled the call; its handler runs on
+    assert "NodePublishVolume (for " in log[log.index(STILL_RUN):]
+    assert role_held(first.root)
+    assert first.proc.poll() is None
+    assert "took over the store" not in second.read_log()
+    thread.join(timeout=60)
+    assert isinstance(result[0], grpc.RpcError)  # the caller was answered: cancelled
+
+    release()
+    rc, log = exited(first)
+    assert rc == 0
+    assert log.index("NodePublishVolume ok") < log.index("csi.server: stopped")
+    assert KEPT not in log
+    second.ready()
+    assert "took over the store" in second.read_log()
+    # What the handler did after its call was cancelled is the second server's now.
+    assert len(MountTable().at(str(target))) == 1
+    second.csi.unpublish("slow", target)
+    assert not target.exists()
+
+
+def test_a_handler_outliving_the_stop_keeps_the_store_until_the_process_exits(
+        procs, tmp_path, slow_image):
+    image, release = slow_image
+    first = procs("first", extra_args=("--grace-seconds", "1")).start()
+    target = tmp_path / "pod"
+    thread, _ = publish_in_background(first, "stuck", target, image)
+    second = procs("second", root=first.root).launch()
+    wait_for_log(second, WAITING)
+
+    first.proc.send_signal(signal.SIGTERM)
+    log = wait_for_log(first, KEPT)
+    assert "NodePublishVolume (for " in log[log.index(KEPT) - 300:]
+    assert "csi.server: stopped" not in log
+    assert first.proc.poll() is None, "the process waits for its handler"
+    assert role_held(first.root)
+    assert "took over the store" not in second.read_log()
+
+    release()
+    rc, log = exited(first)
+    assert rc == 1  # an unclean stop
+    assert "NodePublishVolume ok" in log
+    second.ready()
+    assert "took over the store" in second.read_log()
+    second.csi.unpublish("stuck", target)
+    assert not target.exists()
+    thread.join(timeout=60)
