@@ -3,6 +3,8 @@
 - `node()` is what `strata serve` runs: the store's serving role (one server per store),
   the store with start-up repairs (reconcile), the kernel's features probed once, the
   backend, pulls, GC, the volume manager and the provisioner, and the store's metrics.
+  `upgrade_blocked()` is what a server waits on before it: a schema upgrade it may not do
+  yet.
 - `tool()` is what `strata pull` and `strata gc` run beside a server: the same store, pull
   and GC parts, sharing the store (no repairs: the server may be mid-publish).
 - `reader()` is what `strata ls`, `df` and `diff` use: records and the backend's answers,
@@ -38,7 +40,7 @@ from csi.releases import Releases
 from csi.store.blobs import BlobStore
 from csi.store.gc import Collector
 from csi.store.layers import LayerStore
-from csi.store.state import State
+from csi.store.state import SCHEMA_VERSION, SchemaMismatch, State, schema_version
 from csi.volumes import VolumeManager
 
 log = logging.getLogger(__name__)
@@ -127,6 +129,34 @@ def size_limits(setting: str, paths: StorePaths, mounter: Mounter) -> Bound:
     return Bounds(loop, quota)
 
 
+def _upgrade_blocked(paths: StorePaths, alone: bool) -> str:
+    version = schema_version(paths.state_db)
+    if alone or version is None or version >= SCHEMA_VERSION:
+        return ""
+    return (f"the store's database {paths.state_db} needs an upgrade from schema version "
+            f"{version} to {SCHEMA_VERSION}, and another process uses the store (a strata "
+            "server of an earlier release, or a `strata pull` or `gc`): upgrading it beside "
+            "that process would break it")
+
+
+def upgrade_blocked(config: Config) -> str:
+    """Why `node()` may not start on the store yet ("" when it may): its database needs a
+    schema upgrade while another process uses the store. A server of the release before
+    the serving role takes no serve.lock, but it does hold the store's lock shared, so this
+    also keeps a new server from migrating and repairing under an old one that serves on
+    other sockets. Taking the lock exclusively for a moment makes a tool starting then
+    wait that moment."""
+    paths = StorePaths(config.root)
+    version = schema_version(paths.state_db)
+    if version is None or version >= SCHEMA_VERSION:
+        return ""  # the common case takes no lock
+    users = StoreUsers(paths.store_lock)
+    try:
+        return _upgrade_blocked(paths, users.alone())
+    finally:
+        users.close()
+
+
 def node(config: Config, metrics: Metrics | None = None, mounter: Mounter | None = None,
          features: kernel.Features | None = None, clock=time.time,
          serving: ServeLock | None = None) -> Parts:
@@ -134,7 +164,14 @@ def node(config: Config, metrics: Metrics | None = None, mounter: Mounter | None
     (server.serve waits for it); without one it is taken here, or StoreServed is raised at
     once: start-up repairs must never run beside a live server. The parts hold the role
     until they are closed. A start that fails lets go of the role, the store's lock and the
-    database at any step. `clock` (wall time) is what records and GC ages are read from."""
+    database at any step. `clock` (wall time) is what records and GC ages are read from.
+
+    The schema is upgraded only when no other process uses the store (as in `tool()`): a
+    server of an earlier release still running on it would fail every write on the new
+    schema. Otherwise SchemaMismatch, before anything is touched (server.serve waits for
+    `upgrade_blocked()` first, so this is only a process that came in between).
+    Start-up holds the store's lock exclusively from that check until its repairs are
+    done: what it decided alone stays true."""
     paths = StorePaths(config.root).make()
     if serving is None:
         serving = ServeLock(paths.serve_lock)
@@ -147,6 +184,9 @@ def node(config: Config, metrics: Metrics | None = None, mounter: Mounter | None
     users = state = releases = None
     try:
         users = StoreUsers(paths.store_lock)
+        alone = users.alone()
+        if why := _upgrade_blocked(paths, alone):
+            raise SchemaMismatch(f"{why}; start again once it has stopped")
         state = State(paths.state_db)
         if features is None:
             features = _probe(paths.tmp)
@@ -158,7 +198,7 @@ def node(config: Config, metrics: Metrics | None = None, mounter: Mounter | None
         gc = Collector(layers, config.gc, clock=clock, on_collect=metrics.on_collect)
         releases = Releases(paths, state, backend, mounter, clock=clock, collect=gc.collect,
                             on_detach=metrics.lazy_unmounts.inc)
-        reconcile(paths, state, mounter, backend, layers, alone=users.alone(), clock=clock,
+        reconcile(paths, state, mounter, backend, layers, alone=alone, clock=clock,
                   releases=releases)
         releases.settle()  # what the kernel let go while we were down; the rest later
         users.share()

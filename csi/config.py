@@ -45,8 +45,9 @@ class Config:
     grace_seconds: float = setting(10.0, "how long running RPCs may take to finish on "
                                    "SIGTERM", ("serve",))
     # A DaemonSet rolled with maxSurge starts the new pod while the old one still serves.
-    no_wait: bool = setting(False, "when another strata server holds the store (--root), "
-                            "exit with status 1 instead of waiting for it to stop",
+    no_wait: bool = setting(False, "when another strata server holds the store (--root) "
+                            "or serves on our sockets, exit with status 1 instead of "
+                            "waiting for it to stop",
                             ("serve",))
     gc_policy: str = setting("lru", "immediate: drop unreferenced layers at once; lru: keep "
                              "them as a cache until the high-water mark", ("serve", "gc"),

@@ -3,9 +3,15 @@
 This interceptor is the one place a domain error becomes a gRPC status: StrataError →
 its code; NotImplementedError (the generated servicer's default) → UNIMPLEMENTED; anything
 else → a logged INTERNAL. No Python exception ever reaches a client as UNKNOWN.
+
+It also knows which handlers run: gRPC's stop cancels calls but cannot stop their threads,
+and the server must not let go of the store while one may still mount or unmount
+(`wait_idle`).
 """
 
+import itertools
 import logging
+import threading
 import time
 
 import grpc
@@ -35,8 +41,27 @@ def redact(msg) -> str:
 
 
 class RpcInterceptor(grpc.ServerInterceptor):
+    """One instance may serve several gRPC servers (node and controller sockets): then
+    `wait_idle` covers the handlers of all of them."""
+
     def __init__(self, metrics: Metrics):
         self._metrics = metrics
+        self._idle = threading.Condition()
+        self._running: dict[int, tuple[str, float]] = {}  # call -> (method, started)
+        self._ids = itertools.count()
+
+    def running(self) -> list[str]:
+        """The handlers still running, oldest first, as "Method (for 3.2s)"."""
+        now = time.monotonic()
+        with self._idle:
+            calls = sorted(self._running.values(), key=lambda c: c[1])
+        return [f"{method} (for {now - started:.1f}s)" for method, started in calls]
+
+    def wait_idle(self, timeout: float) -> list[str]:
+        """Wait up to `timeout` seconds until no handler runs; what still runs then."""
+        with self._idle:
+            self._idle.wait_for(lambda: not self._running, timeout=max(0.0, timeout))
+        return self.running()
 
     def intercept_service(self, continuation, details):
         handler = continuation(details)
@@ -47,6 +72,18 @@ class RpcInterceptor(grpc.ServerInterceptor):
         level = logging.DEBUG if method == "Probe" else logging.INFO
 
         def wrapped(request, context):
+            call = next(self._ids)
+            with self._idle:
+                self._running[call] = (method, time.monotonic())
+            try:
+                return handle(request, context)
+            finally:
+                with self._idle:
+                    del self._running[call]
+                    if not self._running:
+                        self._idle.notify_all()
+
+        def handle(request, context):
             started = time.monotonic()
             log.log(level, "%s: %s", method, redact(request))
             try:

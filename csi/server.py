@@ -6,13 +6,20 @@ services (kept apart from `serve()` so tests can build one in-process); `serve()
 until SIGTERM/SIGINT, then lets running RPCs finish within the grace period and removes
 its sockets.
 
-One server per store, and never two on a socket. `serve()` first takes the store's serving
-role (locks.ServeLock), before any start-up repair: while another server holds it, it
-waits (a DaemonSet rolled with maxSurge starts the new pod before the old one stops), or
-with --no-wait exits with status 1. A socket path is taken over only when nobody accepts
-connections on it (a crashed run's leftover); a live one, say of a server on another
---root, is refused and left alone (gRPC itself would unlink whatever socket is at the path
-before binding it: the check must come first).
+One server per store, and never two on a socket. Before it opens the database, `serve()`
+takes the store's serving role (locks.ServeLock) and makes sure nothing else serves here:
+while another server holds the role, or a process accepts connections on our
+sockets (a server of an earlier release, which takes no role), or the database needs a
+schema upgrade that another process on the store would not survive, it waits (a DaemonSet
+rolled with maxSurge starts the new pod before the old one stops), or with --no-wait exits
+with status 1. A socket path is taken over only when nobody accepts connections on it (a
+crashed run's leftover); a live one is never unlinked (gRPC itself would unlink whatever
+socket is at the path before binding it: the check must come first).
+
+`Plugin.stop` lets go of the store only once no RPC handler runs any more: gRPC's stop
+cancels the calls after the grace period but cannot stop their threads, and a handler may
+still be mounting or unmounting. If one outlives the grace period and a margin, the
+process keeps its locks until it exits rather than hand the store to the next server.
 """
 
 import logging
@@ -40,12 +47,14 @@ from csi.mount.syscalls import Mounter
 from csi.node import NodeService
 from csi.paths import StorePaths
 from csi.proto import csi_pb2_grpc
+from csi.store.state import SchemaMismatch
 
 log = logging.getLogger(__name__)
 
 WAIT_POLL = 0.2  # seconds between tries of the serving role while another server holds it
 WAIT_LOG = 60.0  # seconds between reminders in the log that we still wait
 CONNECT_TIMEOUT = 5.0  # a listener this slow to accept is still a listener
+STOP_MARGIN = 5.0  # seconds handlers may run on after gRPC cancelled their calls at stop
 
 
 def _listening(path: str) -> str:
@@ -80,6 +89,12 @@ def _claim(path: str) -> None:
     os.unlink(path)
 
 
+def _sockets(config: Config) -> list[str]:
+    """The node and the controller socket paths, each once."""
+    return list(dict.fromkeys(p for p in (config.socket_path, config.controller_socket_path)
+                              if p))
+
+
 class Plugin:
     def __init__(self, config: Config, metrics: Metrics | None = None,
                  mounter: Mounter | None = None, features: Features | None = None,
@@ -95,6 +110,7 @@ class Plugin:
         self.gc = self.parts.gc
         self._servers: list[tuple[grpc.Server, str]] = []
         self._http = None
+        self.rpcs = RpcInterceptor(self.metrics)  # one for both sockets: stop waits on all
 
     def ready(self) -> bool:
         """Probe's answer: the store's database answers and its directories are there."""
@@ -110,15 +126,14 @@ class Plugin:
         # Publishes may wait on pulls (at most 48 at once, see Puller): the rest of the pool
         # keeps Probe, unpublish and stats answering.
         return grpc.server(futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="rpc"),
-                           interceptors=[RpcInterceptor(self.metrics)])
+                           interceptors=[self.rpcs])
 
     def start(self) -> None:
         cfg = self.config
         same = cfg.controller_endpoint and cfg.controller_socket_path == cfg.socket_path
         has_controller = bool(cfg.controller_endpoint)
         # Both paths before either server starts: a refusal then leaves nothing bound.
-        for path in dict.fromkeys(p for p in (cfg.socket_path, cfg.controller_socket_path)
-                                  if p):
+        for path in _sockets(cfg):
             _claim(path)
         identity = IdentityService(controller=has_controller, ready=self.ready)
         node = self._server()
@@ -146,8 +161,15 @@ class Plugin:
         self._servers.append((server, path))
         log.info("serving CSI on unix://%s", path)
 
-    def stop(self, grace: float | None = None) -> None:
+    def stop(self, grace: float | None = None) -> bool:
+        """Stop serving, let running RPCs finish within `grace` seconds (then gRPC cancels
+        them), and let go of the store once no handler runs. False when a handler still
+        ran STOP_MARGIN seconds after the grace period: then the store stays locked (its
+        database open, the serving role held) until the process exits, which it does only
+        once that handler returns (gRPC's workers are joined at exit) or when killed. A
+        waiting server would otherwise repair the store beside a handler still mounting."""
         grace = self.config.grace_seconds if grace is None else grace
+        deadline = time.monotonic() + grace + STOP_MARGIN
         events = [server.stop(grace) for server, _ in self._servers]
         for event in events:
             event.wait()
@@ -165,35 +187,71 @@ class Plugin:
             server.shutdown()
             server.server_close()
             self._http = None
+        if running := self.rpcs.running():
+            log.warning("waiting up to %.1fs for the RPC handlers that still run before "
+                        "letting go of the store: %s", max(0.0, deadline - time.monotonic()),
+                        ", ".join(running))
+            if running := self.rpcs.wait_idle(deadline - time.monotonic()):
+                log.error("RPC handlers still run %.0fs after the grace period: %s; keeping "
+                          "the store locked until this process exits (no other server may "
+                          "start on it while they may still mount or unmount)", STOP_MARGIN,
+                          ", ".join(running))
+                return False
         self.parts.close()
         log.info("stopped")
+        return True
 
 
 def take_store(config: Config, stop: threading.Event) -> ServeLock | None:
-    """The store's serving role: at once, or once the server holding it lets go. None when
-    `stop` is set while waiting; SystemExit (status 1) with --no-wait."""
+    """The store's serving role, once nothing keeps this server out: at once, or once what
+    does has stopped. None when `stop` is set while waiting; SystemExit (status 1) with
+    --no-wait. What keeps it out, each checked before the database is opened:
+    - another server holding the role (serve.lock);
+    - a process accepting connections on our node or controller socket: a server of the
+      release before the role existed never takes serve.lock, and a DaemonSet rolled with
+      maxSurge starts us beside it on the same sockets (or a server on another --root);
+    - a database that needs a schema upgrade while another process uses the store (such
+      an old server on other sockets): see compose.upgrade_blocked.
+    The role, once taken, is held while we wait for the others, so that no third server
+    gets in meanwhile."""
     paths = StorePaths(config.root).make()
     lock = ServeLock(paths.serve_lock)
-    if lock.try_take():
+    sockets = _sockets(config)
+    held = False
+
+    def blocker() -> str:
+        nonlocal held
+        held = held or lock.try_take()
+        if not held:
+            return f"another strata server ({lock.holder()}) serves the store {paths.root}"
+        for path in sockets:
+            if why := _listening(path):
+                return (f"{path}: {why} (a strata server of an earlier release, or one on "
+                        "another --root?)")
+        return compose.upgrade_blocked(config)
+
+    why = blocker()
+    if not why:
         return lock
-    holder = lock.holder()
     if config.no_wait:
         lock.close()
-        raise SystemExit(f"strata serve: another strata server ({holder}) serves the store "
-                         f"{paths.root}; not waiting for it (--no-wait)")
-    log.warning("another strata server (%s) serves the store %s; waiting for it to stop "
-                "before starting (--no-wait to exit instead)", holder, paths.root)
+        raise SystemExit(f"strata serve: {why}; not waiting for it (--no-wait)")
+    log.warning("%s; waiting for it to stop before starting (--no-wait to exit instead)", why)
     started = time.monotonic()
     remind = started + WAIT_LOG
     while not stop.wait(WAIT_POLL):
-        if lock.try_take():
+        was, why = why, blocker()
+        if not why:
             log.info("took over the store %s after waiting %.1fs", paths.root,
                      time.monotonic() - started)
             return lock
-        if time.monotonic() >= remind:
-            remind += WAIT_LOG
-            log.warning("still waiting for the strata server (%s) that serves %s",
-                        lock.holder(), paths.root)
+        if why != was:
+            log.warning("%s; waiting for it to stop before starting", why)
+        elif time.monotonic() >= remind:
+            log.warning("still waiting: %s", why)
+        else:
+            continue
+        remind = time.monotonic() + WAIT_LOG
     lock.close()
     log.info("stopped while waiting for the store %s", paths.root)
     return None
@@ -215,7 +273,7 @@ def serve(config: Config) -> int:
         return 0
     try:
         plugin = Plugin(config, serving=serving)  # owns the role from here, even if it fails
-    except StrataError as e:  # the node cannot do what the settings ask: say why, and stop
+    except (StrataError, SchemaMismatch) as e:  # the node cannot start as asked: say why
         raise SystemExit(f"strata serve: {e}") from None
     try:
         plugin.start()
@@ -223,5 +281,4 @@ def serve(config: Config) -> int:
         plugin.stop(0)
         raise
     stop.wait()
-    plugin.stop()
-    return 0
+    return 0 if plugin.stop() else 1

@@ -21,6 +21,7 @@ The schema version lives in PRAGMA user_version.
 import contextlib
 import dataclasses
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -570,6 +571,15 @@ def _controller_volume(row) -> ControllerVolume:
 
 class SchemaMismatch(RuntimeError):
     """state.db is of a schema version this strata cannot (or, read-only, may not) use."""
+
+
+def schema_version(path: str) -> int | None:
+    """The schema version of the database at `path` (None: there is none yet), read without
+    opening it as a State: a server checks it before deciding whether it may upgrade."""
+    if not os.path.exists(path):
+        return None
+    with contextlib.closing(sqlite3.connect(path, timeout=30)) as db:
+        return db.execute("PRAGMA user_version").fetchone()[0]
 
 
 def _connect(path: str) -> sqlite3.Connection:

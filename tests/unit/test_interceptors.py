@@ -1,7 +1,10 @@
-"""csi/interceptors.py: secret redaction in logs, and the one place errors become statuses."""
+"""csi/interceptors.py: secret redaction in logs, the one place errors become statuses, and
+which handlers still run."""
 
 import collections
+import contextlib
 import logging
+import threading
 
 import grpc
 import pytest
@@ -175,3 +178,36 @@ def test_streaming_handlers_pass_through(metrics):
     assert got is handler
     assert RpcInterceptor(metrics).intercept_service(lambda d: None, Details("/x/Y", ())) \
         is None
+
+
+def test_running_handlers_are_known_until_they_return_or_fail(metrics):
+    """What Plugin.stop waits on: a handler counts from its start until it has returned,
+    failed or aborted, whatever happened to its call."""
+    interceptor = RpcInterceptor(metrics)
+    entered, go = threading.Event(), threading.Event()
+
+    def slow(req, ctx):
+        entered.set()
+        go.wait()
+        raise NotFound("gone meanwhile")  # aborts: it must still stop counting
+
+    handler = grpc.unary_unary_rpc_method_handler(slow)
+    wrapped = interceptor.intercept_service(
+        lambda d: handler, Details("/csi.v1.Node/NodePublishVolume", ()))
+    assert interceptor.running() == [] and interceptor.wait_idle(0) == []
+
+    def run():
+        with contextlib.suppress(Aborted):
+            wrapped.unary_unary(csi_pb2.NodePublishVolumeRequest(volume_id="v"), FakeContext())
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        assert entered.wait(10)
+        [still] = interceptor.wait_idle(0)
+        assert still.startswith("NodePublishVolume (for ")
+    finally:
+        go.set()
+    assert interceptor.wait_idle(30) == []
+    thread.join()
+    assert count(metrics, "NodePublishVolume", "NOT_FOUND") == 1
