@@ -205,11 +205,10 @@ class Releases:
             return False
         with self._state.transaction() as tx:
             tx.release_publication(pub.target, device, self._clock())
-        log.warning("volume %s left %s, but a view of it lives on (a copy of the mount in "
+        log.warning("volume %s left %s, but its overlay lives on (a copy of the mount in "
                     "another mount namespace, or a mount detached behind strata's back); "
-                    "its %s (%s) %s kept until %s", pub.volume_id, pub.target,
-                    "layers" if pub.readonly else "writable layer", pub.key,
-                    "are" if pub.readonly else "is", self._until(pub, device))
+                    "its writable layer (%s) and layers are kept until the kernel lets the "
+                    "overlay go", pub.volume_id, pub.target, pub.key)
         self._wake()
         return True
 
@@ -223,10 +222,12 @@ class Releases:
             found = [r for r in tx.releases() if r.target == target]
         if not found or not self._mounter.table.is_mountpoint(target):
             return False
-        r = found[0]
-        if r.device and device_of(target) != r.device:
-            log.warning("%s is mounted, but not with the view released from it (device %s, "
-                        "not %s): left alone", target, device_of(target), r.device)
+        now = device_of(target)
+        r = next((r for r in found if not r.device or r.device == now), None)
+        if r is None:  # someone else's mount on a path we once used
+            log.warning("%s is mounted, but not with a view released from it (device %s, "
+                        "not %s): left alone", target, now,
+                        ", ".join(r.device for r in found))
             return False
         log.warning("volume %s at %s is released but still mounted (its detach was "
                     "interrupted); unmounting it now", r.volume_id, target)
