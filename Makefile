@@ -63,6 +63,7 @@ bench: $(STAMP)
 	$(PY) bench/unpack.py
 	$(PY) bench/pull.py
 	$(PY) bench/volatile.py
+	$(PY) bench/release_probe.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

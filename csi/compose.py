@@ -197,7 +197,7 @@ def node(config: Config, metrics: Metrics | None = None, mounter: Mounter | None
         layers = LayerStore(paths, state, clock=clock, on_unpack=metrics.on_unpack)
         gc = Collector(layers, config.gc, clock=clock, on_collect=metrics.on_collect)
         releases = Releases(paths, state, backend, mounter, clock=clock, collect=gc.collect,
-                            on_detach=metrics.lazy_unmounts.inc)
+                            on_detach=metrics.lazy_unmounts.inc, starting=True)
         reconcile(paths, state, mounter, backend, layers, alone=alone, clock=clock,
                   releases=releases)
         releases.settle()  # what the kernel let go while we were down; the rest later

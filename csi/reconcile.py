@@ -2,13 +2,19 @@
 
 A crash can leave: half-built work in tmp/ (emptied), layer or publication directories
 that were never recorded (removed: unrecorded means unverified or unused, but a publication's
-only once no overlay uses it, see releases.py), publications whose mount is gone (forgotten,
-and their private state removed likewise), references that no longer match the publications
-and stages that exist (rebuilt by the state), and mounts of this store that no publication
-records (a publish interrupted between mount(2) and its record: unmounted, so
-that the kubelet's retry finds its target free). Which mounts are this store's, and which
-directories a publication owns, the backend says; it also releases what it holds for
-unrecorded keys outside the mount table (a size-limited key's loop device).
+only once no overlay uses it, see releases.py), publications whose mount is gone (forgotten
+and their private state removed, unless a view of them lives on: then released, with their
+references), releases whose lazy detach was interrupted after their record (detached now),
+references that no longer match the publications and stages that exist (rebuilt by the
+state), and mounts of this store that no publication records (a publish interrupted between
+mount(2) and its record: unmounted, so that the kubelet's retry finds its target free).
+Which mounts are this store's, and which directories a publication owns, the backend says;
+it also restores and releases what it holds outside the mount table (a size-limited key's
+filesystem and loop device): restores first, so that every key can be asked about, and
+releases last, once the keys no record names are gone.
+
+Nothing recorded here wakes the releases' background thread: the caller's
+`Releases.settle()` sweeps once start-up is done, then keeps asking.
 """
 
 import logging
@@ -42,15 +48,27 @@ def reconcile(paths: StorePaths, state: State, mounter: Mounter, backend: Backen
     else:
         log.warning("another strata process uses %s: tmp/ and unrecorded layer directories "
                     "are left for the next start", paths.root)
+    releases = releases or Releases(paths, state, backend, mounter, clock=clock,
+                                    starting=True)
     with state.read() as tx:
         pubs = tx.publications()
-    _unmount_unrecorded(paths, {p.target for p in pubs}, mounter, backend)
-    gone = [p for p in pubs if not mounter.table.is_mountpoint(p.target)]
+        pending = tx.releases()
+    recorded = {p.target for p in pubs}
+    for r in pending:  # record-then-detach, interrupted after the record
+        if r.target and r.target not in recorded:
+            releases.finish_detach(r.target)
+    _unmount_unrecorded(paths, recorded, mounter, backend)
+    # Before anything is asked about a key: a live limited key's filesystem that a new
+    # mount namespace lost is mounted again, or its upper could not be found to ask about.
+    # Loop devices of keys whose directory is gone altogether are detached here too.
+    backend.repair({p.key for p in pubs} | {r.key for r in pending} | backend.keys())
+    for p in pubs:
+        if not mounter.table.is_mountpoint(p.target):
+            # Asked before the record changes: a view that lives on (a lazy detach behind
+            # our back, a copy in another namespace) keeps the publication's references.
+            log.warning("publication of %s at %s lost its mount", p.volume_id, p.target)
+            releases.end(p)
     with state.transaction() as tx:
-        for p in gone:
-            log.warning("publication of %s at %s lost its mount; forgetting it", p.volume_id,
-                        p.target)
-            tx.forget_publication(p.target, clock())
         lost = {layer.id for layer in tx.layers()
                 if not os.path.isdir(paths.layer_fs(layer.id))}
         for lid in sorted(lost):
@@ -60,12 +78,11 @@ def reconcile(paths: StorePaths, state: State, mounter: Mounter, backend: Backen
             log.error("%s", line)  # its next publish pulls the image again
         live_keys = {p.key for p in tx.publications()} | {r.key for r in tx.releases()}
         layer_ids = {layer.id for layer in tx.layers()}
-    releases = releases or Releases(paths, state, backend, mounter, clock=clock)
     for key in sorted(backend.keys() - live_keys):
         # A size-limited key's filesystem is unmounted first (remove never enters a mount).
         releases.remove_unless_held(key, f"unrecorded publication {key}")
-    # Loop devices no record owns, and live keys' filesystems. What is still on disk was
-    # kept on purpose (a key pending release: its filesystem is under the detached overlay).
+    # Loop devices no record owns now. What is still on disk was kept on purpose (a key
+    # pending release: its filesystem is under the detached overlay).
     backend.repair(live_keys | backend.keys())
     if alone:
         layers.remove_unrecorded(layer_ids)

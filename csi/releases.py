@@ -1,26 +1,46 @@
-"""Releases: a publication's private state that a lazily detached overlay may still write to,
-kept until the kernel lets that overlay go, then deleted.
+"""Releases: a publication's private state, and the layers it reads, kept for a view that
+may outlive its mount until the kernel lets that view go, then deleted.
 
-An unpublish whose unmount stays busy (a process in the pod has a file open or its working
-directory there) detaches the overlay lazily (Mounter.detach): it leaves every path at once,
-and the kubelet moves on, but the overlay lives on, writing into its upper dir, until the last
-process holding it lets go. Deleting the upper then would pull it from under those writes;
-keeping it for ever would leak it. So the publication becomes a *release* (state.db's
-`released`, which keeps its layers referenced, so GC leaves what the overlay reads), and its
-private state is deleted once the kernel says no overlay uses the upper any more.
+A view can outlive its mount in this namespace three ways:
+- an unpublish whose unmount stays busy (a process in the pod has a file open or its working
+  directory there) detaches it lazily (MNT_DETACH): it leaves every path at once, and the
+  kubelet moves on, but the view lives on until the last process holding it lets go;
+- an unmount that succeeds here while a copy of the mount lives in another mount namespace
+  (a pod's containers keep a private copy of the target mount, and so does any process
+  that unshared its namespace while the volume was mounted);
+- a mount lost behind strata's back (`umount -l` by someone else) while a process holds it.
+Deleting the upper then would pull it from under the view's writes; dropping the layer
+references would let GC delete what it reads; keeping them for ever would leak them. So the
+publication becomes a *release* (state.db's `released`): converted in one transaction, in
+which its layer references pass to the release (`release_publication`), and its private
+state is deleted, and its references dropped, once the view is gone.
 
-The kernel's answer is overlayfs's own in-use mark on the upper dir (Mounter.in_use with the
-backend's `holder_probe`). The mark is taken when the overlay's superblock is built and
-dropped when it is destroyed, which happens only after the last of its holders is gone,
-whatever they are: an open file, a working directory, a mapping, a mount in any namespace, a
-loop device backed by a file inside. A scan of /proc would miss some of those (file
-descriptors in flight, loop devices, io_uring) and can mistake a recycled device number for
-the old overlay; the mark belongs to the upper dir itself. Asking costs about a millisecond
-and a line in the kernel log, so it is asked only where an overlay can outlive its mount
-(after a lazy detach, and at start-up for state no record explains), and then with backoff:
-a background thread retries after 1 s, doubling up to a minute, while any release remains.
+Whether a writable view is gone, the kernel says: overlayfs's own in-use mark on the upper
+dir (Mounter.in_use with the backend's `holder_probe`). The mark is taken when the overlay's
+superblock is built and dropped when it is destroyed, which happens only after the last of
+its holders is gone, whatever they are: an open file, a working directory, a mapping, a
+mount in any namespace, a loop device backed by a file inside. A scan of /proc would miss
+some of those and can mistake a recycled device number for the old overlay; the mark belongs
+to the upper dir itself. Asking costs about a millisecond and a line in the kernel log. It
+is asked after every unmount of a writable publication (a copy in another namespace leaves
+no other trace here), at start-up for state no live mount explains, and, for a release,
+with backoff: a background thread retries after 1 s, doubling up to a minute, while any
+release remains.
 
-A reboot ends every overlay: after one, start-up releases everything without asking. The
+A read-only view has no upper to ask about. A lazily detached one is released once no
+process and no mount namespace shows its device number (csi/mount/users.py: a scan of
+/proc, recorded at the detach). A one-layer view is a bind mount of the layer directory,
+whose device number is the store filesystem's, shared with every file there: nothing tells
+its holders from the store's own users, so its release (and its layers) is kept until the
+next boot. A read-only view unmounted cleanly is not asked about (the scan costs a pass
+over every process and mount namespace of the node at each unpublish).
+
+Private state that no record names (a publish that crashed between mount(2) and its
+record, whose mount start-up had to detach lazily) becomes a release too, but one that
+cannot say which layers it reads: while such a release is pending, GC removes nothing
+(state.py's `forget_layer`, logged by gc.py).
+
+A reboot ends every view: after one, start-up releases everything without asking. The
 boot a server last started in is kept in `ROOT/boot_id`.
 """
 
@@ -31,7 +51,9 @@ import time
 from collections.abc import Callable
 
 from csi.backend import Backend
+from csi.mount import users
 from csi.mount.syscalls import Mounter
+from csi.mount.users import device_of
 from csi.paths import StorePaths
 from csi.store.state import Publication, Release, State
 
@@ -47,9 +69,11 @@ class Releases:
                  clock=time.time, collect: Callable[[], None] | None = None,
                  on_detach: Callable[[], None] | None = None, boot_id: str = BOOT_ID,
                  proc: str = "/proc", first_retry: float = FIRST_RETRY,
-                 max_retry: float = MAX_RETRY):
+                 max_retry: float = MAX_RETRY, starting: bool = False):
         """`collect` runs after a release let go of layers (GC); `on_detach` counts each
-        lazy detach (metrics)."""
+        lazy detach (metrics). `starting`: made for start-up, which records releases
+        before it is done (reconcile): the background thread waits for `settle()`, so that
+        no sweep, and no GC after one, runs beside the rest of start-up."""
         self._paths = paths
         self._state = state
         self._backend = backend
@@ -64,6 +88,7 @@ class Releases:
         self._sweeping = threading.Lock()
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
+        self._starting = starting
         self._stopped = False
         self._due: float | None = None
         self._delay = first_retry
@@ -71,14 +96,22 @@ class Releases:
         self._warned_unable = False
 
     # -- the kernel's answer -----------------------------------------------------------
-    def held(self, key: str) -> bool:
-        """Whether a live view may still write `key`'s private state. Raises OSError when
-        the kernel cannot tell."""
+    def held(self, key: str, device: str = "") -> bool:
+        """Whether a live view may still write `key`'s private state or read its layers.
+        A writable key is asked about through its upper (the kernel's answer); a view
+        without one through `device`, its major:minor when it left the mount table ("":
+        unknown, and then nothing can be asked: not held). Raises OSError when the kernel
+        cannot tell."""
         if self._rebooted:
             return False
+        return self._held(key, device, None)
+
+    def _held(self, key: str, device: str, seen: dict | None) -> bool:
+        """`held` after the reboot rule; `seen`, when given, is one scan of /proc already
+        made for the devices of every view pending (a sweep's)."""
         probe = self._backend.holder_probe(key)
         if probe is None:
-            return False
+            return self._view_held(device, seen)
         if not self._mounter.features.index:
             # index=on is what makes overlayfs refuse an upper in use (Linux 4.13).
             if not self._warned_unable:
@@ -92,31 +125,122 @@ class Releases:
         except FileNotFoundError:
             return False  # the upper went meanwhile: nothing left to protect
 
-    # -- an unpublish that stays busy --------------------------------------------------
+    def _view_held(self, device: str, seen: dict | None) -> bool:
+        dev = users.parse(device)
+        if dev is None:
+            return False
+        if self._is_store_device(dev):
+            # A one-layer view: a bind mount of the layer directory, whose device is the
+            # store's filesystem's, shared with every file there. Nothing in /proc tells
+            # this view's holders from the store's own users: kept until the next boot.
+            return True
+        if seen is None:
+            seen = users.find({dev}, self._proc)
+        if dev in seen:
+            log.debug("the view on device %s is still used: %s", device, seen[dev])
+            return True
+        return False
+
+    def _is_store_device(self, dev: users.Device) -> bool:
+        return users.parse(device_of(self._paths.layers)) == dev
+
+    # -- a view that leaves the mount table --------------------------------------------
     def detach(self, pub: Publication) -> None:
-        """Detach `pub`'s busy mount lazily and turn the publication into a release, in
-        that order: a crash in between leaves a publication whose mount is gone, which
-        start-up asks the kernel about like any other state no live mount explains."""
+        """Turn `pub` into a release, then detach its busy mount lazily: in that order, so
+        that a live view is never without a record. A crash in between (or a detach that
+        fails) leaves a release whose mount is still there: the kubelet's retry of the
+        unpublish, or start-up, detaches it (`finish_detach`)."""
         who = holders(pub.target, self._proc)
-        device = _device(pub.target)
-        self._mounter.detach(pub.target)
+        device = device_of(pub.target)
         with self._state.transaction() as tx:
             tx.release_publication(pub.target, device, self._clock())
+        self._detach(pub.target)
         if self._on_detach is not None:
             self._on_detach()
-        log.warning("volume %s at %s was detached lazily: %s still %s it; its writable "
-                    "layer (%s, overlay device %s) is kept until the kernel lets the "
-                    "overlay go", pub.volume_id, pub.target,
+        log.warning("volume %s at %s was detached lazily: %s still %s it; its %s (%s, "
+                    "device %s) %s kept until %s", pub.volume_id, pub.target,
                     ", ".join(who) if who else "a process", "hold" if len(who) > 1 else "holds",
-                    pub.key, device or "unknown")
+                    "layers" if pub.readonly else "writable layer", pub.key, device or "unknown",
+                    "are" if pub.readonly else "is", self._until(pub, device))
         self._wake()
+
+    def _detach(self, target: str) -> None:
+        try:
+            self._mounter.detach(target)
+        except OSError:
+            if self._mounter.table.is_mountpoint(target):
+                raise
+            # gone meanwhile: detached is what we wanted
+
+    def _until(self, pub: Publication, device: str) -> str:
+        if not pub.readonly:
+            return "the kernel lets the overlay go"
+        dev = users.parse(device)
+        if dev is not None and self._is_store_device(dev):
+            return "the next boot (a one-layer view: its holders cannot be told apart)"
+        return "no process and no mount namespace uses it"
+
+    def end(self, pub: Publication, device: str = "") -> bool:
+        """A publication whose mount has left this namespace, unmounted cleanly or lost
+        behind our back: forgotten, and its private state deleted, unless a live view still
+        uses it (a copy of the mount in another namespace; a lazy detach by someone else):
+        then it becomes a release, its references passing to it in the same transaction.
+        Decided before the record changes, so that the layers the view reads stay
+        referenced throughout. `device`: the view's major:minor, read before it left ("":
+        unknown). True when kept.
+
+        Only a writable view is asked about: a read-only one would cost a scan of /proc
+        at every unpublish (see the module docstring), so it is forgotten at once."""
+        try:
+            held = not pub.readonly and self.held(pub.key)
+        except OSError as e:
+            log.error("cannot tell whether a view still uses the private state of volume "
+                      "%s (%s): %s; keeping it and asking again later", pub.volume_id,
+                      pub.key, e)
+            held = True
+        if not held:
+            with self._state.transaction() as tx:
+                tx.forget_publication(pub.target, self._clock())
+            self._backend.remove_or_log(pub.key)
+            return False
+        with self._state.transaction() as tx:
+            tx.release_publication(pub.target, device, self._clock())
+        log.warning("volume %s left %s, but its overlay lives on (a copy of the mount in "
+                    "another mount namespace, or a mount detached behind strata's back); "
+                    "its writable layer (%s) and layers are kept until the kernel lets the "
+                    "overlay go", pub.volume_id, pub.target, pub.key)
+        self._wake()
+        return True
+
+    def finish_detach(self, target: str) -> bool:
+        """A release whose mount is still at `target` (and no publication there): the
+        detach that followed its record was interrupted (a crash; a failed MNT_DETACH).
+        Unmount it now, lazily if busy. True when there was one."""
+        with self._state.read() as tx:
+            if tx.publication(target) is not None:
+                return False
+            found = [r for r in tx.releases() if r.target == target]
+        if not found or not self._mounter.table.is_mountpoint(target):
+            return False
+        now = device_of(target)
+        r = next((r for r in found if not r.device or r.device == now), None)
+        if r is None:  # someone else's mount on a path we once used
+            log.warning("%s is mounted, but not with a view released from it (device %s, "
+                        "not %s): left alone", target, now,
+                        ", ".join(r.device for r in found))
+            return False
+        log.warning("volume %s at %s is released but still mounted (its detach was "
+                    "interrupted); unmounting it now", r.volume_id, target)
+        self._mounter.unmount(target)  # lazily, when busy
+        self._wake()
+        return True
 
     # -- start-up ----------------------------------------------------------------------
     def remove_unless_held(self, key: str, what: str) -> None:
-        """Private state whose mount was lost, or that no record names (start-up): removed,
-        unless a live overlay still uses it (unmounted lazily behind our back while a
-        process held it, or a crash between a lazy detach and its record): then it becomes
-        a release. `what` names it in the log."""
+        """Private state that no record names (start-up): removed, unless a live overlay
+        still uses it (an unrecorded mount that had to be detached lazily): then it becomes
+        a release that cannot say which layers it reads, and GC pauses until it goes.
+        `what` names it in the log."""
         try:
             held = self.held(key)
         except OSError as e:
@@ -128,14 +252,15 @@ class Releases:
             self._backend.remove_or_log(key)
             return
         log.warning("the private state of %s is still used by a live overlay; keeping it "
-                    "until the kernel lets it go", what)
+                    "until the kernel lets it go; which layers it reads is not recorded, so "
+                    "garbage collection pauses until then", what)
         with self._state.transaction() as tx:
             tx.record_release(Release(key, since=self._clock()))
         self._wake()
 
     def settle(self) -> None:
         """End of start-up: release what the kernel has let go, remember this boot, and
-        keep asking in the background about the rest."""
+        keep asking in the background about the rest (the first wake since start-up)."""
         left = self.sweep()
         try:
             with open(self._boot_id) as f:
@@ -148,6 +273,8 @@ class Releases:
             log.warning("cannot record this boot's ID (%s): the next start asks the kernel "
                         "about every release, as it would within one boot", e)
         self._rebooted = False
+        with self._cv:
+            self._starting = False
         if left:
             self._wake()
 
@@ -163,14 +290,15 @@ class Releases:
 
     # -- releasing -----------------------------------------------------------------------
     def sweep(self) -> int:
-        """Delete the private state of every release whose overlay the kernel has let go;
-        returns how many remain."""
+        """Delete the private state of every release whose view is gone; returns how many
+        remain."""
         released = left = 0
         with self._sweeping:
             with self._state.read() as tx:
                 pending = tx.releases()
+            seen = self._scan(pending)
             for r in pending:
-                if self._release(r):
+                if self._release(r, seen):
                     released += 1
                 else:
                     left += 1
@@ -181,20 +309,33 @@ class Releases:
                 log.exception("garbage collection after a release failed")
         return left
 
-    def _release(self, r: Release) -> bool:
+    def _scan(self, pending: list[Release]) -> dict:
+        """One pass over /proc for the devices of every pending view without an upper
+        (most sweeps have none, and then nothing is scanned)."""
+        if self._rebooted:
+            return {}
+        devs = set()
+        for r in pending:
+            dev = users.parse(r.device)
+            if (dev is not None and self._backend.holder_probe(r.key) is None
+                    and not self._is_store_device(dev)):
+                devs.add(dev)
+        return users.find(devs, self._proc) if devs else {}
+
+    def _release(self, r: Release, seen: dict) -> bool:
         try:
-            if self.held(r.key):
-                log.debug("the overlay of %s (%s) is still held", r.key, r.target or "?")
+            if not self._rebooted and self._held(r.key, r.device, seen):
+                log.debug("the view of %s (%s) is still held", r.key, r.target or "?")
                 return False
         except OSError as e:
-            log.error("cannot tell whether the overlay of %s still lives: %s; asking again "
+            log.error("cannot tell whether the view of %s still lives: %s; asking again "
                       "later", r.key, e)
             return False
         with self._state.transaction() as tx:  # the record goes before the files
             tx.forget_release(r.key, self._clock())
         self._backend.remove_or_log(r.key)
-        log.info("released the writable layer %s of volume %s (%s): its overlay is gone, "
-                 "%.0f s after it was detached", r.key, r.volume_id or "?",
+        log.info("released %s of volume %s (%s): its view is gone, %.0f s after it left "
+                 "the mount table", r.key, r.volume_id or "?",
                  r.target or "found at start-up", max(0.0, self._clock() - r.since))
         return True
 
@@ -202,8 +343,8 @@ class Releases:
     def _wake(self) -> None:
         """A release was recorded: ask about it soon, and back off from there."""
         with self._cv:
-            if self._stopped:
-                return
+            if self._stopped or self._starting:
+                return  # settle() sweeps, then wakes the thread for what is left
             self._wakes += 1
             self._delay = self._first
             self._due = time.monotonic() + self._delay
@@ -246,14 +387,6 @@ class Releases:
             thread = self._thread
         if thread is not None:
             thread.join(timeout=30)
-
-
-def _device(path: str) -> str:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return ""
-    return f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
 
 
 def holders(target: str, proc: str = "/proc", limit: int = 5) -> list[str]:

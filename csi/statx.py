@@ -70,3 +70,20 @@ def identity(fd: int) -> tuple[int | None, int, int]:
     """(mount ID or None, st_dev, st_ino) of an open file: what it is, and on which mount."""
     st = os.fstat(fd)
     return mount_id("", dir_fd=fd), st.st_dev, st.st_ino
+
+
+def device(path: str) -> tuple[int, int] | None:
+    """(major, minor) of the filesystem `path` is on, following it as stat(2) does (a
+    /proc/PID/fd/N link leads to the open file itself) but never waiting on a network
+    filesystem's server; None when it cannot be read (gone, or not ours to read)."""
+    if _statx is None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return os.major(st.st_dev), os.minor(st.st_dev)
+    raw = _call(path, None, 0, 0)  # the device comes with any answer: ask for nothing more
+    if isinstance(raw, int):
+        return None
+    return (int.from_bytes(raw[136:140], sys.byteorder),  # stx_dev_major
+            int.from_bytes(raw[140:144], sys.byteorder))  # stx_dev_minor

@@ -29,6 +29,7 @@ from csi.errors import (
 from csi.health import Health
 from csi.locks import KeyedLock
 from csi.mount.syscalls import Mounter
+from csi.mount.users import device_of
 from csi.paths import StorePaths
 from csi.proto.csi_pb2 import VolumeCapability
 from csi.pulls import Puller
@@ -303,6 +304,9 @@ class VolumeManager:
             with self._state.read() as tx:
                 pub = tx.publication(target)
             if pub is None:
+                if self._releases.finish_detach(target):  # a detach a crash interrupted
+                    _rmdir(target)
+                    return
                 self._clean_unrecorded_target(volume_id, target)
                 return
             if pub.volume_id != volume_id:
@@ -349,11 +353,15 @@ class VolumeManager:
             log.exception("garbage collection failed")
 
     def _teardown(self, pub: Publication) -> None:
-        """Unmount, forget, then delete the ephemeral upper layer (record before files).
-        A mount that stays busy (a process in the pod holds it) is detached lazily instead,
-        and its upper kept until the kernel lets the overlay go (releases.py): either way
-        the target is no longer a mount point when this returns."""
+        """Unmount, then forget the publication and delete its private state (record before
+        files), unless a view of it lives on: a mount that stays busy (a process in the pod
+        holds it) is detached lazily; a mount that is gone from here may still live in
+        another mount namespace (a pod's containers keep a copy of the target mount) or
+        held after a detach behind our back. Either way the publication becomes a release
+        that keeps its private state and layers until the view is gone (releases.py). The
+        target is no longer a mount point when this returns."""
         lost = not self._mounter.table.is_mountpoint(pub.target)
+        device = "" if lost else device_of(pub.target)  # which view: read while mounted
         try:
             self._mounter.unmount(pub.target, lazy=False)
         except OSError as e:
@@ -363,13 +371,10 @@ class VolumeManager:
             return
         if self._mounter.table.is_mountpoint(pub.target):
             raise Internal(f"{pub.target} is still mounted after unmount")
-        with self._state.transaction() as tx:
-            tx.forget_publication(pub.target, self._clock())
-        if lost:  # unmounted behind our back: its overlay may live on, held by a process
-            self._releases.remove_unless_held(pub.key, f"publication {pub.key} whose mount "
-                                                       f"at {pub.target} was lost")
-        else:
-            self._backend.remove_or_log(pub.key)
+        if lost:
+            log.warning("publication of %s at %s lost its mount behind strata's back",
+                        pub.volume_id, pub.target)
+        self._releases.end(pub, device)
 
     # -- stats -------------------------------------------------------------------------
     def stats(self, volume_id: str, path: str) -> VolumeStats:

@@ -138,7 +138,8 @@ class Backend(abc.ABC):
     def holder_probe(self, key: str) -> Mount | None:
         """A plan that `Mounter.in_use` tries (never mounts) to learn whether a live view
         can still write to `key`'s private state; None when nothing could: a read-only
-        view, or a key without writable state."""
+        view (releases.py asks about one by its device number instead), or a key without
+        writable state."""
 
     @abc.abstractmethod
     def keys(self) -> set[str]:

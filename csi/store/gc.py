@@ -7,7 +7,8 @@ Policies (kubelet's image GC has the same shape):
   used go, oldest first, until usage is back under `low_percent`. `min_age` protects layers
   just unpacked or just released.
 The sweep re-checks every candidate's references inside the transaction that deletes it,
-so a publish that took a reference after the plan was made always wins.
+so a publish that took a reference after the plan was made always wins. Nothing is removed
+while a release that cannot say which layers it reads is pending (csi/releases.py).
 """
 
 import dataclasses
@@ -117,6 +118,16 @@ class Collector:
         with self._layers.state.read() as tx:
             all_layers = tx.layers()
             refs = tx.refcounts()
+            blind = tx.blind_releases()
+        if blind:
+            # The sweep's transaction would refuse each layer anyway (forget_layer).
+            log.warning("gc (%s) paused: %d detached overlay(s) found at start-up (%s) "
+                        "may read any layer, and which ones is not recorded; nothing is "
+                        "removed until the kernel lets them go", policy.mode, len(blind),
+                        ", ".join(r.key for r in blind))
+            result = Result((), 0)
+            self._on_collect(result)
+            return result
         candidates = plan(policy, mark(all_layers, refs),
                           measure(policy, self._layers.paths.root, all_layers), self._clock())
         removed, freed = [], 0

@@ -354,6 +354,13 @@ class Reader:
         """Private state waiting for the kernel to let a detached overlay go, oldest first."""
         return self._all(Release, "SELECT * FROM released ORDER BY since")
 
+    def blind_releases(self) -> list[Release]:
+        """Releases that cannot say which layers their view reads (start-up found their
+        overlay live with no record of its image): while any is pending, no layer is
+        deleted (`forget_layer`)."""
+        return self._all(Release, "SELECT * FROM released WHERE manifest_digest='' "
+                                  "ORDER BY since")
+
     # references
     def refcount(self, layer_id: str) -> int:
         return self._c.execute("SELECT COUNT(*) FROM refs WHERE layer_id=?",
@@ -388,8 +395,12 @@ class Tx(Reader):
 
     def forget_layer(self, layer_id: str) -> bool:
         """Forget an unreferenced layer and every image containing it (they are no longer
-        complete). False, changing nothing, when it is referenced or unknown."""
+        complete). False, changing nothing, when it is referenced or unknown, or while a
+        release that cannot say which layers it reads is pending (any may be one)."""
         if self.layer(layer_id) is None or self.refcount(layer_id):
+            return False
+        if self._c.execute("SELECT 1 FROM released WHERE manifest_digest='' "
+                           "LIMIT 1").fetchone():
             return False
         self._forget_images_with(layer_id)
         self._c.execute("DELETE FROM layers WHERE id=?", (layer_id,))
@@ -499,7 +510,8 @@ class Tx(Reader):
 
     def record_release(self, release: Release) -> None:
         """Private state no publication records that a live overlay still uses (start-up
-        found it): it holds no layers, since which ones is not known."""
+        found it): it holds no layers, since which ones is not known; with no
+        `manifest_digest`, it stops every layer's removal until it is forgotten."""
         self._c.execute("INSERT OR IGNORE INTO released VALUES (?,?,?,?,?,?)",
                         dataclasses.astuple(release))
 

@@ -1,5 +1,7 @@
 """GC mark and plan are pure: table-tested here; the sweep is tested against a real store."""
 
+import os
+
 import pytest
 
 from csi.paths import StorePaths
@@ -80,5 +82,30 @@ def test_collect_if_grown_collects_once_per_growth_and_again_after_a_failure(tmp
         gc.collect = real
         assert gc.collect_if_grown() is not None, "a failed collection is tried again"
         assert calls == [1]
+    finally:
+        state.close()
+
+
+def test_collect_removes_nothing_while_a_blind_release_is_pending(tmp_path, caplog):
+    """A release found at start-up cannot say which layers its overlay reads: every layer
+    stays until it goes, and the log says why."""
+    from csi.store.state import Release
+
+    paths = StorePaths(str(tmp_path)).make()
+    state = State(paths.state_db)
+    try:
+        layers = LayerStore(paths, state)
+        with state.transaction() as tx:
+            for lid in ("a", "b"):
+                tx.record_layer(L(lid, 10, 0.0))
+                os.makedirs(paths.layer_fs(lid))
+            tx.record_release(Release("k-found", since=1.0))
+        gc = Collector(layers, Policy(mode="immediate"))
+        assert gc.collect().removed == ()
+        assert "paused" in caplog.text and "k-found" in caplog.text
+        assert sorted(os.listdir(paths.layers)) == ["a", "b"]
+        with state.transaction() as tx:
+            tx.forget_release("k-found", 2.0)
+        assert sorted(gc.collect().removed) == ["a", "b"]
     finally:
         state.close()

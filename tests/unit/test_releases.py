@@ -1,10 +1,15 @@
 """csi/releases.py: who holds a busy volume (read from /proc links, never by touching the
-files), and the reboot rule (a reboot ends every overlay, so nothing needs asking)."""
+files), the reboot rule (a reboot ends every overlay, so nothing needs asking), how a view
+without an upper is asked about (its device), and start-up's quiet until settle()."""
 
 import os
 
+from csi.mount.users import device_of
 from csi.paths import StorePaths
 from csi.releases import Releases, holders
+from csi.store.state import State
+from tests.unit.test_mount_users import MOUNTINFO
+from tests.unit.test_mount_users import fake_proc as fake_users_proc
 
 
 def fake_proc(root, pids: dict[str, dict]) -> str:
@@ -67,3 +72,60 @@ def test_within_one_boot_or_without_a_record_the_kernel_is_asked(tmp_path):
     for last in ("boot-b", None):
         r, backend = releases(tmp_path / str(last), last)
         assert r.held("k") is False and backend.asked == ["k"], last
+
+
+# -- views: no upper to ask about, so their device is ----------------------------------
+def test_a_view_is_held_while_its_device_shows_in_proc(tmp_path):
+    r, backend = releases(tmp_path, None)
+    r._proc = fake_users_proc(str(tmp_path / "p"), {
+        "10": {"comm": "pause", "ns": "pod", "mountinfo": MOUNTINFO.format(dev="0:4242")}})
+    assert r.held("k", "0:4242") is True, "a copy of the view in a pod's namespace"
+    assert r.held("k", "0:4243") is False, "nothing shows it: gone"
+    assert r.held("k", "") is False, "unknown device: nothing to ask about"
+
+
+def test_a_one_layer_view_is_held_until_the_next_boot(tmp_path):
+    """Its device is the store filesystem's: nothing tells its holders apart."""
+    r, _ = releases(tmp_path, None)
+    store = device_of(str(tmp_path / "store" / "layers"))
+    assert r.held("k", store) is True
+    rebooted, _ = releases(tmp_path / "later", "boot-a")
+    assert rebooted.held("k", store) is False
+
+
+# -- start-up: no background sweep before settle() --------------------------------------
+class Held:
+    """A backend whose keys all have an upper, and a mounter whose kernel says held."""
+
+    def __init__(self):
+        self.held = True
+        self.features = type("F", (), {"index": True})()
+
+    def holder_probe(self, key):
+        return key
+
+    def in_use(self, probe):
+        return self.held
+
+    def remove_or_log(self, key):
+        pass
+
+
+def test_start_up_records_releases_without_waking_the_thread_until_settle(tmp_path):
+    paths = StorePaths(str(tmp_path / "store")).make()
+    (tmp_path / "boot_id").write_text("boot-b\n")
+    state = State(paths.state_db)
+    fake = Held()
+    r = Releases(paths, state, fake, fake, boot_id=str(tmp_path / "boot_id"), starting=True)
+    try:
+        r.remove_unless_held("k1", "unrecorded publication k1")
+        with state.read() as tx:
+            assert [x.key for x in tx.releases()] == ["k1"]
+        assert r._thread is None, "no sweep (nor GC after one) beside the rest of start-up"
+        r.settle()
+        assert r._thread is not None, "what is still held is asked about in the background"
+        with open(paths.boot_id) as f:
+            assert f.read() == "boot-b\n"
+    finally:
+        r.stop()
+        state.close()

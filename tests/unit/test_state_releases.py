@@ -86,3 +86,26 @@ def test_a_lost_layer_leaves_a_release_the_rest(db):
         assert lines == [f"detached overlay of k1: image {D3} is no longer complete on this "
                          "node"]
         assert tx.holders() == [("base", "release:k1")]
+
+
+def test_a_release_that_cannot_name_its_layers_stops_every_layer_s_removal(db):
+    with_layers(db, "base", "top")
+    with db.transaction() as tx:
+        tx.record_release(Release("k-found", since=6.0))  # start-up found it: no image
+        tx.release_publication("/nowhere", "", 6.0)  # unknown: changes nothing
+        assert tx.blind_releases() == [Release("k-found", since=6.0)]
+        assert not tx.forget_layer("base"), "unreferenced, but the release may read it"
+    with db.transaction() as tx:
+        tx.forget_release("k-found", 9.0)
+        assert tx.blind_releases() == []
+        assert tx.forget_layer("base")
+
+
+def test_a_release_of_a_known_publication_is_not_blind(db):
+    with_layers(db, "base", "top", "spare")
+    published(db)
+    with db.transaction() as tx:
+        tx.release_publication("/pods/a/vol", "0:55", 5.0)
+        assert tx.blind_releases() == []
+        assert tx.forget_layer("spare"), "what the release does not hold may go"
+        assert not tx.forget_layer("base")
