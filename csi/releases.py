@@ -53,7 +53,7 @@ from collections.abc import Callable
 from csi.backend import Backend
 from csi.mount import users
 from csi.mount.syscalls import Mounter
-from csi.mount.users import device_of
+from csi.mount.users import comm, device_of
 from csi.paths import StorePaths
 from csi.store.state import Publication, Release, State
 
@@ -414,17 +414,8 @@ def holders(target: str, proc: str = "/proc", limit: int = 5) -> list[str]:
             except OSError:
                 continue
             if path == target or path.startswith(below):
-                found.append(f"pid {pid} ({_comm(base)})")
+                found.append(f"pid {pid} ({comm(base)})")
                 break
         if len(found) >= limit:
             break
     return found
-
-
-def _comm(base: str) -> str:
-    try:
-        with open(os.path.join(base, "comm")) as f:
-            return f.read().strip()
-    except OSError:
-        return "?"
-

@@ -68,10 +68,10 @@ def find(devs: set[Device], proc: str = "/proc") -> dict[Device, str]:
                 seen.add(ns)
             for dev, where in _mounted(os.path.join(base, "mountinfo"), left).items():
                 found[dev] = (f"a mount at {where} in the mount namespace of pid {pid} "
-                              f"({_comm(base)})")
+                              f"({comm(base)})")
             left = devs - found.keys()
         for dev, what in _held(base, left).items():
-            found[dev] = f"pid {pid} ({_comm(base)}), its {what}"
+            found[dev] = f"pid {pid} ({comm(base)}), its {what}"
     return found
 
 
@@ -132,7 +132,8 @@ def _held(base: str, devs: set[Device]) -> dict[Device, str]:
     return out
 
 
-def _comm(base: str) -> str:
+def comm(base: str) -> str:
+    """The command name of the process at /proc/PID (`base`), or "?" once it is gone."""
     try:
         with open(os.path.join(base, "comm")) as f:
             return f.read().strip()
