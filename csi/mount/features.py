@@ -71,9 +71,14 @@ def probe(scratch_dir: str, *, sysfs: str = SYSFS) -> Features:
     mounted, whatever fails. Raises OSError when the kernel will not build a plain overlay
     at all (no overlayfs, or not permitted): then no answer would be honest."""
     # syscalls is the only caller of mount(2) and imports this module for `Features`.
-    from csi.mount.syscalls import trial_overlay
+    from csi.mount.syscalls import in_dir, trial_overlay
 
-    return _probe(scratch_dir, trial_overlay, sysfs)
+    def attempt(options: Sequence[str], target: str, fsconfig_only: bool) -> None:
+        # The options name their directories relative to the target's: run from there.
+        here, name = os.path.split(target)
+        in_dir(here, lambda: trial_overlay(options, name, fsconfig_only))
+
+    return _probe(scratch_dir, attempt, sysfs)
 
 
 def _probe(scratch_dir: str, attempt: Attempt, sysfs: str) -> Features:
@@ -90,12 +95,14 @@ def _probe(scratch_dir: str, attempt: Attempt, sysfs: str) -> Features:
             names = ("l0", "l1", "u", "w", "t") if upper else ("l0", "l1", "t")
             for name in names:
                 os.makedirs(os.path.join(d, name))
-            l0, l1 = os.path.join(d, "l0"), os.path.join(d, "l1")
-            opts = [o.format(l0=l0, l1=l1) for o in options]
+            # Paths relative to `d` (the attempt runs there): the kernel takes at most 256
+            # bytes per fsconfig(2) string, which `lowerdir=A:B` of two absolute paths under
+            # a long --root would pass, and every attempt would be refused for that alone.
+            opts = [o.format(l0="l0", l1="l1") for o in options]
             if upper:
-                opts += [f"upperdir={d}/u", f"workdir={d}/w"]
+                opts += ["upperdir=u", "workdir=w"]
             if not any(o.startswith(("lowerdir=", "lowerdir+=")) for o in opts):
-                opts.insert(0, f"lowerdir={l0}:{l1}")
+                opts.insert(0, "lowerdir=l0:l1")
             try:
                 attempt(opts, os.path.join(d, "t"), fsconfig_only)
             except OSError as e:

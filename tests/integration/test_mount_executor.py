@@ -335,6 +335,19 @@ def test_probe_on_this_kernel(tmp_path):
     assert MountTable().under(str(tmp_path)) == [], "the probe's trial mounts are gone"
 
 
+def test_probe_under_a_long_store_path(tmp_path):
+    """fsconfig(2) takes at most 256 bytes per string: `lowerdir=A:B` of two absolute paths
+    under a long --root would exceed it, and every attempt would be refused for that alone.
+    The attempts name their directories relative to their own."""
+    scratch = tmp_path / ("a-rather-long-directory-name-for-a-store-" * 4)
+    scratch.mkdir()
+    assert len(str(scratch)) > 200
+    f = probe(str(scratch))
+    assert f.lowerdir_plus and f.volatile and f.redirect_dir  # Linux >= 6.8, as above
+    assert os.listdir(scratch) == []
+    assert MountTable().under(str(tmp_path)) == []
+
+
 def test_probe_without_fsopen_uses_mount2_and_leaves_nothing(tmp_path, monkeypatch):
     def nosys():
         raise OSError(errno.ENOSYS, "fsopen: Function not implemented")

@@ -50,6 +50,8 @@ class FakeKernel:
             assert o.startswith(("lowerdir", "upperdir", "workdir")) or "/" not in o
             if o.startswith(("lowerdir=", "upperdir=", "workdir=", "lowerdir+=")):
                 for p in o.split("=", 1)[1].split(":"):
+                    assert not os.path.isabs(p), "relative to the target's directory"
+                    p = os.path.join(os.path.dirname(target), p)
                     assert os.path.isdir(p), f"{p} was not made before the attempt"
         assert os.path.isdir(target) and not os.listdir(target)
         if self.fail and any(self.fail in o for o in options):
