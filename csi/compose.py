@@ -129,8 +129,8 @@ def size_limits(setting: str, paths: StorePaths, mounter: Mounter) -> Bound:
     return Bounds(loop, quota)
 
 
-def _upgrade_blocked(paths: StorePaths, alone: bool) -> str:
-    version = schema_version(paths.state_db)
+def _upgrade_blocked(paths: StorePaths, alone: bool, version: int | None) -> str:
+    """Why the database at `version` (None: none yet) may not be upgraded now, or ""."""
     if alone or version is None or version >= SCHEMA_VERSION:
         return ""
     return (f"the store's database {paths.state_db} needs an upgrade from schema version "
@@ -152,7 +152,7 @@ def upgrade_blocked(config: Config) -> str:
         return ""  # the common case takes no lock
     users = StoreUsers(paths.store_lock)
     try:
-        return _upgrade_blocked(paths, users.alone())
+        return _upgrade_blocked(paths, users.alone(), version)
     finally:
         users.close()
 
@@ -185,7 +185,7 @@ def node(config: Config, metrics: Metrics | None = None, mounter: Mounter | None
     try:
         users = StoreUsers(paths.store_lock)
         alone = users.alone()
-        if why := _upgrade_blocked(paths, alone):
+        if why := _upgrade_blocked(paths, alone, schema_version(paths.state_db)):
             raise SchemaMismatch(f"{why}; start again once it has stopped")
         state = State(paths.state_db)
         if features is None:
