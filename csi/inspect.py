@@ -104,6 +104,47 @@ class CopyUp:
                       self.deleted + other.deleted)
 
 
+@dataclasses.dataclass(frozen=True)
+class Summary:
+    """One publication's upper layer, counted: entries by change (a hardlinked inode once),
+    and allocated bytes (st_blocks). `deleted` counts the lower entries hidden, by
+    whiteouts or by opaque directories; `renamed` the directories a rename redirected;
+    `modified_dirs` lower directories copied up because something inside them changed."""
+
+    created: int = 0
+    copied_up: int = 0
+    metacopy: int = 0
+    deleted: int = 0
+    renamed: int = 0
+    modified_dirs: int = 0
+    upper_bytes: int = 0
+    upper_inodes: int = 0
+    copied_up_bytes: int = 0
+    created_bytes: int = 0
+
+    def __add__(self, other: "Summary") -> "Summary":
+        return Summary(*(a + b for a, b in zip(dataclasses.astuple(self),
+                                               dataclasses.astuple(other), strict=True)))
+
+
+def summarize(upper: str, lowers: Sequence[str]) -> Summary:
+    """The upper layer `upper` over `lowers` (nearest first), counted."""
+    cu = copy_up(upper, lowers)
+    inodes, total = set(), 0
+    for dirpath, dirnames, filenames in os.walk(upper):
+        for name in dirnames + filenames:
+            try:
+                st = os.lstat(os.path.join(dirpath, name))
+            except FileNotFoundError:
+                continue
+            if (st.st_dev, st.st_ino) not in inodes:
+                inodes.add((st.st_dev, st.st_ino))
+                total += st.st_blocks * 512
+    return Summary(created=cu.created_files, copied_up=cu.copied_files, deleted=cu.deleted,
+                   upper_bytes=total, upper_inodes=len(inodes),
+                   copied_up_bytes=cu.copied_bytes, created_bytes=cu.created_bytes)
+
+
 def copy_up(upper: str, lowers: Sequence[str]) -> CopyUp:
     counts = dict.fromkeys(("copied_files", "copied_bytes", "created_files", "created_bytes",
                             "deleted"), 0)
