@@ -1,115 +1,50 @@
-"""Reads a publication's upper directory against its layers, like `docker diff`.
+"""Reads a publication's upper directory against its image's layers: `summarize` counts what
+the pod changed (for the per-publication metrics), `diff` lists it as `docker diff` does.
 
-Every entry in the upper layer is one of: A (added: exists in no lower layer), C (changed:
-a lower entry copied up on first write, or a directory whose contents changed), D (deleted:
-an overlay whiteout, a 0:0 character device, hiding the lower entry).
+Both walk the upper directory once, carrying for each upper directory the lower directories
+that overlayfs merges into it, so a lower lookup costs one lstat per layer of the entry's
+own directory, never a resolution from the root. Overlay's rules, as the kernel applies
+them (fs/overlayfs/namei.c):
+  - a whiteout (character device 0:0) hides the lower entry of its name;
+  - an opaque directory (`trusted.overlay.opaque=y`) hides every lower directory below it,
+    and so does a directory over a lower non-directory;
+  - a renamed directory (`redirect_dir`) carries `trusted.overlay.redirect`, an absolute
+    path from the layers' roots or a name in the parent's lower directories: its lower
+    contents come from there, not from its own path;
+  - a metadata-only copy-up (`metacopy`) carries `trusted.overlay.metacopy`: the upper file
+    has the attributes and the size, the data stays in a lower layer.
+Entries the pod removes while we walk are skipped; symlinks are never followed.
+
+`diff` is Docker's "naive diff" (moby pkg/archive ChangesDirs, which overlay2 uses whenever
+redirect_dir or metacopy is in effect): the container's merged tree compared with the image's
+merged tree, computed here from the upper alone. docs/diff.md says what it prints and why.
 """
 
 import dataclasses
 import os
 import stat
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 OPAQUE = "trusted.overlay.opaque"
+REDIRECT = "trusted.overlay.redirect"
+METACOPY = "trusted.overlay.metacopy"
+CAPABILITY = "security.capability"
+# An overlay mounted with `userxattr` writes the same marks under user.overlay.*.
+_USER = {"user.overlay." + n.rsplit(".", 1)[1]: n for n in (OPAQUE, REDIRECT, METACOPY)}
 
-
-def _is_whiteout(st: os.stat_result) -> bool:
-    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
-
-
-def _opaque(path: str) -> bool:
-    try:
-        return os.getxattr(path, OPAQUE, follow_symlinks=False) == b"y"
-    except OSError:
-        return False
-
-
-def _in_lowers(rel: str, lowers: Sequence[str]) -> bool:
-    """Whether `rel` exists in the merged view of `lowers` (nearest first), resolving it one
-    component at a time as overlayfs does: a whiteout or a non-directory hides everything
-    below it, and an opaque directory hides the layers under it."""
-    parts = rel.split("/")
-    layers = list(lowers)
-    for depth in range(len(parts)):
-        prefix = os.path.join(*parts[: depth + 1])
-        last = depth == len(parts) - 1
-        found = []
-        for lower in layers:
-            p = os.path.join(lower, prefix)
-            try:
-                st = os.lstat(p)
-            except (FileNotFoundError, NotADirectoryError):
-                continue
-            if _is_whiteout(st):
-                break
-            if last:
-                return True
-            if not stat.S_ISDIR(st.st_mode):
-                break
-            found.append(lower)
-            if _opaque(p):
-                break
-        if not found:
-            return False
-        layers = found
-    return False
-
-
-def _under_opaque(upper: str, rel: str) -> bool:
-    """An opaque directory in the upper layer (deleted, then re-created) hides all lowers."""
-    parts = rel.split("/")[:-1]
-    return any(_opaque(os.path.join(upper, *parts[: i + 1])) for i in range(len(parts)))
-
-
-def entries(upper: str, lowers: Sequence[str]) -> Iterator[tuple[str, str, os.stat_result]]:
-    """(kind, /path, lstat) for every entry of the upper layer; `lowers` nearest first."""
-    for dirpath, dirnames, filenames in os.walk(upper):
-        for name in dirnames + filenames:
-            p = os.path.join(dirpath, name)
-            rel = os.path.relpath(p, upper)
-            try:
-                st = os.lstat(p)
-            except FileNotFoundError:
-                continue  # the pod deleted it while we looked
-            below = not _under_opaque(upper, rel) and _in_lowers(rel, lowers)
-            if _is_whiteout(st):
-                if below:
-                    yield "D", "/" + rel, st
-            else:
-                yield ("C" if below else "A"), "/" + rel, st
-
-
-def diff(upper: str, lowers: Sequence[str]) -> list[tuple[str, str]]:
-    """[(kind, /path)] sorted by path; `lowers` nearest first."""
-    return sorted(((kind, path) for kind, path, _ in entries(upper, lowers)),
-                  key=lambda e: e[1])
-
-
-@dataclasses.dataclass(frozen=True)
-class CopyUp:
-    """What a publication's writes cost, counting files (not the directories around them):
-    lower files copied up on first write, files created, lower entries deleted."""
-
-    copied_files: int = 0
-    copied_bytes: int = 0
-    created_files: int = 0
-    created_bytes: int = 0
-    deleted: int = 0
-
-    def __add__(self, other: "CopyUp") -> "CopyUp":
-        return CopyUp(self.copied_files + other.copied_files,
-                      self.copied_bytes + other.copied_bytes,
-                      self.created_files + other.created_files,
-                      self.created_bytes + other.created_bytes,
-                      self.deleted + other.deleted)
+Dirs = tuple[str, ...]  # lower directories merged at one place, nearest first
 
 
 @dataclasses.dataclass(frozen=True)
 class Summary:
-    """One publication's upper layer, counted: entries by change (a hardlinked inode once),
-    and allocated bytes (st_blocks). `deleted` counts the lower entries hidden, by
-    whiteouts or by opaque directories; `renamed` the directories a rename redirected;
-    `modified_dirs` lower directories copied up because something inside them changed."""
+    """One publication's upper layer, counted. Entries by change, a hard-linked inode once:
+    `created` upper entries (directories included) with no lower counterpart; `copied_up`
+    lower non-directories replaced with data (a file deleted then re-created included);
+    `metacopy` copied up metadata-only; `deleted` lower entries hidden by whiteouts or by
+    opaque directories (a directory's own entry, not what was below it); `renamed`
+    directories with a redirect; `modified_dirs` lower directories present in the upper.
+    Bytes are allocated bytes (st_blocks), each inode once; `upper_bytes`/`upper_inodes`
+    cover every upper entry, directories and whiteouts included."""
 
     created: int = 0
     copied_up: int = 0
@@ -127,32 +62,283 @@ class Summary:
                                                dataclasses.astuple(other), strict=True)))
 
 
+# -- overlay's view of the lowers -------------------------------------------------------------
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Found:
+    st: os.stat_result  # the topmost layer's entry: what the merged view shows
+    path: str
+    dirs: Dirs          # if a directory, the lower directories merged into it
+
+
+def _whiteout(st: os.stat_result) -> bool:
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+def _xattr(path: str, name: str) -> bytes | None:
+    try:
+        return os.getxattr(path, name, follow_symlinks=False)
+    except OSError:  # ENODATA, a symlink's EPERM, or gone
+        return None
+
+
+def _lookup(dirs: Dirs, name: str) -> _Found | None:
+    """`name` in the merged view of `dirs`, as ovl_lookup resolves it layer by layer: a
+    whiteout or a non-directory ends the search, an opaque directory is the last merged."""
+    top, below = None, []
+    for d in dirs:
+        p = os.path.join(d, name)
+        try:
+            st = os.lstat(p)
+        except OSError:
+            continue
+        if _whiteout(st):
+            break
+        if top is None:
+            top = (st, p)
+        if not stat.S_ISDIR(st.st_mode):
+            break
+        below.append(p)
+        if _xattr(p, OPAQUE) == b"y":
+            break
+    return None if top is None else _Found(top[0], top[1], tuple(below))
+
+
+def _listing(dirs: Dirs) -> dict[str, _Found]:
+    """The merged view of `dirs`, name by name. Only for the rare places where a whole lower
+    directory matters (opaque, renamed and added directories)."""
+    names: set[str] = set()
+    for d in dirs:
+        try:
+            with os.scandir(d) as it:
+                names.update(e.name for e in it)
+        except OSError:
+            continue
+    return {n: f for n in names if (f := _lookup(dirs, n)) is not None}
+
+
+def _marks(path: str) -> tuple[bool, bytes | None, bool]:
+    """An upper entry's overlay marks (opaque, redirect, metacopy), from one listxattr."""
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError:
+        return False, None, False
+    found = {_USER.get(n, n): n for n in names}
+    opaque = OPAQUE in found and _xattr(path, found[OPAQUE]) == b"y"
+    redirect = _xattr(path, found[REDIRECT]) if REDIRECT in found else None
+    return opaque, redirect, METACOPY in found
+
+
+def _redirected(target: bytes, parent: Dirs, roots: Dirs) -> Dirs:
+    """The lower directories a renamed directory merges: an absolute redirect is resolved
+    from the layers' roots, a relative one (a rename within its directory) in the parent's."""
+    path = os.fsdecode(target)
+    dirs = roots if path.startswith("/") else parent
+    for part in path.split("/"):
+        if part and dirs:
+            found = _lookup(dirs, part)
+            dirs = found.dirs if found else ()
+    return dirs
+
+
+def _children(dirs: Dirs, merged: Dirs, opaque: bool, redirect: bytes | None,
+              roots: Dirs) -> Dirs:
+    return () if opaque else _redirected(redirect, merged, roots) if redirect else dirs
+
+
+# -- summarize -------------------------------------------------------------------------------
+_CREATED, _COPIED, _META = range(3)
+
+
 def summarize(upper: str, lowers: Sequence[str]) -> Summary:
-    """The upper layer `upper` over `lowers` (nearest first), counted."""
-    cu = copy_up(upper, lowers)
-    inodes, total = set(), 0
-    for dirpath, dirnames, filenames in os.walk(upper):
-        for name in dirnames + filenames:
+    """The upper layer `upper` over `lowers` (nearest first), counted.
+
+    Each upper directory carries two lists of lower directories: `merged`, what overlay
+    shows through it, and `hidden`, what lies at its place in the lowers even where an
+    opaque directory above hides it (a re-created entry there is a change, not an add)."""
+    roots = tuple(lowers)
+    n = dict.fromkeys((f.name for f in dataclasses.fields(Summary)), 0)
+    linked: dict[tuple[int, int], tuple[int, int]] = {}  # inode → (class, bytes)
+    inodes: set[tuple[int, int]] = set()
+    stack: list[tuple[str, Dirs, Dirs]] = [(upper, roots, roots)]
+    while stack:
+        path, merged, hidden = stack.pop()
+        try:
+            with os.scandir(path) as it:
+                entries = list(it)
+        except OSError:
+            continue  # removed (or replaced by a file) since its parent was read
+        present = set()
+        for e in entries:
             try:
-                st = os.lstat(os.path.join(dirpath, name))
-            except FileNotFoundError:
+                st = e.stat(follow_symlinks=False)
+            except OSError:
                 continue
-            if (st.st_dev, st.st_ino) not in inodes:
-                inodes.add((st.st_dev, st.st_ino))
-                total += st.st_blocks * 512
-    return Summary(created=cu.created_files, copied_up=cu.copied_files, deleted=cu.deleted,
-                   upper_bytes=total, upper_inodes=len(inodes),
-                   copied_up_bytes=cu.copied_bytes, created_bytes=cu.created_bytes)
+            is_dir = stat.S_ISDIR(st.st_mode)
+            key = (st.st_dev, st.st_ino)
+            if is_dir or st.st_nlink == 1 or key not in inodes:
+                n["upper_inodes"] += 1
+                n["upper_bytes"] += st.st_blocks * 512
+                if not is_dir and st.st_nlink > 1:
+                    inodes.add(key)
+            if _whiteout(st):
+                if merged and _lookup(merged, e.name):
+                    n["deleted"] += 1
+                continue
+            present.add(e.name)
+            below = _lookup(hidden, e.name) if hidden else None
+            lower_dir = below is not None and stat.S_ISDIR(below.st.st_mode)
+            if below is not None and lower_dir != is_dir:
+                n["deleted"] += 1  # a lower file replaced by a directory, or the reverse
+                below = None
+            if is_dir:
+                opaque, redirect, _ = _marks(e.path)
+                n["renamed" if redirect else "modified_dirs" if below else "created"] += 1
+                dirs = below.dirs if below else ()
+                if merged is not hidden:  # below an opaque directory: nothing shows through
+                    shown = _lookup(merged, e.name) if merged else None
+                    shown_dirs = shown.dirs if shown and stat.S_ISDIR(shown.st.st_mode) else ()
+                else:
+                    shown_dirs = dirs
+                merged_here = _children(shown_dirs, merged, opaque, redirect, roots)
+                stack.append((e.path, merged_here,
+                              merged_here if redirect or dirs == merged_here else dirs))
+                continue
+            kind = _CREATED
+            # Only a copy-up can carry the metacopy mark, so only those pay the listxattr: a
+            # file with a lower counterpart, or one renamed since (then it has a redirect
+            # instead), whose mtime is the lower file's, older than the copy-up's ctime. A
+            # file written in the upper has mtime == ctime unless touched since.
+            if stat.S_ISREG(st.st_mode) and (below or st.st_mtime_ns != st.st_ctime_ns):
+                if _marks(e.path)[2]:
+                    kind = _META
+            if kind == _CREATED and below:
+                kind = _COPIED
+            size = st.st_blocks * 512
+            if st.st_nlink > 1:
+                linked[key] = max(linked.get(key, (kind, size)), (kind, size))
+            else:
+                _count(n, kind, size)
+        if hidden and hidden != merged:
+            gone = _listing(hidden).keys() - _listing(merged).keys() - present
+            n["deleted"] += len(gone)
+    for kind, size in linked.values():
+        _count(n, kind, size)
+    return Summary(**n)
+
+
+def _count(n: dict[str, int], kind: int, size: int) -> None:
+    if kind == _META:
+        n["metacopy"] += 1
+    elif kind == _COPIED:
+        n["copied_up"] += 1
+        n["copied_up_bytes"] += size
+    else:
+        n["created"] += 1
+        n["created_bytes"] += size
+
+
+# -- diff ------------------------------------------------------------------------------------
+def _same_time(a: int, b: int) -> bool:
+    """moby's sameFsTime on nanosecond timestamps: equal, or the same second with either
+    one's nanoseconds zero (tar keeps no sub-second times)."""
+    return a == b or (a // 10**9 == b // 10**9 and (a % 10**9 == 0 or b % 10**9 == 0))
+
+
+def _changed(old: os.stat_result, new: os.stat_result, old_path: str, new_path: str) -> bool:
+    """moby's statDifferent, then the security.capability comparison of addChanges."""
+    if (old.st_mode != new.st_mode or old.st_uid != new.st_uid or old.st_gid != new.st_gid
+            or old.st_rdev != new.st_rdev):
+        return True
+    # A directory's size and mtime say nothing of a change (moby#9874, moby#11422).
+    if not stat.S_ISDIR(old.st_mode) and (not _same_time(old.st_mtime_ns, new.st_mtime_ns)
+                                          or old.st_size != new.st_size):
+        return True
+    return old_path != new_path and _xattr(old_path, CAPABILITY) != _xattr(new_path, CAPABILITY)
+
+
+def diff(upper: str, lowers: Sequence[str]) -> list[tuple[str, str]]:
+    """[(kind, /path)]: what `docker diff` prints for a container whose writable layer is
+    `upper` over an image of `lowers` (nearest first), sorted by path as Go sorts strings.
+
+    Each directory of the container's tree carries `merged` (the lower directories overlay
+    shows through it) and `image` (the image's directories at the same path). Where the two
+    are equal, lower entries the upper does not name are the same in both trees and are not
+    read; elsewhere (opaque, renamed, added directories) both sides are listed."""
+    roots = tuple(lowers)
+    changes: dict[str, str] = {}
+    # (path in the trees, its upper directory or None, merged, image)
+    stack: list[tuple[str, str | None, Dirs, Dirs]] = [("", upper, roots, roots)]
+    while stack:
+        rel, path, merged, image = stack.pop()
+        same = merged == image
+        if path is None and same:
+            continue  # a lower directory the image has as it is
+        container: dict[str, tuple[os.stat_result, str, Dirs, bool]] = {}
+        named = set()  # every upper name, whiteouts included: they hide the lower ones
+        if path is not None:
+            try:
+                with os.scandir(path) as it:
+                    entries = list(it)
+            except OSError:
+                continue
+            for e in entries:
+                try:
+                    st = e.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                named.add(e.name)
+                if _whiteout(st):
+                    if same and _lookup(image, e.name):
+                        changes[f"{rel}/{e.name}"] = "D"
+                    continue
+                dirs: Dirs = ()
+                if stat.S_ISDIR(st.st_mode):
+                    opaque, redirect, _ = _marks(e.path)
+                    shown = (_lookup(merged, e.name) if merged and not (opaque or redirect)
+                             else None)
+                    shown_dirs = shown.dirs if shown and stat.S_ISDIR(shown.st.st_mode) else ()
+                    dirs = _children(shown_dirs, merged, opaque, redirect, roots)
+                container[e.name] = (st, e.path, dirs, True)
+        if not same:
+            for name, f in _listing(merged).items():
+                if name not in named:
+                    container[name] = (f.st, f.path, f.dirs, False)
+            for name in _listing(image).keys() - container.keys():
+                changes[f"{rel}/{name}"] = "D"
+        for name, (st, p, dirs, in_upper) in container.items():
+            old = _lookup(image, name) if image else None
+            child = f"{rel}/{name}"
+            if old is None:
+                changes[child] = "A"
+            elif _changed(old.st, st, old.path, p):
+                changes[child] = "C"
+            if stat.S_ISDIR(st.st_mode):
+                old_dirs = old.dirs if old and stat.S_ISDIR(old.st.st_mode) else ()
+                stack.append((child, p if in_upper else None, dirs, old_dirs))
+    # A change inside a directory makes the directory a change (moby#13590), up to "/".
+    for p in list(changes):
+        parent = os.path.dirname(p)
+        while parent != "/" and parent not in changes:
+            changes[parent] = "C"
+            parent = os.path.dirname(parent)
+    return sorted(((k, p) for p, k in changes.items()), key=lambda c: os.fsencode(c[1]))
+
+
+# -- the interface metrics.py still reads (to be removed with it) ----------------------------
+@dataclasses.dataclass(frozen=True)
+class CopyUp:
+    copied_files: int = 0
+    copied_bytes: int = 0
+    created_files: int = 0
+    created_bytes: int = 0
+    deleted: int = 0
+
+    def __add__(self, other: "CopyUp") -> "CopyUp":
+        return CopyUp(*(a + b for a, b in zip(dataclasses.astuple(self),
+                                              dataclasses.astuple(other), strict=True)))
 
 
 def copy_up(upper: str, lowers: Sequence[str]) -> CopyUp:
-    counts = dict.fromkeys(("copied_files", "copied_bytes", "created_files", "created_bytes",
-                            "deleted"), 0)
-    for kind, _, st in entries(upper, lowers):
-        if kind == "D":
-            counts["deleted"] += 1
-        elif not stat.S_ISDIR(st.st_mode):
-            prefix = "copied" if kind == "C" else "created"
-            counts[prefix + "_files"] += 1
-            counts[prefix + "_bytes"] += st.st_blocks * 512
-    return CopyUp(**counts)
+    s = summarize(upper, lowers)
+    return CopyUp(s.copied_up + s.metacopy, s.copied_up_bytes, s.created, s.created_bytes,
+                  s.deleted)
