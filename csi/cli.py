@@ -73,7 +73,13 @@ def _parser() -> argparse.ArgumentParser:
                            help="as for containers; default 'Always' (`docker pull` asks the "
                                 "registry)")
         elif command == "diff":
-            p.add_argument("target", help="the publication's target path")
+            p.add_argument("target", metavar="TARGET|VOLUME_ID",
+                           help="a publication's target path, or the ID of a volume "
+                                "published once")
+            p.add_argument("--json", action="store_true",
+                           help="a JSON array, one object per change: Path, Kind (0 "
+                                "changed, 1 added, 2 deleted, as Docker's API), Change "
+                                "(C, A or D)")
         elif command == "demo":
             p.add_argument("--keep", action="store_true", help="keep the temporary root")
     return parser
@@ -114,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "pull":
         return store_cli.run(store_cli.pull, config, args.image, args.pull_policy)
     if args.command == "diff":
-        return store_cli.run(store_cli.diff, config, args.target)
+        return store_cli.run(store_cli.diff, config, args.target, args.json)
     return store_cli.run(getattr(store_cli, args.command), config)
 
 

@@ -9,14 +9,16 @@ no publication, stage or in-flight lease holds, re-checked in the deleting trans
 """
 
 import contextlib
+import json
 import os
 import sys
 import threading
 import time
 
-from csi import compose, quantity
+from csi import compose, inspect, quantity
 from csi.config import Config
 from csi.errors import StrataError
+from csi.inspect import Summary, summarize
 from csi.store.report import human, image_rows, sharing
 from csi.store.state import Publication, SchemaMismatch
 from csi.volumes import canonical
@@ -99,7 +101,8 @@ def _snapshot(parts: compose.Parts):
 def ls(config: Config) -> int:
     with _opened(config) as parts:
         layers, images, pubs, stages, refs = _snapshot(parts)
-        uppers = {p.key: parts.backend.usage(p.key).bytes for p in pubs if not p.readonly}
+        by_digest = {i.manifest_digest: i for i in images}
+        changes = {p.key: _summary(parts, p, by_digest.get(p.manifest_digest)) for p in pubs}
     print(f"{'IMAGE':<48} {'DIGEST':<19} {'LAYERS':>6} {'SIZE':>10} {'PODS':>5} {'STAGED':>6}")
     for r in image_rows(layers, images, pubs, stages):
         print(f"{r.name[-48:]:<48} {r.manifest_digest[7:19]:<19} {r.layers:>6} "
@@ -110,13 +113,29 @@ def ls(config: Config) -> int:
         print(f"{x.id:<17} {x.diff_id[7:19]:<19} {human(x.size):>10} {refs.get(x.id, 0):>5}  "
               f"{_ago(x.last_used)}")
     print()
-    print(f"{'POD':<40} {'VOLUME':<24} {'UPPER':>10} {'LIMIT':>8} {'BY':<18}  TARGET")
+    print(f"{'POD':<32} {'VOLUME':<24} {'UPPER':>10} {'CREATED':>7} {'COPIED':>7} "
+          f"{'DELETED':>7} {'LIMIT':>8} {'BY':<18}  TARGET")
     for p in pubs:
-        upper = "ro" if p.readonly else human(uppers[p.key])
+        s = changes[p.key]
+        if s is None:
+            upper, counts = ("ro" if p.readonly else "-"), ("-", "-", "-")
+        else:
+            upper, counts = human(s.upper_bytes), (s.created, s.copied_up + s.metacopy,
+                                                   s.deleted)
         limit = quantity.human(p.size_limit) if p.size_limit else "-"
-        print(f"{(p.pod or '-')[-40:]:<40} {p.volume_id[-24:]:<24} {upper:>10} {limit:>8} "
-              f"{bounded_by(p):<18}  {p.target}")
+        print(f"{(p.pod or '-')[-32:]:<32} {p.volume_id[-24:]:<24} {upper:>10} "
+              + " ".join(f"{c:>7}" for c in counts)
+              + f" {limit:>8} {bounded_by(p):<18}  {p.target}")
     return 0
+
+
+def _summary(parts: compose.Parts, pub: Publication, image) -> Summary | None:
+    """What a writable publication changed; None for a read-only one, or one whose upper
+    cannot be read here (its image record gone, its own filesystem not mounted)."""
+    dirs = None if pub.readonly or image is None else parts.backend.dirs(pub.key)
+    if dirs is None:
+        return None
+    return summarize(dirs.upper, parts.backend.lowers(image.layer_ids))
 
 
 def bounded_by(p: Publication) -> str:
@@ -148,23 +167,57 @@ def df(config: Config) -> int:
     return 0
 
 
-def diff(config: Config, target: str) -> int:
-    """`strata diff TARGET`: what a publication changed, like `docker diff`."""
-    from csi.inspect import diff as classify
+# `strata diff --json`: Docker's API shape (GET /containers/ID/changes: Path, and Kind
+# 0 modified, 1 added, 2 deleted), plus the letter `docker diff` prints.
+KINDS = {"C": 0, "A": 1, "D": 2}
 
-    with _opened(config) as parts, parts.state.read() as tx:
-        pub = tx.publication(canonical(os.path.abspath(target)))
-        image = tx.image(pub.manifest_digest) if pub else None
-    if pub is None or image is None:
-        print(f"strata diff: nothing is published at {target}")
-        return 1
-    dirs = parts.backend.dirs(pub.key)
-    if dirs is None:
-        print(f"{target} is a read-only publication: nothing can change")
+
+def diff(config: Config, what: str, as_json: bool = False) -> int:
+    """`strata diff TARGET|VOLUME_ID`: what a publication changed, as `docker diff` prints
+    it (docs/diff.md)."""
+    with _opened(config) as parts:
+        with parts.state.read() as tx:
+            pub, error = _publication_of(tx, what)
+            image = tx.image(pub.manifest_digest) if pub else None
+        if pub is not None and image is None:
+            error = f"the image of the publication at {pub.target} is not in the store"
+        if error:
+            print(f"strata diff: {error}", file=sys.stderr)
+            return 1
+        dirs = None if pub.readonly else parts.backend.dirs(pub.key)
+        if dirs is None and not pub.readonly:
+            print(f"strata diff: the upper layer of {pub.target} is not readable here",
+                  file=sys.stderr)
+            return 1
+        if dirs is None:  # stderr: stdout stays what a script parses
+            print(f"strata diff: {pub.target} is a read-only publication: nothing can change",
+                  file=sys.stderr)
+        changes = [] if dirs is None else inspect.diff(
+            dirs.upper, parts.backend.lowers(image.layer_ids))
+    if as_json:
+        print(json.dumps([{"Path": p, "Kind": KINDS[k], "Change": k} for k, p in changes]))
         return 0
-    for kind, path in classify(dirs.upper, parts.backend.lowers(image.layer_ids)):
-        print(f"{kind} {path}")
+    sys.stdout.flush()
+    for kind, path in changes:  # a name is bytes, printed as they are, as Docker does
+        sys.stdout.buffer.write(os.fsencode(f"{kind} {path}\n"))
+    sys.stdout.buffer.flush()
     return 0
+
+
+def _publication_of(tx, what: str) -> tuple[Publication | None, str]:
+    """The publication `what` names: a target path (absolute, or one that exists), else a
+    volume ID published exactly once."""
+    if os.path.isabs(what) or os.path.exists(what):
+        pub = tx.publication(canonical(os.path.abspath(what)))
+        return pub, "" if pub else f"nothing is published at {what}"
+    pubs = tx.publications(volume_id=what)
+    if not pubs:
+        return None, (f"no publication of a volume {what!r} (and no such target path); "
+                      "`strata ls` lists them")
+    if len(pubs) > 1:
+        return None, (f"volume {what} is published at {len(pubs)} targets; name one: "
+                      + ", ".join(p.target for p in pubs))
+    return pubs[0], ""
 
 
 def _ago(t: float) -> str:

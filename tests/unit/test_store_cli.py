@@ -33,7 +33,11 @@ def test_an_empty_store_lists_nothing(tmp_path, capsys):
     assert cli.main(["df", "--root", str(tmp_path)]) == 0
     assert "0 publications" in capsys.readouterr().out
     assert cli.main(["diff", str(tmp_path / "pod"), "--root", str(tmp_path)]) == 1
-    assert "nothing is published" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert out == "" and "nothing is published" in err
+    assert cli.main(["diff", "some-volume", "--json", "--root", str(tmp_path)]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and "no publication of a volume 'some-volume'" in err
 
 
 def test_write_tools_do_not_upgrade_a_store_another_process_uses(tmp_path, capsys,
