@@ -241,6 +241,14 @@ def chmod_meta(feature, data_class="copied_up"):
 RENAMED = ["A /data/new", "A /data/new/sub", "A /data/new/sub/z", "A /data/new/x",
            "A /data/new/y", "A /data/new/y2", "C /data", "D /data/old"]
 
+def many(m):
+    """Enough names in one directory that its lower directories are listed, not probed."""
+    for i in range(30):
+        write(f"{m}/etc/n{i}")
+    append(f"{m}/etc/motd")
+    os.unlink(f"{m}/etc/passwd")
+
+
 # name: (operation, diff lines (any order), {feature or "*": Summary fields expected})
 CASES = {
     "create file": (lambda m: write(f"{m}/etc/new.conf", "n" * 5000),
@@ -298,6 +306,9 @@ CASES = {
     "nested creates under a new dir": (
         lambda m: write(f"{m}/new/a/b/f"), ["A /new", "A /new/a", "A /new/a/b", "A /new/a/b/f"],
         {"*": dict(created=4)}),
+    "many changes in one directory": (
+        many, ["C /etc", "C /etc/motd", "D /etc/passwd", *(f"A /etc/n{i}" for i in range(30))],
+        {"*": dict(created=30, copied_up=1, deleted=1, modified_dirs=1)}),
     "copied up but unchanged": (touch_rw, [], {"*": dict(copied_up=1, modified_dirs=1)}),
     "re-create what the image deleted": (
         lambda m: write(f"{m}/var/cache/b"), ["C /var", "C /var/cache", "A /var/cache/b"],
