@@ -226,6 +226,16 @@ def promtool(*args: str, stdin: str | None = None) -> subprocess.CompletedProces
                           timeout=60)
 
 
+def wait_for(what, timeout: float = 30, interval: float = 0.1, alive=lambda: None):
+    """Poll `what()` until it returns something true (the caller asserts on the answer);
+    the last answer if it never does within `timeout`. `alive()` raises to stop early."""
+    deadline = time.monotonic() + timeout
+    while not (answer := what()) and time.monotonic() < deadline:
+        alive()
+        time.sleep(interval)
+    return answer
+
+
 # -- a real Prometheus -------------------------------------------------------------------------
 class Prometheus:
     """`prometheus` on 127.0.0.1:`port`, scraping `targets` every second and evaluating
@@ -323,14 +333,13 @@ class Prometheus:
             return 0
         return min(int(float(c["value"][1])) for c in counts)
 
-    def wait(self, what, timeout: float = 30, interval: float = 0.1):
-        """Poll `what()` until it returns something true; the last answer if it never does."""
-        deadline = time.monotonic() + timeout
-        while not (answer := what()) and time.monotonic() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
+    def wait(self, what, timeout: float = 30):
+        """wait_for(what) while the server runs."""
+        def alive():
+            if self.proc is None or self.proc.poll() is not None:
                 raise RuntimeError(f"prometheus exited:\n{self.read_log()}")
-            time.sleep(interval)
-        return answer
+
+        return wait_for(what, timeout, alive=alive)
 
     def rules(self) -> list[dict]:
         return [r for g in self.api("rules")["data"]["groups"] for r in g["rules"]]
