@@ -7,14 +7,17 @@
 #   pull tests run against, the push tool, and the auth/TLS material for it
 #   e2fsprogs (mkfs.ext4): the filesystem image of a size-limited publication (the plugin
 #   needs it on the node too); xfsprogs (mkfs.xfs): the project-quota tests' filesystems
+#   prometheus (brings promtool): the dashboard and alert checks, and the real Prometheus
+#   the monitoring integration test scrapes strata with (on a free port of its own)
 set -euo pipefail
 tools=(make:make umount:util-linux umoci:umoci docker-registry:docker-registry
        skopeo:skopeo htpasswd:apache2-utils openssl:openssl mkfs.ext4:e2fsprogs
-       mkfs.xfs:xfsprogs)
+       mkfs.xfs:xfsprogs prometheus:prometheus promtool:prometheus)
 missing=()
 for t in "${tools[@]}"; do
   command -v "${t%%:*}" >/dev/null 2>&1 || missing+=("${t#*:}")
 done
+mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u | sed '/^$/d')
 python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
@@ -24,4 +27,12 @@ fi
 echo "installing ${missing[*]}"
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
+# Packages like prometheus start a service on install (:9090) where an init system runs;
+# tests need none of them (they start their own on free ports), so policy-rc.d forbids
+# starting services during this install only, when no policy of the machine's own exists.
+policy=/usr/sbin/policy-rc.d
+if [ ! -e "$policy" ]; then
+  printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod +x "$policy"
+  trap 'rm -f "$policy"' EXIT
+fi
 apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
