@@ -302,7 +302,8 @@ class StoreCollector:
         for p in pubs:
             labels = (p.volume_id, p.pod_namespace, p.pod_name)
             s = Summary() if p.readonly else summaries.get(p.key, Summary())
-            by_pod[labels] = by_pod.get(labels, Summary()) + s
+            # (Summary.__add__ goes through dataclasses.astuple: only when needed)
+            by_pod[labels] = by_pod[labels] + s if labels in by_pod else s
             if p.size_limit:
                 limits[labels] = limits.get(labels, 0) + p.size_limit
             info[labels + (p.image, _bool(p.readonly), _bool(not p.staging_path))] += 1
