@@ -41,6 +41,7 @@ from csi.store.blobs import BlobStore
 from csi.store.gc import Collector
 from csi.store.layers import LayerStore
 from csi.store.state import SCHEMA_VERSION, SchemaMismatch, State, schema_version
+from csi.upper_stats import UpperStats
 from csi.volumes import VolumeManager
 
 log = logging.getLogger(__name__)
@@ -61,8 +62,11 @@ class Parts:
     metrics: Metrics | None = None
     serving: ServeLock | None = None
     releases: Releases | None = None
+    upper_stats: UpperStats | None = None  # its thread starts with the server (server.py)
 
     def close(self) -> None:
+        if self.upper_stats is not None:
+            self.upper_stats.stop()  # it reads the state
         if self.releases is not None:
             self.releases.stop()  # it writes to the state
         self.state.close()
@@ -86,6 +90,7 @@ def build_puller(config: Config, state: State, layers: LayerStore,
     blobs = BlobStore(config.root, on_fetch=metrics.on_blob if metrics else None)
     return Puller(state, layers, blobs, client, keyring, tag_ttl=config.tag_ttl, clock=clock,
                   on_pull=metrics.on_pull if metrics else None,
+                  on_layers=metrics.on_layers if metrics else None,
                   layout_roots=config.oci_layout_roots)
 
 
@@ -196,6 +201,7 @@ def node(config: Config, metrics: Metrics | None = None, mounter: Mounter | None
         backend = OverlayBackend(paths, features, bound)
         layers = LayerStore(paths, state, clock=clock, on_unpack=metrics.on_unpack)
         gc = Collector(layers, config.gc, clock=clock, on_collect=metrics.on_collect)
+        gc.collect = metrics.counting_gc(gc.collect)  # every caller's run, ok or error
         releases = Releases(paths, state, backend, mounter, clock=clock, collect=gc.collect,
                             on_detach=metrics.lazy_unmounts.inc, starting=True)
         reconcile(paths, state, mounter, backend, layers, alone=alone, clock=clock,
@@ -203,12 +209,17 @@ def node(config: Config, metrics: Metrics | None = None, mounter: Mounter | None
         releases.settle()  # what the kernel let go while we were down; the rest later
         users.share()
         puller = build_puller(config, state, layers, metrics=metrics, clock=clock)
+        # Walking uppers (in the background, and once more at unpublish) is only for
+        # metrics: without an endpoint nobody reads the figures.
+        upper_stats = UpperStats(state, backend, interval=config.metrics_refresh_seconds) \
+            if config.metrics_address else None
         volumes = VolumeManager(paths, state, backend, mounter, puller, clock=clock, gc=gc,
                                 default_size_limit=config.default_size_limit_bytes,
-                                releases=releases)
+                                releases=releases, upper_stats=upper_stats)
         gc.collect()  # released while we were down, or a policy that changed
         provisioner = Provisioner(state, Resolver(config.oci_layout_roots))
-        metrics.install_store(state, backend, paths)
+        metrics.install_store(state, backend, paths, upper_stats, config.gc,
+                              config.metrics_top_layers)
     except BaseException:
         if releases is not None:
             releases.stop()
@@ -219,7 +230,7 @@ def node(config: Config, metrics: Metrics | None = None, mounter: Mounter | None
         serving.close()
         raise
     return Parts(paths, state, backend, users, layers, puller, gc, mounter, volumes,
-                 provisioner, metrics, serving, releases)
+                 provisioner, metrics, serving, releases, upper_stats)
 
 
 def tool(config: Config, on_unpack=None, on_bytes=None) -> Parts:

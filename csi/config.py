@@ -39,6 +39,13 @@ class Config:
     controller_endpoint: str = setting("", "also serve the controller on this unix:///PATH",
                                        ("serve",))
     metrics_address: str = setting("", "serve Prometheus metrics on HOST:PORT", ("serve",))
+    # docs/metrics.md: a scrape reads what the last pass found, never walks an upper dir.
+    metrics_refresh_seconds: float = setting(
+        15.0, "seconds between background passes over the publications' writable layers "
+        "for the per-publication metrics", ("serve",))
+    metrics_top_layers: int = setting(10, "strata_layer_references/_bytes name this many of "
+                                      "the largest layers; the rest are layer=\"other\"",
+                                      ("serve",))
     log_level: str = setting("INFO", "log level", ("serve",),
                              choices=("DEBUG", "INFO", "WARNING", "WARN", "ERROR",
                                       "CRITICAL"))

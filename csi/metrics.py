@@ -1,27 +1,36 @@
 """Prometheus metrics: names and help texts live only here; the registry is injected.
 
-Store gauges are computed at scrape time from state.db (StoreCollector), so they can never
-drift from the truth; RPC latency is recorded by the server's interceptor.
+Store gauges are computed at scrape time from state.db (StoreCollector, one WAL read
+transaction: a scrape never waits on a publish), so they can never drift from the truth.
+Per-publication figures come from the upper-stats cache (csi/upper_stats.py), refreshed in
+the background: a scrape never walks an upper dir. RPC latency is recorded by the server's
+interceptor, pulls and unpacks by the callbacks below. docs/metrics.md lists every metric.
 """
 
 import logging
 import threading
 import time
+from collections import Counter as Tally
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from csi.backend import Backend
-from csi.inspect import CopyUp, copy_up
+from csi.inspect import Summary
 from csi.paths import StorePaths
+from csi.store import gc as store_gc
 from csi.store.pagecache import Meter
 from csi.store.report import sharing
 from csi.store.state import State
+from csi.upper_stats import UpperStats
 
 log = logging.getLogger(__name__)
 
 RPC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,
                30, 60, 120)
+TOP_LAYERS = 10
+POD = ["volume_id", "pod_namespace", "pod_name"]  # every per-publication family's labels
+CHANGES = ("created", "copied_up", "metacopy", "deleted", "renamed")
 
 
 class Metrics:
@@ -54,19 +63,48 @@ class Metrics:
             registry=self.registry)
 
         self.pulls = Counter(
-            "strata_pulls", "Image pulls by result: pulled (from a registry), present (on the "
-            "node already), or the gRPC code of the failure.", ["result"],
+            "strata_pulls_total", "Image pulls by result: pulled (from a registry), present "
+            "(on the node already), or the gRPC code of the failure.", ["result"],
             registry=self.registry)
         self.pull_seconds = Histogram(
             "strata_pull_seconds", "Time to pull an image and unpack its missing layers.",
             buckets=(0.01, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
             registry=self.registry)
         self.blob_bytes = Counter(
-            "strata_blob_fetched_bytes", "Compressed bytes downloaded from registries.",
+            "strata_blob_fetched_bytes_total", "Compressed bytes downloaded from registries.",
             registry=self.registry)
         self.blob_fetches = Counter(
-            "strata_blob_fetches", "Blobs downloaded (and verified) from registries.",
+            "strata_blob_fetches_total", "Blobs downloaded (and verified) from registries.",
             registry=self.registry)
+        self.cache_hits = Counter(
+            "strata_store_cache_hits_total", "Layers of the images publishes and stages "
+            "asked for that were in the store already.", registry=self.registry)
+        self.cache_misses = Counter(
+            "strata_store_cache_misses_total", "Layers of the images publishes and stages "
+            "asked for that had to be pulled (or waited for, pulled by another).",
+            registry=self.registry)
+        self.gc_runs = Counter(
+            "strata_gc_runs_total", "Garbage collections by result: ok, or error (logged).",
+            ["result"], registry=self.registry)
+        for result in ("ok", "error"):
+            self.gc_runs.labels(result)
+
+    def on_layers(self, present: int, pulled: int) -> None:
+        """One publish or stage's image: `present` layers were in the store, `pulled` not."""
+        self.cache_hits.inc(present)
+        self.cache_misses.inc(pulled)
+
+    def counting_gc(self, collect):
+        """`collect` (a GC run), counted by result in strata_gc_runs_total."""
+        def run(*args, **kwargs):
+            try:
+                result = collect(*args, **kwargs)
+            except BaseException:
+                self.gc_runs.labels("error").inc()
+                raise
+            self.gc_runs.labels("ok").inc()
+            return result
+        return run
 
     def on_pull(self, result: str, seconds: float | None) -> None:
         """`seconds` is None for answers from the node's records alone (no pull ran)."""
@@ -86,8 +124,12 @@ class Metrics:
         self.unpack_seconds.observe(seconds)
         self.unpack_bytes.inc(nbytes)
 
-    def install_store(self, state: State, backend: Backend, paths: StorePaths) -> None:
-        self.registry.register(StoreCollector(state, backend, paths))
+    def install_store(self, state: State, backend: Backend, paths: StorePaths,
+                      upper_stats: UpperStats | None = None,
+                      policy: store_gc.Policy | None = None,
+                      top_layers: int = TOP_LAYERS) -> None:
+        self.registry.register(StoreCollector(state, backend, paths, upper_stats, policy,
+                                              top_layers))
 
 
 class PageCacheSampler:
@@ -143,34 +185,20 @@ def pods_per_layer(images, pubs) -> dict[str, int]:
 
 
 class StoreCollector:
-    """Layers, references, physical bytes, the bytes that sharing saves, and the copy-up the
-    pods cause, at scrape time. Walking an upper layer costs time in proportion to what the
-    pod wrote, so each publication's walk is reused for `copy_up_ttl` seconds."""
+    """Everything computed at scrape time: the store's layers and what sharing them saves,
+    the GC marks, and each publication's writable layer (from the upper-stats cache: no
+    walk here). One read transaction of state.db per scrape."""
 
-    def __init__(self, state: State, backend: Backend, paths: StorePaths, clock=time.monotonic,
-                 copy_up_ttl: float = 15.0):
+    def __init__(self, state: State, backend: Backend, paths: StorePaths,
+                 upper_stats: UpperStats | None = None, policy: store_gc.Policy | None = None,
+                 top_layers: int = TOP_LAYERS):
         self._state = state
         self._backend = backend
-        self._clock = clock
-        self._ttl = copy_up_ttl
-        self._copy_up: dict[str, tuple[float, CopyUp]] = {}
+        self._paths = paths
+        self._uppers = upper_stats or UpperStats(state, backend)  # no thread: zeros
+        self._policy = policy or store_gc.Policy()
+        self._top = max(0, top_layers)
         self.page_cache = PageCacheSampler(paths)
-
-    def _copy_up_of(self, pubs, images) -> CopyUp:
-        layer_ids = {i.manifest_digest: i.layer_ids for i in images}
-        now, total, live = self._clock(), CopyUp(), set()
-        for p in pubs:
-            live.add(p.key)
-            cached = self._copy_up.get(p.key)
-            if cached is None or now - cached[0] > self._ttl:
-                dirs = self._backend.dirs(p.key)
-                lowers = self._backend.lowers(layer_ids.get(p.manifest_digest, ()))
-                cached = (now, copy_up(dirs.upper, lowers) if dirs else CopyUp())
-                self._copy_up[p.key] = cached
-            total += cached[1]
-        for key in set(self._copy_up) - live:
-            del self._copy_up[key]
-        return total
 
     def describe(self):
         return []  # computed at scrape time; no fixed description to pre-register
@@ -186,9 +214,7 @@ class StoreCollector:
         share = sharing(layers, images, pubs)
         yield GaugeMetricFamily("strata_layers", "Layers in the shared store.",
                                 value=len(layers))
-        yield GaugeMetricFamily("strata_layer_references",
-                                "References held on layers by publications and stages.",
-                                value=sum(refs.values()))
+        yield from self._layers(layers, refs)
         yield GaugeMetricFamily("strata_store_physical_bytes",
                                 "Bytes the shared layers occupy on disk.",
                                 value=share.physical_bytes)
@@ -200,21 +226,14 @@ class StoreCollector:
                                 value=share.saved_bytes)
         yield GaugeMetricFamily("strata_publications", "Volumes mounted at target paths.",
                                 value=len(pubs))
-        cu = self._copy_up_of(pubs, images)
-        files = GaugeMetricFamily(
-            "strata_copy_up_files", "Files in the pods' writable layers: lower files "
-            "copied up on first write, files created, lower entries deleted (whiteouts).",
-            labels=["kind"])
-        files.add_metric(["copied"], cu.copied_files)
-        files.add_metric(["created"], cu.created_files)
-        files.add_metric(["deleted"], cu.deleted)
-        yield files
-        data = GaugeMetricFamily(
-            "strata_copy_up_bytes", "Bytes in the pods' writable layers: copied up from "
-            "the shared layers, or created.", labels=["kind"])
-        data.add_metric(["copied"], cu.copied_bytes)
-        data.add_metric(["created"], cu.created_bytes)
-        yield data
+        per_image = GaugeMetricFamily("strata_image_publications",
+                                      "Publications of each image (by the name asked for).",
+                                      labels=["image"])
+        for image, n in sorted(Tally(p.image for p in pubs).items()):
+            per_image.add_metric([image], n)
+        yield per_image
+        yield from self._publications(pubs)
+        yield from self._gc_marks(layers)
         pods = pods_per_layer(images, pubs)
         resident = self.page_cache.get(set(pods))
         yield GaugeMetricFamily(
@@ -230,3 +249,107 @@ class StoreCollector:
         yield GaugeMetricFamily(
             "strata_pending_releases", "Writable layers of lazily detached overlays that a "
             "process still holds, kept until the kernel lets them go.", value=len(releases))
+
+    def _layers(self, layers, refs):
+        """References and bytes of the largest layers, one series each, and the rest
+        summed as layer="other": bounded, and sum() is still the store's total."""
+        refs_f = GaugeMetricFamily(
+            "strata_layer_references", "References held on layers by publications, stages "
+            "and pulls under way: the largest layers by name, the rest as layer=\"other\".",
+            labels=["layer"])
+        bytes_f = GaugeMetricFamily(
+            "strata_layer_bytes", "Bytes of the largest layers by name, the rest summed as "
+            "layer=\"other\".", labels=["layer"])
+        ranked = sorted(layers, key=lambda x: (-x.size, x.id))
+        for layer in ranked[:self._top]:
+            refs_f.add_metric([layer.id], refs.get(layer.id, 0))
+            bytes_f.add_metric([layer.id], layer.size)
+        rest = ranked[self._top:]
+        refs_f.add_metric(["other"], sum(refs.get(x.id, 0) for x in rest))
+        bytes_f.add_metric(["other"], sum(x.size for x in rest))
+        yield refs_f
+        yield bytes_f
+
+    def _gc_marks(self, layers):
+        try:
+            usage = store_gc.measure(self._policy, self._paths.root, layers)
+        except OSError as e:
+            log.warning("cannot measure the store for the GC marks: %s", e)
+            return
+        p = self._policy
+        for name, help_text, value in (
+                ("strata_store_used_bytes", "Bytes used, as GC measures them: the layers' "
+                 "sizes with --gc-max-bytes, else the whole filesystem under --root.",
+                 usage.used),
+                ("strata_store_capacity_bytes", "Capacity GC measures against: "
+                 "--gc-max-bytes, else the filesystem under --root.", usage.capacity),
+                ("strata_gc_high_mark_bytes", "Used bytes above which the lru policy "
+                 "collects (--gc-high-percent of the capacity).",
+                 usage.capacity * p.high_percent / 100),
+                ("strata_gc_low_mark_bytes", "Used bytes the lru policy collects down to "
+                 "(--gc-low-percent of the capacity).", usage.capacity * p.low_percent / 100)):
+            yield GaugeMetricFamily(name, help_text, value=value)
+
+    def _publications(self, pubs):
+        """Each publication's writable layer by pod, from the cache. Two publications with
+        the same labels (one volume twice in a pod) are summed: Prometheus refuses a
+        duplicate series."""
+        summaries = self._uppers.summaries()
+        totals = self._uppers.totals()
+        by_pod: dict[tuple[str, str, str], Summary] = {}
+        limits: dict[tuple[str, str, str], int] = {}
+        info: Tally = Tally()
+        for p in pubs:
+            labels = (p.volume_id, p.pod_namespace, p.pod_name)
+            s = Summary() if p.readonly else summaries.get(p.key, Summary())
+            # (Summary.__add__ goes through dataclasses.astuple: only when needed)
+            by_pod[labels] = by_pod[labels] + s if labels in by_pod else s
+            if p.size_limit:
+                limits[labels] = limits.get(labels, 0) + p.size_limit
+            info[labels + (p.image, _bool(p.readonly), _bool(not p.staging_path))] += 1
+        upper_bytes = GaugeMetricFamily(
+            "strata_volume_upper_bytes", "Bytes allocated in the publication's writable "
+            "layer (everything it wrote, copied up or deleted).", labels=POD)
+        inodes = GaugeMetricFamily(
+            "strata_volume_upper_inodes", "Inodes in the publication's writable layer "
+            "(directories and whiteouts included).", labels=POD)
+        files = GaugeMetricFamily(
+            "strata_volume_files", "Entries of the publication's writable layer by change: "
+            "created, copied_up (with data), metacopy (metadata only), deleted (lower "
+            "entries hidden), renamed (directories).", labels=POD + ["change"])
+        copied = GaugeMetricFamily(
+            "strata_volume_copied_up_bytes", "Bytes allocated by lower files copied up with "
+            "their data.", labels=POD)
+        for labels, s in by_pod.items():
+            upper_bytes.add_metric(labels, s.upper_bytes)
+            inodes.add_metric(labels, s.upper_inodes)
+            for change in CHANGES:
+                files.add_metric(labels + (change,), getattr(s, change))
+            copied.add_metric(labels, s.copied_up_bytes)
+        limit = GaugeMetricFamily(
+            "strata_volume_size_limit_bytes", "The sizeLimit of the publication's writable "
+            "layer (only publications that have one).", labels=POD)
+        for labels, n in limits.items():
+            limit.add_metric(labels, n)
+        info_f = GaugeMetricFamily(
+            "strata_volume_info", "1 per publication: its image, whether it is read-only and "
+            "whether it is an inline ephemeral volume.",
+            labels=POD + ["image", "readonly", "ephemeral"])
+        for labels, n in info.items():
+            info_f.add_metric(labels, n)
+        yield from (upper_bytes, inodes, files, copied, limit, info_f)
+        yield CounterMetricFamily(
+            "strata_copy_up_files_total", "Lower files copied up into writable layers, with "
+            "data or metadata only (the most each publication was seen with; kept after "
+            "unpublish).", value=totals.copied_up_files)
+        yield CounterMetricFamily(
+            "strata_copy_up_bytes_total", "Bytes allocated by lower files copied up with "
+            "their data (the most each publication was seen with; kept after unpublish).",
+            value=totals.copied_up_bytes)
+        yield CounterMetricFamily(
+            "strata_ephemeral_discarded_bytes_total", "Bytes of writable layers deleted at "
+            "unpublish: what the pods wrote, gone for ever.", value=totals.discarded_bytes)
+
+
+def _bool(b: bool) -> str:
+    return "true" if b else "false"

@@ -69,6 +69,7 @@ class _Job:
         self.error: BaseException | None = None
         self.started = time.monotonic()
         self.finished = 0.0
+        self.missing = 0  # layers the pull had to bring (store cache misses)
         self.delivered = False  # someone has been told how it ended
 
 
@@ -81,7 +82,9 @@ class Puller:
     def __init__(self, state: State, layers: LayerStore, blobs: BlobStore,
                  client: RegistryClient | None = None, node_keyring: Keyring | None = None,
                  tag_ttl: float = 300.0, clock=time.time, on_pull=None, keep_blobs=False,
-                 max_waiting: int = 48, layout_roots: tuple[str, ...] = ()):
+                 max_waiting: int = 48, layout_roots: tuple[str, ...] = (), on_layers=None):
+        """`on_layers(present, pulled)` counts, for each pull answered, the image's layers
+        that were in the store already and those that had to be pulled (metrics)."""
         self._state = state
         self._layers = layers
         self._blobs = blobs
@@ -90,6 +93,7 @@ class Puller:
         self._tag_ttl = tag_ttl
         self._clock = clock
         self._on_pull = on_pull or (lambda result, seconds: None)
+        self._on_layers = on_layers or (lambda present, pulled: None)
         self._keep_blobs = keep_blobs
         self._layout_roots = layout_roots
         self._mu = threading.Lock()
@@ -108,7 +112,8 @@ class Puller:
             check_layout_allowed(ref, self._layout_roots)
             source = OciLayout(ref)
             img = source.resolve()
-            self._make_present(source, img)
+            missing = self._make_present(source, img)
+            self._on_layers(len(img.layers) - missing, missing)
             return source, img
         # What the node has answers without a job: a digest never changes, and a tag is
         # trusted for --tag-ttl (Never trusts it forever). Always asks the registry even
@@ -118,6 +123,7 @@ class Puller:
             local = self._local(ref, max_age=None if pull_policy == "Never" else self._tag_ttl)
             if local is not None:
                 self._on_pull("present", None)
+                self._on_layers(len(local.layers), 0)
                 return LocalSource(str(ref)), local
             if pull_policy == "Never":
                 self._on_pull("failed_precondition", None)
@@ -149,12 +155,14 @@ class Puller:
         if job.error is not None:
             job.delivered = True
             raise job.error
+        self._on_layers(len(job.result[1].layers) - job.missing, job.missing)
         return job.result
 
     def _run(self, job: _Job, ref, keyring: Keyring, policy: str) -> None:
         started = time.monotonic()
         try:
-            job.result = self._pull(ref, keyring, policy)
+            source, image, job.missing = self._pull(ref, keyring, policy)
+            job.result = source, image
             outcome = "present" if isinstance(job.result[0], LocalSource) else "pulled"
         except BaseException as e:
             job.error = e
@@ -179,7 +187,7 @@ class Puller:
                 if not ref.digest:
                     self._record_tag(ref, recorded)
                 log.info("image %s: the registry confirms %s", ref, recorded)
-                return LocalSource(str(ref)), known
+                return LocalSource(str(ref)), known, 0
             return self._fetch(ref, keyring)
         except StrataError as e:
             if policy != "IfNotPresent":
@@ -189,18 +197,18 @@ class Puller:
             # only means the tag is not refreshed this time.
             log.warning("image %s: refreshing the tag failed (%s); using the copy on this "
                         "node", ref, e)
-            return LocalSource(str(ref)), known
+            return LocalSource(str(ref)), known, 0
 
     def _fetch(self, ref: reference.RegistryReference, keyring: Keyring):
         img, source = self._client.resolve(ref, keyring.lookup, self._blobs)
-        self._make_present(source, img)
+        missing = self._make_present(source, img)
         if not ref.digest:  # only once the layers are in place
             self._record_tag(ref, img.index_digest or img.manifest_digest)
         if not self._keep_blobs:
             for layer in img.layers:  # unpacked: the compressed copy is only a cache
                 self._blobs.remove(layer.digest)
         log.info("pulled %s (%s): %d layers", ref, img.manifest_digest, len(img.layers))
-        return source, img
+        return source, img, missing
 
     @contextlib.contextmanager
     def acquire(self, source, image: Image) -> Iterator[list[str]]:
@@ -212,9 +220,12 @@ class Puller:
                 tx.record_image(image, layer_ids, self._clock())
             yield layer_ids
 
-    def _make_present(self, source, image: Image) -> list[str]:
-        with self.acquire(source, image) as layer_ids:
-            return layer_ids
+    def _make_present(self, source, image: Image) -> int:
+        """Make every layer present; returns how many were missing before."""
+        with self._state.read() as tx:
+            missing = sum(tx.layer_by_diff_id(x.diff_id) is None for x in image.layers)
+        with self.acquire(source, image):
+            return missing
 
     def _record_tag(self, ref: reference.RegistryReference, digest: str) -> None:
         with self._state.transaction() as tx:

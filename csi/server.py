@@ -151,6 +151,8 @@ class Plugin:
                 ControllerService(self.parts.provisioner), ctrl)
             self._add(ctrl, cfg.controller_socket_path)
         if cfg.metrics_address:
+            if self.parts.upper_stats is not None:  # the per-publication figures
+                self.parts.upper_stats.start()
             host, port = parse_host_port(cfg.metrics_address)
             self._http = start_http_server(port, addr=host, registry=self.metrics.registry)
             log.info("metrics on http://%s/metrics", cfg.metrics_address)

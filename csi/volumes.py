@@ -36,6 +36,7 @@ from csi.pulls import Puller
 from csi.releases import Releases
 from csi.store.gc import Collector
 from csi.store.state import Publication, Stage, State
+from csi.upper_stats import UpperStats
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +95,10 @@ class VolumeManager:
     def __init__(self, paths: StorePaths, state: State, backend: Backend, mounter: Mounter,
                  puller: Puller, clock=time.time, locks=None, gc: Collector | None = None,
                  default_size_limit: int = 0, releases: Releases | None = None,
-                 health: Health | None = None):
+                 health: Health | None = None, upper_stats: UpperStats | None = None):
+        """`upper_stats` (metrics) hears of each publication made and gone."""
         self._default_size_limit = default_size_limit
+        self._upper_stats = upper_stats
         self._paths = paths
         self._state = state
         self._backend = backend
@@ -274,6 +277,8 @@ class VolumeManager:
             if created_target:
                 _rmdir(p.target)
             raise
+        if self._upper_stats is not None:
+            self._upper_stats.published(key)
         log.info("published volume %s at %s: %s (%d layers, %s)", p.volume_id, p.target,
                  image_name, len(layer_ids), "read-only" if p.readonly else "upper " + key)
 
@@ -368,12 +373,16 @@ class VolumeManager:
             if e.errno != errno.EBUSY:
                 raise
             self._releases.detach(pub)
+            if self._upper_stats is not None:  # a pod may still write: its last summary
+                self._upper_stats.retire(pub, measure=False)
             return
         if self._mounter.table.is_mountpoint(pub.target):
             raise Internal(f"{pub.target} is still mounted after unmount")
         if lost:
             log.warning("publication of %s at %s lost its mount behind strata's back",
                         pub.volume_id, pub.target)
+        if self._upper_stats is not None:  # unmounted, not yet deleted: measured once more
+            self._upper_stats.retire(pub)
         self._releases.end(pub, device)
 
     # -- stats -------------------------------------------------------------------------

@@ -1,0 +1,174 @@
+"""The upper-stats cache: monotonic copy-up totals, the final measure at unpublish, and
+walks that race with an unpublish. The summaries are injected (pure logic); the records
+are real SQLite."""
+
+import threading
+
+from csi.backend import Dirs
+from csi.image.manifest import Image
+from csi.inspect import Summary
+from csi.store.state import Layer, Publication, State
+from csi.upper_stats import Totals, UpperStats
+
+DIGEST = "sha256:" + "a" * 64
+
+
+class Backend:
+    """Just the two questions the cache asks."""
+
+    def dirs(self, key):
+        return Dirs(f"/up/{key}", f"/work/{key}")
+
+    def lowers(self, chain):
+        return [f"/layers/{lid}" for lid in reversed(chain)]
+
+
+def pub(i: int, readonly=False) -> Publication:
+    return Publication(f"/t{i}", f"v{i}", f"k{i}", "img", DIGEST, readonly, "", 1, 0)
+
+
+def publish(state: State, *pubs: Publication) -> None:
+    with state.transaction() as tx:
+        if tx.layer("l1") is None:
+            tx.record_layer(Layer("l1", "sha256:" + "1" * 64, 4096, 0, 0))
+            tx.record_image(Image("img", DIGEST, "sha256:" + "c" * 64, ()), ("l1",), 0)
+        for p in pubs:
+            tx.record_publication(p, ("l1",), 0)
+
+
+def forget(state: State, p: Publication) -> None:
+    with state.transaction() as tx:
+        tx.forget_publication(p.target, 0)
+
+
+class Uppers:
+    """What each upper holds now, as summarize would say it."""
+
+    def __init__(self):
+        self.now: dict[str, Summary] = {}
+        self.walked: list[tuple[str, tuple[str, ...]]] = []
+
+    def __call__(self, upper, lowers):
+        self.walked.append((upper, tuple(lowers)))
+        return self.now.get(upper.rsplit("/", 1)[1], Summary())
+
+
+def test_copy_up_totals_only_grow_and_survive_unpublish(tmp_path):
+    state = State(str(tmp_path / "state.db"))
+    a, b = pub(0), pub(1)
+    publish(state, a, b)
+    uppers = Uppers()
+    stats = UpperStats(state, Backend(), summarize=uppers)
+    uppers.now["k0"] = Summary(copied_up=3, metacopy=1, copied_up_bytes=8192, upper_bytes=9000)
+    uppers.now["k1"] = Summary(copied_up=1, copied_up_bytes=4096, upper_bytes=5000)
+    stats.refresh()
+    assert ("/up/k0", ("/layers/l1",)) in uppers.walked
+    assert stats.totals() == Totals(5, 12288, 0)
+    uppers.now["k0"] = Summary(copied_up=1, copied_up_bytes=4096, upper_bytes=4500)  # rm'd
+    stats.refresh()
+    assert stats.summary("k0").copied_up == 1
+    assert stats.totals() == Totals(5, 12288, 0), "a counter never goes down"
+    uppers.now["k1"] = Summary(copied_up=2, copied_up_bytes=6000, upper_bytes=7000)
+    final = stats.retire(b)  # measured once more at unpublish
+    assert final.upper_bytes == 7000
+    forget(state, b)
+    assert stats.totals() == Totals(6, 14192, 7000)
+    assert stats.summary("k1") == Summary(), "its series are gone"
+    stats.refresh()
+    assert stats.totals() == Totals(6, 14192, 7000)
+    state.close()
+
+
+def test_a_lazy_detach_counts_the_last_summary_without_walking(tmp_path):
+    state = State(str(tmp_path / "state.db"))
+    a = pub(0)
+    publish(state, a)
+    uppers = Uppers()
+    stats = UpperStats(state, Backend(), summarize=uppers)
+    uppers.now["k0"] = Summary(created=2, upper_bytes=4096)
+    stats.refresh()
+    uppers.now["k0"] = Summary(created=9, upper_bytes=1 << 20)  # written since: not seen
+    walked = len(uppers.walked)
+    stats.retire(a, measure=False)
+    assert len(uppers.walked) == walked
+    assert stats.totals().discarded_bytes == 4096
+    state.close()
+
+
+def test_read_only_publications_are_never_walked(tmp_path):
+    state = State(str(tmp_path / "state.db"))
+    ro = pub(0, readonly=True)
+    publish(state, ro)
+    uppers = Uppers()
+    stats = UpperStats(state, Backend(), summarize=uppers)
+    stats.refresh()
+    stats.retire(ro)
+    assert uppers.walked == []
+    assert stats.totals() == Totals()
+    state.close()
+
+
+def test_a_walk_under_way_when_its_publication_goes_does_not_bring_it_back(tmp_path):
+    state = State(str(tmp_path / "state.db"))
+    a = pub(0)
+    publish(state, a)
+    entered, leave = threading.Event(), threading.Event()
+
+    def slow(upper, lowers):
+        entered.set()
+        leave.wait(10)
+        return Summary(copied_up=5, copied_up_bytes=5, upper_bytes=5)
+
+    stats = UpperStats(state, Backend(), summarize=slow)
+    t = threading.Thread(target=stats.refresh)
+    t.start()
+    assert entered.wait(10)
+    stats.retire(a, measure=False)  # nothing cached yet: zeros
+    forget(state, a)
+    leave.set()
+    t.join()
+    assert stats.summary("k0") == Summary()
+    assert stats.totals() == Totals(0, 0, 0)
+    state.close()
+
+
+def test_a_publication_forgotten_without_a_retire_keeps_its_copy_up_in_the_totals(tmp_path):
+    state = State(str(tmp_path / "state.db"))
+    a = pub(0)
+    publish(state, a)
+    uppers = Uppers()
+    stats = UpperStats(state, Backend(), summarize=uppers)
+    uppers.now["k0"] = Summary(copied_up=2, copied_up_bytes=100)
+    stats.refresh()
+    forget(state, a)
+    stats.refresh()
+    assert stats.summary("k0") == Summary()
+    assert stats.totals() == Totals(2, 100, 0)
+    state.close()
+
+
+def test_the_thread_walks_a_new_publication_at_once_and_stops(tmp_path):
+    state = State(str(tmp_path / "state.db"))
+    publish(state, pub(0))
+    uppers = Uppers()
+    uppers.now["k0"] = uppers.now["k1"] = Summary(created=1)
+    stats = UpperStats(state, Backend(), interval=3600, summarize=uppers)
+    stats.start()
+    try:
+        for _ in range(1000):
+            if stats.passes:
+                break
+            threading.Event().wait(0.01)
+        assert stats.passes == 1
+        publish(state, pub(1))
+        stats.published("k1")
+        done = threading.Event()
+        for _ in range(1000):  # the urgent walk, long before the hour's next pass
+            if stats.summary("k1").created == 1:
+                done.set()
+                break
+            threading.Event().wait(0.01)
+        assert done.is_set()
+    finally:
+        stats.stop()
+    state.close()
