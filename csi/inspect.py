@@ -363,23 +363,3 @@ def diff(upper: str, lowers: Sequence[str]) -> list[tuple[str, str]]:
             changes[parent] = "C"
             parent = os.path.dirname(parent)
     return sorted(((k, p) for p, k in changes.items()), key=lambda c: os.fsencode(c[1]))
-
-
-# -- the interface metrics.py still reads (to be removed with it) ----------------------------
-@dataclasses.dataclass(frozen=True)
-class CopyUp:
-    copied_files: int = 0
-    copied_bytes: int = 0
-    created_files: int = 0
-    created_bytes: int = 0
-    deleted: int = 0
-
-    def __add__(self, other: "CopyUp") -> "CopyUp":
-        return CopyUp(*(a + b for a, b in zip(dataclasses.astuple(self),
-                                              dataclasses.astuple(other), strict=True)))
-
-
-def copy_up(upper: str, lowers: Sequence[str]) -> CopyUp:
-    s = summarize(upper, lowers)
-    return CopyUp(s.copied_up + s.metacopy, s.copied_up_bytes, s.created, s.created_bytes,
-                  s.deleted)

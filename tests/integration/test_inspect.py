@@ -17,7 +17,7 @@ import stat
 
 import pytest
 
-from csi.inspect import Summary, copy_up, diff, summarize
+from csi.inspect import Summary, diff, summarize
 from csi.mount import spec
 from csi.mount.syscalls import Mounter
 from tests.conftest import ROOT_REASON
@@ -347,14 +347,6 @@ def test_case(stack, case):
     got_fields = {k: getattr(s, k) for k in fields | want}
     assert got_fields == fields | want
     assert (s.upper_bytes, s.upper_inodes) == (upper_bytes, upper_inodes)
-
-
-def test_copy_up_wrapper_reads_the_summary(stack):
-    run(stack, lambda m: (append(f"{m}/etc/motd"), write(f"{m}/n"), os.unlink(f"{m}/big")))
-    s = summarize(stack.upper, stack.lowers)
-    cu = copy_up(stack.upper, stack.lowers)
-    assert (cu.copied_files, cu.created_files, cu.deleted) == (1, 1, 1)
-    assert (cu.copied_bytes, cu.created_bytes) == (s.copied_up_bytes, s.created_bytes)
 
 
 def test_summary_adds_field_by_field():

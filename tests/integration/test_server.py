@@ -104,30 +104,6 @@ def test_probe_reports_a_broken_store(plugin):
     assert probe() is True
 
 
-def test_copy_up_metrics(plugin, images, tmp_path):
-    plugin.start()
-    a, b = tmp_path / "a", tmp_path / "b"
-    plugin.csi.publish("cu-a", a, images.app)
-    plugin.csi.publish("cu-b", b, images.app)
-    try:
-        with open(a / "data/big", "r+b") as f:  # one byte written: the whole file copies up
-            f.write(b"x")
-        (a / "srv/new.txt").write_text("created\n")
-        os.unlink(a / "etc/passwd")
-        (b / "usr/bin/tool").chmod(0o700)  # metadata only, still a copy-up without metacopy
-        m = scrape(plugin.metrics_port)  # each publication's first walk (then reused 15 s)
-        assert m['strata_copy_up_files{kind="copied"}'] == 2
-        assert m['strata_copy_up_files{kind="created"}'] == 1
-        assert m['strata_copy_up_files{kind="deleted"}'] == 1
-        assert m['strata_copy_up_bytes{kind="copied"}'] >= 256 * 1024
-        assert 0 < m['strata_copy_up_bytes{kind="created"}'] <= 8192
-    finally:
-        plugin.csi.unpublish("cu-a", a)
-        plugin.csi.unpublish("cu-b", b)
-    m = scrape(plugin.metrics_port)
-    assert m['strata_copy_up_files{kind="copied"}'] == 0, "gone with the publications"
-
-
 def test_page_cache_metrics_count_one_cached_copy_for_every_pod(plugin, tmp_path):
     """Three pods share a layer; one pod reads a 4 MiB file through its overlay. The page
     cache holds the lower file once, and a copy per pod would have held it three times."""
