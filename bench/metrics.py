@@ -22,12 +22,11 @@ import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from prometheus_client import start_http_server  # noqa: E402
-
 from bench._util import free_port  # noqa: E402
 from csi import compose  # noqa: E402
 from csi.config import Config  # noqa: E402
 from csi.demo import build_demo_image  # noqa: E402
+from csi.metrics import start_http  # noqa: E402
 from csi.volumes import PublishSpec  # noqa: E402
 
 
@@ -106,7 +105,7 @@ def main():
                                     metrics_address=f"127.0.0.1:{port}",
                                     metrics_refresh_seconds=args.refresh,
                                     gc_policy="lru", gc_max_bytes=1 << 40))
-        server, _ = start_http_server(port, addr="127.0.0.1", registry=parts.metrics.registry)
+        server, _ = start_http("127.0.0.1", port, parts.metrics.registry)
         url = f"http://127.0.0.1:{port}/metrics"
         vm, stats = parts.volumes, parts.upper_stats
         stats.start()

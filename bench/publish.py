@@ -97,9 +97,7 @@ def bench_rpc(node, image, work, n):
 def bench_scale(vm, image, work, parts, live_counts=(10, 1000), n=100):
     """Warm publish+unpublish p50 with `live` other publications mounted (mountinfo and
     state grow with them), and a /metrics scrape with the last count live."""
-    from prometheus_client import generate_latest
-
-    from csi.metrics import Metrics
+    from csi.metrics import Metrics, exposition
 
     out, live_targets, scrape = {}, [], None
     for live in live_counts:
@@ -110,11 +108,11 @@ def bench_scale(vm, image, work, parts, live_counts=(10, 1000), n=100):
         out[live] = bench_manager(vm, image, work, n)
         if live >= 200:
             metrics = Metrics()
-            metrics.install_store(parts.state, parts.backend, parts.paths)  # with copy-up
+            metrics.install_store(parts.state, parts.backend, parts.paths)
             scrape = []
             for _ in range(20):
                 t0 = time.perf_counter()
-                generate_latest(metrics.registry)
+                exposition(metrics.registry)
                 scrape.append(time.perf_counter() - t0)
     for i, t in enumerate(live_targets):
         vm.unpublish(f"live-{i}", t)

@@ -7,12 +7,21 @@ the background: a scrape never walks an upper dir. RPC latency is recorded by th
 interceptor, pulls and unpacks by the callbacks below. docs/metrics.md lists every metric.
 """
 
+import http.server
 import logging
+import socket
 import threading
 import time
+import urllib.parse
 from collections import Counter as Tally
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from csi.backend import Backend
@@ -199,6 +208,7 @@ class StoreCollector:
         self._policy = policy or store_gc.Policy()
         self._top = max(0, top_layers)
         self.page_cache = PageCacheSampler(paths)
+        self._rendered: tuple[object, Rendered | None] = (None, None)
 
     def describe(self):
         return []  # computed at scrape time; no fixed description to pre-register
@@ -291,53 +301,19 @@ class StoreCollector:
             yield GaugeMetricFamily(name, help_text, value=value)
 
     def _publications(self, pubs):
-        """Each publication's writable layer by pod, from the cache. Two publications with
-        the same labels (one volume twice in a pod) are summed: Prometheus refuses a
-        duplicate series."""
-        summaries = self._uppers.summaries()
+        """Each publication's writable layer by pod, from the cache, as exposition text
+        rendered again only when a publication or a figure changed (200 publications are
+        about 2,000 samples: prometheus_client would format each on every scrape). Two
+        publications with the same labels (one volume twice in a pod) are summed:
+        Prometheus refuses a duplicate series."""
+        key = (self._uppers.version, tuple(
+            (p.key, p.volume_id, p.pod_namespace, p.pod_name, p.image, p.readonly,
+             p.staging_path == "", p.size_limit) for p in pubs))
+        if key != self._rendered[0]:
+            self._rendered = (key, Rendered(render_publications(
+                pubs, self._uppers.summaries())))
+        yield self._rendered[1]
         totals = self._uppers.totals()
-        by_pod: dict[tuple[str, str, str], Summary] = {}
-        limits: dict[tuple[str, str, str], int] = {}
-        info: Tally = Tally()
-        for p in pubs:
-            labels = (p.volume_id, p.pod_namespace, p.pod_name)
-            s = Summary() if p.readonly else summaries.get(p.key, Summary())
-            # (Summary.__add__ goes through dataclasses.astuple: only when needed)
-            by_pod[labels] = by_pod[labels] + s if labels in by_pod else s
-            if p.size_limit:
-                limits[labels] = limits.get(labels, 0) + p.size_limit
-            info[labels + (p.image, _bool(p.readonly), _bool(not p.staging_path))] += 1
-        upper_bytes = GaugeMetricFamily(
-            "strata_volume_upper_bytes", "Bytes allocated in the publication's writable "
-            "layer (everything it wrote, copied up or deleted).", labels=POD)
-        inodes = GaugeMetricFamily(
-            "strata_volume_upper_inodes", "Inodes in the publication's writable layer "
-            "(directories and whiteouts included).", labels=POD)
-        files = GaugeMetricFamily(
-            "strata_volume_files", "Entries of the publication's writable layer by change: "
-            "created, copied_up (with data), metacopy (metadata only), deleted (lower "
-            "entries hidden), renamed (directories).", labels=POD + ["change"])
-        copied = GaugeMetricFamily(
-            "strata_volume_copied_up_bytes", "Bytes allocated by lower files copied up with "
-            "their data.", labels=POD)
-        for labels, s in by_pod.items():
-            upper_bytes.add_metric(labels, s.upper_bytes)
-            inodes.add_metric(labels, s.upper_inodes)
-            for change in CHANGES:
-                files.add_metric(labels + (change,), getattr(s, change))
-            copied.add_metric(labels, s.copied_up_bytes)
-        limit = GaugeMetricFamily(
-            "strata_volume_size_limit_bytes", "The sizeLimit of the publication's writable "
-            "layer (only publications that have one).", labels=POD)
-        for labels, n in limits.items():
-            limit.add_metric(labels, n)
-        info_f = GaugeMetricFamily(
-            "strata_volume_info", "1 per publication: its image, whether it is read-only and "
-            "whether it is an inline ephemeral volume.",
-            labels=POD + ["image", "readonly", "ephemeral"])
-        for labels, n in info.items():
-            info_f.add_metric(labels, n)
-        yield from (upper_bytes, inodes, files, copied, limit, info_f)
         yield CounterMetricFamily(
             "strata_copy_up_files_total", "Lower files copied up into writable layers, with "
             "data or metadata only (the most each publication was seen with; kept after "
@@ -351,5 +327,130 @@ class StoreCollector:
             "unpublish: what the pods wrote, gone for ever.", value=totals.discarded_bytes)
 
 
+VOLUME_FAMILIES = (
+    ("strata_volume_upper_bytes", "Bytes allocated in the publication's writable layer "
+     "(everything it wrote, copied up or deleted)."),
+    ("strata_volume_upper_inodes", "Inodes in the publication's writable layer "
+     "(directories and whiteouts included)."),
+    ("strata_volume_files", "Entries of the publication's writable layer by change: "
+     "created, copied_up (with data), metacopy (metadata only), deleted (lower entries "
+     "hidden), renamed (directories)."),
+    ("strata_volume_copied_up_bytes", "Bytes allocated by lower files copied up with their "
+     "data."),
+    ("strata_volume_size_limit_bytes", "The sizeLimit of the publication's writable layer "
+     "(only publications that have one)."),
+    ("strata_volume_info", "1 per publication: its image, whether it is read-only and "
+     "whether it is an inline ephemeral volume."),
+)
+
+
+class Rendered:
+    """Families already in the text exposition format (`exposition` writes them as
+    they are)."""
+
+    def __init__(self, text: bytes):
+        self.text = text
+
+
+def render_publications(pubs, summaries: dict[str, Summary]) -> bytes:
+    """The per-publication families in the text format (0.0.4), one sample per pod (label
+    set) and family; read-only publications and those not walked yet count zeros."""
+    by_pod: dict[tuple[str, str, str], Summary] = {}
+    limits: dict[tuple[str, str, str], int] = {}
+    info: Tally = Tally()
+    for p in pubs:
+        labels = (p.volume_id, p.pod_namespace, p.pod_name)
+        s = Summary() if p.readonly else summaries.get(p.key, Summary())
+        # (Summary.__add__ goes through dataclasses.astuple: only when needed)
+        by_pod[labels] = by_pod[labels] + s if labels in by_pod else s
+        if p.size_limit:
+            limits[labels] = limits.get(labels, 0) + p.size_limit
+        info[labels + (p.image, _bool(p.readonly), _bool(not p.staging_path))] += 1
+    pods = {labels: _label_text(POD, labels) for labels in by_pod}
+    samples: dict[str, list[str]] = {name: [] for name, _ in VOLUME_FAMILIES}
+    for labels, s in by_pod.items():
+        at = pods[labels]
+        samples["strata_volume_upper_bytes"].append(f"{{{at}}} {s.upper_bytes}")
+        samples["strata_volume_upper_inodes"].append(f"{{{at}}} {s.upper_inodes}")
+        samples["strata_volume_files"].extend(
+            f'{{{at},change="{change}"}} {getattr(s, change)}' for change in CHANGES)
+        samples["strata_volume_copied_up_bytes"].append(f"{{{at}}} {s.copied_up_bytes}")
+    for labels, n in limits.items():
+        samples["strata_volume_size_limit_bytes"].append(f"{{{pods[labels]}}} {n}")
+    for labels, n in info.items():
+        samples["strata_volume_info"].append(
+            f"{{{_label_text(POD + ['image', 'readonly', 'ephemeral'], labels)}}} {n}")
+    lines = []
+    for name, help_text in VOLUME_FAMILIES:
+        lines.append(f"# HELP {name} {_escape_help(help_text)}")
+        lines.append(f"# TYPE {name} gauge")
+        lines.extend(name + sample for sample in samples[name])
+    return ("\n".join(lines) + "\n").encode()
+
+
+def _label_text(names, values) -> str:
+    return ",".join(f'{n}="{_escape_label(v)}"' for n, v in zip(names, values, strict=True))
+
+
+def _escape_label(v: str) -> str:
+    return v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _escape_help(v: str) -> str:
+    return v.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+class _Families:
+    def __init__(self, families):
+        self._families = families
+
+    def collect(self):
+        return self._families
+
+
+def exposition(registry: CollectorRegistry) -> bytes:
+    """The registry in the text format, as prometheus_client's generate_latest writes it,
+    with `Rendered` families written as they are."""
+    out, plain = [], []
+    for family in registry.collect():
+        if isinstance(family, Rendered):
+            out.append(generate_latest(_Families(plain)))
+            out.append(family.text)
+            plain = []
+        else:
+            plain.append(family)
+    out.append(generate_latest(_Families(plain)))
+    return b"".join(out)
+
+
 def _bool(b: bool) -> str:
     return "true" if b else "false"
+
+
+def start_http(host: str, port: int, registry: CollectorRegistry):
+    """Serve `exposition(registry)` at /metrics on HOST:PORT, each scrape in its own
+    thread; returns (server, thread), stopped by server.shutdown() and server_close()."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if urllib.parse.urlsplit(self.path).path not in ("/metrics", "/"):
+                self.send_error(404, "strata serves /metrics")
+                return
+            body = exposition(registry)
+            self.send_response(200)
+            self.send_header("Content-Type", CONTENT_TYPE_LATEST)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format, *args):  # a scrape every few seconds is not news
+            pass
+
+    family = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM)[0][0]
+    server_class = type("MetricsServer", (http.server.ThreadingHTTPServer,),
+                        {"address_family": family, "daemon_threads": True})
+    server = server_class((host, port), Handler)
+    thread = threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True)
+    thread.start()
+    return server, thread
+

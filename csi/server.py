@@ -32,7 +32,6 @@ import time
 from concurrent import futures
 
 import grpc
-from prometheus_client import start_http_server
 
 from csi import compose
 from csi.config import Config, parse_host_port
@@ -41,7 +40,7 @@ from csi.errors import StrataError
 from csi.identity import IdentityService
 from csi.interceptors import RpcInterceptor
 from csi.locks import ServeLock
-from csi.metrics import Metrics
+from csi.metrics import Metrics, start_http
 from csi.mount.features import Features
 from csi.mount.syscalls import Mounter
 from csi.node import NodeService
@@ -154,7 +153,7 @@ class Plugin:
             if self.parts.upper_stats is not None:  # the per-publication figures
                 self.parts.upper_stats.start()
             host, port = parse_host_port(cfg.metrics_address)
-            self._http = start_http_server(port, addr=host, registry=self.metrics.registry)
+            self._http = start_http(host, port, self.metrics.registry)
             log.info("metrics on http://%s/metrics", cfg.metrics_address)
 
     def _add(self, server: grpc.Server, path: str) -> None:

@@ -64,6 +64,7 @@ class UpperStats:
         self._gone: set[str] = set()
         self._urgent: deque[str] = deque()
         self._passes = 0
+        self._version = 0  # bumped whenever a figure a scrape reads changes
         self._in_pass = False
         self._stopped = False
         self._thread: threading.Thread | None = None
@@ -85,6 +86,13 @@ class UpperStats:
             return Totals(self._retired_files + sum(f for f, _ in self._high.values()),
                           self._retired_bytes + sum(b for _, b in self._high.values()),
                           self._discarded)
+
+    @property
+    def version(self) -> int:
+        """Changes whenever a summary or a total does: a scrape that saw this version
+        before may reuse what it rendered then."""
+        with self._cv:
+            return self._version
 
     @property
     def passes(self) -> int:
@@ -122,6 +130,7 @@ class UpperStats:
             self._discarded += final.upper_bytes
             self._summaries.pop(pub.key, None)
             self._gone.add(pub.key)
+            self._version += 1
         return final
 
     # -- walking ------------------------------------------------------------------------
@@ -139,6 +148,8 @@ class UpperStats:
         with self._cv:
             if key in self._gone:
                 return  # retired while we walked
+            if self._summaries.get(key) != s:
+                self._version += 1
             self._summaries[key] = s
             files, nbytes = self._high.get(key, (0, 0))
             self._high[key] = (max(files, s.copied_up + s.metacopy),
@@ -158,6 +169,7 @@ class UpperStats:
             # Gone without a retire (the volume manager never saw it go): its copy-up
             # stays in the totals all the same.
             for key in set(self._summaries) - pubs.keys():
+                self._version += 1
                 self._summaries.pop(key)
                 files, nbytes = self._high.pop(key, (0, 0))
                 self._retired_files += files

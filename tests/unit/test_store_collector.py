@@ -4,12 +4,11 @@
 import os
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from csi.backend.overlay import OverlayBackend
 from csi.image.manifest import Image
-from csi.metrics import StoreCollector
+from csi.metrics import StoreCollector, exposition
 from csi.paths import StorePaths
 from csi.store.gc import Policy
 from csi.store.state import ImageRecord, Layer, Publication, State
@@ -33,7 +32,7 @@ def record(state: State, layer_ids: tuple[str, ...], digest: str, pubs: int,
 
 def values(registry) -> dict[str, float]:
     return {f"{s.name}{_labels(s.labels)}": s.value
-            for fam in text_string_to_metric_families(generate_latest(registry).decode())
+            for fam in text_string_to_metric_families(exposition(registry).decode())
             for s in fam.samples if not s.name.endswith("_created")}
 
 
@@ -171,3 +170,28 @@ def test_page_cache_is_sampled_in_the_background_and_scrapes_read_the_sample(tmp
     assert m["strata_layer_page_cache_bytes"] == 8 * 4096
     assert m["strata_page_cache_saved_bytes"] == 2 * 8 * 4096  # three pods, one cached copy
     state.close()
+
+
+def test_rendered_publications_escape_labels_and_are_reused_until_a_figure_changes(tmp_path):
+    paths, state, backend = store(tmp_path)
+    odd = 'v"1\\x\nz'  # a CSI volume ID is any string: quotes, backslashes, newlines
+    with state.transaction() as tx:
+        tx.record_layer(Layer("l1", "sha256:" + "1" * 64, 4096, 0, 0))
+        tx.record_image(Image("img", DIGEST, "sha256:" + "c" * 64, ()), ("l1",), 0)
+        tx.record_publication(Publication("/t0", odd, "k0", "img", DIGEST, False, "", 1, 0,
+                                          pod_namespace="ns", pod_name="p"), ("l1",), 0)
+    os.makedirs(tmp_path / "volumes/k0/upper")
+    (tmp_path / "volumes/k0/upper/new").write_text("x")
+    uppers = UpperStats(state, backend)
+    collector = StoreCollector(state, backend, paths, uppers)
+    registry = CollectorRegistry()
+    registry.register(collector)
+    pod = f'pod_name="p",pod_namespace="ns",volume_id="{odd}"'
+    first = values(registry)  # parsed back by prometheus_client's own parser
+    assert first[f'strata_volume_files{{change="created",{pod}}}'] == 0
+    rendered = collector._rendered[1]
+    values(registry)
+    assert collector._rendered[1] is rendered, "nothing changed: the text is reused"
+    uppers.refresh()
+    assert values(registry)[f'strata_volume_files{{change="created",{pod}}}'] == 1
+    assert collector._rendered[1] is not rendered
