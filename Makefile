@@ -64,6 +64,7 @@ bench: $(STAMP)
 	$(PY) bench/pull.py
 	$(PY) bench/volatile.py
 	$(PY) bench/release_probe.py
+	$(PY) bench/metrics.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -2,25 +2,28 @@
 
 Builds a two-layer image from files on this machine, starts `strata serve` on a temporary
 root, publishes the image to two "pods" over the real gRPC socket, changes one pod's
-filesystem, shows that the other pod and the shared layers are untouched and that the image
-is stored once, then tears everything down and checks that nothing is left behind.
+filesystem, prints its `strata diff` and the per-pod series a Prometheus scrape of the
+server returns, shows that the other pod and the shared layers are untouched and that the
+image is stored once, then tears everything down and checks that nothing is left behind.
 """
 
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
 import tempfile
 import time
+import urllib.request
 
 import grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from csi import compose
 from csi.config import Config
 from csi.image.build import LayerBuilder, write_image
-from csi.inspect import diff
 from csi.mount.mountinfo import MountTable
 from csi.paths import StorePaths
 from csi.proto import csi_pb2, csi_pb2_grpc
@@ -65,6 +68,61 @@ def _wait_for_socket(path: str, proc: subprocess.Popen, timeout: float = 30) -> 
         time.sleep(0.05)
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def scrape(url: str) -> dict[tuple[str, frozenset], float]:
+    """{(sample name, labels): value} from one scrape of /metrics, as Prometheus reads it."""
+    with urllib.request.urlopen(url, timeout=10) as r:
+        text = r.read().decode()
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def per_pod(samples: dict, pod: str) -> dict[str, float]:
+    """One pod's per-publication series: {"created": 1, ..., "upper_bytes": 8192}."""
+    out = {}
+    for (name, labels), value in samples.items():
+        labels = dict(labels)
+        if labels.get("pod_name") != pod:
+            continue
+        if name == "strata_volume_files":
+            out[labels["change"]] = value
+        elif name.startswith("strata_volume_") and name != "strata_volume_info":
+            out[name.removeprefix("strata_volume_")] = value
+    return out
+
+
+def _wait_for_pod_series(url: str, pod: str, timeout: float = 30) -> dict:
+    """The scrape once the background walk has counted `pod`'s writes (it refreshes every
+    second in the demo; a scrape itself never walks an upper layer)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        samples = scrape(url)
+        if per_pod(samples, pod).get("created", 0) > 0 or time.monotonic() > deadline:
+            return samples
+        time.sleep(0.2)
+
+
+def _show_series(samples: dict, pods) -> None:
+    _say(f"   {'POD':<10} {'CREATED':>8} {'COPIED_UP':>10} {'METACOPY':>9} {'DELETED':>8} "
+         f"{'RENAMED':>8} {'UPPER_BYTES':>12} {'COPIED_UP_BYTES':>16}")
+    for pod in pods:
+        v = per_pod(samples, pod)
+        _say(f"   demo/{pod:<5} {v.get('created', 0):>8.0f} {v.get('copied_up', 0):>10.0f} "
+             f"{v.get('metacopy', 0):>9.0f} {v.get('deleted', 0):>8.0f} "
+             f"{v.get('renamed', 0):>8.0f} {v.get('upper_bytes', 0):>12.0f} "
+             f"{v.get('copied_up_bytes', 0):>16.0f}")
+
+
+def _gauge(samples: dict, name: str, **labels) -> float:
+    return sum(v for (n, ls), v in samples.items()
+               if n == name and labels.items() <= dict(ls).items())
+
+
 def run(keep: bool = False) -> int:
     if os.geteuid() != 0:
         print("strata demo mounts overlayfs and must run as root", file=sys.stderr)
@@ -86,16 +144,20 @@ def run(keep: bool = False) -> int:
 
         _say("\n== Starting the plugin: strata serve")
         log = open(os.path.join(root, "serve.log"), "w")
+        metrics = f"http://127.0.0.1:{_free_port()}/metrics"
         proc = subprocess.Popen(
             [sys.executable, "-m", "csi", "serve", "--endpoint", f"unix://{sock}",
-             "--root", store, "--node-id", "demo-node"], stdout=log, stderr=log)
+             "--root", store, "--node-id", "demo-node",
+             "--metrics-address", metrics.split("/")[2], "--metrics-refresh-seconds", "1"],
+            stdout=log, stderr=log)
         _wait_for_socket(sock, proc)
         channel = grpc.insecure_channel(f"unix://{sock}")
         identity = csi_pb2_grpc.IdentityStub(channel)
         node = csi_pb2_grpc.NodeStub(channel)
         info = identity.GetPluginInfo(csi_pb2.GetPluginInfoRequest(), timeout=10)
         ready = identity.Probe(csi_pb2.ProbeRequest(), timeout=10).ready.value
-        _say(f"   {info.name} {info.vendor_version} on unix://{sock} (ready={ready})")
+        _say(f"   {info.name} {info.vendor_version} on unix://{sock} (ready={ready}), "
+             f"metrics on {metrics}")
 
         cap = csi_pb2.VolumeCapability(
             mount=csi_pb2.VolumeCapability.MountVolume(),
@@ -107,7 +169,9 @@ def run(keep: bool = False) -> int:
             node.NodePublishVolume(csi_pb2.NodePublishVolumeRequest(
                 volume_id=f"csi-{name}", target_path=target, volume_capability=cap,
                 volume_context={"image": image, "csi.storage.k8s.io/ephemeral": "true",
-                                "csi.storage.k8s.io/pod.name": name}), timeout=60)
+                                "csi.storage.k8s.io/pod.namespace": "demo",
+                                "csi.storage.k8s.io/pod.name": name,
+                                "csi.storage.k8s.io/pod.uid": f"uid-{name}"}), timeout=60)
             published.append(target)
             _say(f"   {name}: published at {target} in {(time.perf_counter() - t0) * 1e3:.1f} ms")
         a, b = pods["pod-a"], pods["pod-b"]
@@ -126,9 +190,28 @@ def run(keep: bool = False) -> int:
         views = _views(store)
         layer_dirs = sorted(set(views[a][1]))
         upper, lowers = views[a]
-        _say("   what pod-a changed, read from its private upper layer (like `docker diff`):")
-        for kind, path in diff(upper, lowers):
-            _say(f"     {kind} {path}")
+        _say(f"   $ strata diff {a}   (read from pod-a's private upper layer, "
+             "like `docker diff`)")
+        shown = subprocess.run([sys.executable, "-m", "csi", "diff", a, "--root", store],
+                               capture_output=True, text=True, check=True)
+        for line in shown.stdout.splitlines():
+            _say(f"     {line}")
+
+        _say(f"\n== What Prometheus sees, per pod (a scrape of {metrics})")
+        samples = _wait_for_pod_series(metrics, "pod-a")
+        _show_series(samples, pods)
+        _say(f"   sharing: {_gauge(samples, 'strata_image_publications', image=image):.0f} "
+             "publications of the image (strata_image_publications), "
+             f"{_gauge(samples, 'strata_sharing_saved_bytes') / 1024:.0f} KiB of disk saved "
+             "(strata_sharing_saved_bytes);")
+        _say(f"   layers found in the store at publish: "
+             f"{_gauge(samples, 'strata_store_cache_hits_total'):.0f}, pulled: "
+             f"{_gauge(samples, 'strata_store_cache_misses_total'):.0f} "
+             "(strata_store_cache_hits_total / _misses_total)")
+        seen_a, seen_b = per_pod(samples, "pod-a"), per_pod(samples, "pod-b")
+        assert (seen_a["created"], seen_a["copied_up"], seen_a["deleted"]) == (1, 1, 1), \
+            f"pod-a's series do not show its three changes: {seen_a}"
+        assert not any(seen_b.values()), f"pod-b changed nothing, yet: {seen_b}"
 
         _say("\n== pod-b and the shared layers are untouched")
         with open(os.path.join(b, "etc/motd")) as f:
@@ -165,6 +248,13 @@ def run(keep: bool = False) -> int:
             published.remove(target)
             _say(f"   {name}: unmounted, its writable layer deleted, "
                  f"target removed: {not os.path.exists(target)}")
+        samples = scrape(metrics)
+        left = [n for (n, ls), _ in samples.items() if n.startswith("strata_volume_")]
+        _say(f"   per-pod series left after unpublish: {len(left)}; the node's counters "
+             "keep what the pods did:")
+        for name in ("strata_copy_up_files_total", "strata_copy_up_bytes_total",
+                     "strata_ephemeral_discarded_bytes_total"):
+            _say(f"     {name} = {_gauge(samples, name):.0f}")
         channel.close()
     finally:
         if proc is not None:
