@@ -104,10 +104,15 @@ def _from_env(f: dataclasses.Field, raw: str):
     if switch(f):
         return parse_switch(raw, env_name(f))
     try:
-        return _type(f)(raw)
+        value = _type(f)(raw)
     except ValueError:
         raise ValueError(f"{env_name(f)} (for {flag(f)}): invalid {f.type.__name__} value: "
                          f"{raw!r}") from None
+    choices = f.metadata["choices"]
+    if choices and value not in choices:
+        raise ValueError(f"{env_name(f)} (for {flag(f)}) must be one of {', '.join(choices)}, "
+                         f"got {raw!r}")
+    return value
 
 
 def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
