@@ -94,7 +94,7 @@ class RpcInterceptor(grpc.ServerInterceptor):
 
         def handle(request, context):
             started = time.monotonic()
-            payload.debug("%s request: %s", method, redact(request))
+            payload.debug("%s: %s", method, redact(request))
             try:
                 response = behavior(request, context)
             except StrataError as e:
@@ -127,7 +127,8 @@ class RpcInterceptor(grpc.ServerInterceptor):
             level = logging.ERROR if code == grpc.StatusCode.INTERNAL else logging.WARNING
         fields = {"method": method, **request_fields(request), "code": code.name,
                   "duration_seconds": round(seconds, 6)}
-        text = f"{method} {code.name}" + (f": {message}" if message else "")
+        text = f"{method} ok" if code == grpc.StatusCode.OK else \
+            f"{method} failed: {code.name}: {message}"
         log.log(level, "%s", text, extra=fields, exc_info=unexpected)
 
 

@@ -5,7 +5,7 @@ Code logs with the standard `logging` module and passes structured fields with `
 record is written. Both formats carry the same fields, so a key grepped for in text is the
 key queried in JSON. docs/logging.md lists the keys.
 
-  text  2025-01-02T03:04:05.678Z INFO csi.rpc: NodePublishVolume OK method=… volume_id=…
+  text  2025-01-02T03:04:05.678Z INFO csi.rpc: NodePublishVolume ok method=… volume_id=…
   json  {"ts": "2025-01-02T03:04:05.678Z", "level": "INFO", "logger": "csi.rpc", "msg": …}
 """
 

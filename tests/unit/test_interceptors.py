@@ -191,7 +191,7 @@ def test_one_line_per_rpc_with_its_fields(metrics, caplog):
     assert (line.method, line.volume_id, line.target, line.pod, line.image, line.code) == (
         "NodePublishVolume", "vol-1", "/pods/x", "team/web-0", "registry:5000/app:1", "OK")
     assert isinstance(line.duration_seconds, float) and line.duration_seconds >= 0
-    assert line.getMessage() == "NodePublishVolume OK"
+    assert line.getMessage() == "NodePublishVolume ok"
     assert SECRET not in str(vars(line))
 
 
@@ -220,7 +220,7 @@ def test_failures_log_one_line_at_their_level(metrics, caplog, error, level):
     [line] = rpc_lines(caplog)
     assert line.levelno == level and line.code == ctx.code.name
     assert line.volume_id == "v"
-    assert line.getMessage().startswith(f"NodeUnpublishVolume {ctx.code.name}: ")
+    assert line.getMessage().startswith(f"NodeUnpublishVolume failed: {ctx.code.name}: ")
     assert line.exc_info is None, "an expected failure has no traceback"
 
 

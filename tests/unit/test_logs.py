@@ -13,7 +13,7 @@ from csi import logs
 TS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
 
-def record(msg="NodePublishVolume OK", level=logging.INFO, exc_info=None, **extra):
+def record(msg="NodePublishVolume ok", level=logging.INFO, exc_info=None, **extra):
     r = logging.LogRecord("csi.rpc", level, __file__, 1, msg, (), exc_info)
     r.created, r.msecs = 1735787045.678, 678.0  # 2025-01-02T03:04:05.678Z
     for k, v in extra.items():
@@ -32,7 +32,7 @@ def test_json_is_one_object_with_stable_keys_first():
     assert list(obj)[:4] == ["ts", "level", "logger", "msg"]
     assert obj["ts"] == "2025-01-02T03:04:05.678Z"
     assert (obj["level"], obj["logger"], obj["msg"]) == ("INFO", "csi.rpc",
-                                                          "NodePublishVolume OK")
+                                                          "NodePublishVolume ok")
     assert {k: obj[k] for k in FIELDS} == FIELDS  # numbers stay numbers
     assert "exc" not in obj
 
@@ -62,7 +62,7 @@ def test_json_fields_never_replace_the_four_keys():
 
 def test_text_appends_the_same_fields_as_key_value():
     line = logs.TextFormatter().format(record(**FIELDS))
-    assert line == ('2025-01-02T03:04:05.678Z INFO csi.rpc: NodePublishVolume OK '
+    assert line == ('2025-01-02T03:04:05.678Z INFO csi.rpc: NodePublishVolume ok '
                     'method=NodePublishVolume volume_id=vol-1 target="/pods/a b/mount" '
                     'pod=team/web-0 code=OK duration_seconds=0.012345')
 
