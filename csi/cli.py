@@ -13,10 +13,9 @@ Every setting is a flag and a STRATA_* environment variable, generated from csi/
 
 import argparse
 import dataclasses
-import logging
 import os
-import sys
 
+from csi import logs
 from csi.config import Config, env_name, flag, parse_switch, repeatable, settings, switch
 from csi.errors import StrataError
 from csi.pulls import POLICIES
@@ -50,13 +49,19 @@ def _add_settings(p: argparse.ArgumentParser, command: str) -> None:
                            help=f"{text} (env {env}=true)")
             p.set_defaults(**{f.name + "_env": raw})
             continue
-        # A string default (from the environment) is converted by `type` like a flag is,
-        # so a bad STRATA_* value fails as clearly as a bad flag.
-        upper = bool(f.metadata["choices"]) and all(c.isupper() for c in f.metadata["choices"])
-        p.add_argument(flag(f), dest=f.name, default=f.default if raw is None else raw,
-                       type=str.upper if upper else f.type,
+        # The environment's value is converted in _config, so a bad one is refused naming
+        # the variable (argparse would name only the flag).
+        p.add_argument(flag(f), dest=f.name, default=None, type=_type(f),
                        choices=f.metadata["choices"] or None,
                        help=f"{text} (env {env}; default {f.default!r})")
+        p.set_defaults(**{f.name + "_env": raw})
+
+
+def _type(f: dataclasses.Field):
+    """What turns a flag's (or variable's) text into the setting's value: upper-case
+    choices (log levels) are taken in any case."""
+    choices = f.metadata["choices"]
+    return str.upper if choices and all(c.isupper() for c in choices) else f.type
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -92,25 +97,49 @@ def _config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Config
             value = getattr(args, f.name)
             if repeatable(f):
                 value = tuple(value if value is not None else getattr(args, f.name + "_env"))
-            elif switch(f) and value is None:
+            elif value is None:
                 raw = getattr(args, f.name + "_env")
-                value = f.default if raw is None else parse_switch(raw, env_name(f))
+                value = f.default if raw is None else _from_env(f, raw)
             values[f.name] = value
         return dataclasses.replace(Config(), **values).validate(args.command)
     except (StrataError, ValueError) as e:
         getattr(args, "command_parser", parser).error(str(e))
 
 
+def _from_env(f: dataclasses.Field, raw: str):
+    if switch(f):
+        return parse_switch(raw, env_name(f))
+    try:
+        value = _type(f)(raw)
+    except ValueError:
+        raise ValueError(f"{env_name(f)} (for {flag(f)}): invalid {f.type.__name__} value: "
+                         f"{raw!r}") from None
+    choices = f.metadata["choices"]
+    if choices and value not in choices:
+        raise ValueError(f"{env_name(f)} (for {flag(f)}) must be one of {', '.join(choices)}, "
+                         f"got {raw!r}")
+    return value
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Arguments parsed; an unknown one is refused by the command's own parser, so the
+    message shows that command's usage (`strata serve: error: …`), not the top level's."""
+    args, rest = parser.parse_known_args(argv)
+    if rest:
+        getattr(args, "command_parser", parser).error(
+            f"unrecognized arguments: {' '.join(rest)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
     if args.command == "demo":
         from csi import demo
 
         return demo.run(keep=args.keep)
     config = _config(args, parser)
-    logging.basicConfig(level=config.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(config.log_level, config.log_format)
     if args.command == "serve":
         from csi.server import serve
 

@@ -4,12 +4,16 @@ declarations (cli.py), and a Config is validated once, in `validate()`.
 """
 
 import dataclasses
+import math
 import os
 import re
+import socket
+import urllib.parse
 
 from csi import validate
 from csi.errors import InvalidArgument
 from csi.image.transport import Options
+from csi.logs import FORMATS as LOG_FORMATS
 from csi.store.gc import POLICIES as GC_POLICIES
 from csi.store.gc import Policy
 
@@ -49,6 +53,9 @@ class Config:
     log_level: str = setting("INFO", "log level", ("serve",),
                              choices=("DEBUG", "INFO", "WARNING", "WARN", "ERROR",
                                       "CRITICAL"))
+    # docs/logging.md: the keys of both formats.
+    log_format: str = setting("text", "log lines as text (key=value fields) or json (one "
+                              "object per line)", EVERY, choices=LOG_FORMATS)
     grace_seconds: float = setting(10.0, "how long running RPCs may take to finish on "
                                    "SIGTERM", ("serve",))
     # A DaemonSet rolled with maxSurge starts the new pod while the old one still serves.
@@ -106,8 +113,9 @@ class Config:
         mirrors = []
         for m in self.registry_mirrors:
             registry, sep, url = m.partition("=")
-            if not sep or not registry or not url:
-                raise InvalidArgument(f"--registry-mirror must be REGISTRY=URL, got {m!r}")
+            if not sep or not registry or not url or not _mirror_url(url):
+                raise InvalidArgument(f"--registry-mirror must be REGISTRY=URL, the URL "
+                                      f"http(s)://HOST[:PORT] or HOST[:PORT], got {m!r}")
             mirrors.append((registry, url))
         return Options(ca_files=self.registry_ca, insecure=frozenset(self.insecure_registries),
                        mirrors=tuple(mirrors), connect_timeout=self.registry_timeout,
@@ -146,28 +154,64 @@ class Config:
         if re.search(r"[:,\s]", self.root):
             raise InvalidArgument(f"--root must not contain ':', ',' or whitespace: {self.root!r}")
         if command == "serve":
-            socket_path(self.endpoint)
-            if self.controller_endpoint:
-                socket_path(self.controller_endpoint)
+            for name in ("endpoint", "controller_endpoint"):
+                if name == "endpoint" or self.controller_endpoint:
+                    _named(_field(name), socket_path, getattr(self, name))
             if not self.node_id:
                 raise InvalidArgument("--node-id (or STRATA_NODE_ID) is required")
             if len(self.node_id.encode()) > 256:
                 raise InvalidArgument("--node-id must be at most 256 bytes (CSI limit)")
             if self.metrics_address:
-                parse_host_port(self.metrics_address)
+                _named(_field("metrics_address"), resolve_host_port, self.metrics_address)
+        self._check_numbers()
         try:
             self.gc.validate()
         except ValueError as e:
             raise InvalidArgument(str(e)) from None
         self.registry  # noqa: B018 - parses the mirrors
+        for host in self.insecure_registries:
+            if not re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[^/\s:@\[\]]+)(:[0-9]+)?", host):
+                raise InvalidArgument(f"--insecure-registry must be HOST or HOST:PORT (no "
+                                      f"scheme or path), got {host!r}")
+        for root in self.oci_layout_roots:
+            if not os.path.isabs(root):
+                raise InvalidArgument(f"--oci-layout-root must be an absolute path, got "
+                                      f"{root!r}")
         self.default_size_limit_bytes  # noqa: B018
-        for path in self.registry_ca + ((self.registry_config,) if self.registry_config else ()):
-            if not os.path.isfile(path):
-                raise InvalidArgument(f"{path} does not exist")
-        if min(self.tag_ttl, self.pull_wait, self.registry_retries, self.grace_seconds,
-               self.registry_timeout, self.registry_read_timeout) < 0:
-            raise InvalidArgument("durations and --registry-retries must not be negative")
+        for name in ("registry_ca", "registry_config"):
+            value = getattr(self, name)
+            for path in (value,) if isinstance(value, str) else value:
+                if path and not os.path.isfile(path):
+                    why = "is not a file" if os.path.exists(path) else "does not exist"
+                    raise InvalidArgument(f"{flag(_field(name))}: {path} {why}")
         return self
+
+    def _check_numbers(self) -> None:
+        """Every number a finite value in its range, the flag named: `nan` or `inf` parse as
+        floats but mean no duration (and `inf` overflows the timers it reaches)."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type not in (int, float) or isinstance(value, bool):
+                continue
+            if not math.isfinite(value):
+                raise InvalidArgument(f"{flag(f)} must be a finite number, got {value!r}")
+            if value < 0:
+                raise InvalidArgument(f"{flag(f)} must not be negative, got {value!r}")
+        for name in ("registry_timeout", "registry_read_timeout"):
+            if getattr(self, name) == 0:  # a socket timeout of 0 is non-blocking, not "none"
+                raise InvalidArgument(f"{flag(_field(name))} must be more than 0 seconds")
+
+
+def _field(name: str) -> dataclasses.Field:
+    return next(f for f in dataclasses.fields(Config) if f.name == name)
+
+
+def _named(field: dataclasses.Field, check, value):
+    """`check(value)`, its refusal naming the flag."""
+    try:
+        return check(value)
+    except InvalidArgument as e:
+        raise InvalidArgument(f"{flag(field)}: {e}") from None
 
 
 def settings(command: str) -> list[dataclasses.Field]:
@@ -210,6 +254,28 @@ def socket_path(endpoint: str) -> str:
     if not m:
         raise InvalidArgument(f"endpoint must be unix:///ABSOLUTE/PATH, got {endpoint!r}")
     return m.group(1)
+
+
+def _mirror_url(url: str) -> bool:
+    # The form registry.py's endpoints() reads: a scheme (else https) and a host.
+    u = urllib.parse.urlsplit(url if "://" in url else "https://" + url)
+    try:
+        u.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        return False
+    return u.scheme in ("http", "https") and bool(u.hostname) and u.path in ("", "/") \
+        and not (u.query or u.fragment or u.username)
+
+
+def resolve_host_port(address: str) -> tuple[str, int]:
+    """parse_host_port, and the host resolved as the HTTP server will bind it: a name that
+    does not resolve is refused at start-up, by the flag, not as a traceback later."""
+    host, port = parse_host_port(address)
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as e:
+        raise InvalidArgument(f"cannot bind {address!r}: {e}") from None
+    return host, port
 
 
 def parse_host_port(address: str) -> tuple[str, int]:

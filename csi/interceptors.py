@@ -1,5 +1,11 @@
 """Cross-cutting RPC concerns: logging with secrets redacted, status mapping, latency.
 
+Each RPC logs one line when it ends, on `csi.rpc`: method, volume_id, target, pod, image,
+code and duration_seconds as structured fields (docs/logging.md). Probe at DEBUG, others
+at INFO, failures at WARNING and INTERNAL at ERROR (with the traceback of an unexpected
+exception). The whole request and response, secrets stripped, go to `csi.rpc.payload` at
+DEBUG.
+
 This interceptor is the one place a domain error becomes a gRPC status: StrataError →
 its code; NotImplementedError (the generated servicer's default) → UNIMPLEMENTED; anything
 else → a logged INTERNAL. No Python exception ever reaches a client as UNKNOWN.
@@ -20,8 +26,11 @@ from google.protobuf import text_format
 from csi.errors import StrataError
 from csi.metrics import Metrics
 from csi.proto import csi_pb2
+from csi.validate import POD_KEYS
 
 log = logging.getLogger("csi.rpc")
+# The whole request and response (secrets stripped), apart from the one line per RPC.
+payload = logging.getLogger("csi.rpc.payload")
 
 STRIPPED = "***stripped***"
 
@@ -85,30 +94,65 @@ class RpcInterceptor(grpc.ServerInterceptor):
 
         def handle(request, context):
             started = time.monotonic()
-            log.log(level, "%s: %s", method, redact(request))
+            payload.debug("%s: %s", method, redact(request))
             try:
                 response = behavior(request, context)
             except StrataError as e:
-                code, message = e.code, str(e)
-                log.log(logging.ERROR if code == grpc.StatusCode.INTERNAL else logging.WARNING,
-                        "%s failed: %s: %s", method, code.name, message)
+                code, message, unexpected = e.code, str(e), None
             except NotImplementedError:
-                code, message = grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented"
-                log.info("%s: not implemented", method)
+                code, message, unexpected = (grpc.StatusCode.UNIMPLEMENTED,
+                                             f"{method} is not implemented", None)
             except Exception as e:
-                code, message = grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}"
-                log.exception("%s failed with an unexpected error", method)
+                code, message, unexpected = (grpc.StatusCode.INTERNAL,
+                                             f"{type(e).__name__}: {e}", e)
             else:
-                self._observe(method, grpc.StatusCode.OK, started)
-                log.log(level, "%s ok: %s", method, text_format.MessageToString(
-                    response, as_one_line=True))
+                self._finish(method, request, grpc.StatusCode.OK, started, level)
+                payload.debug("%s response: %s", method, redact(response))
                 return response
-            self._observe(method, code, started)
+            self._finish(method, request, code, started, level, message, unexpected)
             context.abort(code, message)
 
         return grpc.unary_unary_rpc_method_handler(
             wrapped, request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer)
 
-    def _observe(self, method: str, code: grpc.StatusCode, started: float) -> None:
-        self._metrics.rpc_seconds.labels(method, code.name).observe(time.monotonic() - started)
+    def _finish(self, method: str, request, code: grpc.StatusCode, started: float,
+                level: int, message: str = "",
+                unexpected: BaseException | None = None) -> None:
+        """The RPC's one log line (with the traceback of an unexpected exception), and its
+        latency."""
+        seconds = time.monotonic() - started
+        self._metrics.rpc_seconds.labels(method, code.name).observe(seconds)
+        if code not in (grpc.StatusCode.OK, grpc.StatusCode.UNIMPLEMENTED):
+            level = logging.ERROR if code == grpc.StatusCode.INTERNAL else logging.WARNING
+        fields = {"method": method, **request_fields(request), "code": code.name,
+                  "duration_seconds": round(seconds, 6)}
+        text = f"{method} ok" if code == grpc.StatusCode.OK else \
+            f"{method} failed: {code.name}: {message}"
+        log.log(level, "%s", text, extra=fields, exc_info=unexpected)
+
+
+def request_fields(request) -> dict[str, str]:
+    """What a request is about, for its log line: volume_id, target (the target path, else
+    the staging path), pod (namespace/name, from the kubelet's podInfoOnMount attributes)
+    and image, each only when the request has it. Never secrets: only these fields of the
+    request are read."""
+    out = {}
+    names = {f.name for f in request.DESCRIPTOR.fields}
+    if "volume_id" in names and request.volume_id:
+        out["volume_id"] = request.volume_id
+    for name in ("target_path", "staging_target_path"):
+        if name in names and getattr(request, name):
+            out["target"] = getattr(request, name)
+            break
+    context = {}
+    for name in ("volume_context", "parameters"):  # a node request's, CreateVolume's
+        if name in names:
+            context = getattr(request, name)
+            break
+    pod = [context.get(POD_KEYS["namespace"], ""), context.get(POD_KEYS["name"], "")]
+    if any(pod):
+        out["pod"] = "/".join(pod)
+    if context.get("image"):
+        out["image"] = context["image"]
+    return out

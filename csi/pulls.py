@@ -112,7 +112,7 @@ class Puller:
             check_layout_allowed(ref, self._layout_roots)
             source = OciLayout(ref)
             img = source.resolve()
-            missing = self._make_present(source, img)
+            missing = self._make_present(source, img, report=False)
             self._on_layers(len(img.layers) - missing, missing)
             return source, img
         # What the node has answers without a job: a digest never changes, and a tag is
@@ -200,14 +200,14 @@ class Puller:
             return LocalSource(str(ref)), known, 0
 
     def _fetch(self, ref: reference.RegistryReference, keyring: Keyring):
+        started = time.monotonic()
         img, source = self._client.resolve(ref, keyring.lookup, self._blobs)
-        missing = self._make_present(source, img)
+        missing = self._make_present(source, img, started=started)
         if not ref.digest:  # only once the layers are in place
             self._record_tag(ref, img.index_digest or img.manifest_digest)
         if not self._keep_blobs:
             for layer in img.layers:  # unpacked: the compressed copy is only a cache
                 self._blobs.remove(layer.digest)
-        log.info("pulled %s (%s): %d layers", ref, img.manifest_digest, len(img.layers))
         return source, img, missing
 
     @contextlib.contextmanager
@@ -220,12 +220,28 @@ class Puller:
                 tx.record_image(image, layer_ids, self._clock())
             yield layer_ids
 
-    def _make_present(self, source, image: Image) -> int:
-        """Make every layer present; returns how many were missing before."""
+    def _make_present(self, source, image: Image, started: float | None = None,
+                      report: bool = True) -> int:
+        """Make every layer present; returns how many were missing before. The pull's
+        progress is logged at INFO when layers are fetched (and, with `report`, when none
+        were: a registry pull is news either way)."""
+        started = time.monotonic() if started is None else started
         with self._state.read() as tx:
-            missing = sum(tx.layer_by_diff_id(x.diff_id) is None for x in image.layers)
+            missing = [la for la in image.layers if tx.layer_by_diff_id(la.diff_id) is None]
+        nbytes = sum(la.size for la in missing)
+        if missing:
+            log.info("pulling %s: %d of %d layers to fetch, %d bytes", image.name,
+                     len(missing), len(image.layers), nbytes,
+                     extra={"image": image.name, "layers": len(missing), "bytes": nbytes})
         with self.acquire(source, image):
-            return missing
+            pass
+        if missing or report:
+            seconds = time.monotonic() - started
+            log.info("pulled %s (%s) in %.2fs", image.name, image.manifest_digest, seconds,
+                     extra={"image": image.name, "digest": image.manifest_digest,
+                            "layers": len(missing), "bytes": nbytes,
+                            "seconds": round(seconds, 3)})
+        return len(missing)
 
     def _record_tag(self, ref: reference.RegistryReference, digest: str) -> None:
         with self._state.transaction() as tx:

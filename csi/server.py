@@ -36,7 +36,7 @@ import grpc
 from csi import compose
 from csi.config import Config, parse_host_port
 from csi.controller import ControllerService
-from csi.errors import StrataError
+from csi.errors import FailedPrecondition, StrataError
 from csi.identity import IdentityService
 from csi.interceptors import RpcInterceptor
 from csi.locks import ServeLock
@@ -153,7 +153,11 @@ class Plugin:
             if self.parts.upper_stats is not None:  # the per-publication figures
                 self.parts.upper_stats.start()
             host, port = parse_host_port(cfg.metrics_address)
-            self._http = start_http(host, port, self.metrics.registry)
+            try:
+                self._http = start_http(host, port, self.metrics.registry)
+            except OSError as e:  # taken, or not an address of this node
+                raise FailedPrecondition(f"--metrics-address {cfg.metrics_address}: cannot "
+                                         f"listen: {e.strerror or e}") from None
             log.info("metrics on http://%s/metrics", cfg.metrics_address)
 
     def _add(self, server: grpc.Server, path: str) -> None:
@@ -278,6 +282,9 @@ def serve(config: Config) -> int:
         raise SystemExit(f"strata serve: {e}") from None
     try:
         plugin.start()
+    except StrataError as e:
+        plugin.stop(0)
+        raise SystemExit(f"strata serve: {e}") from None
     except BaseException:
         plugin.stop(0)
         raise

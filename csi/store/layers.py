@@ -240,8 +240,10 @@ class LayerStore:
         with self._mu:
             self._unpacked += 1
         seconds = time.monotonic() - started
+        # From the blob's first byte (a download, when it came from a registry) to recorded.
         log.info("unpacked layer %s (%d entries, %d bytes) in %.2fs", lid, stats.entries,
-                 size, seconds)
+                 size, seconds, extra={"layer": lid, "digest": desc.digest, "bytes": size,
+                                       "entries": stats.entries, "seconds": round(seconds, 3)})
         self._on_unpack(layer, seconds, stats.bytes)
         return layer
 

@@ -159,3 +159,21 @@ def test_node_and_controller_on_one_socket(tmp_path):
         csi.close()
     finally:
         proc.stop()
+
+
+def test_a_taken_metrics_port_is_a_clear_error_and_leaves_no_socket(tmp_path):
+    """The port is bound only after the sockets are served: a failure there must still say
+    which flag, exit 1 without a traceback, and take the sockets down with it."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        proc = StrataProcess(str(tmp_path), metrics_port=taken.getsockname()[1]).launch()
+        try:
+            assert proc.proc.wait(timeout=60) == 1
+        finally:
+            proc.stop(signal.SIGKILL)
+            unmount_all_under(str(tmp_path))
+    log = proc.read_log()
+    assert "strata serve: --metrics-address 127.0.0.1:" in log and "cannot listen" in log
+    assert "Traceback" not in log
+    assert not os.path.exists(proc.node_sock) and not os.path.exists(proc.ctrl_sock)

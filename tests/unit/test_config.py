@@ -89,10 +89,45 @@ def test_controller_socket_path():
     ({"gc_low_percent": -1.0}, "--gc-low-percent"),
     ({"gc_max_bytes": -1}, "must not be negative"),
     ({"gc_min_age": -0.5}, "must not be negative"),
+    # Each refusal names its flag.
+    ({"endpoint": "tcp://0:1"}, "^--endpoint: "),
+    ({"controller_endpoint": "x"}, "^--controller-endpoint: "),
+    ({"metrics_address": "9090"}, "^--metrics-address: "),
+    ({"metrics_address": "no such host:9090"}, "^--metrics-address: cannot bind"),
+    ({"gc_min_age": float("nan")}, "--gc-min-age must be a finite number"),
+    ({"grace_seconds": float("inf")}, "--grace-seconds must be a finite number"),
+    ({"gc_high_percent": float("nan")}, "--gc-high-percent must be a finite number"),
+    ({"tag_ttl": -1.0}, "--tag-ttl must not be negative"),
+    ({"registry_retries": -1}, "--registry-retries must not be negative"),
+    ({"registry_timeout": 0.0}, "--registry-timeout must be more than 0"),
+    ({"registry_read_timeout": 0.0}, "--registry-read-timeout must be more than 0"),
+    ({"registry_mirrors": ("docker.io",)}, "--registry-mirror must be REGISTRY=URL"),
+    ({"registry_mirrors": ("=https://m",)}, "--registry-mirror"),
+    ({"registry_mirrors": ("docker.io=ftp://m",)}, "--registry-mirror"),
+    ({"registry_mirrors": ("docker.io=https://m/v2/x",)}, "--registry-mirror"),
+    ({"registry_mirrors": ("docker.io=https://m:99999",)}, "--registry-mirror"),
+    ({"insecure_registries": ("http://r:5000",)}, "--insecure-registry must be HOST"),
+    ({"insecure_registries": ("r:5000/x",)}, "--insecure-registry"),
+    ({"oci_layout_roots": ("images",)}, "--oci-layout-root must be an absolute path"),
+    ({"registry_ca": ("/nonexistent/ca.pem",)}, "--registry-ca: /nonexistent/ca.pem does"),
+    ({"registry_config": "/"}, "--registry-config: / is not a file"),
+    ({"log_format": "yaml"}, "--log-format must be one of text, json"),
 ])
 def test_validate_errors(over, fragment):
     with pytest.raises(InvalidArgument, match=fragment):
         good(**over).validate()
+
+
+@pytest.mark.parametrize("over", [
+    {"registry_mirrors": ("docker.io=https://mirror.example", "quay.io=m:5000",
+                          "r=http://[::1]:5000/")},
+    {"insecure_registries": ("registry:5000", "localhost", "[::1]:5000")},
+    {"metrics_address": "127.0.0.1:9090"}, {"metrics_address": ":9090"},
+    {"metrics_address": "[::]:9090"}, {"registry_retries": 0}, {"tag_ttl": 0.0},
+    {"log_format": "json"},
+])
+def test_validate_accepts(over):
+    good(**over).validate()
 
 
 def test_node_id_at_limit_ok():
@@ -198,7 +233,8 @@ def test_a_bad_log_level_from_the_environment_is_a_usage_error(monkeypatch, caps
     monkeypatch.setenv("STRATA_LOG_LEVEL", "verbose")
     with pytest.raises(SystemExit) as e:
         parse(["serve", "--node-id", "n"])
-    assert e.value.code == 2 and "--log-level must be one of" in capsys.readouterr().err
+    assert e.value.code == 2 and "STRATA_LOG_LEVEL (for --log-level) must be one of" in \
+        capsys.readouterr().err
     monkeypatch.setenv("STRATA_LOG_LEVEL", "warn")
     assert parse(["serve", "--node-id", "n"]).log_level == "WARN"
 
@@ -247,7 +283,8 @@ def test_a_bad_size_limit_mechanism_is_refused(monkeypatch, capsys):
     monkeypatch.setenv("STRATA_SIZE_LIMIT_MECHANISM", "both")
     with pytest.raises(SystemExit):
         parse(["serve", "--node-id", "n"])
-    assert "--size-limit-mechanism must be one of" in capsys.readouterr().err
+    assert "STRATA_SIZE_LIMIT_MECHANISM (for --size-limit-mechanism) must be one of" in \
+        capsys.readouterr().err
 
 
 def test_size_limit_mechanism_is_a_serve_setting_only():

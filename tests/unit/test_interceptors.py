@@ -156,9 +156,13 @@ def test_unexpected_exception_is_internal_never_unknown(metrics, caplog):
 def test_request_log_is_redacted(metrics, caplog):
     with caplog.at_level(logging.DEBUG, logger="csi.rpc"):
         call(metrics, "NodePublishVolume", lambda req, ctx: csi_pb2.NodePublishVolumeResponse())
-    text = "\n".join(r.getMessage() for r in caplog.records)
-    assert "NodePublishVolume" in text and STRIPPED in text
+    text = "\n".join(r.getMessage() + str(vars(r)) for r in caplog.records)
+    assert "NodePublishVolume" in text and STRIPPED in text  # the DEBUG payload
     assert SECRET not in text
+
+
+def rpc_lines(caplog):
+    return [r for r in caplog.records if r.name == "csi.rpc"]
 
 
 def test_probe_logs_at_debug_others_at_info(metrics, caplog):
@@ -167,9 +171,79 @@ def test_probe_logs_at_debug_others_at_info(metrics, caplog):
              csi_pb2.ProbeRequest())
         call(metrics, "NodeGetInfo", lambda req, ctx: csi_pb2.NodeGetInfoResponse(),
              csi_pb2.NodeGetInfoRequest())
-    levels = {r.getMessage().split(":")[0].split()[0]: r.levelno for r in caplog.records}
-    assert levels["Probe"] == logging.DEBUG
-    assert levels["NodeGetInfo"] == logging.INFO
+    levels = {r.method: r.levelno for r in rpc_lines(caplog)}
+    assert levels == {"Probe": logging.DEBUG, "NodeGetInfo": logging.INFO}
+
+
+POD = {"csi.storage.k8s.io/pod.namespace": "team", "csi.storage.k8s.io/pod.name": "web-0",
+       "csi.storage.k8s.io/ephemeral": "true", "image": "registry:5000/app:1"}
+
+
+def test_one_line_per_rpc_with_its_fields(metrics, caplog):
+    request = csi_pb2.NodePublishVolumeRequest(
+        volume_id="vol-1", target_path="/pods/x", staging_target_path="/staging/x",
+        secrets={"password": SECRET}, volume_context=POD)
+    with caplog.at_level(logging.INFO, logger="csi.rpc"):
+        call(metrics, "NodePublishVolume",
+             lambda req, ctx: csi_pb2.NodePublishVolumeResponse(), request)
+    [line] = rpc_lines(caplog)
+    assert line.levelno == logging.INFO
+    assert (line.method, line.volume_id, line.target, line.pod, line.image, line.code) == (
+        "NodePublishVolume", "vol-1", "/pods/x", "team/web-0", "registry:5000/app:1", "OK")
+    assert isinstance(line.duration_seconds, float) and line.duration_seconds >= 0
+    assert line.getMessage() == "NodePublishVolume ok"
+    assert SECRET not in str(vars(line))
+
+
+def test_stage_names_the_staging_path_and_no_pod(metrics, caplog):
+    request = csi_pb2.NodeStageVolumeRequest(volume_id="v", staging_target_path="/stg",
+                                             secrets={"k": SECRET})
+    with caplog.at_level(logging.INFO, logger="csi.rpc"):
+        call(metrics, "NodeStageVolume", lambda req, ctx: csi_pb2.NodeStageVolumeResponse(),
+             request)
+    [line] = rpc_lines(caplog)
+    assert line.target == "/stg" and not hasattr(line, "pod") and not hasattr(line, "image")
+
+
+@pytest.mark.parametrize("error, level", [
+    (NotFound("no such volume"), logging.WARNING),
+    (InvalidArgument("volume_id is required"), logging.WARNING),
+    (Internal("broken"), logging.ERROR),
+    (NotImplementedError(), logging.INFO),  # an optional RPC's normal answer
+])
+def test_failures_log_one_line_at_their_level(metrics, caplog, error, level):
+    def behavior(req, ctx):
+        raise error
+
+    with caplog.at_level(logging.DEBUG, logger="csi.rpc"):
+        _, ctx = call(metrics, "NodeUnpublishVolume", behavior)
+    [line] = rpc_lines(caplog)
+    assert line.levelno == level and line.code == ctx.code.name
+    assert line.volume_id == "v"
+    assert line.getMessage().startswith(f"NodeUnpublishVolume failed: {ctx.code.name}: ")
+    assert line.exc_info is None, "an expected failure has no traceback"
+
+
+def test_an_unexpected_exception_is_one_error_line_with_its_traceback(metrics, caplog):
+    def behavior(req, ctx):
+        raise KeyError("oops")
+
+    with caplog.at_level(logging.DEBUG, logger="csi.rpc"):
+        call(metrics, "NodeStageVolume", behavior)
+    [line] = rpc_lines(caplog)
+    assert line.levelno == logging.ERROR and line.code == "INTERNAL"
+    assert line.exc_info[0] is KeyError
+    assert "KeyError" in line.getMessage()
+
+
+def test_create_volume_names_its_image_and_no_secret(metrics, caplog):
+    request = csi_pb2.CreateVolumeRequest(name="pvc-1", secrets={"k": SECRET},
+                                          parameters={"image": "app:1"})
+    with caplog.at_level(logging.DEBUG, logger="csi.rpc"):
+        call(metrics, "CreateVolume", lambda req, ctx: csi_pb2.CreateVolumeResponse(), request)
+    [line] = rpc_lines(caplog)
+    assert line.image == "app:1" and not hasattr(line, "volume_id")
+    assert SECRET not in caplog.text
 
 
 def test_streaming_handlers_pass_through(metrics):
