@@ -175,6 +175,15 @@ def scrape(port: int) -> dict[str, float]:
             for line in text.splitlines() if line and not line.startswith("#")}
 
 
+def read_text(path: str) -> str:
+    """A log file's text; empty before the process wrote one."""
+    try:
+        with open(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        return ""
+
+
 class StrataProcess:
     """`strata serve` as a child process with node and controller sockets."""
 
@@ -233,11 +242,7 @@ class StrataProcess:
         return rc
 
     def read_log(self) -> str:
-        try:
-            with open(self.log) as f:
-                return f.read()
-        except FileNotFoundError:
-            return ""
+        return read_text(self.log)
 
 
 @pytest.fixture(scope="session")

@@ -22,6 +22,8 @@ import urllib.request
 
 import yaml
 
+from tests.conftest import read_text
+
 MONITORING = os.path.join(os.path.dirname(__file__), "..", "deploy", "monitoring")
 DASHBOARD = os.path.join(MONITORING, "strata-dashboard.json")
 RULE = os.path.join(MONITORING, "prometheus-rule.yaml")
@@ -292,11 +294,7 @@ class Prometheus:
         shutil.rmtree(self.tsdb, ignore_errors=True)
 
     def read_log(self) -> str:
-        try:
-            with open(self.log) as f:
-                return f.read()
-        except FileNotFoundError:
-            return ""
+        return read_text(self.log)
 
     def api(self, path: str, **params: str) -> dict:
         """GET /api/v1/`path`: the decoded answer, errors included (status "error")."""
