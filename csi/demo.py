@@ -102,7 +102,9 @@ def _wait_for_pod_series(url: str, pod: str, timeout: float = 30) -> dict:
     deadline = time.monotonic() + timeout
     while True:
         samples = scrape(url)
-        if per_pod(samples, pod).get("created", 0) > 0 or time.monotonic() > deadline:
+        seen = per_pod(samples, pod)  # a pass may land between the pod's writes: all three
+        if all(seen.get(c, 0) > 0 for c in ("created", "copied_up", "deleted")) \
+                or time.monotonic() > deadline:
             return samples
         time.sleep(0.2)
 

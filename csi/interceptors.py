@@ -94,7 +94,8 @@ class RpcInterceptor(grpc.ServerInterceptor):
 
         def handle(request, context):
             started = time.monotonic()
-            payload.debug("%s: %s", method, redact(request))
+            if payload.isEnabledFor(logging.DEBUG):  # redact() formats the whole message
+                payload.debug("%s: %s", method, redact(request))
             try:
                 response = behavior(request, context)
             except StrataError as e:
@@ -107,7 +108,8 @@ class RpcInterceptor(grpc.ServerInterceptor):
                                              f"{type(e).__name__}: {e}", e)
             else:
                 self._finish(method, request, grpc.StatusCode.OK, started, level)
-                payload.debug("%s response: %s", method, redact(response))
+                if payload.isEnabledFor(logging.DEBUG):
+                    payload.debug("%s response: %s", method, redact(response))
                 return response
             self._finish(method, request, code, started, level, message, unexpected)
             context.abort(code, message)

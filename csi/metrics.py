@@ -16,7 +16,6 @@ import urllib.parse
 from collections import Counter as Tally
 
 from prometheus_client import (
-    CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Histogram,
@@ -38,6 +37,9 @@ log = logging.getLogger(__name__)
 RPC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,
                30, 60, 120)
 TOP_LAYERS = 10
+# What exposition() writes, whichever prometheus_client is installed (newer ones call a
+# later format "latest").
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 POD = ["volume_id", "pod_namespace", "pod_name"]  # every per-publication family's labels
 CHANGES = ("created", "copied_up", "metacopy", "deleted", "renamed")
 
@@ -298,7 +300,10 @@ class StoreCollector:
                  usage.capacity * p.high_percent / 100),
                 ("strata_gc_low_mark_bytes", "Used bytes the lru policy collects down to "
                  "(--gc-low-percent of the capacity).", usage.capacity * p.low_percent / 100)):
-            yield GaugeMetricFamily(name, help_text, value=value)
+            # Only the lru policy has marks: under `immediate` an alert on them would blame
+            # GC for a filesystem that something else fills.
+            if "_mark_" not in name or p.mode == "lru":
+                yield GaugeMetricFamily(name, help_text, value=value)
 
     def _publications(self, pubs):
         """Each publication's writable layer by pod, from the cache, as exposition text
@@ -436,9 +441,14 @@ def start_http(host: str, port: int, registry: CollectorRegistry):
             if urllib.parse.urlsplit(self.path).path not in ("/metrics", "/"):
                 self.send_error(404, "strata serves /metrics")
                 return
-            body = exposition(registry)
+            try:
+                body = exposition(registry)
+            except Exception:  # logged as every error is (--log-format), answered as one
+                log.exception("rendering /metrics failed")
+                self.send_error(500, "rendering the metrics failed; see the server's log")
+                return
             self.send_response(200)
-            self.send_header("Content-Type", CONTENT_TYPE_LATEST)
+            self.send_header("Content-Type", CONTENT_TYPE)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)

@@ -131,9 +131,17 @@ class Plugin:
         cfg = self.config
         same = cfg.controller_endpoint and cfg.controller_socket_path == cfg.socket_path
         has_controller = bool(cfg.controller_endpoint)
-        # Both paths before either server starts: a refusal then leaves nothing bound.
+        # Both paths and the metrics port before either server starts: a refusal then
+        # leaves nothing bound, and no publish lands in a server about to exit.
         for path in _sockets(cfg):
             _claim(path)
+        if cfg.metrics_address:
+            host, port = parse_host_port(cfg.metrics_address)
+            try:
+                self._http = start_http(host, port, self.metrics.registry)
+            except OSError as e:  # taken, or not an address of this node
+                raise FailedPrecondition(f"--metrics-address {cfg.metrics_address}: cannot "
+                                         f"listen: {e.strerror or e}") from None
         identity = IdentityService(controller=has_controller, ready=self.ready)
         node = self._server()
         csi_pb2_grpc.add_IdentityServicer_to_server(identity, node)
@@ -149,15 +157,9 @@ class Plugin:
             csi_pb2_grpc.add_ControllerServicer_to_server(
                 ControllerService(self.parts.provisioner), ctrl)
             self._add(ctrl, cfg.controller_socket_path)
-        if cfg.metrics_address:
+        if self._http is not None:
             if self.parts.upper_stats is not None:  # the per-publication figures
                 self.parts.upper_stats.start()
-            host, port = parse_host_port(cfg.metrics_address)
-            try:
-                self._http = start_http(host, port, self.metrics.registry)
-            except OSError as e:  # taken, or not an address of this node
-                raise FailedPrecondition(f"--metrics-address {cfg.metrics_address}: cannot "
-                                         f"listen: {e.strerror or e}") from None
             log.info("metrics on http://%s/metrics", cfg.metrics_address)
 
     def _add(self, server: grpc.Server, path: str) -> None:

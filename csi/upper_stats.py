@@ -62,6 +62,9 @@ class UpperStats:
         # Retired keys, so that a walk that was under way when its publication went does
         # not bring it back (keys are never reused); dropped once state.db forgets them.
         self._gone: set[str] = set()
+        # Summaries a pass dropped because state.db no longer named them, for a retire that
+        # comes after (a lazy detach forgets the record before it tells us); kept two passes.
+        self._pruned: dict[str, tuple[int, Summary]] = {}
         self._urgent: deque[str] = deque()
         self._passes = 0
         self._version = 0  # bumped whenever a figure a scrape reads changes
@@ -122,6 +125,12 @@ class UpperStats:
         with self._cv:
             if pub.key in self._gone:
                 return final or Summary()
+            if pub.key in self._pruned:  # its copy-up went to the totals with the prune
+                final = final or self._pruned.pop(pub.key)[1]
+                self._discarded += final.upper_bytes
+                self._gone.add(pub.key)
+                self._version += 1
+                return final
             if final is None:
                 final = self._summaries.get(pub.key, Summary())
             files, nbytes = self._high.pop(pub.key, (0, 0))
@@ -168,9 +177,11 @@ class UpperStats:
             self._gone &= pubs.keys()
             # Gone without a retire (the volume manager never saw it go): its copy-up
             # stays in the totals all the same.
+            self._pruned = {k: v for k, v in self._pruned.items()
+                            if v[0] >= self._passes - 1}
             for key in set(self._summaries) - pubs.keys():
                 self._version += 1
-                self._summaries.pop(key)
+                self._pruned[key] = (self._passes, self._summaries.pop(key))
                 files, nbytes = self._high.pop(key, (0, 0))
                 self._retired_files += files
                 self._retired_bytes += nbytes

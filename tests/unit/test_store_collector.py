@@ -136,6 +136,17 @@ def test_largest_layers_by_name_and_the_rest_as_other(tmp_path):
     state.close()
 
 
+def test_gc_marks_only_where_the_lru_policy_has_them(tmp_path):
+    paths, state, backend = store(tmp_path)
+    registry = CollectorRegistry()
+    registry.register(StoreCollector(state, backend, paths,
+                                     policy=Policy(mode="immediate", max_bytes=100_000)))
+    m = values(registry)
+    assert m["strata_store_capacity_bytes"] == 100_000
+    assert "strata_gc_high_mark_bytes" not in m and "strata_gc_low_mark_bytes" not in m
+    state.close()
+
+
 def test_page_cache_saved_counts_each_extra_pod_once_per_layer(tmp_path):
     from csi.metrics import pods_per_layer
 

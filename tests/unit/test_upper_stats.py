@@ -172,3 +172,22 @@ def test_the_thread_walks_a_new_publication_at_once_and_stops(tmp_path):
     finally:
         stats.stop()
     state.close()
+
+
+def test_a_pass_between_a_lazy_detach_and_its_retire_keeps_the_discarded_bytes(tmp_path):
+    """releases.detach() turns the record into a release before the volume manager calls
+    retire(): a pass in between prunes the key (its copy-up to the totals); the retire
+    that follows still counts its upper as discarded, and its copy-up once."""
+    state = State(str(tmp_path / "state.db"))
+    a = pub(0)
+    publish(state, a)
+    uppers = Uppers()
+    uppers.now["k0"] = Summary(copied_up=2, copied_up_bytes=100, upper_bytes=5000)
+    stats = UpperStats(state, Backend(), summarize=uppers)
+    stats.refresh()
+    with state.transaction() as tx:
+        tx.release_publication(a.target, "0:1", 0)
+    stats.refresh()
+    stats.retire(a, measure=False)
+    assert stats.totals() == Totals(2, 100, 5000)
+    state.close()
