@@ -26,7 +26,7 @@ from bench._util import free_port  # noqa: E402
 from csi import compose  # noqa: E402
 from csi.config import Config  # noqa: E402
 from csi.demo import build_demo_image  # noqa: E402
-from csi.metrics import start_http  # noqa: E402
+from csi.metrics import render_publications, start_http  # noqa: E402
 from csi.volumes import PublishSpec  # noqa: E402
 
 
@@ -128,6 +128,39 @@ def main():
                   f"({len(live) * args.entries} upper entries)", flush=True)
         size = scrape(url)
 
+        # Pods that keep writing: every walk then changes a summary, and most scrapes
+        # render the per-publication text again instead of reusing it.
+        writing = threading.Event()
+
+        def writer():
+            n = 0
+            while not writing.is_set():
+                _, t = live[n % len(live)]
+                with open(os.path.join(t, "bench", f"w{n}"), "w") as f:
+                    f.write("w")
+                n += 1
+                time.sleep(0.002)
+
+        w = threading.Thread(target=writer)
+        w.start()
+        try:
+            stats.wait_pass(timeout=600)
+            versions = stats.version
+            results["200 writing"] = scrapes(url, args.scrapes)
+            rerendered = stats.version - versions
+            # What a change costs the next scrape: the per-publication text rendered anew.
+            with parts.state.read() as tx:
+                pubs = tx.publications()
+            summaries = stats.summaries()
+            render = []
+            for _ in range(20):
+                t0 = time.perf_counter()
+                render_publications(pubs, summaries)
+                render.append(time.perf_counter() - t0)
+        finally:
+            writing.set()
+            w.join()
+
         quiet = cycles(vm, image, work, args.cycles, "quiet")
         stop = threading.Event()
         during: list[float] = []
@@ -150,6 +183,10 @@ def main():
               f"background refresh every {args.refresh:g} s ({size} bytes at 200 live):")
         line("10 live", results[10])
         line("200 live", results[200])
+        line("200 live, pods writing", results["200 writing"])
+        print(f"  (the figures changed {rerendered} times during those "
+              f"{len(results['200 writing'])} scrapes)")
+        line("rendering 200 anew", render)
         print(f"  ratio 200/10 (median)        "
               f"{statistics.median(results[200]) / statistics.median(results[10]):.2f}x")
         print("warm publish+unpublish at 200 live, during background refreshes:")
