@@ -8,6 +8,7 @@ changes_unix.go) run over the two merged trees Docker's naive diff compares: the
 overlay and a read-only overlay of the image's layers, both mounted.
 """
 
+import contextlib
 import dataclasses
 import errno
 import os
@@ -424,13 +425,188 @@ def test_entries_removed_during_the_walk_are_skipped(tmp_path, monkeypatch):
     write(str(upper / "gone/x"))
     real = os.scandir
 
-    def racing(path):
-        if str(path).endswith("/gone"):
-            shutil.rmtree(path)
-        return real(path)
+    def racing(fd):  # the walk lists the upper's directories by descriptor
+        if (isinstance(fd, int) and (upper / "gone").exists()
+                and os.readlink(f"/proc/self/fd/{fd}") == str(upper / "gone")):
+            monkeypatch.setattr(inspect.os, "scandir", real)  # rmtree lists too
+            shutil.rmtree(upper / "gone")
+            monkeypatch.setattr(inspect.os, "scandir", racing)
+        return real(fd)
 
     monkeypatch.setattr(inspect.os, "scandir", racing)
     assert inspect.diff(str(upper), [str(lower)]) == [("C", "/d"), ("A", "/d/g"), ("A", "/gone")]
     write(str(upper / "gone/x"))
     s = inspect.summarize(str(upper), [str(lower)])
     assert (s.created, s.modified_dirs) == (2, 1)
+
+
+# -- the walk holds on to the upper: swaps, depth, stop ---------------------------------------
+def listing_then(real, act):
+    """An os.scandir that lists (and lstats) a directory, then runs `act(fd)` before the walk
+    goes on: the pod's change lands between the listing and the descent."""
+    acting = []
+
+    def scandir(fd):
+        if acting or not isinstance(fd, int):  # rmtree's own listings, the lowers'
+            return real(fd)
+        with real(fd) as it:
+            entries = list(it)
+        for e in entries:
+            e.stat(follow_symlinks=False)  # the walk's lstat, as it saw it, cached
+        acting.append(fd)
+        try:
+            act(fd)
+        finally:
+            acting.clear()
+        return contextlib.nullcontext(entries)
+    return scandir
+
+
+def test_directories_swapped_during_the_walk_are_not_followed(tmp_path, monkeypatch):
+    """A pod replacing a directory it just had listed by a symlink to / (or by another
+    directory) must not lead the walk out of its upper."""
+    import csi.inspect as inspect
+
+    lower, upper, outside = tmp_path / "l", tmp_path / "u", tmp_path / "host"
+    write(str(lower / "keep"))
+    write(str(upper / "x/f"))
+    write(str(upper / "y/f"))
+    write(str(outside / "secret"), "s" * (1 << 20))
+    write(str(tmp_path / "other/secret"), "s" * (1 << 20))
+    listed = []
+
+    def swap(fd):
+        listed.append(os.readlink(f"/proc/self/fd/{fd}"))
+        if listed[-1] == str(upper) and (upper / "x").is_dir():
+            shutil.rmtree(upper / "x")
+            os.symlink(outside, upper / "x")
+            shutil.rmtree(upper / "y")
+            os.rename(tmp_path / "other", upper / "y")
+
+    def reset():
+        for d in ("x", "y"):
+            p = upper / d
+            os.unlink(p) if p.is_symlink() else shutil.rmtree(p)
+            write(str(p / "f"))
+        os.makedirs(tmp_path / "other")
+        write(str(tmp_path / "other/secret"), "s" * (1 << 20))
+        listed.clear()
+
+    monkeypatch.setattr(inspect.os, "scandir", listing_then(os.scandir, swap))
+    s = inspect.summarize(str(upper), [str(lower)])
+    assert listed == [str(upper)]  # neither x (a symlink now) nor y (another inode) read
+    assert (s.created, s.created_bytes) == (2, 0)  # x and y as listed, their contents skipped
+    reset()
+    assert inspect.diff(str(upper), [str(lower)]) == [("A", "/x"), ("A", "/y")]
+    assert listed == [str(upper)]
+
+
+def remove_chain(path: str):
+    """rmtree recurses a level a call (RecursionError past some 1000 levels, here or in
+    pytest's clean-up of old temporary directories): lift the chain a level at a time."""
+    lifted = path + ".next"
+    while os.path.lexists(path):
+        for name in os.listdir(path):
+            p = os.path.join(path, name)
+            if os.path.isdir(p) and not os.path.islink(p):
+                os.rename(p, lifted)  # one directory a level in these chains
+            else:
+                os.unlink(p)
+        os.rmdir(path)
+        if os.path.lexists(lifted):
+            os.rename(lifted, path)
+
+
+def test_a_tree_deeper_than_path_max_is_counted(tmp_path, monkeypatch):
+    """1500 levels (some 6000 bytes of path, past PATH_MAX) with 1 MiB at the bottom: all
+    counted, holding a bounded number of descriptors."""
+    import csi.inspect as inspect
+
+    lower, upper = tmp_path / "l", tmp_path / "u"
+    os.makedirs(lower)
+    os.makedirs(upper)
+    try:
+        fd = os.open(upper, os.O_RDONLY)
+        for _ in range(1500):
+            os.mkdir("abc", dir_fd=fd)
+            fd, parent = os.open("abc", os.O_RDONLY, dir_fd=fd), fd
+            os.close(parent)
+        with open(os.open("big", os.O_CREAT | os.O_WRONLY, dir_fd=fd), "wb") as f:
+            f.write(b"x" * (1 << 20))
+        os.close(fd)
+        held = []
+        with monkeypatch.context() as m:
+            m.setattr(inspect.os, "scandir", listing_then(
+                os.scandir, lambda fd: held.append(len(os.listdir("/proc/self/fd")))))
+            s = summarize(str(upper), [str(lower)])
+        assert (s.created, s.upper_inodes) == (1501, 1501)
+        assert s.created_bytes >= 1 << 20
+        assert max(held) - min(held) <= 100  # _OPEN_DEPTH (64), and a few
+        changes = diff(str(upper), [str(lower)])
+        assert len(changes) == 1501 and changes[-1] == ("A", "/abc" * 1500 + "/big")
+    finally:
+        remove_chain(str(upper / "abc"))
+
+
+def test_a_directory_moved_away_during_the_walk_is_found_again(tmp_path, monkeypatch):
+    """Its ancestors beyond _OPEN_DEPTH closed, the walk climbs back through "..": where the
+    pod moved a directory meanwhile, ".." is elsewhere and the walk finds its parent again
+    by name from the root, then walks what it had left there."""
+    import csi.inspect as inspect
+
+    lower, upper = tmp_path / "l", tmp_path / "u"
+    os.makedirs(lower)
+    chain = "/c" * 100
+    os.makedirs(f"{upper}{chain}")
+    write(f"{upper}{'/c' * 10}/side/f")
+    real = os.scandir
+
+    def move(fd):
+        if os.readlink(f"/proc/self/fd/{fd}") == f"{upper}{chain}":
+            os.rename(f"{upper}{'/c' * 11}", upper / "moved")
+
+    def side_last(fd):  # walked after the chain, so after the move (the walk pops the end)
+        with listing_then(real, move)(fd) as entries:
+            return contextlib.nullcontext(sorted(entries, key=lambda e: e.name != "side"))
+
+    monkeypatch.setattr(inspect.os, "scandir", side_last)
+    s = inspect.summarize(str(upper), [str(lower)])
+    assert s.created == 100 + 2  # the chain's directories, side and side/f
+
+
+def test_renamed_then_touched_metacopy_is_not_created(tmp_path):
+    if not accepted(tmp_path, FEATURES["metacopy"]):
+        pytest.skip(f"this kernel's overlay refuses {FEATURES['metacopy']}")
+    s = Stack(tmp_path / "case", FEATURES["metacopy"])
+    s.mount()
+    try:
+        for name in ("usr/bin/tool", "big"):  # a one-block file and a 70000-byte one
+            os.chmod(f"{s.merged}/{name}", 0o700)  # a metadata-only copy-up
+            os.rename(f"{s.merged}/{name}", f"{s.merged}/{name}2")
+            os.utime(f"{s.merged}/{name}2")  # its mtime now its ctime, as a new file's
+    finally:
+        s.unmount()
+    got = summarize(s.upper, s.lowers)
+    assert (got.metacopy, got.created, got.copied_up) == (2, 0, 0)
+
+
+def test_stop_ends_the_walk(tmp_path):
+    import csi.inspect as inspect
+
+    lower, upper = tmp_path / "l", tmp_path / "u"
+    os.makedirs(lower)
+    for i in range(1000):
+        write(str(upper / f"d{i % 3}/f{i}"))
+    asked = []
+
+    def stop():
+        asked.append(1)
+        return len(asked) == 2
+
+    fds = os.listdir("/proc/self/fd")
+    with pytest.raises(inspect.Stopped):
+        summarize(str(upper), [str(lower)], stop=stop)
+    assert len(asked) == 2  # every 256 entries, of 1003
+    assert os.listdir("/proc/self/fd") == fds  # the walk's descriptors closed
+    assert summarize(str(upper), [str(lower)], stop=lambda: False) == summarize(
+        str(upper), [str(lower)])
