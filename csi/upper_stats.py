@@ -29,7 +29,7 @@ import time
 from collections import deque
 
 from csi.backend import Backend
-from csi.inspect import Summary, summarize
+from csi.inspect import Stopped, Summary, summarize
 from csi.store.state import Publication, State
 
 log = logging.getLogger(__name__)
@@ -143,7 +143,8 @@ class UpperStats:
         return final
 
     # -- walking ------------------------------------------------------------------------
-    def _walk(self, pub: Publication, layer_ids: tuple[str, ...] | None = None) -> Summary:
+    def _walk(self, pub: Publication, layer_ids: tuple[str, ...] | None = None,
+              stop=None) -> Summary:
         dirs = self._backend.dirs(pub.key)
         if dirs is None:  # read-only: no upper
             return Summary()
@@ -151,7 +152,7 @@ class UpperStats:
             with self._state.read() as tx:
                 image = tx.image(pub.manifest_digest)
             layer_ids = image.layer_ids if image is not None else ()
-        return self._summarize(dirs.upper, self._backend.lowers(layer_ids))
+        return self._summarize(dirs.upper, self._backend.lowers(layer_ids), stop=stop)
 
     def _store(self, key: str, s: Summary) -> None:
         with self._cv:
@@ -190,7 +191,11 @@ class UpperStats:
         """Walk `pub` and store its summary; returns the seconds it took."""
         started = self._clock()
         try:
-            s = self._walk(pub, layers.get(pub.manifest_digest, ()))
+            # A stopping server does not wait for a big upper's walk to end.
+            s = self._walk(pub, layers.get(pub.manifest_digest, ()),
+                           stop=lambda: self._stopped)
+        except Stopped:
+            return self._clock() - started
         except Exception:
             log.exception("summarizing the upper layer of volume %s (%s) failed",
                           pub.volume_id, pub.key)

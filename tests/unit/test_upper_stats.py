@@ -3,6 +3,7 @@ walks that race with an unpublish. The summaries are injected (pure logic); the 
 are real SQLite."""
 
 import threading
+import time
 
 from csi.backend import Dirs
 from csi.image.manifest import Image
@@ -48,7 +49,7 @@ class Uppers:
         self.now: dict[str, Summary] = {}
         self.walked: list[tuple[str, tuple[str, ...]]] = []
 
-    def __call__(self, upper, lowers):
+    def __call__(self, upper, lowers, stop=None):
         self.walked.append((upper, tuple(lowers)))
         return self.now.get(upper.rsplit("/", 1)[1], Summary())
 
@@ -114,7 +115,7 @@ def test_a_walk_under_way_when_its_publication_goes_does_not_bring_it_back(tmp_p
     publish(state, a)
     entered, leave = threading.Event(), threading.Event()
 
-    def slow(upper, lowers):
+    def slow(upper, lowers, stop=None):
         entered.set()
         leave.wait(10)
         return Summary(copied_up=5, copied_up_bytes=5, upper_bytes=5)
@@ -190,4 +191,27 @@ def test_a_pass_between_a_lazy_detach_and_its_retire_keeps_the_discarded_bytes(t
     stats.refresh()
     stats.retire(a, measure=False)
     assert stats.totals() == Totals(2, 100, 5000)
+    state.close()
+
+
+def test_stop_ends_a_walk_under_way_through_its_stop_predicate(tmp_path):
+    """A walk asks its stop predicate as it goes: stop() does not wait for a big upper."""
+    from csi.inspect import Stopped
+
+    state = State(str(tmp_path / "state.db"))
+    publish(state, pub(0))
+    entered, outcome = threading.Event(), []
+
+    def long_walk(upper, lowers, stop=None):
+        entered.set()
+        while not stop():  # what inspect.summarize does every 256 entries
+            time.sleep(0.01)
+        outcome.append("stopped")
+        raise Stopped()
+
+    stats = UpperStats(state, Backend(), summarize=long_walk)
+    stats.start()
+    assert entered.wait(10)
+    stats.stop()
+    assert outcome == ["stopped"] and stats.summary("k0") == Summary()
     state.close()
