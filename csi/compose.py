@@ -200,8 +200,8 @@ def node(config: Config, metrics: Metrics | None = None, mounter: Mounter | None
         bound = size_limits(config.size_limit_mechanism, paths, mounter)
         backend = OverlayBackend(paths, features, bound)
         layers = LayerStore(paths, state, clock=clock, on_unpack=metrics.on_unpack)
-        gc = Collector(layers, config.gc, clock=clock, on_collect=metrics.on_collect)
-        gc.collect = metrics.counting_gc(gc.collect)  # every caller's run, ok or error
+        gc = Collector(layers, config.gc, clock=clock, on_collect=metrics.on_collect,
+                       on_error=metrics.on_gc_error)
         releases = Releases(paths, state, backend, mounter, clock=clock, collect=gc.collect,
                             on_detach=metrics.lazy_unmounts.inc, starting=True)
         reconcile(paths, state, mounter, backend, layers, alone=alone, clock=clock,

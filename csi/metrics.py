@@ -105,18 +105,6 @@ class Metrics:
         self.cache_hits.inc(present)
         self.cache_misses.inc(pulled)
 
-    def counting_gc(self, collect):
-        """`collect` (a GC run), counted by result in strata_gc_runs_total."""
-        def run(*args, **kwargs):
-            try:
-                result = collect(*args, **kwargs)
-            except BaseException:
-                self.gc_runs.labels("error").inc()
-                raise
-            self.gc_runs.labels("ok").inc()
-            return result
-        return run
-
     def on_pull(self, result: str, seconds: float | None) -> None:
         """`seconds` is None for answers from the node's records alone (no pull ran)."""
         self.pulls.labels(result).inc()
@@ -127,8 +115,12 @@ class Metrics:
         self.blob_fetches.inc()
 
     def on_collect(self, result) -> None:
+        self.gc_runs.labels("ok").inc()
         self.gc_removed.inc(len(result.removed))
         self.gc_freed.inc(result.freed_bytes)
+
+    def on_gc_error(self, exc: BaseException) -> None:
+        self.gc_runs.labels("error").inc()
 
     def on_unpack(self, layer, seconds: float, nbytes: int) -> None:
         self.unpacks.inc()

@@ -90,11 +90,15 @@ class Result:
 class Collector:
     """Runs mark → plan → sweep against a LayerStore."""
 
-    def __init__(self, layers, policy: Policy, clock=time.time, on_collect=None):
+    def __init__(self, layers, policy: Policy, clock=time.time, on_collect=None,
+                 on_error=None):
+        """`on_collect(result)` hears of every run that ends, `on_error(exc)` of every one
+        that raises (metrics)."""
         self._layers = layers
         self.policy = policy
         self._clock = clock
         self._on_collect = on_collect or (lambda result: None)
+        self._on_error = on_error or (lambda exc: None)
         self._mu = threading.Lock()
         self._seen = layers.unpacked
 
@@ -114,7 +118,15 @@ class Collector:
             raise
 
     def collect(self, policy: Policy | None = None) -> Result:
-        policy = policy or self.policy
+        try:
+            result = self._collect(policy or self.policy)
+        except BaseException as e:
+            self._on_error(e)
+            raise
+        self._on_collect(result)
+        return result
+
+    def _collect(self, policy: Policy) -> Result:
         with self._layers.state.read() as tx:
             all_layers = tx.layers()
             refs = tx.refcounts()
@@ -125,9 +137,7 @@ class Collector:
                         "may read any layer, and which ones is not recorded; nothing is "
                         "removed until the kernel lets them go", policy.mode, len(blind),
                         ", ".join(r.key for r in blind))
-            result = Result((), 0)
-            self._on_collect(result)
-            return result
+            return Result((), 0)
         candidates = plan(policy, mark(all_layers, refs),
                           measure(policy, self._layers.paths.root, all_layers), self._clock())
         removed, freed = [], 0
@@ -139,5 +149,4 @@ class Collector:
         if removed:
             log.info("gc (%s): removed %d layers, freed %d bytes", policy.mode, len(removed),
                      freed)
-        self._on_collect(result)
         return result

@@ -86,6 +86,23 @@ def test_collect_if_grown_collects_once_per_growth_and_again_after_a_failure(tmp
         state.close()
 
 
+def test_every_run_is_reported_as_it_ends_collected_or_failed(tmp_path):
+    paths = StorePaths(str(tmp_path)).make()
+    state = State(paths.state_db)
+    ended, failed = [], []
+    try:
+        gc = Collector(LayerStore(paths, state), Policy(mode="immediate"),
+                       on_collect=ended.append, on_error=failed.append)
+        gc.collect()
+        assert len(ended) == 1 and failed == []
+        state.close()  # the run's read of state.db fails
+        with pytest.raises(Exception) as e:
+            gc.collect()
+        assert failed == [e.value] and len(ended) == 1
+    finally:
+        state.close()
+
+
 def test_collect_removes_nothing_while_a_blind_release_is_pending(tmp_path, caplog):
     """A release found at start-up cannot say which layers its overlay reads: every layer
     stays until it goes, and the log says why."""
