@@ -129,13 +129,18 @@ def ls(config: Config) -> int:
     return 0
 
 
-def _summary(parts: compose.Parts, pub: Publication, image) -> Summary | None:
-    """What a writable publication changed; None for a read-only one, or one whose upper
-    cannot be read here (its image record gone, its own filesystem not mounted)."""
+def _view(parts: compose.Parts, pub: Publication, image) -> tuple[str, list[str]] | None:
+    """A writable publication's upper and the layer directories under it, nearest first;
+    None for a read-only one, or one whose upper cannot be read here (its image record
+    gone, its own filesystem not mounted)."""
     dirs = None if pub.readonly or image is None else parts.backend.dirs(pub.key)
-    if dirs is None:
-        return None
-    return summarize(dirs.upper, parts.backend.lowers(image.layer_ids))
+    return None if dirs is None else (dirs.upper, parts.backend.lowers(image.layer_ids))
+
+
+def _summary(parts: compose.Parts, pub: Publication, image) -> Summary | None:
+    """What a writable publication changed; None where `_view` has none."""
+    view = _view(parts, pub, image)
+    return None if view is None else summarize(*view)
 
 
 def bounded_by(p: Publication) -> str:
@@ -184,16 +189,15 @@ def diff(config: Config, what: str, as_json: bool = False) -> int:
         if error:
             print(f"strata diff: {error}", file=sys.stderr)
             return 1
-        dirs = None if pub.readonly else parts.backend.dirs(pub.key)
-        if dirs is None and not pub.readonly:
+        view = _view(parts, pub, image)
+        if view is None and not pub.readonly:
             print(f"strata diff: the upper layer of {pub.target} is not readable here",
                   file=sys.stderr)
             return 1
-        if dirs is None:  # stderr: stdout stays what a script parses
+        if view is None:  # stderr: stdout stays what a script parses
             print(f"strata diff: {pub.target} is a read-only publication: nothing can change",
                   file=sys.stderr)
-        changes = [] if dirs is None else inspect.diff(
-            dirs.upper, parts.backend.lowers(image.layer_ids))
+        changes = [] if view is None else inspect.diff(*view)
     if as_json:
         print(json.dumps([{"Path": p, "Kind": KINDS[k], "Change": k} for k, p in changes]))
         return 0
