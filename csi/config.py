@@ -8,10 +8,10 @@ import math
 import os
 import re
 import socket
-import urllib.parse
 
 from csi import validate
 from csi.errors import InvalidArgument
+from csi.image.registry import mirror_endpoint
 from csi.image.transport import Options
 from csi.logs import FORMATS as LOG_FORMATS
 from csi.store.gc import POLICIES as GC_POLICIES
@@ -82,7 +82,9 @@ class Config:
         (), "HOST:PORT to reach over plain HTTP (e.g. kind's local registry)", PULLING,
         flag="--insecure-registry")
     registry_mirrors: tuple[str, ...] = setting(
-        (), "REGISTRY=URL: try this mirror first, e.g. docker.io=https://mirror.example",
+        (), "REGISTRY=URL: try this mirror first, falling back to the registry, e.g. "
+        "docker.io=http://127.0.0.1:30020 (as containerd's hosts.toml: the API root is the "
+        "URL's path + /v2, requests carry ?ns=REGISTRY); repeatable, tried in order",
         PULLING, flag="--registry-mirror")
     registry_timeout: float = setting(10.0, "seconds to connect to a registry", PULLING)
     registry_read_timeout: float = setting(60.0, "seconds a registry may be silent "
@@ -113,9 +115,11 @@ class Config:
         mirrors = []
         for m in self.registry_mirrors:
             registry, sep, url = m.partition("=")
-            if not sep or not registry or not url or not _mirror_url(url):
+            why = _mirror_url(registry, url) if sep and registry and url else ""
+            if not sep or not registry or not url or why:
                 raise InvalidArgument(f"--registry-mirror must be REGISTRY=URL, the URL "
-                                      f"http(s)://HOST[:PORT] or HOST[:PORT], got {m!r}")
+                                      f"[http(s)://]HOST[:PORT][/PATH]"
+                                      f"{f' ({why})' if why else ''}, got {m!r}")
             mirrors.append((registry, url))
         return Options(ca_files=self.registry_ca, insecure=frozenset(self.insecure_registries),
                        mirrors=tuple(mirrors), connect_timeout=self.registry_timeout,
@@ -256,15 +260,13 @@ def socket_path(endpoint: str) -> str:
     return m.group(1)
 
 
-def _mirror_url(url: str) -> bool:
-    # The form registry.py's endpoints() reads: a scheme (else https) and a host.
-    u = urllib.parse.urlsplit(url if "://" in url else "https://" + url)
+def _mirror_url(registry: str, url: str) -> str:
+    """Why registry.py would refuse this mirror URL; "" when it takes it."""
     try:
-        u.port  # noqa: B018 - raises on a bad port
-    except ValueError:
-        return False
-    return u.scheme in ("http", "https") and bool(u.hostname) and u.path in ("", "/") \
-        and not (u.query or u.fragment or u.username)
+        mirror_endpoint(registry, url)
+    except ValueError as e:
+        return str(e)
+    return ""
 
 
 def resolve_host_port(address: str) -> tuple[str, int]:

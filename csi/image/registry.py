@@ -1,7 +1,9 @@
 """The OCI Distribution API (Docker Registry HTTP API v2): what strata asks a registry.
 
 A reference resolves to an image (manifest.resolve: manifest, index → the node's platform,
-config DiffIDs) on the first endpoint that has it: mirrors, then the origin. Manifests are
+config DiffIDs) on the first endpoint that has it: mirrors, then the origin. A mirror is read
+as containerd reads a hosts.toml `[host."URL"]` (`mirror_endpoint`): its API root is the URL's
+path + `/v2`, and every request to it names the origin registry in `?ns=`. Manifests are
 digest-checked and Docker schema 1 refused; blobs stream into the blob store with `Range`
 resume of a cut download, from the endpoint that resolved the image or, failing that, the
 ones after it; a HEAD tells what a tag points at now. Every request goes through
@@ -15,6 +17,7 @@ import http.client
 import json
 import logging
 import os
+import posixpath
 import random
 import re
 import time
@@ -34,12 +37,13 @@ from csi.errors import (
 )
 from csi.image import manifest as mf
 from csi.image.auth import Credentials
-from csi.image.reference import RegistryReference
+from csi.image.reference import DOCKER_HUB, DOCKER_HUB_API, RegistryReference
 from csi.image.tokens import Authenticator, Hop
 from csi.image.transport import RETRY_STATUS, Options, Reply, Transport, registry_error
 
 log = logging.getLogger(__name__)
 
+API_ROOT = "/v2"  # where the Distribution API hangs on a registry's host
 ACCEPT = ", ".join([mf.OCI_INDEX, mf.OCI_MANIFEST, mf.DOCKER_LIST, mf.DOCKER_MANIFEST])
 SCHEMA1 = {"application/vnd.docker.distribution.manifest.v1+json",
            "application/vnd.docker.distribution.manifest.v1+prettyjws"}
@@ -47,12 +51,63 @@ SCHEMA1 = {"application/vnd.docker.distribution.manifest.v1+json",
 
 @dataclasses.dataclass(frozen=True)
 class Endpoint:
+    """Where a registry's Distribution API is served: the origin at `/v2`, or a mirror at
+    its `root` (PATH/v2), asked on behalf of the origin registry `ns`."""
+
     scheme: str
     host: str  # HOST[:PORT], IPv6 bracketed
     mirror: bool = False
+    root: str = API_ROOT  # the API root's path, never ending in "/"
+    ns: str = ""  # the `?ns=` every request carries: the registry a mirror stands in for
+
+    def target(self, api_path: str) -> str:
+        """The request target of an API path as the spec writes it (`/v2/NAME/blobs/D`):
+        moved under this endpoint's root, with its `ns` query added to any the path has."""
+        if not (api_path == API_ROOT or api_path.startswith(API_ROOT + "/")):
+            raise ValueError(f"not a Distribution API path: {api_path!r}")
+        target = self.root + api_path[len(API_ROOT):]
+        if self.ns:
+            target += ("&" if "?" in target else "?") + urllib.parse.urlencode({"ns": self.ns})
+        return target
 
     def __str__(self) -> str:
-        return f"{self.scheme}://{self.host}"
+        prefix = self.root[:-len(API_ROOT)] if self.root.endswith(API_ROOT) else self.root
+        return f"{self.scheme}://{self.host}{prefix}"
+
+
+def mirror_endpoint(registry: str, url: str) -> Endpoint:
+    """The endpoint of `--registry-mirror REGISTRY=URL`, as containerd reads the same URL in
+    a hosts.toml `[host."URL"]` (remotes/docker/config/hosts.go): https unless a scheme is
+    given; the API root is the URL's path, cleaned, + `/v2`, or the path as it is when it
+    already ends in `/v2`. Requests carry `?ns=REGISTRY` (containerd's `addNamespace`: a
+    P2P mirror such as Spegel or Dragonfly serves many registries on one address and tells
+    them apart by it), except where the mirror is the registry's own host. ValueError
+    says why a URL is refused."""
+    u = urllib.parse.urlsplit(url if "://" in url else "https://" + url)
+    if u.scheme not in ("http", "https"):
+        raise ValueError(f"the scheme must be http or https, not {u.scheme!r}")
+    u.port  # noqa: B018 - a ValueError for a port that is no number or out of range
+    if not u.hostname:
+        raise ValueError("no host")
+    if u.username is not None or u.query or u.fragment or "?" in url or "#" in url:
+        # Credentials for a mirror are looked up by its host, as for any registry.
+        raise ValueError("a mirror URL has no user, query or fragment")
+    if any(c.isspace() or not c.isprintable() for c in u.path):
+        raise ValueError("the path holds whitespace or control characters")
+    # Go's path.Clean, which containerd applies: no "//", ".", ".." or trailing "/".
+    path = "/" + posixpath.normpath("/" + u.path).lstrip("/") if u.path else ""
+    path = path.rstrip("/")
+    if not path.endswith(API_ROOT):
+        if f"{API_ROOT}/" in path + "/":
+            # containerd would call /PATH/v2/x/v2; what was meant is its override_path
+            # (a Harbor proxy project's /v2/PROJECT), which strata does not have.
+            raise ValueError(f"{API_ROOT} inside the path: the API root is the path + "
+                             f"{API_ROOT} (give the path before {API_ROOT}, or one ending in "
+                             f"it)")
+        path += API_ROOT
+    # containerd's RegistryHost.isProxy: docker.io's own API host is no mirror of it.
+    own = u.netloc == registry or (registry == DOCKER_HUB and u.netloc == DOCKER_HUB_API)
+    return Endpoint(u.scheme, u.netloc, mirror=True, root=path, ns="" if own else registry)
 
 
 class Blobs(Protocol):
@@ -90,11 +145,8 @@ class RegistryClient:
         self.auth = Authenticator(self.transport, clock)
 
     def endpoints(self, ref: RegistryReference) -> list[Endpoint]:
-        out = []
-        for registry, url in self.options.mirrors:
-            if registry == ref.registry:
-                u = urllib.parse.urlsplit(url if "://" in url else "https://" + url)
-                out.append(Endpoint(u.scheme, u.netloc, mirror=True))
+        out = [mirror_endpoint(registry, url) for registry, url in self.options.mirrors
+               if registry == ref.registry]
         host = ref.api_host
         out.append(Endpoint("http" if host in self.options.insecure else "https", host))
         return out
@@ -106,7 +158,8 @@ class RegistryClient:
             return self.transport.call(hop.scheme, hop.host, method, hop.target,
                                        {**headers, **auth}, what)
 
-        return self.auth.follow(Hop(ep.scheme, ep.host, path, repo, creds), what, send)
+        return self.auth.follow(Hop(ep.scheme, ep.host, ep.target(path), repo, creds), what,
+                                send)
 
     def manifest(self, ep: Endpoint, ref: RegistryReference, reference: str,
                  creds: Credentials | None) -> tuple[str, str, bytes]:
@@ -169,8 +222,8 @@ class RegistryClient:
                 out.truncate()
                 offset = 0
 
-        hop = Hop(ep.scheme, ep.host, f"/v2/{ref.repository}/blobs/{digest}", ref.repository,
-                  creds)
+        hop = Hop(ep.scheme, ep.host, ep.target(f"/v2/{ref.repository}/blobs/{digest}"),
+                  ref.repository, creds)
         with self.auth.follow(hop, what, send) as resp:
             if resp.status not in (200, 206):
                 body = resp.error_body()

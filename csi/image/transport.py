@@ -37,7 +37,8 @@ USER_AGENT = "strata-csi"
 class Options:
     ca_files: tuple[str, ...] = ()
     insecure: frozenset[str] = frozenset()  # HOST:PORT served over plain HTTP
-    mirrors: tuple[tuple[str, str], ...] = ()  # (registry, base URL), tried in order
+    # (registry, mirror URL), tried in order; registry.mirror_endpoint reads the URL
+    mirrors: tuple[tuple[str, str], ...] = ()
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
     retries: int = 4
