@@ -1,6 +1,7 @@
 """Building blocks for registry tests: a real `docker-registry` (distribution v2.8) process,
-optionally behind TLS and htpasswd or token auth, a Docker-token-flow token server, `push()`
-of an OCI layout with skopeo, and `registry_get()` for raw requests.
+optionally behind TLS and htpasswd or token auth, or as a pull-through cache of another
+registry under a path prefix, a Docker-token-flow token server, `push()` of an OCI layout
+with skopeo, and `registry_get()` for raw requests.
 
 Only the standard library plus the `openssl`, `htpasswd` (apache2-utils), `docker-registry`
 and `skopeo` command-line tools. Every process, thread, socket and temp dir is released by
@@ -21,6 +22,7 @@ import hashlib
 import http.server
 import json
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -380,6 +382,19 @@ def _token_handler(ts: TokenServer) -> type[http.server.BaseHTTPRequestHandler]:
 
 
 # -- the registry --------------------------------------------------------------------------
+_ACCESS = re.compile(r'^\S+ \S+ \S+ \[[^\]]*\] "(\S+) (\S+) HTTP/[0-9.]+" (\d+) \S+ '
+                     r'"[^"]*" "([^"]*)"$', re.MULTILINE)
+
+
+@dataclasses.dataclass(frozen=True)
+class Access:
+    """One line of a registry's access log."""
+    method: str
+    target: str  # path and query, as the client sent them
+    status: int
+    agent: str   # User-Agent
+
+
 class Registry:
     """A real `docker-registry serve` process on 127.0.0.1 with its own config and storage in
     a temp dir (never the packaged system service).
@@ -390,14 +405,28 @@ class Registry:
     `token_requests`). `anonymous_pull` applies to "token" only. A `token_server` may be
     passed in (not started, or started) and `realm` overridden, e.g. to put a FaultProxy in
     front of the token server.
+
+    `proxy`: a pull-through cache of the registry at that URL (distribution's
+    `proxy.remoteurl`): it fetches what it is asked for from there, answers, and stores it.
+    Offline this needs nothing unusual, only the upstream already up: 2.8 asks
+    `remoteurl/v2/` for its auth challenges at start-up and exits when that fails. Pushes
+    to a proxy are refused. `prefix` (`/PATH/`): serve the API at `/PATH/v2/` instead of
+    `/v2/` (`http.prefix`), as a cache behind a path-routing ingress is; `api_url` is then
+    where clients find it, and `push()` (skopeo takes no path) cannot reach it.
     """
 
     def __init__(self, *, tls: bool = False, auth: str | None = None,
                  users: dict[str, str] | None = None, anonymous_pull: bool = False,
                  token_ttl: int = 300, token_server: TokenServer | None = None,
-                 realm: str | None = None, ready_timeout: float = 20.0):
+                 realm: str | None = None, ready_timeout: float = 20.0,
+                 proxy: str | None = None, prefix: str = ""):
         if auth not in (None, "htpasswd", "token"):
             raise ValueError(f"auth must be None, 'htpasswd' or 'token', not {auth!r}")
+        if prefix and not (prefix.startswith("/") and prefix.endswith("/") and prefix != "/"):
+            raise ValueError(f"prefix must be /PATH/ (distribution's http.prefix), not "
+                             f"{prefix!r}")
+        self.proxy = proxy
+        self.prefix = prefix
         self.tls = tls
         self.auth = auth
         self.users = dict(users if users is not None else {"alice": "secret"})
@@ -422,6 +451,11 @@ class Registry:
     @property
     def url(self) -> str:
         return ("https" if self.tls else "http") + "://" + self.host
+
+    @property
+    def api_url(self) -> str:
+        """Where its API root `/v2/` hangs: `url`, plus the `prefix` when it has one."""
+        return self.url + self.prefix.rstrip("/")
 
     @property
     def ca_file(self) -> str | None:
@@ -468,6 +502,23 @@ class Registry:
         algo, _, hexd = digest.partition(":")
         return os.path.join(self.data_dir, "docker", "registry", "v2", "blobs", algo,
                             hexd[:2], hexd, "data")
+
+    def holds_blob(self, repo: str, digest: str) -> bool:
+        """Whether the registry serves `digest` in `repo` from its own storage: the blob and
+        the repository's link to it, which the filesystem driver writes last (a pull-through
+        proxy stores what it relayed in the background, after answering)."""
+        algo, _, hexd = digest.partition(":")
+        link = os.path.join(self.data_dir, "docker", "registry", "v2", "repositories", repo,
+                            "_layers", algo, hexd, "link")
+        return os.path.exists(link) and os.path.exists(self.blob_path(digest))
+
+    def access_log(self) -> list[Access]:
+        """The requests it logged, in order (distribution writes a combined-format access
+        line to stdout whatever the log level). A line is written once its response is
+        done, so a client can finish before its line appears: wait for it."""
+        with open(self.log_file, "rb") as f:
+            text = f.read().decode(errors="replace")
+        return [Access(m[1], m[2], int(m[3]), m[4]) for m in _ACCESS.finditer(text)]
 
     # -- lifecycle
     def start(self) -> Registry:
@@ -532,6 +583,8 @@ class Registry:
             f"  addr: 127.0.0.1:{self.port}",
             f"  secret: {secrets.token_hex(16)}",
         ]
+        if self.prefix:
+            lines.append(f"  prefix: {self.prefix}")
         if self.tls_files:
             lines += ["  tls:",
                       f"    certificate: {self.tls_files.cert_file}",
@@ -546,6 +599,10 @@ class Registry:
                       f"    service: {self.token_server.service}",
                       f"    issuer: {self.token_server.issuer}",
                       f"    rootcertbundle: {self.token_server.cert_file}"]
+        if self.proxy:
+            # distribution 2.8 asks `remoteurl/v2/` for its auth challenges once, at
+            # start-up, and refuses to start when that fails: the origin must be up first.
+            lines += ["proxy:", f"  remoteurl: {self.proxy}"]
         lines += ["health:", "  storagedriver:", "    enabled: false"]
         with open(os.path.join(self.workdir, "config.yml"), "w") as f:
             f.write("\n".join(lines) + "\n")
@@ -571,7 +628,7 @@ class Registry:
                 raise RuntimeError(f"docker-registry exited with {self.proc.returncode}; "
                                    f"log tail:\n{_tail(self.log_file)}")
             try:
-                status, _, _ = registry_get(self, "/v2/", timeout=2)
+                status, _, _ = registry_get(self, "/v2/", timeout=2, base_url=self.api_url)
                 if status in (200, 401):
                     return
                 last = f"HTTP {status}"
