@@ -43,6 +43,7 @@ import json
 import logging
 import os
 import re
+import signal
 import subprocess
 import threading
 import time
@@ -139,6 +140,10 @@ class _Fields:
         return tuple(values)
 
     def duration(self, key: str, required: bool = False) -> float | None:
+        if isinstance(self.doc.get(key), (int, float)) and not isinstance(self.doc[key], bool):
+            # metav1.Duration is a string: the kubelet refuses a bare number too.
+            self.fail(f"must be a duration string such as \"12h\" or \"0s\", got "
+                      f"{self.doc[key]!r}", key)
         text = self.get(key, str, required)
         if text is None:
             return None
@@ -516,6 +521,24 @@ def parse_response(data: bytes, api_version: str, token: str = "",
     return Answer(Keyring(entries), key_type, duration)
 
 
+def run_plugin(argv: list[str], input: bytes, env: dict[str, str],
+               timeout: float) -> subprocess.CompletedProcess:
+    """Run a plugin in a process group of its own, so that a timeout kills all of it: a
+    child it left holding our pipes would otherwise keep the pull waiting."""
+    with subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, env=env, start_new_session=True) as proc:
+        try:
+            out, err = proc.communicate(input, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.communicate()
+            raise
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
 def _scrub(text: str, *secrets: str) -> str:
     for s in secrets:
         if s:
@@ -529,7 +552,7 @@ class Provider:
 
     def __init__(self, spec: ProviderSpec, bin_dir: str, clock=time.monotonic,
                  environ: Mapping[str, str] | None = None,
-                 run: Callable = subprocess.run):
+                 run: Callable = run_plugin):
         self.spec = spec
         self.path = os.path.join(bin_dir, spec.name)
         self._clock = clock
@@ -592,9 +615,8 @@ class Provider:
         env.update(self.spec.env)
         started = time.monotonic()
         try:
-            done = self._run([self.path, *self.spec.args], input=json.dumps(request).encode(),
-                             capture_output=True, timeout=max(1.0, timeout), env=env,
-                             check=False)
+            done = self._run([self.path, *self.spec.args], json.dumps(request).encode(), env,
+                             max(1.0, timeout))
         except subprocess.TimeoutExpired:
             raise ProviderFailed(f"it did not answer within {max(1.0, timeout):.0f}s") from None
         except OSError as e:

@@ -165,6 +165,9 @@ def _bad(path_in_doc, value):
      "providers[1].defaultCacheDuration: is required"),
     ((["providers", 1, "defaultCacheDuration"], "-1m"),
      "providers[1].defaultCacheDuration: must not be negative"),
+    ((["providers", 1, "defaultCacheDuration"], 0),
+     "providers[1].defaultCacheDuration: must be a duration string such as \"12h\" or "
+     "\"0s\", got 0"),
     ((["providers", 1, "defaultCacheDuration"], "a day"),
      "providers[1].defaultCacheDuration: 'a day' is not a duration"),
     ((["providers", 1, "apiVersion"], "credentialprovider.kubelet.k8s.io/v2"),
@@ -420,7 +423,7 @@ class FakeRun:
         self.responses = list(responses)
         self.requests = []
 
-    def __call__(self, argv, input, **kw):
+    def __call__(self, argv, input, env, timeout):
         self.requests.append(json.loads(input))
         return subprocess.CompletedProcess(argv, 0, self.responses.pop(0), b"")
 
@@ -548,11 +551,25 @@ json.dump({"apiVersion": req["apiVersion"], "kind": "CredentialProviderResponse"
     assert note.endswith("no luck for ***"), "the token is scrubbed from its stderr"
 
 
-def test_a_provider_that_hangs_is_given_up(tmp_path):
-    script(tmp_path, "import time; time.sleep(30)")
+def test_a_provider_that_hangs_is_given_up_with_its_children(tmp_path):
+    """A child the plugin left behind holding its stdout does not keep the pull waiting."""
+    script(tmp_path, f"""
+import subprocess, time
+child = subprocess.Popen([{sys.executable!r}, "-c", "import time; time.sleep(60)"])
+open({str(tmp_path / "child")!r}, "w").write(str(child.pid))
+time.sleep(60)
+""")
     p = Provider(ProviderSpec("provider", ("r.io",), 0, V1), str(tmp_path))
     with pytest.raises(ProviderFailed, match="did not answer within 1s"):
         p.exec("r.io/app", timeout=1)
+    # Our pipes reached EOF, so the child holding them has exited (at most a zombie
+    # waiting for init): it went with the plugin's process group.
+    child = int((tmp_path / "child").read_text())
+    try:
+        with open(f"/proc/{child}/stat") as f:
+            assert f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        pass
 
 
 # -- the chain, the registry's offers, the payload log ---------------------------------------
