@@ -4,6 +4,7 @@ declarations (cli.py), and a Config is validated once, in `validate()`.
 """
 
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -11,7 +12,8 @@ import socket
 
 from csi import validate
 from csi.errors import InvalidArgument
-from csi.image.registry import mirror_endpoint
+from csi.image.credprovider import CredentialProviders, MissingPlugin
+from csi.image.registry import ClientOptions, mirror_endpoint
 from csi.image.transport import Options
 from csi.logs import FORMATS as LOG_FORMATS
 from csi.store.gc import POLICIES as GC_POLICIES
@@ -86,6 +88,13 @@ class Config:
         "docker.io=http://127.0.0.1:30020 (as containerd's hosts.toml: the API root is the "
         "URL's path + /v2, requests carry ?ns=REGISTRY); repeatable, tried in order",
         PULLING, flag="--registry-mirror")
+    # docs/credential-providers.md: the kubelet's own flags and files, so that ECR, GCR and
+    # ACR nodes pull image volumes without pull secrets.
+    image_credential_provider_config: str = setting(
+        "", "the kubelet's CredentialProviderConfig (a YAML or JSON file, or a directory of "
+        "them): credential-provider plugins to run for registry credentials", PULLING)
+    image_credential_provider_bin_dir: str = setting(
+        "", "the directory of the plugins --image-credential-provider-config names", PULLING)
     registry_timeout: float = setting(10.0, "seconds to connect to a registry", PULLING)
     registry_read_timeout: float = setting(60.0, "seconds a registry may be silent "
                                            "mid-request", PULLING)
@@ -121,9 +130,36 @@ class Config:
                                       f"[http(s)://]HOST[:PORT][/PATH]"
                                       f"{f' ({why})' if why else ''}, got {m!r}")
             mirrors.append((registry, url))
-        return Options(ca_files=self.registry_ca, insecure=frozenset(self.insecure_registries),
-                       mirrors=tuple(mirrors), connect_timeout=self.registry_timeout,
-                       read_timeout=self.registry_read_timeout, retries=self.registry_retries)
+        return ClientOptions(
+            ca_files=self.registry_ca, insecure=frozenset(self.insecure_registries),
+            mirrors=tuple(mirrors), connect_timeout=self.registry_timeout,
+            read_timeout=self.registry_read_timeout, retries=self.registry_retries,
+            credential_providers=self.credential_providers)
+
+    @functools.cached_property
+    def credential_providers(self) -> CredentialProviders | None:
+        """The kubelet credential-provider plugins, their config read and checked once (a
+        bad one refused naming the file and the field); None without the two flags."""
+        path, bin_dir = (self.image_credential_provider_config,
+                         self.image_credential_provider_bin_dir)
+        if not path and not bin_dir:
+            return None
+        if not (path and bin_dir):
+            raise InvalidArgument("--image-credential-provider-config and "
+                                  "--image-credential-provider-bin-dir go together: give both "
+                                  "or neither")
+        for name in ("image_credential_provider_config", "image_credential_provider_bin_dir"):
+            if not os.path.isabs(getattr(self, name)):
+                raise InvalidArgument(f"{flag(_field(name))} must be an absolute path, got "
+                                      f"{getattr(self, name)!r}")
+        if not os.path.exists(path):
+            raise InvalidArgument(f"--image-credential-provider-config: {path} does not exist")
+        try:
+            return CredentialProviders.load(path, bin_dir)
+        except MissingPlugin as e:
+            raise InvalidArgument(f"--image-credential-provider-bin-dir: {e}") from None
+        except InvalidArgument as e:
+            raise InvalidArgument(f"--image-credential-provider-config: {e}") from None
 
     @property
     def gc(self) -> Policy:
@@ -172,7 +208,7 @@ class Config:
             self.gc.validate()
         except ValueError as e:
             raise InvalidArgument(str(e)) from None
-        self.registry  # noqa: B018 - parses the mirrors
+        self.registry  # noqa: B018 - parses the mirrors, reads the credential providers
         for host in self.insecure_registries:
             if not re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[^/\s:@\[\]]+)(:[0-9]+)?", host):
                 raise InvalidArgument(f"--insecure-registry must be HOST or HOST:PORT (no "

@@ -4,7 +4,9 @@ Each RPC logs one line when it ends, on `csi.rpc`: method, volume_id, target, po
 code and duration_seconds as structured fields (docs/logging.md). Probe at DEBUG, others
 at INFO, failures at WARNING and INTERNAL at ERROR (with the traceback of an unexpected
 exception). The whole request and response, secrets stripped, go to `csi.rpc.payload` at
-DEBUG.
+DEBUG. The pod's service-account tokens are stripped too: the kubelet puts them in
+`volume_context`, which the spec does not mark secret (CVE-2023-2878 and CVE-2024-3744 were
+drivers that logged them).
 
 This interceptor is the one place a domain error becomes a gRPC status: StrataError →
 its code; NotImplementedError (the generated servicer's default) → UNIMPLEMENTED; anything
@@ -24,6 +26,7 @@ import grpc
 from google.protobuf import text_format
 
 from csi.errors import StrataError
+from csi.image.credprovider import TOKENS_KEY
 from csi.metrics import Metrics
 from csi.proto import csi_pb2
 from csi.validate import POD_KEYS
@@ -36,16 +39,21 @@ STRIPPED = "***stripped***"
 
 
 def redact(msg) -> str:
-    """The message as one line, with every field the spec marks `csi_secret` stripped."""
+    """The message as one line, with every field the spec marks `csi_secret` stripped, and
+    the service-account tokens in `volume_context`."""
     copy = None
     for field in msg.DESCRIPTOR.fields:
-        if field.GetOptions().Extensions[csi_pb2.csi_secret] and getattr(msg, field.name):
-            if copy is None:
-                copy = type(msg)()
-                copy.CopyFrom(msg)
-            values = getattr(copy, field.name)
-            for key in list(values):
-                values[key] = STRIPPED
+        secret = field.GetOptions().Extensions[csi_pb2.csi_secret]
+        if not (secret or field.name == "volume_context") or not getattr(msg, field.name):
+            continue
+        if not secret and TOKENS_KEY not in getattr(msg, field.name):
+            continue
+        if copy is None:
+            copy = type(msg)()
+            copy.CopyFrom(msg)
+        values = getattr(copy, field.name)
+        for key in list(values) if secret else [TOKENS_KEY]:
+            values[key] = STRIPPED
     return text_format.MessageToString(copy or msg, as_one_line=True)
 
 

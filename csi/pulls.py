@@ -8,11 +8,21 @@ so when the wait runs out the RPC answers ABORTED ("still pulling") and the retr
 job that is still running instead of starting again. Blobs are single-flight in the blob
 store too, so racing pods and retries download each blob once.
 
+Credentials, in the kubelet's order: the pod's pull secrets, then what the node's
+credential-provider plugins answer for the image (credprovider.py), then the node's
+--registry-config; each is tried until the registry accepts one. A job is shared only by
+pulls that would present the same credentials.
+
 Policies (`pullPolicy` volume attribute): IfNotPresent (default; a digest never needs the
 network once present, a tag is re-resolved at most every --tag-ttl, and when that refresh
 fails for any reason the copy on the node is used, since the kubelet's IfNotPresent would
 not have asked the registry at all), Always (resolve the tag at each publish, reuse
 unchanged layers), Never (only what the node has, else FAILED_PRECONDITION).
+
+A credential provider that takes the pod's service-account token (KEP-4412) grants images
+by identity, so an image it covers is authorised per pod: the registry is asked with that
+pod's own credentials at every publish, as Always does (and Never, which would ask no one,
+is refused), and a pull started with one pod's credentials is never handed to another's.
 
 A tag is recorded against the digest it named: an index's for a multi-arch image, whose
 platform manifest is the image record. A HEAD's Docker-Content-Digest is compared with that.
@@ -25,9 +35,16 @@ import threading
 import time
 from collections.abc import Iterator
 
-from csi.errors import Aborted, FailedPrecondition, InvalidArgument, StrataError
+from csi.errors import (
+    Aborted,
+    FailedPrecondition,
+    InvalidArgument,
+    PermissionDenied,
+    StrataError,
+)
 from csi.image import reference
-from csi.image.auth import Keyring
+from csi.image.auth import CredentialChain, Keyring
+from csi.image.credprovider import EXEC_TIMEOUT, CredentialProviders, Identity, Provided
 from csi.image.layout import OciLayout
 from csi.image.manifest import Image, LayerDesc
 from csi.image.registry import RegistryClient
@@ -82,14 +99,17 @@ class Puller:
     def __init__(self, state: State, layers: LayerStore, blobs: BlobStore,
                  client: RegistryClient | None = None, node_keyring: Keyring | None = None,
                  tag_ttl: float = 300.0, clock=time.time, on_pull=None, keep_blobs=False,
-                 max_waiting: int = 48, layout_roots: tuple[str, ...] = (), on_layers=None):
+                 max_waiting: int = 48, layout_roots: tuple[str, ...] = (), on_layers=None,
+                 providers: CredentialProviders | None = None):
         """`on_layers(present, pulled)` counts, for each pull answered, the image's layers
-        that were in the store already and those that had to be pulled (metrics)."""
+        that were in the store already and those that had to be pulled (metrics).
+        `providers`: the credential-provider plugins; by default the client's."""
         self._state = state
         self._layers = layers
         self._blobs = blobs
         self._client = client or RegistryClient()
         self._node_keyring = node_keyring or Keyring()
+        self._providers = providers or self._client.credential_providers
         self._tag_ttl = tag_ttl
         self._clock = clock
         self._on_pull = on_pull or (lambda result, seconds: None)
@@ -102,10 +122,12 @@ class Puller:
         self._waiting = threading.BoundedSemaphore(max_waiting)
 
     def pull(self, image: str, secrets: dict | None = None, pull_policy: str = "",
-             wait: float | None = None):
+             wait: float | None = None, identity: Identity | None = None):
         """(source, Image) with every layer present and the image recorded. Raises Aborted
         when `wait` seconds pass while a registry pull is still running (it goes on; the
-        next call joins it)."""
+        next call joins it). `identity`: the pod it is for, and its service-account tokens
+        for the credential providers that take them."""
+        deadline = None if wait is None else time.monotonic() + wait
         pull_policy = policy(pull_policy or None)  # a staged volume's publish names none
         ref = reference.parse(image)
         if isinstance(ref, reference.LayoutReference):
@@ -115,23 +137,25 @@ class Puller:
             missing = self._make_present(source, img, report=False)
             self._on_layers(len(img.layers) - missing, missing)
             return source, img
+        asked = self._authorised_per_pod(ref, pull_policy)
         # What the node has answers without a job: a digest never changes, and a tag is
         # trusted for --tag-ttl (Never trusts it forever). Always asks the registry even
         # for a digest it has, as the kubelet's pull would: with the pod's own credentials,
         # so a pod without access cannot use a private image another pod brought.
-        if pull_policy != "Always":
-            local = self._local(ref, max_age=None if pull_policy == "Never" else self._tag_ttl)
+        if asked != "Always":
+            local = self._local(ref, max_age=None if asked == "Never" else self._tag_ttl)
             if local is not None:
                 self._on_pull("present", None)
                 self._on_layers(len(local.layers), 0)
                 return LocalSource(str(ref)), local
-            if pull_policy == "Never":
+            if asked == "Never":
                 self._on_pull("failed_precondition", None)
                 raise FailedPrecondition(f"image {ref} is not on this node and pullPolicy is "
                                          "Never")
-        keyring = Keyring.from_secrets(secrets or {}, base=self._node_keyring)
-        creds = keyring.lookup(ref.registry, ref.repository)
-        key = (str(ref), pull_policy, creds.fingerprint() if creds else "")
+        provided = self._provide(ref, identity, deadline)
+        chain = CredentialChain([Keyring.from_secrets(secrets or {}), *provided.keyrings,
+                                 self._node_keyring])
+        key = (str(ref), asked, chain.fingerprint(ref.registry, ref.repository))
         now = time.monotonic()
         with self._mu:
             for k in [k for k, j in self._jobs.items()
@@ -140,12 +164,13 @@ class Puller:
             job = self._jobs.get(key)
             if job is None or (job.done.is_set() and (job.error is None or job.delivered)):
                 job = self._jobs[key] = _Job()
-                threading.Thread(target=self._run, args=(job, ref, keyring, pull_policy),
+                threading.Thread(target=self._run, args=(job, ref, chain, asked),
                                  name=f"pull {ref}", daemon=True).start()
         if not self._waiting.acquire(blocking=False):
             raise Aborted(f"image {ref}: too many publishes are waiting on pulls; retry")
         try:
-            finished = job.done.wait(wait)
+            finished = job.done.wait(None if deadline is None
+                                     else max(0.0, deadline - time.monotonic()))
         finally:
             self._waiting.release()
         if not finished:
@@ -154,11 +179,41 @@ class Puller:
                           "next attempt joins it")
         if job.error is not None:
             job.delivered = True
+            if isinstance(job.error, PermissionDenied) and provided.notes:
+                # Why the registry saw no better credentials (a provider that failed or
+                # was not run for this pod), in the error the pod's events show.
+                raise PermissionDenied(f"{job.error}; {'; '.join(provided.notes)}") \
+                    from job.error
             raise job.error
         self._on_layers(len(job.result[1].layers) - job.missing, job.missing)
         return job.result
 
-    def _run(self, job: _Job, ref, keyring: Keyring, policy: str) -> None:
+    def _authorised_per_pod(self, ref: reference.RegistryReference, pull_policy: str) -> str:
+        """The policy a pull follows: the one asked for, or Always for an image a provider
+        that takes service-account tokens covers (the registry decides by identity, so no
+        pod may use a copy another pod's identity brought). Never is refused for those:
+        it would ask no one."""
+        if self._providers is None or not self._providers.gated(ref.name):
+            return pull_policy
+        if pull_policy == "Never":
+            self._on_pull("failed_precondition", None)
+            raise FailedPrecondition(
+                f"image {ref}: pullPolicy Never cannot be used for an image a credential "
+                "provider grants by the pod's service account: only the registry can say "
+                "whether this pod may use it (docs/credential-providers.md)")
+        return "Always"
+
+    def _provide(self, ref: reference.RegistryReference, identity: Identity | None,
+                 deadline: float | None) -> Provided:
+        """What the credential providers answer for the image, within what is left of the
+        RPC's wait (at most the kubelet's minute)."""
+        if self._providers is None:
+            return Provided()
+        timeout = EXEC_TIMEOUT if deadline is None else \
+            min(EXEC_TIMEOUT, deadline - time.monotonic())
+        return self._providers.provide(ref.name, identity, timeout)
+
+    def _run(self, job: _Job, ref, keyring: CredentialChain, policy: str) -> None:
         started = time.monotonic()
         try:
             source, image, job.missing = self._pull(ref, keyring, policy)
@@ -174,7 +229,7 @@ class Puller:
             job.done.set()
         self._on_pull(outcome, time.monotonic() - started)
 
-    def _pull(self, ref: reference.RegistryReference, keyring: Keyring, policy: str):
+    def _pull(self, ref: reference.RegistryReference, keyring: CredentialChain, policy: str):
         known = self._local(ref, max_age=None)
         if known is None:
             return self._fetch(ref, keyring)
@@ -199,7 +254,7 @@ class Puller:
                         "node", ref, e)
             return LocalSource(str(ref)), known, 0
 
-    def _fetch(self, ref: reference.RegistryReference, keyring: Keyring):
+    def _fetch(self, ref: reference.RegistryReference, keyring: CredentialChain):
         started = time.monotonic()
         img, source = self._client.resolve(ref, keyring.lookup, self._blobs)
         missing = self._make_present(source, img, started=started)

@@ -27,6 +27,7 @@ from csi.errors import (
     no_space,
 )
 from csi.health import Health
+from csi.image.credprovider import TOKENS_KEY, Identity
 from csi.locks import KeyedLock
 from csi.mount.syscalls import Mounter
 from csi.mount.users import device_of
@@ -77,6 +78,21 @@ class PublishSpec:
     wait: float | None = None
     size_limit: int = 0  # bytes the upper layer may hold; 0: none named
     pod: Pod = Pod()
+    # The pod's service-account tokens (TOKENS_KEY, from the CSIDriver's tokenRequests) for
+    # the credential providers that take them; never logged.
+    tokens: str = dataclasses.field(default="", repr=False, compare=False)
+
+    @property
+    def identity(self) -> Identity:
+        return Identity(self.pod.namespace, self.pod.name, self.pod.uid,
+                        self.pod.service_account, self.tokens)
+
+
+def service_account_tokens(volume_context, secrets) -> str:
+    """The pod's service-account tokens as NodePublishVolume carries them when the
+    CSIDriver has tokenRequests: in `secrets` if it sets serviceAccountTokenInSecrets
+    (KEP-5538), else in `volume_context`; "" when none came."""
+    return secrets.get(TOKENS_KEY) or volume_context.get(TOKENS_KEY, "")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,7 +236,8 @@ class VolumeManager:
                     stage = tx.stage(p.volume_id)
                 self._mount(p, stage.image, stage.manifest_digest, layer_ids)
             else:
-                source, image = self._puller.pull(p.image, p.secrets, p.pull_policy, p.wait)
+                source, image = self._puller.pull(p.image, p.secrets, p.pull_policy, p.wait,
+                                                  p.identity)
                 with self._puller.acquire(source, image) as layer_ids:
                     self._mount(p, p.image, image.manifest_digest, layer_ids)
         self._collect(grown_only=True)

@@ -12,6 +12,11 @@ but neither `example.com` nor `a.b.example.com`), ports equal; the longest match
 prefix wins, then an exact host over a glob, then a pod's secret over the node's config.
 An entry with no username, password or identity token is not credentials: it is what
 `docker login` writes beside a `credsStore`, and is skipped.
+
+A pull may present what several sources offer (`CredentialChain`), in the kubelet's order:
+the pod's pull secrets, then what credential-provider plugins answered (credprovider.py),
+then the node's config; like the kubelet, a pull tries each in turn until the registry
+accepts one.
 """
 
 import base64
@@ -38,7 +43,7 @@ class Credentials:
                           .encode())[:16]
 
 
-def _normalise_key(key: str) -> tuple[str, str]:
+def normalise_key(key: str) -> tuple[str, str]:
     """A config key → (host glob, path prefix)."""
     key = re.sub(r"^[a-z]+://", "", key.strip().lower())
     host, _, path = key.partition("/")
@@ -91,7 +96,7 @@ def parse_config(data: str | bytes, what: str) -> list[tuple[str, str, Credentia
             # `{"auths": {"HOST": {}}, "credsStore": "desktop"}`: the secret is in a helper
             # the node cannot run. Sending `Basic Og==` (":") would only be refused.
             continue
-        out.append((*_normalise_key(key), creds))
+        out.append((*normalise_key(key), creds))
     return out
 
 
@@ -128,3 +133,28 @@ class Keyring:
             if score > best_score:
                 best, best_score = creds, score
         return best
+
+
+class CredentialChain:
+    """The credentials one pull may present, source by source in the kubelet's order (its
+    unionDockerKeyring: pull secrets first, then the node's providers): each keyring's best
+    match for a registry, without repeats."""
+
+    def __init__(self, keyrings: list[Keyring]):
+        self._keyrings = keyrings
+
+    def lookup(self, registry: str, repository: str) -> list[Credentials]:
+        out: list[Credentials] = []
+        for ring in self._keyrings:
+            creds = ring.lookup(registry, repository)
+            if creds is not None and creds not in out:
+                out.append(creds)
+        return out
+
+    def fingerprint(self, registry: str, repository: str) -> str:
+        """One hash of the credentials, in order ("" for none): pulls that would present
+        the same credentials may share a download."""
+        found = self.lookup(registry, repository)
+        if not found:
+            return ""
+        return sha256_hex("\0".join(c.fingerprint() for c in found).encode())[:16]

@@ -10,6 +10,10 @@ ones after it; a HEAD tells what a tag points at now. Every request goes through
 tokens.Authenticator (challenges, redirects, which credentials go where) over
 transport.Transport (connections, deadlines, retries). Every error names the image and the
 registry's text.
+
+`creds_for(host, repository)` says what a pull may present to a host: one Credentials or
+None (a Keyring's lookup), or several in order of preference (a CredentialChain's); as
+the kubelet does, each is tried in turn until the registry accepts one.
 """
 
 import dataclasses
@@ -37,6 +41,7 @@ from csi.errors import (
 )
 from csi.image import manifest as mf
 from csi.image.auth import Credentials
+from csi.image.credprovider import CredentialProviders
 from csi.image.reference import DOCKER_HUB, DOCKER_HUB_API, RegistryReference
 from csi.image.tokens import Authenticator, Hop
 from csi.image.transport import RETRY_STATUS, Options, Reply, Transport, registry_error
@@ -110,6 +115,30 @@ def mirror_endpoint(registry: str, url: str) -> Endpoint:
     return Endpoint(u.scheme, u.netloc, mirror=True, root=path, ns="" if own else registry)
 
 
+@dataclasses.dataclass(frozen=True)
+class ClientOptions(Options):
+    """The transport's options, and the kubelet credential-provider plugins whose answers
+    pulls present besides the pull secrets (credprovider.py)."""
+
+    credential_providers: CredentialProviders | None = dataclasses.field(default=None,
+                                                                         compare=False)
+
+
+def offers(creds_for, host: str, repository: str) -> list[Credentials | None]:
+    """What `creds_for` offers for `host`, in order; [None] (anonymous) when nothing."""
+    found = creds_for(host, repository)
+    if found is None or isinstance(found, Credentials):
+        return [found]
+    return list(found) or [None]
+
+
+def _refused_too(first: PermissionDenied, tried: int) -> PermissionDenied:
+    if tried < 2:
+        return first
+    return PermissionDenied(f"{first} (and the {tried - 1} other credentials for it were "
+                            "refused too)")
+
+
 class Blobs(Protocol):
     """The blob store a source downloads into (csi.store.blobs.BlobStore)."""
 
@@ -141,6 +170,8 @@ class RegistryClient:
     def __init__(self, options: Options | None = None, *, clock=time.monotonic,
                  sleep=time.sleep, rng=random.random, on_bytes=None):
         self.options = options or Options()
+        self.credential_providers = self.options.credential_providers \
+            if isinstance(self.options, ClientOptions) else None
         self.transport = Transport(self.options, clock, sleep, rng, on_bytes)
         self.auth = Authenticator(self.transport, clock)
 
@@ -256,41 +287,64 @@ class RegistryClient:
         """What the tag points at now, from a HEAD request (no manifest body, no config);
         None when no endpoint says (the caller then resolves in full)."""
         for ep in self.endpoints(ref):
-            creds = creds_for(ep.host if ep.mirror else ref.registry, ref.repository)
-            what = f"image {ref}: HEAD manifest {ref.reference} from {ep}"
-            try:
-                reply = self._call(ep, "HEAD", f"/v2/{ref.repository}/manifests/{ref.reference}",
-                                   ref.repository, creds, what, {"Accept": ACCEPT})
-            except StrataError as e:
-                log.info("%s: %s", what, e)
-                continue
-            ok = reply.status == 200
-            digest = reply.headers.get("Docker-Content-Digest", "") if ok else ""
-            if ok and not digest and ref.digest:
-                digest = ref.digest  # by digest, a 200 is the answer: the header is optional
-            if digest.startswith("sha256:"):
-                return digest
+            for creds in offers(creds_for, ep.host if ep.mirror else ref.registry,
+                                ref.repository):
+                what = f"image {ref}: HEAD manifest {ref.reference} from {ep}"
+                try:
+                    reply = self._call(ep, "HEAD",
+                                       f"/v2/{ref.repository}/manifests/{ref.reference}",
+                                       ref.repository, creds, what, {"Accept": ACCEPT})
+                except PermissionDenied as e:
+                    log.info("%s: %s", what, e)
+                    continue  # the next credentials may do
+                except StrataError as e:
+                    log.info("%s: %s", what, e)
+                    break
+                if reply.status in (401, 403):
+                    continue
+                ok = reply.status == 200
+                digest = reply.headers.get("Docker-Content-Digest", "") if ok else ""
+                if ok and not digest and ref.digest:
+                    digest = ref.digest  # by digest, a 200 is the answer: the header is optional
+                if digest.startswith("sha256:"):
+                    return digest
+                break  # this endpoint answered; what it said is not a digest
         return None
 
     # -- resolving an image ------------------------------------------------------------
     def resolve(self, ref: RegistryReference, creds_for,
                 blobs: Blobs) -> tuple[mf.Image, "RegistrySource"]:
-        """Resolve on the first endpoint that has the image: mirrors, then the origin. The
-        source downloads into `blobs` from that endpoint and, should it fail, the later
-        ones."""
-        candidates = [(ep, creds_for(ep.host if ep.mirror else ref.registry, ref.repository))
-                      for ep in self.endpoints(ref)]
-        for i, (ep, creds) in enumerate(candidates):
+        """Resolve on the first endpoint that has the image: mirrors, then the origin, each
+        with the first credentials it accepts. The source downloads into `blobs` from that
+        endpoint and, should it fail, the later ones."""
+        candidates = [(ep, offers(creds_for, ep.host if ep.mirror else ref.registry,
+                                  ref.repository)) for ep in self.endpoints(ref)]
+        for i, (ep, offered) in enumerate(candidates):
             try:
-                image = self._resolve_at(ep, ref, creds)
+                image, creds = self._resolve_with(ep, ref, offered)
             except StrataError as e:
                 if not ep.mirror:
                     raise
                 log.warning("mirror %s failed for %s (%s); trying the next endpoint", ep,
                             ref, e)
                 continue
-            return image, RegistrySource(self, ref, candidates[i:], blobs)
+            later = [(other, o[0]) for other, o in candidates[i + 1:]]
+            return image, RegistrySource(self, ref, [(ep, creds), *later], blobs)
         raise AssertionError("unreachable: the origin is always the last endpoint")
+
+    def _resolve_with(self, ep: Endpoint, ref: RegistryReference,
+                      offered: list[Credentials | None]) -> tuple[mf.Image, Credentials | None]:
+        """The image, and the first of the offered credentials the endpoint lets read it."""
+        first: PermissionDenied | None = None
+        for n, creds in enumerate(offered, 1):
+            try:
+                return self._resolve_at(ep, ref, creds), creds
+            except PermissionDenied as e:
+                first = first or e
+                if n < len(offered):
+                    log.info("image %s: %s refused credentials %d of %d; trying the next",
+                             ref, ep, n, len(offered))
+        raise _refused_too(first, len(offered))
 
     def _resolve_at(self, ep: Endpoint, ref: RegistryReference,
                     creds: Credentials | None) -> mf.Image:

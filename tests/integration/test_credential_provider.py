@@ -1,0 +1,335 @@
+"""Kubelet credential-provider plugins through the real `strata serve` socket, against a
+real `docker-registry` with token auth: a provider executable of the tests' own that speaks
+the exec protocol (`credentialprovider.kubelet.k8s.io/v1`), counts its executions to prove
+its answers are cached, and, in service-account mode (KEP-4412), checks the pod's token
+that NodePublishVolume carries (in volume_context, or in secrets) and answers credentials
+only for the identity the registry should let pull."""
+
+import base64
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+
+from csi.image.build import write_image
+from csi.image.credprovider import TOKENS_KEY
+from csi.proto import csi_pb2
+from tests.conftest import (
+    ROOT_REASON,
+    StrataProcess,
+    app_layer,
+    base_layer,
+    mount_cap,
+    unmount_all_under,
+)
+from tests.registry import Registry, push
+
+MISSING = [t for t in ("docker-registry", "skopeo") if shutil.which(t) is None]
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason=ROOT_REASON),
+    pytest.mark.skipif(bool(MISSING) and not os.environ.get("CI"),
+                       reason=f"missing {', '.join(MISSING)} (.ci/run installs them)"),
+]
+ALICE = ("alice", "secret")
+AUDIENCE = "strata-registry"
+
+# The provider: reads the CredentialProviderRequest, records the execution in $STATE/calls,
+# behaves as $STATE/mode says (fail, garbage), and answers alice's credentials for
+# $REGISTRY; with a token, only for the service account `puller` of the audience asked for
+# (the registry's answer decides: another identity gets credentials the registry refuses).
+PROVIDER = r"""
+import base64, json, os, sys
+
+state = os.environ["STATE"]
+req = json.load(sys.stdin)
+token = req.get("serviceAccountToken", "")
+claims = {}
+if token:
+    payload = token.split(".")[1]
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+with open(os.path.join(state, "calls"), "a") as f:
+    f.write(json.dumps({"image": req["image"], "apiVersion": req["apiVersion"],
+                        "sub": claims.get("sub"), "argv": sys.argv[1:]}) + "\n")
+mode = open(os.path.join(state, "mode")).read().strip() \
+    if os.path.exists(os.path.join(state, "mode")) else ""
+if mode == "fail":
+    print("cannot reach the cloud's token service", file=sys.stderr)
+    sys.exit(1)
+if mode == "garbage":
+    print("Username: alice Password: secret")
+    sys.exit(0)
+user, password = "alice", "secret"
+if token:
+    if os.environ["AUDIENCE"] not in claims.get("aud", []):
+        print("token for the wrong audience", file=sys.stderr)
+        sys.exit(2)
+    if claims.get("sub") != "system:serviceaccount:team:puller":
+        user, password = claims["sub"].rsplit(":", 1)[-1], "not-allowed"
+json.dump({"apiVersion": req["apiVersion"], "kind": "CredentialProviderResponse",
+           "cacheKeyType": os.environ["CACHE_KEY_TYPE"],
+           "cacheDuration": os.environ["CACHE_DURATION"],
+           "auth": {os.environ["REGISTRY"]: {"username": user, "password": password}}},
+          sys.stdout)
+"""
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
+    layout = str(tmp_path_factory.mktemp("cp-images") / "layout")
+    write_image(layout, "app", [base_layer(), app_layer()])
+    with Registry(auth="token") as reg:
+        for repo in ("team/app", "team/other", "team/race", "team/cli", "team/never"):
+            push(layout, "app", reg, repo, "1.0", creds=ALICE)
+        yield reg
+
+
+class Provider:
+    """The provider's bin dir, config file and state (its execution log and its mode)."""
+
+    def __init__(self, base, registry, name="test-provider", match=None, tokens=None,
+                 key_type="Registry", duration="1h"):
+        self.bin_dir, self.state = base / "bin", base / "state"
+        self.bin_dir.mkdir()
+        self.state.mkdir()
+        exe = self.bin_dir / name
+        exe.write_text(f"#!{sys.executable}\n{PROVIDER}")
+        exe.chmod(0o755)
+        provider = {
+            "name": name, "matchImages": match or [registry.host],
+            "defaultCacheDuration": "0s", "apiVersion": "credentialprovider.kubelet.k8s.io/v1",
+            "args": ["get-credentials"],
+            "env": [{"name": "STATE", "value": str(self.state)},
+                    {"name": "REGISTRY", "value": registry.host},
+                    {"name": "AUDIENCE", "value": AUDIENCE},
+                    {"name": "CACHE_KEY_TYPE", "value": key_type},
+                    {"name": "CACHE_DURATION", "value": duration}],
+        }
+        if tokens:
+            provider["tokenAttributes"] = tokens
+        self.config = base / "providers.yaml"
+        self.config.write_text(json.dumps({"apiVersion": "kubelet.config.k8s.io/v1",
+                                           "kind": "CredentialProviderConfig",
+                                           "providers": [provider]}))
+
+    @property
+    def args(self) -> tuple[str, ...]:
+        return ("--image-credential-provider-config", str(self.config),
+                "--image-credential-provider-bin-dir", str(self.bin_dir))
+
+    def calls(self) -> list[dict]:
+        path = self.state / "calls"
+        return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+    def mode(self, mode: str) -> None:
+        (self.state / "mode").write_text(mode)
+
+
+@pytest.fixture
+def plugin(tmp_path, registry):
+    started = []
+
+    def start(provider: Provider):
+        p = StrataProcess(str(tmp_path / f"p{len(started)}"), extra_args=(
+            "--insecure-registry", registry.host, *provider.args))
+        os.makedirs(p.base)
+        started.append(p)
+        return p.start()
+
+    yield start
+    for p in started:
+        p.stop(signal.SIGKILL)
+    unmount_all_under(str(tmp_path))
+
+
+def b64url(d: dict) -> str:
+    return base64.urlsafe_b64encode(json.dumps(d).encode()).rstrip(b"=").decode()
+
+
+def sa_token(name: str, pod: str, audience: str = AUDIENCE) -> str:
+    """A token shaped as the API server's (the provider and strata read its claims only)."""
+    claims = {"aud": [audience], "sub": f"system:serviceaccount:team:{name}",
+              "kubernetes.io": {"namespace": "team",
+                                "serviceaccount": {"name": name, "uid": f"uid-{name}"},
+                                "pod": {"name": pod, "uid": f"uid-{pod}"}}}
+    return f"{b64url({'alg': 'RS256', 'kid': 'k'})}.{b64url(claims)}.c2lnbmF0dXJl"
+
+
+def tokens_json(token: str, audience: str = AUDIENCE) -> str:
+    return json.dumps({audience: {"token": token,
+                                  "expirationTimestamp": "2030-01-01T00:00:00Z"}})
+
+
+def publish(p, target, image, vid="v", sa="", token="", in_secrets=False, audience=AUDIENCE,
+            **attrs) -> str:
+    """NodePublishVolume as the kubelet sends it for a pod of service account `sa`
+    (podInfoOnMount), with its token as the CSIDriver's tokenRequests have it passed."""
+    context = {"image": image, "csi.storage.k8s.io/ephemeral": "true", **attrs}
+    secrets = {}
+    if sa:
+        context.update({"csi.storage.k8s.io/pod.namespace": "team",
+                        "csi.storage.k8s.io/pod.name": vid,
+                        "csi.storage.k8s.io/pod.uid": f"uid-{vid}",
+                        "csi.storage.k8s.io/serviceAccount.name": sa})
+    if token:
+        (secrets if in_secrets else context)[TOKENS_KEY] = tokens_json(token, audience)
+    p.csi.node.NodePublishVolume(csi_pb2.NodePublishVolumeRequest(
+        volume_id=vid, target_path=str(target), volume_capability=mount_cap(),
+        volume_context=context, secrets=secrets), timeout=60)
+    try:
+        return (target / "etc/motd").read_text()
+    finally:
+        p.csi.unpublish(vid, target)
+
+
+def refused(code, *args, **kw) -> str:
+    with pytest.raises(grpc.RpcError) as e:
+        publish(*args, **kw)
+    assert e.value.code() == code, e.value.details()
+    return e.value.details()
+
+
+def test_a_provider_answers_for_the_node_and_its_answer_is_cached(plugin, registry, tmp_path):
+    provider = Provider(tmp_path, registry, key_type="Registry", duration="1h")
+    p = plugin(provider)
+    assert publish(p, tmp_path / "a", f"{registry.host}/team/app:1.0") == "app motd\n"
+    assert provider.calls() == [{"image": f"{registry.host}/team/app", "argv":
+                                 ["get-credentials"], "sub": None,
+                                 "apiVersion": "credentialprovider.kubelet.k8s.io/v1"}]
+    # Another repository of the same registry, asking the registry again (Always): the
+    # Registry-keyed answer is reused without exec.
+    assert publish(p, tmp_path / "b", f"{registry.host}/team/other:1.0",
+                   pullPolicy="Always") == "app motd\n"
+    assert publish(p, tmp_path / "c", f"{registry.host}/team/app:1.0",
+                   pullPolicy="Always") == "app motd\n"
+    assert len(provider.calls()) == 1
+    log = p.read_log()
+    assert base64.b64encode(b"alice:secret").decode() not in log and '"secret"' not in log
+
+
+def test_an_image_answer_is_cached_for_that_image_only(plugin, registry, tmp_path):
+    provider = Provider(tmp_path, registry, key_type="Image", duration="1h")
+    p = plugin(provider)
+    for name in ("app", "app", "other"):
+        assert publish(p, tmp_path / name, f"{registry.host}/team/{name}:1.0",
+                       pullPolicy="Always") == "app motd\n"
+    assert [c["image"] for c in provider.calls()] == [f"{registry.host}/team/app",
+                                                      f"{registry.host}/team/other"]
+
+
+def test_a_provider_whose_match_images_do_not_match_is_not_run(plugin, registry, tmp_path):
+    provider = Provider(tmp_path, registry, match=["*.example.com", f"{registry.host}/else"])
+    p = plugin(provider)
+    details = refused(grpc.StatusCode.PERMISSION_DENIED, p, tmp_path / "t",
+                      f"{registry.host}/team/app:1.0")
+    assert "credential provider" not in details
+    assert provider.calls() == []
+
+
+def test_a_failing_provider_is_logged_and_named_in_the_denial(plugin, registry, tmp_path):
+    provider = Provider(tmp_path, registry, duration="0s")
+    p = plugin(provider)
+    image = f"{registry.host}/team/app:1.0"
+    provider.mode("fail")
+    details = refused(grpc.StatusCode.PERMISSION_DENIED, p, tmp_path / "t", image)
+    assert "credential provider test-provider failed for " \
+           f"{registry.host}/team/app: it exited with status 1" in details
+    assert "cannot reach the cloud's token service" in details
+    provider.mode("garbage")
+    details = refused(grpc.StatusCode.PERMISSION_DENIED, p, tmp_path / "t", image)
+    assert "its answer on stdout is not JSON" in details
+    log = p.read_log()
+    assert "credential provider test-provider failed" in log
+    assert "Password: secret" not in log, "a garbage answer is never quoted"
+    provider.mode("")
+    assert publish(p, tmp_path / "t", image) == "app motd\n", "failures are not cached"
+    assert len(provider.calls()) == 3
+
+
+@pytest.fixture
+def sa_provider(tmp_path, registry):
+    return Provider(tmp_path, registry, key_type="Registry", duration="1h", tokens={
+        "serviceAccountTokenAudience": AUDIENCE, "requireServiceAccount": True,
+        "cacheType": "ServiceAccount"})
+
+
+def test_pods_tokens_reach_the_provider_and_each_pod_is_authorised(plugin, registry,
+                                                                   sa_provider, tmp_path):
+    """KEP-4412 through NodePublishVolume: the token from volume_context, then from secrets
+    (serviceAccountTokenInSecrets); one answer per service account; a pod of another
+    service account is refused although the image is on the node; a pod without a token
+    does not run the provider; Never is refused; no token reaches the log."""
+    p = plugin(sa_provider)
+    image = f"{registry.host}/team/app:1.0"
+    puller_a, puller_b = sa_token("puller", "a"), sa_token("puller", "b")
+    assert publish(p, tmp_path / "a", image, "a", sa="puller", token=puller_a) == \
+        "app motd\n"
+    assert publish(p, tmp_path / "b", image, "b", sa="puller", token=puller_b,
+                   in_secrets=True) == "app motd\n"
+    calls = sa_provider.calls()
+    assert [c["sub"] for c in calls] == ["system:serviceaccount:team:puller"], \
+        "one exec for the service account (cacheType ServiceAccount)"
+
+    intruder = sa_token("intruder", "c")
+    details = refused(grpc.StatusCode.PERMISSION_DENIED, p, tmp_path / "c", image, "c",
+                      sa="intruder", token=intruder)
+    assert "refused our credentials" in details
+    assert [c["sub"] for c in sa_provider.calls()][1:] == [
+        "system:serviceaccount:team:intruder"]
+    assert not (tmp_path / "c").exists()
+
+    details = refused(grpc.StatusCode.PERMISSION_DENIED, p, tmp_path / "d", image, "d",
+                      sa="default")
+    assert "credential provider test-provider was not run: it requires the pod's " \
+           f"service-account token for audience '{AUDIENCE}'" in details
+    assert len(sa_provider.calls()) == 2
+
+    # The CSIDriver asked for a token of another audience only: no token for this provider.
+    wrong = sa_token("puller", "e", audience="someone-else")
+    details = refused(grpc.StatusCode.PERMISSION_DENIED, p, tmp_path / "e", image, "e",
+                      sa="puller", token=wrong, audience="someone-else")
+    assert "was not run" in details
+
+    details = refused(grpc.StatusCode.FAILED_PRECONDITION, p, tmp_path / "f", image, "f",
+                      sa="puller", token=puller_a, pullPolicy="Never")
+    assert "pullPolicy Never cannot be used" in details
+
+    log = p.read_log()
+    for token in (puller_a, puller_b, intruder, wrong):
+        assert token not in log and token.split(".")[1] not in log
+    assert "***stripped***" in log
+
+
+def test_racing_pods_of_two_identities_do_not_share_a_pull(plugin, registry, sa_provider,
+                                                           tmp_path):
+    p = plugin(sa_provider)
+    image = f"{registry.host}/team/race:1.0"
+
+    def one(i):
+        sa = "puller" if i % 2 == 0 else "intruder"
+        try:
+            return sa, publish(p, tmp_path / f"r{i}", image, f"r{i}", sa=sa,
+                               token=sa_token(sa, f"r{i}"))
+        except grpc.RpcError as e:
+            return sa, e.code()
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, range(8)))
+    assert {r for sa, r in results if sa == "puller"} == {"app motd\n"}
+    assert {r for sa, r in results if sa == "intruder"} == {
+        grpc.StatusCode.PERMISSION_DENIED}
+
+
+def test_strata_pull_runs_the_providers(registry, tmp_path):
+    provider = Provider(tmp_path, registry)
+    out = subprocess.run([sys.executable, "-m", "csi", "pull", f"{registry.host}/team/cli:1.0",
+                          "--root", str(tmp_path / "store"), "--insecure-registry",
+                          registry.host, *provider.args],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert [c["image"] for c in provider.calls()] == [f"{registry.host}/team/cli"]
