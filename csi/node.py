@@ -1,10 +1,9 @@
 """The CSI Node service: validate, delegate to the volume manager, translate the answer."""
 
-import dataclasses
 
 from csi import validate
 from csi.proto import csi_pb2, csi_pb2_grpc
-from csi.volumes import VolumeManager, service_account_tokens
+from csi.volumes import VolumeManager
 
 RPC = csi_pb2.NodeServiceCapability.RPC
 Usage = csi_pb2.VolumeUsage
@@ -39,9 +38,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         return csi_pb2.NodeUnstageVolumeResponse()
 
     def NodePublishVolume(self, request, context):
-        spec = validate.publish(request, self._pull_wait(context))
-        tokens = service_account_tokens(request.volume_context, request.secrets)
-        self._volumes.publish(dataclasses.replace(spec, tokens=tokens))
+        self._volumes.publish(validate.publish(request, self._pull_wait(context)))
         return csi_pb2.NodePublishVolumeResponse()
 
     def NodeUnpublishVolume(self, request, context):

@@ -10,7 +10,7 @@ from csi import pulls, quantity
 from csi.errors import InvalidArgument
 from csi.proto import csi_pb2
 from csi.provision import CreateSpec
-from csi.volumes import Pod, PublishSpec, StageSpec
+from csi.volumes import TOKENS_KEY, Pod, PublishSpec, StageSpec, service_account_tokens
 
 Mode = csi_pb2.VolumeCapability.AccessMode.Mode
 
@@ -19,6 +19,10 @@ SUPPORTED_MODES = {
     Mode.SINGLE_NODE_SINGLE_WRITER, Mode.SINGLE_NODE_MULTI_WRITER,
 }
 READER_MODES = {Mode.SINGLE_NODE_READER_ONLY, Mode.MULTI_NODE_READER_ONLY}
+# The volume attributes (and StorageClass parameters) strata reads; docs/configuration.md
+# has a row for each (tests/unit/test_docs_configuration.py compares).
+IMAGE_KEY = "image"
+PULL_POLICY_KEY = "pullPolicy"
 EPHEMERAL_KEY = "csi.storage.k8s.io/ephemeral"
 SIZE_LIMIT_KEY = "sizeLimit"
 # What the kubelet adds to volume_context when the CSIDriver has podInfoOnMount: true.
@@ -26,6 +30,8 @@ POD_KEYS = {"namespace": "csi.storage.k8s.io/pod.namespace",
             "name": "csi.storage.k8s.io/pod.name",
             "uid": "csi.storage.k8s.io/pod.uid",
             "service_account": "csi.storage.k8s.io/serviceAccount.name"}
+ATTRIBUTES = (IMAGE_KEY, PULL_POLICY_KEY, SIZE_LIMIT_KEY, EPHEMERAL_KEY, *POD_KEYS.values(),
+              TOKENS_KEY)
 MIN_SIZE_LIMIT = 1 << 20  # smaller cannot hold a filesystem's own metadata
 # A loop filesystem has one inode per 16 KiB and ext4 at most 2^32 inodes: 64 TiB would
 # be one too many. No pod's writable layer needs half of that.
@@ -73,17 +79,17 @@ def capability(cap: csi_pb2.VolumeCapability, field: str = "volume_capability") 
 
 
 def image(context, field: str = "volume_context") -> str:
-    value = context.get("image", "")
+    value = context.get(IMAGE_KEY, "")
     if not value:
-        raise InvalidArgument(f"{field}['image'] is required: the image to mount")
+        raise InvalidArgument(f"{field}[{IMAGE_KEY!r}] is required: the image to mount")
     return value
 
 
 def pull_policy(context) -> str:
     try:
-        return pulls.policy(context.get("pullPolicy"))
+        return pulls.policy(context.get(PULL_POLICY_KEY))
     except InvalidArgument as e:
-        raise InvalidArgument(f"volume_context['pullPolicy']: {e}") from None
+        raise InvalidArgument(f"volume_context[{PULL_POLICY_KEY!r}]: {e}") from None
 
 
 def size_limit(value: str, field: str) -> int:
@@ -128,13 +134,14 @@ def publish(req: csi_pb2.NodePublishVolumeRequest, wait: float | None = None) ->
     if ephemeral and staging:
         raise InvalidArgument("an inline ephemeral volume is never staged, yet "
                               "staging_target_path is set")
-    img = req.volume_context.get("image", "") if staging else image(req.volume_context)
+    img = req.volume_context.get(IMAGE_KEY, "") if staging else image(req.volume_context)
     readonly = req.readonly or mode in READER_MODES
     policy = pull_policy(req.volume_context) if not staging else ""
     limit = size_limit(req.volume_context.get(SIZE_LIMIT_KEY, ""),
                        f"volume_context[{SIZE_LIMIT_KEY!r}]")
     return PublishSpec(vid, target, img, readonly, mode, staging, dict(req.secrets), policy,
-                       wait, size_limit=limit, pod=pod(req.volume_context))
+                       wait, size_limit=limit, pod=pod(req.volume_context),
+                       tokens=service_account_tokens(req.volume_context, req.secrets))
 
 
 def unpublish(req: csi_pb2.NodeUnpublishVolumeRequest) -> tuple[str, str]:

@@ -196,6 +196,7 @@ def test_the_attribute_table_names_exactly_the_attributes_strata_reads():
         f"attributes without a row in docs/configuration.md: {sorted(read - set(documented))}")
     assert not set(documented) - read, (
         f"rows for attributes strata never reads: {sorted(set(documented) - read)}")
+    assert set(validate.ATTRIBUTES) == read, "validate.ATTRIBUTES is not what validate reads"
 
 
 def test_the_kubelets_attributes_are_marked_as_the_kubelets():
