@@ -18,7 +18,8 @@ COPY csi ./csi
 RUN pip wheel --wheel-dir /wheels .
 
 FROM ${BASE_IMAGE}
-# VERSION: the package version (pyproject.toml; a test keeps the two equal).
+# VERSION: the package version (pyproject.toml; a test keeps the two equal, and the install
+# below fails if they differ).
 ARG VERSION=0.1.0
 ARG REVISION=unknown
 LABEL org.opencontainers.image.title="strata" \
@@ -42,7 +43,8 @@ RUN apt-get update \
 # of Docker 23+, and buildah): nothing is fetched here, and neither the wheels nor a pip
 # cache end up in a layer.
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
-    pip install --no-cache-dir --no-index --disable-pip-version-check /wheels/*.whl
+    pip install --no-cache-dir --no-index --disable-pip-version-check \
+        --find-links=/wheels "strata-csi==${VERSION}"
 # The plugin runs as root in a privileged container: it mounts overlayfs, makes whiteout
 # device nodes and sets trusted.* xattrs (deploy/base/daemonset.yaml).
 ENTRYPOINT ["strata"]

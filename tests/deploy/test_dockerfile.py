@@ -58,6 +58,7 @@ def test_the_runtime_stage_installs_only_what_strata_executes():
     assert packages == {"e2fsprogs"}, packages
     pip = " ".join(a for i, a in runtime if i == "RUN" and "pip install" in a)
     assert "--no-index" in pip and "--no-cache-dir" in pip
+    assert '"strata-csi==${VERSION}"' in pip, "the wheel of this version, or no image"
 
 
 def test_entrypoint_labels_and_version():
