@@ -7,9 +7,13 @@ schemas: they are checked here for the structure the operator requires of the fi
 use, and their PromQL by promtool (tests/unit/test_monitoring.py).
 """
 
-import pytest
+import os
+import re
 
-from tests.deploy.manifests import TARGETS, example, example_files, need, render
+import pytest
+import yaml
+
+from tests.deploy.manifests import DEPLOY, TARGETS, example, example_files, need, render
 
 try:
     import kubernetes_validate
@@ -87,3 +91,17 @@ def test_the_operator_objects_have_the_structure_the_operator_reads():
             assert set(r) <= {"alert", "record", "expr", "for", "labels", "annotations",
                               "keep_firing_for"}
             assert ("alert" in r) != ("record" in r) and isinstance(r["expr"], str)
+
+
+def test_the_commented_token_requests_are_valid_once_uncommented():
+    """What the CSIDriver's comment tells an operator to uncomment must apply as it is."""
+    with open(os.path.join(DEPLOY, "base", "csidriver.yaml")) as f:
+        text = f.read()
+    block = re.search(r"^  # tokenRequests:\n(?:  #  .*\n)*  # serviceAccountTokenInSecrets.*\n",
+                      text, re.M)
+    assert block, "the commented tokenRequests block"
+    uncommented = re.sub(r"^  # ?", "  ", block.group(0), flags=re.M)
+    doc = yaml.safe_load(text.replace(block.group(0), uncommented))
+    assert doc["spec"]["tokenRequests"][0]["audience"]
+    assert doc["spec"]["serviceAccountTokenInSecrets"] is True
+    validate(doc, "base/csidriver.yaml, tokenRequests uncommented")
