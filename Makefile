@@ -4,7 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: demo test unit integration sanity crash need-root system-deps proto lint bench clean
+.PHONY: demo test unit integration sanity deploy-check crash need-root need-kubectl system-deps \
+	proto lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,9 +23,10 @@ demo: $(STAMP)
 # tests/backend, the conformance suite every storage backend must pass) and
 # sanity (csi-sanity against `strata serve`) need root and the Debian packages of
 # scripts/system-deps.sh (installed first: they include python3-venv); as anyone else
-# their tests would only skip, so they refuse instead. test runs all three.
-test: system-deps $(STAMP)
-	$(PY) -m pytest tests $(PYTEST_ARGS)
+# their tests would only skip, so they refuse instead. test runs all three, and
+# deploy-check first (tests/deploy, left out of its own run so that nothing runs twice).
+test: system-deps deploy-check
+	$(PY) -m pytest tests --ignore=tests/deploy $(PYTEST_ARGS)
 
 unit: $(STAMP)
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
@@ -34,6 +36,14 @@ integration: system-deps $(STAMP)
 
 sanity: system-deps $(STAMP)
 	$(PY) -m pytest tests/sanity $(PYTEST_ARGS)
+
+# deploy/ checked without a cluster (tests/deploy): `kubectl kustomize` of the base, the
+# overlays and the monitoring component; every object and example validated against the
+# newest Kubernetes schemas (kubernetes-validate, strict); hadolint on the Dockerfile; and,
+# as root, the real `strata serve` started with the kind DaemonSet's args, env, ports and
+# paths, driven through each example's kubelet calls.
+deploy-check: need-kubectl $(STAMP)
+	$(PY) -m pytest tests/deploy $(PYTEST_ARGS)
 
 # The kill -9 loop of tests/integration/test_crash.py at full length (make test runs a
 # short one): CRASH_ROUNDS rounds; STRATA_CRASH_SEED=N replays a run, and
@@ -46,6 +56,13 @@ crash: system-deps $(STAMP)
 
 system-deps: need-root
 	bash scripts/system-deps.sh
+
+# kubectl is not a Debian package (bookworm's kubernetes-client is 1.20, whose kustomize
+# predates components and `labels`): it has to be on the machine already.
+need-kubectl:
+	@command -v kubectl >/dev/null 2>&1 || { echo "make $(MAKECMDGOALS): needs kubectl (1.21+, with its built-in kustomize) on PATH; install it from the Kubernetes release (https://kubernetes.io/docs/tasks/tools/)" >&2; exit 1; }
+	@v=$$(kubectl version --client 2>/dev/null | sed -n 's/^Kustomize Version: v//p'); \
+	[ "$${v%%.*}" -ge 4 ] 2>/dev/null || { echo "make $(MAKECMDGOALS): kubectl's built-in kustomize is $${v:-missing}; deploy/ needs v4.1+ (kubectl 1.21+)" >&2; exit 1; }
 
 need-root:
 	@[ "$$(id -u)" = 0 ] || { echo "make $(MAKECMDGOALS): needs root (mounts, mknod, lchown, trusted.* xattrs); make unit runs without" >&2; exit 1; }

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Debian packages the tests need beside the virtualenv. Installs only what is missing, so
 # `make test` stays fast once they are there. Used by `make test` and by .ci/run.
-#   make, util-linux (umount), python3-venv: the front door and its virtualenv
+#   make, util-linux (umount; nsenter, which starts the deploy drift test's server in a
+#   network namespace of its own), python3-venv: the front door and its virtualenv
 #   umoci: the reference unpacker for the differential test
 #   docker-registry, skopeo, apache2-utils (htpasswd -B), openssl: the real registry the
 #   pull tests run against, the push tool, and the auth/TLS material for it
@@ -9,8 +10,13 @@
 #   needs it on the node too); xfsprogs (mkfs.xfs): the project-quota tests' filesystems
 #   prometheus (brings promtool): the dashboard and alert checks, and the real Prometheus
 #   the monitoring integration test scrapes strata with (on a free port of its own)
+# Not from here: kubectl (1.21+, for its built-in kustomize), which tests/deploy renders
+# deploy/ with. It is no Debian package (bookworm's kubernetes-client is 1.20); it is said
+# below when missing, and `make deploy-check` (so `make test` and .ci/run) refuses without it.
 set -euo pipefail
-tools=(make:make umount:util-linux umoci:umoci docker-registry:docker-registry
+command -v kubectl >/dev/null 2>&1 ||
+  echo "kubectl not found: tests/deploy needs it (make need-kubectl says more)" >&2
+tools=(make:make umount:util-linux nsenter:util-linux umoci:umoci docker-registry:docker-registry
        skopeo:skopeo htpasswd:apache2-utils openssl:openssl mkfs.ext4:e2fsprogs
        mkfs.xfs:xfsprogs prometheus:prometheus promtool:prometheus)
 missing=()
