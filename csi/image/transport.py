@@ -218,7 +218,7 @@ class Transport:
                 data = self.read(resp, MAX_MANIFEST_BYTES, what, too_large=InvalidArgument)
                 return Reply(resp.status, resp.headers, data)
 
-        return self.retrying(once, what)
+        return self.retrying(once, what, host)
 
     def _backoff(self, attempt: int, hint: float | None) -> float:
         if hint is not None:
@@ -226,9 +226,11 @@ class Transport:
         base = min(self.options.backoff_max, self.options.backoff * (2 ** attempt))
         return base * (0.5 + self._rng())  # jitter: 0.5x-1.5x
 
-    def retrying(self, fn, what: str) -> Reply:
+    def retrying(self, fn, what: str, host: str = "") -> Reply:
         """fn() again after a retryable status or a failed connection, at most `retries`
-        more times; UNAVAILABLE with the last reason once they are spent."""
+        more times; UNAVAILABLE with the last reason once they are spent. What no retry can
+        mend fails at once, saying what to do: a certificate not trusted, a registry that
+        speaks plain HTTP (`host`, when given, is the one the hint names)."""
         last = ""
         for attempt in range(self.options.retries + 1):
             try:
@@ -243,6 +245,8 @@ class Transport:
                 if isinstance(e, ssl.SSLCertVerificationError):
                     raise Unavailable(f"{what}: TLS verification failed: {e.verify_message}; "
                                       "add the registry's CA with --registry-ca") from None
+                if advice := _plain_http(e, host):
+                    raise Unavailable(f"{what}: {advice}") from None
                 if is_no_space(e):
                     raise no_space(what) from e
                 last, hint = f"{type(e).__name__}: {e}", None
@@ -250,6 +254,28 @@ class Transport:
                 raise Unavailable(f"{what}: malformed response: {e}") from None
             if attempt < self.options.retries:
                 delay = self._backoff(attempt, hint)
-                log.info("%s: %s; retrying in %.1fs", what, last, delay)
+                # `retry_in` marks the record as a retry (`strata pull` shows it as one)
+                log.info("%s: %s; retrying in %.1fs", what, last, delay,
+                         extra={"attempt": attempt + 1, "retry_in": round(delay, 3)})
                 self._sleep(delay)
         raise Unavailable(f"{what}: {last} (after {self.options.retries + 1} attempts)")
+
+
+# What OpenSSL says when the answer to our ClientHello is not TLS but plain HTTP ("HTTP/1.1
+# 400 …" read as a TLS record): a wrong version number (3.0, 3.1), a record layer failure
+# (later releases), an unknown protocol (1.x). No retry can mend it.
+PLAIN_HTTP_REASONS = {"WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "UNKNOWN_PROTOCOL"}
+
+
+def _plain_http(e: BaseException, host: str) -> str:
+    """What to do when a TLS handshake met a plain-HTTP registry; "" for any other error."""
+    if not isinstance(e, ssl.SSLError):
+        return ""
+    text = str(e).lower()
+    if e.reason not in PLAIN_HTTP_REASONS and "record layer failure" not in text \
+            and "wrong version number" not in text:
+        return ""
+    return (f"{f'registry {host}' if host else 'the registry'} answered plain HTTP to "
+            f"HTTPS ({e.reason or e}): add --insecure-registry {host or 'HOST:PORT'} (or "
+            "STRATA_INSECURE_REGISTRY, or insecure-registry in the config file); for a "
+            "mirror, write its URL with http://")
