@@ -8,16 +8,35 @@
   diff    what a publication changed (A added, C changed, D deleted), like `docker diff`
   demo    build a demo image, publish it to two pods, show copy-on-write, clean up
 
-Every setting is a flag and a STRATA_* environment variable, generated from csi/config.py.
+Every setting is a flag, a STRATA_* environment variable and a key of the config file
+(--config, STRATA_CONFIG, else /etc/strata/config.yaml if it exists), generated from
+csi/config.py; a flag wins over the environment, which wins over the file.
+Exit status: 0 done, 1 failed (the reason on stderr), 2 a usage error.
 """
 
 import argparse
 import dataclasses
+import logging
 import os
+import re
 
 from csi import logs
-from csi.config import Config, env_name, flag, parse_switch, repeatable, settings, switch
-from csi.errors import StrataError
+from csi.config import (
+    CONFIG_ENV,
+    DEFAULT_CONFIG_FILE,
+    Config,
+    env_name,
+    file_key,
+    flag,
+    parse_switch,
+    read_file,
+    repeatable,
+    settings,
+    switch,
+    value_type,
+)
+from csi.errors import InvalidArgument, StrataError
+from csi.image import reference
 from csi.pulls import POLICIES
 
 COMMANDS = {
@@ -33,35 +52,30 @@ COMMANDS = {
 
 
 def _add_settings(p: argparse.ArgumentParser, command: str) -> None:
+    # Each setting's environment variable is read here and converted in _config, so that a
+    # bad one is refused naming the variable (argparse would name only the flag).
     for f in settings(command):
         env = env_name(f)
-        raw = os.environ.get(env)
+        p.set_defaults(**{f.name + "_env": os.environ.get(env)})
         text = f.metadata["help"].replace("%", "%%")  # argparse formats help with %
         if repeatable(f):
             p.add_argument(flag(f), dest=f.name, action="append", default=None,
                            metavar=flag(f).lstrip("-").replace("-", "_").upper(),
-                           help=f"{text}; repeatable (env {env}, "
-                                "comma-separated)")
-            p.set_defaults(**{f.name + "_env": [x for x in (raw or "").split(",") if x]})
-            continue
-        if switch(f):  # given: on; else the environment's value (parsed in _config)
+                           help=f"{text}; repeatable (env {env}, comma-separated)")
+        elif switch(f):
             p.add_argument(flag(f), dest=f.name, action="store_true", default=None,
                            help=f"{text} (env {env}=true)")
-            p.set_defaults(**{f.name + "_env": raw})
-            continue
-        # The environment's value is converted in _config, so a bad one is refused naming
-        # the variable (argparse would name only the flag).
-        p.add_argument(flag(f), dest=f.name, default=None, type=_type(f),
-                       choices=f.metadata["choices"] or None,
-                       help=f"{text} (env {env}; default {f.default!r})")
-        p.set_defaults(**{f.name + "_env": raw})
-
-
-def _type(f: dataclasses.Field):
-    """What turns a flag's (or variable's) text into the setting's value: upper-case
-    choices (log levels) are taken in any case."""
-    choices = f.metadata["choices"]
-    return str.upper if choices and all(c.isupper() for c in choices) else f.type
+        else:
+            p.add_argument(flag(f), dest=f.name, default=None, type=value_type(f),
+                           choices=f.metadata["choices"] or None,
+                           help=f"{text} (env {env}; default {f.default!r})")
+    if command != "demo":  # the demo is self-contained: it reads no settings
+        p.add_argument("--config", metavar="PATH", default=None,
+                       help=f"a YAML file of settings, keyed by the flags without dashes "
+                            f"(`registry-timeout: 5`, `insecure-registry: [HOST:PORT]`); "
+                            f"flags and the environment win over it (env {CONFIG_ENV}; "
+                            f"default {DEFAULT_CONFIG_FILE}, read if it exists; '' for "
+                            "none)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -91,26 +105,66 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Config:
-    values = {}
+    """The command's settings: each from its flag, else its environment variable, else the
+    config file, else its default. A refusal names the flag, and where a value that is not
+    the flag's came from."""
+    values, origins = {}, {}
     try:
+        path, origin = _config_file(args)
+        try:
+            in_file = read_file(path, required=origin != "default") if path else {}
+        except InvalidArgument as e:
+            if origin == CONFIG_ENV and not os.path.exists(path):
+                raise InvalidArgument(f"{e} (from {CONFIG_ENV})") from None
+            raise
         for f in settings(args.command):
-            value = getattr(args, f.name)
-            if repeatable(f):
-                value = tuple(value if value is not None else getattr(args, f.name + "_env"))
-            elif value is None:
-                raw = getattr(args, f.name + "_env")
-                value = f.default if raw is None else _from_env(f, raw)
+            value, raw = getattr(args, f.name), getattr(args, f.name + "_env")
+            if value is not None:
+                value = tuple(value) if repeatable(f) else value
+            elif raw is not None:
+                value, origins[flag(f)] = _from_env(f, raw), ("", env_name(f))
+            elif f.name in in_file:
+                value = in_file[f.name]
+                origins[flag(f)] = (f"config file {path}", file_key(f))
+            else:
+                value = f.default
             values[f.name] = value
         return dataclasses.replace(Config(), **values).validate(args.command)
     except (StrataError, ValueError) as e:
-        getattr(args, "command_parser", parser).error(str(e))
+        getattr(args, "command_parser", parser).error(_sourced(str(e), origins))
+
+
+def _config_file(args: argparse.Namespace) -> tuple[str, str]:
+    """The config file to read ("" for none) and who named it: --config, STRATA_CONFIG,
+    or "default" (read only if it exists)."""
+    if args.config is not None:
+        return args.config, "--config"
+    if CONFIG_ENV in os.environ:
+        return os.environ[CONFIG_ENV], CONFIG_ENV
+    return DEFAULT_CONFIG_FILE, "default"
+
+
+def _sourced(message: str, origins: dict[str, tuple[str, str]]) -> str:
+    """`message`, and where the value of each flag it names came from when that was not
+    the flag itself: `origins` maps a flag to ("", VARIABLE) or ("config file PATH", KEY)."""
+    named = [(file, name) for option, (file, name) in origins.items()
+             if re.search(rf"{re.escape(option)}(?![\w-])", message)
+             and (file or name not in message)]  # a variable's own message names it
+    parts = []
+    for file in dict.fromkeys(file for file, _ in named):
+        names = [name for f, name in named if f == file]
+        parts.append(", ".join(names) if not file else
+                     f"{file}, {'key' if len(names) == 1 else 'keys'} {', '.join(names)}")
+    return f"{message} (from {'; '.join(parts)})" if parts else message
 
 
 def _from_env(f: dataclasses.Field, raw: str):
+    if repeatable(f):
+        return tuple(x for x in raw.split(",") if x)
     if switch(f):
         return parse_switch(raw, env_name(f))
     try:
-        value = _type(f)(raw)
+        value = value_type(f)(raw)
     except ValueError:
         raise ValueError(f"{env_name(f)} (for {flag(f)}): invalid {f.type.__name__} value: "
                          f"{raw!r}") from None
@@ -137,13 +191,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from csi import demo
 
+        # Its server and tools run from a temporary root with their own flags: a node's
+        # config file must not reach them.
+        os.environ[CONFIG_ENV] = ""
         return demo.run(keep=args.keep)
     config = _config(args, parser)
-    logs.configure(config.log_level, config.log_format)
+    if args.command == "pull":
+        _check_reference(args)
     if args.command == "serve":
         from csi.server import serve
 
+        logs.configure(config.log_level, config.log_format)
         return serve(config)
+    # A tool's output is its answer: its log lines are only for what goes wrong.
+    logs.configure("WARNING", config.log_format).setLevel(logging.WARNING)
     from csi import store_cli
 
     if args.command == "pull":
@@ -151,6 +212,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "diff":
         return store_cli.run(store_cli.diff, config, args.target, args.json)
     return store_cli.run(getattr(store_cli, args.command), config)
+
+
+def _check_reference(args: argparse.Namespace) -> None:
+    """`strata pull`'s image argument, refused in the CLI's words (a usage error), not a
+    volume attribute's."""
+    image = args.image
+    try:
+        reference.parse(image)
+    except InvalidArgument as e:
+        reason = "it is empty (e.g. nginx:1.27)" if not image else str(e)
+        for prefix in (f"image reference {image[:80]!r} is malformed: ", f"image {image!r}: ",
+                       "invalid reference format: "):
+            reason = reason.removeprefix(prefix)
+        reason = reason.removesuffix(f": {image!r}")
+        args.command_parser.error(f"invalid image reference {image!r}: {reason}")
 
 
 if __name__ == "__main__":

@@ -1,14 +1,18 @@
 """Settings: each one declared once, here, with its default, help text and the commands that
-take it; `strata`'s flags and `STRATA_*` environment variables are generated from these
-declarations (cli.py), and a Config is validated once, in `validate()`.
+take it; `strata`'s flags, `STRATA_*` environment variables and the keys of the config file
+(`read_file`) are generated from these declarations (cli.py), and a Config is validated
+once, in `validate()`.
 """
 
 import dataclasses
+import difflib
 import functools
 import math
 import os
 import re
 import socket
+
+import yaml
 
 from csi import validate
 from csi.errors import InvalidArgument
@@ -318,6 +322,131 @@ def resolve_host_port(address: str) -> tuple[str, int]:
 
 def parse_host_port(address: str) -> tuple[str, int]:
     host, sep, port = address.rpartition(":")
+    if sep and port.isdigit() and int(port) == 0:
+        # The kernel would pick a port, and no scrape configuration could name it.
+        raise InvalidArgument(f"address must be HOST:PORT with a fixed port (1-65535; port "
+                              f"0 would listen on a random one no scrape can find), got "
+                              f"{address!r}")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
         raise InvalidArgument(f"address must be HOST:PORT, got {address!r}")
     return host.strip("[]") or "0.0.0.0", int(port)
+
+
+# -- the config file --------------------------------------------------------------------
+# A YAML mapping whose keys are the flags without their dashes (`insecure-registry: [a,
+# b]`, `registry-timeout: 5`): what a DaemonSet mounts once so that the server and every
+# tool exec'd beside it (`kubectl exec … strata pull`) agree. Precedence (cli.py): flag >
+# environment > file > default.
+CONFIG_ENV = "STRATA_CONFIG"
+DEFAULT_CONFIG_FILE = "/etc/strata/config.yaml"  # read only if it exists
+
+
+def file_key(field: dataclasses.Field) -> str:
+    return flag(field).lstrip("-")
+
+
+def value_type(field: dataclasses.Field):
+    """What turns a flag's, variable's or file's text into the setting's value: upper-case
+    choices (log levels) are taken in any case."""
+    choices = field.metadata["choices"]
+    return str.upper if choices and all(c.isupper() for c in choices) else field.type
+
+
+def read_file(path: str, required: bool = True) -> dict[str, object]:
+    """The settings the config file at `path` gives, by field name, each converted and
+    checked as its flag's value would be (ranges are Config.validate's). A key with no
+    value is as if absent. A missing file is {} unless `required` (a path the operator
+    named). InvalidArgument names the file and the key."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.load(f, Loader=_Loader)  # a SafeLoader
+    except FileNotFoundError:
+        if required:
+            raise InvalidArgument(f"config file {path}: no such file") from None
+        return {}
+    except (OSError, UnicodeDecodeError) as e:
+        raise InvalidArgument(f"config file {path}: cannot read it: "
+                              f"{getattr(e, 'strerror', None) or e}") from None
+    except yaml.YAMLError as e:
+        raise InvalidArgument(f"config file {path}: not valid YAML: {_yaml_problem(e)}") \
+            from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise InvalidArgument(f"config file {path}: must be a mapping of settings (e.g. "
+                              f"`registry-timeout: 5`), got a {type(data).__name__}")
+    fields = {file_key(f): f for f in dataclasses.fields(Config)}
+    values = {}
+    for key, value in data.items():
+        f = fields.get(key) if isinstance(key, str) else None
+        if f is None:
+            near = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise InvalidArgument(f"config file {path}: unknown key {key!r}{hint}; the keys "
+                                  "are the flags without dashes (`strata serve --help`)")
+        if value is not None:
+            try:
+                values[f.name] = _from_yaml(f, value)
+            except (InvalidArgument, ValueError) as e:
+                raise InvalidArgument(f"config file {path}: {key}: {e}") from None
+    return values
+
+
+def _from_yaml(f: dataclasses.Field, value):
+    """A setting's value from YAML's types; text is converted as the environment's is."""
+    def text(item) -> str:
+        if isinstance(item, str):
+            return item
+        # YAML reads `0123` as 83 and `1:30` as 90: a number where text is meant is
+        # refused, not turned back into other text.
+        raise ValueError(f"expected text, got {type(item).__name__} {item!r} (how YAML "
+                         "reads it unquoted); quote it")
+
+    if repeatable(f):  # a list, or one string (comma-separated, as in the environment)
+        items = value if isinstance(value, list) else [x for x in text(value).split(",") if x]
+        return tuple(text(x) for x in items)
+    if switch(f):
+        return value if isinstance(value, bool) else parse_switch(text(value), "the value")
+    if f.type in (int, float) and isinstance(value, str):
+        try:
+            converted = f.type(value)
+        except ValueError:
+            raise ValueError(f"invalid {f.type.__name__} value: {value!r}") from None
+    elif f.type in (int, float):
+        allowed = int if f.type is int else (int, float)
+        if isinstance(value, bool) or not isinstance(value, allowed):
+            raise ValueError(f"expected {'an integer' if f.type is int else 'a number'}, "
+                             f"got {type(value).__name__} {value!r}")
+        converted = f.type(value)
+    else:
+        converted = value_type(f)(text(value))
+    choices = f.metadata["choices"]
+    if choices and converted not in choices:
+        raise ValueError(f"must be one of {', '.join(choices)}, got {value!r}")
+    return converted
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """PyYAML's error on one line: the problem and where (its str() takes several)."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark else problem
+
+
+class _Loader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice (PyYAML keeps the last silently)."""
+
+
+def _mapping(loader: _Loader, node, deep=False):
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if isinstance(key, str) and key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} is given twice", key_node.start_mark)
+        if isinstance(key, str):
+            seen.add(key)
+    return loader.construct_mapping(node, deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
