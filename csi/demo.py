@@ -28,6 +28,7 @@ from csi.mount.mountinfo import MountTable
 from csi.paths import StorePaths
 from csi.proto import csi_pb2, csi_pb2_grpc
 from csi.tree import usage
+from csi.units import human_bytes
 
 MOTD_BASE = "Welcome to the strata demo base image.\n"
 MOTD_APP = "Welcome to the demo web app (built on the strata base image).\n"
@@ -204,7 +205,7 @@ def run(keep: bool = False) -> int:
         _show_series(samples, pods)
         _say(f"   sharing: {_gauge(samples, 'strata_image_publications', image=image):.0f} "
              "publications of the image (strata_image_publications), "
-             f"{_gauge(samples, 'strata_sharing_saved_bytes') / 1024:.0f} KiB of disk saved "
+             f"{human_bytes(_gauge(samples, 'strata_sharing_saved_bytes'))} of disk saved "
              "(strata_sharing_saved_bytes);")
         _say(f"   layers found in the store at publish: "
              f"{_gauge(samples, 'strata_store_cache_hits_total'):.0f}, pulled: "
@@ -234,14 +235,14 @@ def run(keep: bool = False) -> int:
         for d in layer_dirs:
             size, inodes = usage(d)
             total += size
-            _say(f"   layer {os.path.basename(os.path.dirname(d))}: {size / 1024:.0f} KiB, "
+            _say(f"   layer {os.path.basename(os.path.dirname(d))}: {human_bytes(size)}, "
                  f"{inodes} inodes")
         both = views[b][1] == lowers
         _say(f"   both pods stack the same {len(lowers)} layer directories: {both}")
         ua, ub = usage(upper)[0], usage(views[b][0])[0]
-        _say(f"   on disk: {total / 1024:.0f} KiB of layers + {ua / 1024:.0f} KiB (pod-a's "
-             f"upper) + {ub / 1024:.0f} KiB (pod-b's upper);")
-        _say(f"   a copy per pod would have cost {2 * total / 1024:.0f} KiB")
+        _say(f"   on disk: {human_bytes(total)} of layers + {human_bytes(ua)} (pod-a's "
+             f"upper) + {human_bytes(ub)} (pod-b's upper);")
+        _say(f"   a copy per pod would have cost {human_bytes(2 * total)}")
 
         _say("\n== Both pods stop: unpublish")
         for name, target in pods.items():

@@ -31,6 +31,7 @@ from csi.backend import Backend, Space, Usage
 from csi.mount.mountinfo import MountTable
 from csi.paths import StorePaths
 from csi.store.state import Publication, Stage, State
+from csi.units import human_bytes
 
 # How much later than its record a layer's top directories may have been modified without
 # counting as changed. None needed: the unpack's last change to them (directory times are
@@ -144,19 +145,10 @@ def upper_full(limit: int, used: int, available: int | None,
         what = "bytes"
     else:
         return ""
-    return (f"the writable layer is at its size limit ({_size(used)} used of {_size(limit)}, "
-            f"no {what} left): writes in the pod fail with ENOSPC (EDQUOT under an ext4 "
-            "quota); free space inside the pod or raise the volume's sizeLimit")
-
-
-def _size(n: float) -> str:
-    if n < 1024:
-        return f"{n:.0f} B"
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        n /= 1024
-        if n < 1024 or unit == "TiB":
-            break
-    return f"{n:.1f} {unit}"
+    return (f"the writable layer is at its size limit ({human_bytes(used)} used of "
+            f"{human_bytes(limit)}, no {what} left): writes in the pod fail with ENOSPC "
+            "(EDQUOT under an ext4 quota); free space inside the pod or raise the volume's "
+            "sizeLimit")
 
 
 class Health:

@@ -52,6 +52,7 @@ from csi.image.resolver import check_layout_allowed
 from csi.store.blobs import BlobStore
 from csi.store.layers import LayerStore
 from csi.store.state import State, Tag
+from csi.units import human_bytes
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,35 @@ class LocalSource:
     def open_blob(self, layer: LayerDesc):
         raise Aborted(f"image {self.name}: layer {layer.diff_id} was collected while being "
                       "published; retry")
+
+
+class Progress:
+    """What a pull tells whoever watches it, from the pull's own thread (`strata pull` draws
+    it as `docker pull` does; the server watches nothing). This class watches nothing."""
+
+    def resolved(self, image: Image, missing: list[LayerDesc]) -> None:
+        """The image's layers are known: `missing` will be fetched and unpacked, in this
+        order; the others are in the store already."""
+
+    def fetching(self, layer: LayerDesc) -> None:
+        """A missing layer's blob is being obtained (downloaded, unless a copy is cached)."""
+
+    def unpacking(self, layer: LayerDesc) -> None:
+        """The layer's blob is here and verified; unpacking it into the store."""
+
+
+class _Watched:
+    """A blob source telling a Progress when a layer's blob is asked for and when it is
+    here: the layer store asks for one blob at a time, in the image's order."""
+
+    def __init__(self, source, progress: Progress):
+        self._source, self._progress = source, progress
+
+    def open_blob(self, layer: LayerDesc):
+        self._progress.fetching(layer)
+        blob = self._source.open_blob(layer)
+        self._progress.unpacking(layer)
+        return blob
 
 
 class _Job:
@@ -122,11 +152,13 @@ class Puller:
         self._waiting = threading.BoundedSemaphore(max_waiting)
 
     def pull(self, image: str, secrets: dict | None = None, pull_policy: str = "",
-             wait: float | None = None, identity: Identity | None = None):
+             wait: float | None = None, identity: Identity | None = None,
+             progress: Progress | None = None):
         """(source, Image) with every layer present and the image recorded. Raises Aborted
         when `wait` seconds pass while a registry pull is still running (it goes on; the
         next call joins it). `identity`: the pod it is for, and its service-account tokens
-        for the credential providers that take them."""
+        for the credential providers that take them. `progress` watches the pull this call
+        starts (not one it joins)."""
         deadline = None if wait is None else time.monotonic() + wait
         pull_policy = policy(pull_policy or None)  # a staged volume's publish names none
         ref = reference.parse(image)
@@ -134,7 +166,7 @@ class Puller:
             check_layout_allowed(ref, self._layout_roots)
             source = OciLayout(ref)
             img = source.resolve()
-            missing = self._make_present(source, img, report=False)
+            missing = self._make_present(source, img, report=False, progress=progress)
             self._on_layers(len(img.layers) - missing, missing)
             return source, img
         asked = self._authorised_per_pod(ref, pull_policy)
@@ -164,7 +196,8 @@ class Puller:
             job = self._jobs.get(key)
             if job is None or (job.done.is_set() and (job.error is None or job.delivered)):
                 job = self._jobs[key] = _Job()
-                threading.Thread(target=self._run, args=(job, ref, chain, asked),
+                threading.Thread(target=self._run,
+                                 args=(job, ref, chain, asked, progress),
                                  name=f"pull {ref}", daemon=True).start()
         if not self._waiting.acquire(blocking=False):
             raise Aborted(f"image {ref}: too many publishes are waiting on pulls; retry")
@@ -213,10 +246,11 @@ class Puller:
             min(EXEC_TIMEOUT, deadline - time.monotonic())
         return self._providers.provide(ref.name, identity, timeout)
 
-    def _run(self, job: _Job, ref, keyring: CredentialChain, policy: str) -> None:
+    def _run(self, job: _Job, ref, keyring: CredentialChain, policy: str,
+             progress: Progress | None) -> None:
         started = time.monotonic()
         try:
-            source, image, job.missing = self._pull(ref, keyring, policy)
+            source, image, job.missing = self._pull(ref, keyring, policy, progress)
             job.result = source, image
             outcome = "present" if isinstance(job.result[0], LocalSource) else "pulled"
         except BaseException as e:
@@ -229,10 +263,11 @@ class Puller:
             job.done.set()
         self._on_pull(outcome, time.monotonic() - started)
 
-    def _pull(self, ref: reference.RegistryReference, keyring: CredentialChain, policy: str):
+    def _pull(self, ref: reference.RegistryReference, keyring: CredentialChain, policy: str,
+              progress: Progress | None = None):
         known = self._local(ref, max_age=None)
         if known is None:
-            return self._fetch(ref, keyring)
+            return self._fetch(ref, keyring, progress)
         # An image we have: ask (HEAD) whether the tag moved, or for a digest whether these
         # credentials may read it, before fetching anything. A tag names the index of a
         # multi-arch image, and that is what the HEAD answers with.
@@ -243,7 +278,7 @@ class Puller:
                     self._record_tag(ref, recorded)
                 log.info("image %s: the registry confirms %s", ref, recorded)
                 return LocalSource(str(ref)), known, 0
-            return self._fetch(ref, keyring)
+            return self._fetch(ref, keyring, progress)
         except StrataError as e:
             if policy != "IfNotPresent":
                 raise
@@ -254,10 +289,11 @@ class Puller:
                         "node", ref, e)
             return LocalSource(str(ref)), known, 0
 
-    def _fetch(self, ref: reference.RegistryReference, keyring: CredentialChain):
+    def _fetch(self, ref: reference.RegistryReference, keyring: CredentialChain,
+               progress: Progress | None = None):
         started = time.monotonic()
         img, source = self._client.resolve(ref, keyring.lookup, self._blobs)
-        missing = self._make_present(source, img, started=started)
+        missing = self._make_present(source, img, started=started, progress=progress)
         if not ref.digest:  # only once the layers are in place
             self._record_tag(ref, img.index_digest or img.manifest_digest)
         if not self._keep_blobs:
@@ -276,7 +312,7 @@ class Puller:
             yield layer_ids
 
     def _make_present(self, source, image: Image, started: float | None = None,
-                      report: bool = True) -> int:
+                      report: bool = True, progress: Progress | None = None) -> int:
         """Make every layer present; returns how many were missing before. The pull's
         progress is logged at INFO when layers are fetched (and, with `report`, when none
         were: a registry pull is news either way)."""
@@ -285,9 +321,12 @@ class Puller:
             missing = [la for la in image.layers if tx.layer_by_diff_id(la.diff_id) is None]
         nbytes = sum(la.size for la in missing)
         if missing:
-            log.info("pulling %s: %d of %d layers to fetch, %d bytes", image.name,
-                     len(missing), len(image.layers), nbytes,
+            log.info("pulling %s: %d of %d layers to fetch, %s", image.name,
+                     len(missing), len(image.layers), human_bytes(nbytes),
                      extra={"image": image.name, "layers": len(missing), "bytes": nbytes})
+        if progress is not None:
+            progress.resolved(image, missing)
+            source = _Watched(source, progress)
         with self.acquire(source, image):
             pass
         if missing or report:

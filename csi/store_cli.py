@@ -10,51 +10,80 @@ no publication, stage or in-flight lease holds, re-checked in the deleting trans
 
 import contextlib
 import json
+import logging
 import os
+import shutil
 import sys
-import threading
 import time
 
-from csi import compose, inspect, quantity
-from csi.config import Config
+from csi import compose, inspect
+from csi.config import ENV_PREFIX, Config
 from csi.errors import StrataError
+from csi.image import reference
 from csi.inspect import Summary, summarize
-from csi.store.report import human, image_rows, sharing
+from csi.progress import PullDisplay
+from csi.store.report import image_rows, sharing
 from csi.store.state import Publication, SchemaMismatch
+from csi.units import human_bytes
 from csi.volumes import canonical
 
 
 def pull(config: Config, image: str, policy: str) -> int:
-    """`strata pull`: the server's own pull path, printing progress like `docker pull`."""
-    progress = {"bytes": 0, "layers": 0}
-    parts = compose.tool(
-        config, on_unpack=lambda layer, s, n: progress.update(layers=progress["layers"] + 1),
-        on_bytes=lambda n: progress.update(bytes=progress["bytes"] + n))
-    done = threading.Event()
-
-    def report():
-        while not done.wait(0.5):
-            print(f"  {human(progress['bytes'])} downloaded, {progress['layers']} layers "
-                  "unpacked", flush=True)
-
-    ticker = threading.Thread(target=report, daemon=True)
-    started = time.monotonic()
-    print(f"pulling {image}", flush=True)
-    ticker.start()
-    try:
-        _, img = parts.puller.pull(image, {}, policy, wait=None)
-    except StrataError as e:
-        print(f"strata pull: {e.code.name}: {e}")
-        return 1
-    finally:
-        done.set()
-        ticker.join()
-        parts.close()
-    print(f"{img.name}: {len(img.layers)} layers present, {human(progress['bytes'])} "
-          f"downloaded, {progress['layers']} layers unpacked in "
-          f"{time.monotonic() - started:.1f}s")
-    print(f"digest: {img.manifest_digest}")
+    """`strata pull`: the server's own pull path, its progress drawn as `docker pull` draws
+    it (progress.py), ending with the digest and whether anything new came."""
+    ref = reference.parse(image)  # the CLI refused a bad one already
+    tty = sys.stdout.isatty() and os.environ.get("TERM") != "dumb"
+    display = PullDisplay(sys.stdout, tty, shutil.get_terminal_size().columns)
+    retries = _Retries(display)
+    with _opened(config, lambda c: compose.tool(
+            c, on_unpack=lambda layer, seconds, nbytes: display.unpacked(layer.diff_id),
+            on_bytes=display.received)) as parts:
+        with parts.state.read() as tx:
+            known = {i.manifest_digest for i in tx.images()}
+        if isinstance(ref, reference.LayoutReference):
+            display.note(f"{ref.tag or 'latest'}: Pulling from {ref.path}")
+        else:
+            display.note(f"{ref.digest or ref.tag}: Pulling from {ref.repository}")
+        with retries.installed():
+            _, img = parts.puller.pull(image, {}, policy, wait=None, progress=display)
+    display.finish()
+    fresh = display.fetched and (display.missing or img.manifest_digest not in known)
+    display.note(f"Digest: {img.index_digest or img.manifest_digest}")
+    display.note(f"Status: {'Downloaded newer image' if fresh else 'Image is up to date'} "
+                 f"for {image}")
+    display.note(str(ref))
     return 0
+
+
+class _Retries(logging.Handler):
+    """The transport's retries (its log records marked `retry_in`), shown by the display
+    as they happen: a tool logs nothing below WARNING otherwise."""
+
+    LOGGER = "csi.image.transport"
+
+    def __init__(self, display: PullDisplay):
+        super().__init__(logging.INFO)
+        self._display = display
+
+    def emit(self, record: logging.LogRecord) -> None:
+        delay = getattr(record, "retry_in", None)
+        if delay is None:
+            return
+        args = record.args if isinstance(record.args, tuple) else ()
+        what, error = (args[0], args[1]) if len(args) >= 2 else (record.getMessage(), "")
+        self._display.retry(str(what), str(error), delay)
+
+    @contextlib.contextmanager
+    def installed(self):
+        logger = logging.getLogger(self.LOGGER)
+        level = logger.level
+        logger.setLevel(logging.INFO)  # the records reach us; the log's handler drops them
+        logger.addHandler(self)
+        try:
+            yield
+        finally:
+            logger.removeHandler(self)
+            logger.setLevel(level)
 
 
 class NoStore(Exception):
@@ -63,8 +92,10 @@ class NoStore(Exception):
 
 @contextlib.contextmanager
 def _opened(config: Config, open_=compose.reader):
-    """The store's parts (read-only unless `open_` says otherwise), closed afterwards."""
-    if not os.path.exists(os.path.join(config.root, "state.db")):
+    """The store's parts (read-only unless `open_` says otherwise), closed afterwards.
+    Only `strata serve` creates a store: a tool given a root that holds none (a mistyped
+    --root) refuses it instead of making a new one there."""
+    if not os.path.isfile(os.path.join(config.root, "state.db")):
         raise NoStore(config.root)
     parts = open_(config)
     try:
@@ -74,20 +105,31 @@ def _opened(config: Config, open_=compose.reader):
 
 
 def run(command, config: Config, *args) -> int:
-    """A tool's exit code; a missing store is an error of its own (exit 1)."""
+    """A tool's exit code: 0, or 1 with the reason on stderr (stdout is what it answers),
+    never a traceback for what the operator can act on."""
+    name = f"strata {command.__name__}"
     try:
         return command(config, *args)
     except NoStore as e:
-        print(f"strata: no store at {e}", file=sys.stderr)
+        print(f"{name}: no store at {e} (--root, {ENV_PREFIX}ROOT or `root` in the config "
+              f"file): start `strata serve --root {e}` first, or check the path",
+              file=sys.stderr)
     except SchemaMismatch as e:
-        print(f"strata: {e}", file=sys.stderr)
+        print(f"{name}: {e}", file=sys.stderr)
+    except StrataError as e:
+        print(f"{name}: {e.code.name}: {e}", file=sys.stderr)
+    except OSError as e:  # the store's files: permissions, a full or read-only disk
+        print(f"{name}: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted", file=sys.stderr)
+        return 130
     return 1
 
 
 def gc(config: Config) -> int:
     with _opened(config, compose.tool) as parts:
         result = parts.gc.collect()
-    print(f"removed {len(result.removed)} layers, freed {human(result.freed_bytes)}")
+    print(f"removed {len(result.removed)} layers, freed {human_bytes(result.freed_bytes)}")
     for lid in result.removed:
         print(f"  {lid}")
     return 0
@@ -106,26 +148,26 @@ def ls(config: Config) -> int:
     print(f"{'IMAGE':<48} {'DIGEST':<19} {'LAYERS':>6} {'SIZE':>10} {'PODS':>5} {'STAGED':>6}")
     for r in image_rows(layers, images, pubs, stages):
         print(f"{r.name[-48:]:<48} {r.manifest_digest[7:19]:<19} {r.layers:>6} "
-              f"{human(r.size):>10} {r.publications:>5} {r.stages:>6}")
+              f"{human_bytes(r.size):>10} {r.publications:>5} {r.stages:>6}")
     print()
     print(f"{'LAYER':<17} {'DIFFID':<19} {'SIZE':>10} {'REFS':>5}  LAST USED")
     for x in layers:
-        print(f"{x.id:<17} {x.diff_id[7:19]:<19} {human(x.size):>10} {refs.get(x.id, 0):>5}  "
-              f"{_ago(x.last_used)}")
+        print(f"{x.id:<17} {x.diff_id[7:19]:<19} {human_bytes(x.size):>10} "
+              f"{refs.get(x.id, 0):>5}  {_ago(x.last_used)}")
     print()
     print(f"{'POD':<32} {'VOLUME':<24} {'UPPER':>10} {'CREATED':>7} {'COPIED':>7} "
-          f"{'DELETED':>7} {'LIMIT':>8} {'BY':<18}  TARGET")
+          f"{'DELETED':>7} {'LIMIT':>10} {'BY':<18}  TARGET")
     for p in pubs:
         s = changes[p.key]
         if s is None:
             upper, counts = ("ro" if p.readonly else "-"), ("-", "-", "-")
         else:
-            upper, counts = human(s.upper_bytes), (s.created, s.copied_up + s.metacopy,
-                                                   s.deleted)
-        limit = quantity.human(p.size_limit) if p.size_limit else "-"
+            upper = human_bytes(s.upper_bytes)
+            counts = (s.created, s.copied_up + s.metacopy, s.deleted)
+        limit = human_bytes(p.size_limit) if p.size_limit else "-"
         print(f"{(p.pod or '-')[-32:]:<32} {p.volume_id[-24:]:<24} {upper:>10} "
               + " ".join(f"{c:>7}" for c in counts)
-              + f" {limit:>8} {bounded_by(p):<18}  {p.target}")
+              + f" {limit:>10} {bounded_by(p):<18}  {p.target}")
     return 0
 
 
@@ -159,16 +201,17 @@ def df(config: Config) -> int:
     active = [x for x in layers if refs.get(x.id, 0)]
     reclaim = share.physical_bytes - sum(x.size for x in active)
     pct = f" ({100 * reclaim / share.physical_bytes:.0f}%)" if share.physical_bytes else ""
+    size = human_bytes
     print(f"{'TYPE':<14} {'TOTAL':>6} {'ACTIVE':>6} {'SIZE':>10} {'RECLAIMABLE':>16}")
-    print(f"{'Layers':<14} {len(layers):>6} {len(active):>6} {human(share.physical_bytes):>10} "
-          f"{human(reclaim) + pct:>16}")
+    print(f"{'Layers':<14} {len(layers):>6} {len(active):>6} {size(share.physical_bytes):>10} "
+          f"{size(reclaim) + pct:>16}")
     in_use = {p.manifest_digest for p in pubs} | {s.manifest_digest for s in stages}
     print(f"{'Images':<14} {len(images):>6} {len(in_use & {i.manifest_digest for i in images}):>6}")
-    print(f"{'Upper layers':<14} {len(pubs):>6} {len(pubs):>6} {human(uppers):>10} {'0 B':>16}")
+    print(f"{'Upper layers':<14} {len(pubs):>6} {len(pubs):>6} {size(uppers):>10} {size(0):>16}")
     print()
-    print(f"{len(pubs)} publications would take {human(share.logical_bytes)} as private copies; "
-          f"shared layers hold them in {human(share.logical_bytes - share.saved_bytes)}: "
-          f"{human(share.saved_bytes)} saved")
+    print(f"{len(pubs)} publications would take {size(share.logical_bytes)} as private copies; "
+          f"shared layers hold them in {size(share.logical_bytes - share.saved_bytes)}: "
+          f"{size(share.saved_bytes)} saved")
     return 0
 
 

@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterable
 
 from csi.store.state import Layer
+from csi.units import human_bytes
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +148,6 @@ class Collector:
                 freed += layer.size
         result = Result(tuple(removed), freed)
         if removed:
-            log.info("gc (%s): removed %d layers, freed %d bytes", policy.mode, len(removed),
-                     freed)
+            log.info("gc (%s): removed %d layers, freed %s", policy.mode, len(removed),
+                     human_bytes(freed), extra={"layers": len(removed), "bytes": freed})
         return result

@@ -38,6 +38,7 @@ from csi.store import durable, unpack
 from csi.store.compression import decompress
 from csi.store.state import Layer, State
 from csi.tree import remove_tree, usage
+from csi.units import human_bytes
 
 log = logging.getLogger(__name__)
 
@@ -241,9 +242,10 @@ class LayerStore:
             self._unpacked += 1
         seconds = time.monotonic() - started
         # From the blob's first byte (a download, when it came from a registry) to recorded.
-        log.info("unpacked layer %s (%d entries, %d bytes) in %.2fs", lid, stats.entries,
-                 size, seconds, extra={"layer": lid, "digest": desc.digest, "bytes": size,
-                                       "entries": stats.entries, "seconds": round(seconds, 3)})
+        log.info("unpacked layer %s (%d entries, %s) in %.2fs", lid, stats.entries,
+                 human_bytes(size), seconds,
+                 extra={"layer": lid, "digest": desc.digest, "bytes": size,
+                        "entries": stats.entries, "seconds": round(seconds, 3)})
         self._on_unpack(layer, seconds, stats.bytes)
         return layer
 

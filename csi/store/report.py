@@ -52,10 +52,3 @@ def image_rows(layers, images, pubs, stages) -> list[ImageRow]:
             stages=sum(s.manifest_digest == img.manifest_digest for s in stages)))
     return rows
 
-
-def human(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
