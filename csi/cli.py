@@ -20,7 +20,7 @@ import logging
 import os
 import re
 
-from csi import logs
+from csi import __version__, logs
 from csi.config import (
     CONFIG_ENV,
     DEFAULT_CONFIG_FILE,
@@ -81,6 +81,7 @@ def _add_settings(p: argparse.ArgumentParser, command: str) -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="strata", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"strata {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command, help_ in COMMANDS.items():
         p = sub.add_parser(command, help=help_, description=help_)

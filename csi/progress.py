@@ -79,20 +79,23 @@ class PullDisplay(Progress):
                 return
             row.done += nbytes
             if row.state.startswith("Retrying"):
-                self._set(self._current, "Downloading")  # bytes flow again
-            elif self._tty and self._clock() - self._drawn_at >= REDRAW:
+                # Bytes flow again; a line saying so would repeat the first `Downloading`.
+                row.state = "Downloading"
+                row.shown = self._line(self._current, row)
+            if self._tty and self._clock() - self._drawn_at >= REDRAW:
                 self._draw()
 
-    def retry(self, what: str, error: str, delay: float) -> None:
-        """A request that failed and is tried again in `delay` seconds: the state of the
-        layer whose blob it fetches, else a line of its own."""
+    def retry(self, what: str, error: str, delay: float, attempt: int) -> None:
+        """Attempt number `attempt` of a request failed; the next comes in `delay` seconds:
+        the state of the layer whose blob it fetches, else a line of its own."""
         m = _BLOB.search(what)
+        again = f"Retrying in {delay:.1f}s after attempt {attempt}"
         with self._mu:
             lid = self._by_blob.get(m.group(1), "") if m else ""
             if lid in self._rows:
-                self._set(lid, f"Retrying in {delay:.1f}s ({error})")
+                self._set(lid, f"{again}: {error}")
             else:
-                self._note(f"Retrying in {delay:.1f}s: {what}: {error}")
+                self._note(f"{again}: {what}: {error}")
 
     def note(self, text: str) -> None:
         """A line of its own, above the rows."""

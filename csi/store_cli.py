@@ -16,7 +16,7 @@ import shutil
 import sys
 import time
 
-from csi import compose, inspect
+from csi import compose, inspect, quantity
 from csi.config import ENV_PREFIX, Config
 from csi.errors import StrataError
 from csi.image import reference
@@ -71,7 +71,7 @@ class _Retries(logging.Handler):
             return
         args = record.args if isinstance(record.args, tuple) else ()
         what, error = (args[0], args[1]) if len(args) >= 2 else (record.getMessage(), "")
-        self._display.retry(str(what), str(error), delay)
+        self._display.retry(str(what), str(error), delay, getattr(record, "attempt", 0))
 
     @contextlib.contextmanager
     def installed(self):
@@ -164,7 +164,8 @@ def ls(config: Config) -> int:
         else:
             upper = human_bytes(s.upper_bytes)
             counts = (s.created, s.copied_up + s.metacopy, s.deleted)
-        limit = human_bytes(p.size_limit) if p.size_limit else "-"
+        # A limit is the sizeLimit quantity the pod spec wrote (8Mi), not a measured size.
+        limit = quantity.human(p.size_limit) if p.size_limit else "-"
         print(f"{(p.pod or '-')[-32:]:<32} {p.volume_id[-24:]:<24} {upper:>10} "
               + " ".join(f"{c:>7}" for c in counts)
               + f" {limit:>10} {bounded_by(p):<18}  {p.target}")

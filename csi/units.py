@@ -10,6 +10,9 @@ quotas and `du -h`/`df -h` count in 1024-byte units. In SI a `1Gi` limit would r
 "1.1 GB" and a full 1Gi volume "1.07 GB": neither matches what the pod spec says. The IEC
 names leave no doubt which base is meant (`kB` vs `KB` vs `KiB`), so strata uses them
 everywhere, one decimal, a space before the unit (`21.3 MiB`), as SI/IEC style asks.
+
+A size limit is not a measured size but the Kubernetes quantity a pod spec wrote: it is
+echoed in that notation (`8Mi`, quantity.human), which is IEC too.
 """
 
 UNITS = ("KiB", "MiB", "GiB", "TiB", "PiB", "EiB")

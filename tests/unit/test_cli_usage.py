@@ -1,6 +1,7 @@
 """`strata`'s usage errors: every bad flag, value or STRATA_* variable is refused by the
-command's own parser (exit 2, `strata CMD: error: …` naming the flag), never a traceback;
-every `--help` exits 0.
+command's own parser (exit 2, `strata CMD: error: …` naming the flag, under that command's
+usage), never a traceback; every `--help` exits 0. The tools' own failures (no store, a bad
+image reference) go to stderr with a non-zero exit, stdout left for answers.
 
 Most cases run `cli.main` in this process (a crash would surface as an exception other than
 SystemExit); a few run `python -m csi` as the operator would, and read its stderr."""
@@ -18,6 +19,7 @@ from csi import cli
 def no_environment(monkeypatch):
     for name in [n for n in os.environ if n.startswith("STRATA_")]:
         monkeypatch.delenv(name)
+    monkeypatch.setenv("STRATA_CONFIG", "")  # never this machine's /etc/strata/config.yaml
 
 
 @pytest.fixture(autouse=True)
@@ -50,6 +52,9 @@ SERVE_FLAGS = [
     ("--grace-seconds", "ten"), ("--gc-high-percent", "nan"), ("--gc-high-percent", "101"),
     ("--gc-low-percent", "-5"), ("--gc-max-bytes", "1.5"), ("--gc-max-bytes", "1e3"),
     ("--gc-max-bytes", "-1"), ("--gc-policy", "never"), ("--log-level", "loud"),
+    ("--log-level", "chatty"), ("--gc-min-age", "abc"), ("--metrics-top-layers", "abc"),
+    ("--registry-timeout", "-1"), ("--insecure-registry", "http://foo"),
+    ("--metrics-address", "127.0.0.1:0"),
     ("--log-format", "yaml"), ("--size-limit-mechanism", "xfs"),
     ("--registry-retries", "many"), ("--registry-retries", "-1"),
     ("--registry-timeout", "0"), ("--registry-timeout", "nan"),
@@ -157,7 +162,8 @@ def strata(*argv, env=None):
     return subprocess.run([sys.executable, "-m", "csi", *argv], capture_output=True,
                           text=True, timeout=60,
                           env={**{k: v for k, v in os.environ.items()
-                                  if not k.startswith("STRATA_")}, **(env or {})})
+                                  if not k.startswith("STRATA_")},
+                               "STRATA_CONFIG": "", **(env or {})})
 
 
 @pytest.mark.parametrize("argv, env, fragment", [
@@ -178,8 +184,58 @@ def test_the_command_line(argv, env, fragment, tmp_path):
     assert f"strata {argv[0]}: error: " in r.stderr and fragment in r.stderr
 
 
-@pytest.mark.parametrize("command", ["serve", "diff"])
+@pytest.mark.parametrize("command", [None, *cli.COMMANDS])
 def test_the_command_line_help(command):
-    r = strata(command, "--help")
-    assert r.returncode == 0 and r.stdout.startswith(f"usage: strata {command}")
+    """`--help` of every command as the operator runs it (`%` in a help text once made
+    argparse crash here)."""
+    r = strata("--help") if command is None else strata(command, "--help")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"usage: strata {command or ''}".rstrip()), r.stdout
     assert r.stderr == ""
+
+
+def test_version():
+    r = strata("--version")
+    assert r.returncode == 0 and r.stdout.startswith("strata ") and r.stderr == ""
+
+
+# -- the issue's list, each as the operator hit it -------------------------------------------
+@pytest.mark.parametrize("argv, fragment", [
+    (["--log-level", "chatty"], "argument --log-level: invalid choice: 'CHATTY'"),
+    (["--gc-min-age", "abc"], "argument --gc-min-age: invalid float value: 'abc'"),
+    (["--gc-max-bytes", "1.5"], "argument --gc-max-bytes: invalid int value: '1.5'"),
+    (["--metrics-address", "127.0.0.1:0"],
+     "--metrics-address: address must be HOST:PORT with a fixed port (1-65535; port 0"),
+    (["--registry-timeout", "-1"], "--registry-timeout must not be negative"),
+    (["--insecure-registry", "http://foo"], "--insecure-registry must be HOST or HOST:PORT"),
+])
+def test_a_usage_error_names_the_flag_under_the_commands_usage(argv, fragment, tmp_path):
+    r = strata(*serve(tmp_path, *argv))
+    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stdout == ""
+    assert r.stderr.startswith("usage: strata serve "), "the command's usage, not strata's"
+    assert f"strata serve: error: {fragment}" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("image, reason", [
+    ("", "it is empty"), ("team/App", "repository name must be lowercase"),
+    ("a b", "it contains whitespace"), ("nginx:", "empty tag after ':'"),
+    ("oci:relative", "the OCI layout path must be absolute"),
+])
+def test_a_bad_image_reference_speaks_cli(image, reason, capsys):
+    err = usage_error(["pull", image], capsys)
+    assert f"strata pull: error: invalid image reference {image!r}: {reason}" in err, err
+    assert "volume attribute" not in err
+
+
+@pytest.mark.parametrize("argv", [["pull", "nginx:1.27"], ["gc"], ["ls"], ["df"],
+                                  ["diff", "/pod"]])
+def test_a_root_that_holds_no_store_is_refused_and_left_alone(argv, tmp_path, capsys):
+    """A mistyped --root: an error on stderr, and no store made there (only `serve` makes
+    one)."""
+    for root in (tmp_path / "typo", tmp_path):  # missing, and an empty directory
+        assert cli.main([*argv, "--root", str(root)]) == 1
+        out = capsys.readouterr()
+        assert out.out == ""
+        assert f"strata {argv[0]}: no store at {root} (--root, STRATA_ROOT" in out.err
+        assert f"start `strata serve --root {root}` first" in out.err
+    assert not (tmp_path / "typo").exists() and list(tmp_path.iterdir()) == []
