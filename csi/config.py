@@ -11,11 +11,13 @@ import math
 import os
 import re
 import socket
+import ssl
 
 import yaml
 
 from csi import validate
 from csi.errors import InvalidArgument
+from csi.image.auth import Keyring
 from csi.image.credprovider import CredentialProviders, MissingPlugin
 from csi.image.registry import ClientOptions, mirror_endpoint
 from csi.image.transport import Options
@@ -228,6 +230,16 @@ class Config:
                 if path and not os.path.isfile(path):
                     why = "is not a file" if os.path.exists(path) else "does not exist"
                     raise InvalidArgument(f"{flag(_field(name))}: {path} {why}")
+        # Read now, so that a file that is not what it should be is refused by its flag at
+        # start-up, not found out at the first pull as a registry failure (and retried).
+        for path in self.registry_ca:
+            try:
+                ssl.create_default_context().load_verify_locations(cafile=path)
+            except (ssl.SSLError, OSError) as e:
+                raise InvalidArgument(f"--registry-ca: {path} holds no PEM certificate "
+                                      f"({getattr(e, 'reason', None) or e})") from None
+        if self.registry_config:
+            _named(_field("registry_config"), Keyring.from_file, self.registry_config)
         return self
 
     def _check_numbers(self) -> None:

@@ -258,7 +258,8 @@ class Transport:
                 log.info("%s: %s; retrying in %.1fs", what, last, delay,
                          extra={"attempt": attempt + 1, "retry_in": round(delay, 3)})
                 self._sleep(delay)
-        raise Unavailable(f"{what}: {last} (after {self.options.retries + 1} attempts)")
+        n = self.options.retries + 1
+        raise Unavailable(f"{what}: {last} (after {n} attempt{'s' if n > 1 else ''})")
 
 
 # What OpenSSL says when the answer to our ClientHello is not TLS but plain HTTP ("HTTP/1.1

@@ -239,3 +239,18 @@ def test_a_root_that_holds_no_store_is_refused_and_left_alone(argv, tmp_path, ca
         assert f"strata {argv[0]}: no store at {root} (--root, STRATA_ROOT" in out.err
         assert f"start `strata serve --root {root}` first" in out.err
     assert not (tmp_path / "typo").exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name, content, fragment", [
+    ("--registry-ca", "not a certificate\n", "holds no PEM certificate"),
+    ("--registry-ca", "", "holds no PEM certificate"),
+    ("--registry-config", "{bad", "is not valid JSON"),
+])
+def test_a_file_that_is_not_what_its_flag_wants_is_refused_at_once(name, content, fragment,
+                                                                   tmp_path, capsys):
+    """Read when the settings are, not found out at the first pull as a registry failure
+    (and retried)."""
+    path = tmp_path / "file"
+    path.write_text(content)
+    err = usage_error(["pull", "nginx:1.27", name, str(path)], capsys)
+    assert f"strata pull: error: {name}: {path}" in err and fragment in err, err
