@@ -18,6 +18,9 @@ from csi.mount.mountinfo import MountTable
 from csi.mount.syscalls import Mounter
 from csi.proto import csi_pb2, csi_pb2_grpc
 
+# No test, nor a server it starts, reads this machine's /etc/strata/config.yaml.
+os.environ["STRATA_CONFIG"] = ""
+
 ROOT_REASON = "needs root: real overlayfs mounts, mknod and trusted.* xattrs"
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason=ROOT_REASON)
 

@@ -19,7 +19,9 @@ import pytest
 
 from csi.image.build import write_image
 from csi.image.credprovider import TOKENS_KEY
+from csi.paths import StorePaths
 from csi.proto import csi_pb2
+from csi.store.state import State
 from tests.conftest import (
     ROOT_REASON,
     StrataProcess,
@@ -327,6 +329,7 @@ def test_racing_pods_of_two_identities_do_not_share_a_pull(plugin, registry, sa_
 
 def test_strata_pull_runs_the_providers(registry, tmp_path):
     provider = Provider(tmp_path, registry)
+    State(StorePaths(str(tmp_path / "store")).make().state_db).close()  # as serve made it
     out = subprocess.run([sys.executable, "-m", "csi", "pull", f"{registry.host}/team/cli:1.0",
                           "--root", str(tmp_path / "store"), "--insecure-registry",
                           registry.host, *provider.args],

@@ -464,20 +464,6 @@ def test_32_racing_pods_download_each_blob_once(plugin, plain, tmp_path):
         assert not MountTable().under(str(tmp_path / "pods"))
 
 
-def test_strata_pull_cli(plain, tmp_path):
-    root = tmp_path / "store"
-    out = subprocess.run([sys.executable, "-m", "csi", "pull", f"{plain.host}/team/big:1.0",
-                          "--root", str(root), "--insecure-registry", plain.host],
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert "2 layers present" in out.stdout and "downloaded" in out.stdout
-    assert f"digest: {plain.digests['big']}" in out.stdout
-    bad = subprocess.run([sys.executable, "-m", "csi", "pull", f"{plain.host}/team/nope:1",
-                          "--root", str(root), "--insecure-registry", plain.host],
-                         capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 1 and "NOT_FOUND" in bad.stdout
-
-
 def _req(vid, target, image, secrets, **attrs):
     from csi.proto import csi_pb2
     from tests.conftest import mount_cap

@@ -2,6 +2,8 @@
 variables generated from the settings' declarations."""
 
 import dataclasses
+import shutil
+import ssl
 
 import pytest
 
@@ -187,7 +189,7 @@ def parse(argv: list[str]) -> Config:
 
 def test_flags_environment_and_defaults(monkeypatch, tmp_path):
     ca = tmp_path / "ca.pem"
-    ca.write_text("")
+    shutil.copy(ssl.get_default_verify_paths().openssl_cafile, ca)
     monkeypatch.setenv("STRATA_NODE_ID", "from-env")
     monkeypatch.setenv("STRATA_GC_MIN_AGE", "12.5")
     monkeypatch.setenv("STRATA_INSECURE_REGISTRY", "a:5000,b:5000")

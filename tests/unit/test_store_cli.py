@@ -1,6 +1,7 @@
 """The read-only tools on stores they cannot or may not read: exit 1 with a reason, never
 a traceback, and the store left as it was."""
 
+import os
 import sqlite3
 
 from csi import cli
@@ -65,13 +66,15 @@ def test_write_tools_do_not_upgrade_a_store_another_process_uses(tmp_path, capsy
     con.close()
 
 
-def test_a_new_root_is_created_by_a_pull_beside_another_tool(tmp_path, capsys):
+def test_a_pull_never_creates_a_store(tmp_path, capsys):
+    """Only `strata serve` creates a store: a mistyped --root is refused, nothing made."""
     from csi.locks import StoreUsers
 
     (tmp_path / "store").mkdir()
     other = StoreUsers(str(tmp_path / "store" / "store.lock")).share()
     try:
         assert cli.main(["pull", "oci:/nowhere:x", "--root", str(tmp_path / "store")]) == 1
-        assert "NOT_FOUND" in capsys.readouterr().out, "it got as far as the image"
+        assert "no store at" in capsys.readouterr().err
     finally:
         other.close()
+    assert os.listdir(tmp_path / "store") == ["store.lock"]
