@@ -60,9 +60,9 @@ system-deps: need-root
 # kubectl is not a Debian package (bookworm's kubernetes-client is 1.20, whose kustomize
 # predates components and `labels`): it has to be on the machine already.
 need-kubectl:
-	@command -v kubectl >/dev/null 2>&1 || { echo "make $(MAKECMDGOALS): needs kubectl (1.21+, with its built-in kustomize) on PATH; install it from the Kubernetes release (https://kubernetes.io/docs/tasks/tools/)" >&2; exit 1; }
+	@command -v kubectl >/dev/null 2>&1 || { echo "make $(MAKECMDGOALS): needs kubectl (1.27+, with its built-in kustomize v5) on PATH; install it from the Kubernetes release (https://kubernetes.io/docs/tasks/tools/)" >&2; exit 1; }
 	@v=$$(kubectl version --client 2>/dev/null | sed -n 's/^Kustomize Version: v//p'); \
-	[ "$${v%%.*}" -ge 4 ] 2>/dev/null || { echo "make $(MAKECMDGOALS): kubectl's built-in kustomize is $${v:-missing}; deploy/ needs v4.1+ (kubectl 1.21+)" >&2; exit 1; }
+	[ "$${v%%.*}" -ge 5 ] 2>/dev/null || { echo "make $(MAKECMDGOALS): kubectl's built-in kustomize is $${v:-missing}; deploy/ needs v5+ (kubectl 1.27+)" >&2; exit 1; }
 
 need-root:
 	@[ "$$(id -u)" = 0 ] || { echo "make $(MAKECMDGOALS): needs root (mounts, mknod, lchown, trusted.* xattrs); make unit runs without" >&2; exit 1; }

@@ -79,7 +79,8 @@ kubectl exec strata-inline -- grep -q hello /site/usr/share/nginx/html/index.htm
   fail "inline: the pod's write is not in its volume"
 kubectl exec strata-pvc -- grep -q from-pvc /site/usr/share/nginx/html/index.html ||
   fail "pvc: the pod's write is not in its volume"
-kubectl exec strata-subpath -- wget -qO- http://127.0.0.1/ | grep -q nginx ||
+# grep without -q: an early exit would SIGPIPE wget and, under pipefail, fail the pipe.
+kubectl exec strata-subpath -- wget -qO- http://127.0.0.1/ | grep nginx >/dev/null ||
   fail "subpath: busybox httpd does not serve nginx's page from the image"
 # The containers say what happened in their logs; wait for the line rather than race it.
 wait_log() {
