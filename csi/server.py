@@ -163,7 +163,12 @@ class Plugin:
             log.info("metrics on http://%s/metrics", cfg.metrics_address)
 
     def _add(self, server: grpc.Server, path: str) -> None:
-        server.add_insecure_port("unix://" + path)
+        try:
+            server.add_insecure_port("unix://" + path)
+        except RuntimeError:  # gRPC says only "Failed to bind"; the path is what to check
+            raise FailedPrecondition(f"cannot listen on unix://{path} (--endpoint or "
+                                     "--controller-endpoint): check that its directory "
+                                     "exists and is writable") from None
         server.start()
         self._servers.append((server, path))
         log.info("serving CSI on unix://%s", path)
@@ -221,7 +226,11 @@ def take_store(config: Config, stop: threading.Event) -> ServeLock | None:
       an old server on other sockets): see compose.upgrade_blocked.
     The role, once taken, is held while we wait for the others, so that no third server
     gets in meanwhile."""
-    paths = StorePaths(config.root).make()
+    try:
+        paths = StorePaths(config.root).make()
+    except OSError as e:
+        raise SystemExit(f"strata serve: cannot create the store at {config.root} (--root): "
+                         f"{e.strerror}") from None
     lock = ServeLock(paths.serve_lock)
     sockets = _sockets(config)
     held = False

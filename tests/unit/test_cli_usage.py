@@ -254,3 +254,20 @@ def test_a_file_that_is_not_what_its_flag_wants_is_refused_at_once(name, content
     path.write_text(content)
     err = usage_error(["pull", "nginx:1.27", name, str(path)], capsys)
     assert f"strata pull: error: {name}: {path}" in err and fragment in err, err
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="root can create any store; as another user "
+                    "the refusal would be a permission error, not the missing directory")
+@pytest.mark.parametrize("where, fragment", [
+    ("root", "cannot create the store at /proc/strata (--root)"),
+    ("endpoint", "cannot listen on unix:///proc/strata.sock (--endpoint"),
+])
+def test_a_root_or_socket_that_cannot_be_made_is_a_clear_failure(where, fragment, tmp_path):
+    """/proc holds neither: what serve cannot create is said with the flag, not a
+    traceback from os.makedirs or gRPC's 'Failed to bind'."""
+    root = "/proc/strata" if where == "root" else str(tmp_path / "store")
+    endpoint = ("unix:///proc/strata.sock" if where == "endpoint"
+                else f"unix://{tmp_path}/csi.sock")
+    r = strata("serve", "--node-id", "n", "--root", root, "--endpoint", endpoint, "--no-wait")
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr and fragment in r.stderr, r.stderr
