@@ -8,6 +8,8 @@
 #   pull tests run against, the push tool, and the auth/TLS material for it
 #   e2fsprogs (mkfs.ext4): the filesystem image of a size-limited publication (the plugin
 #   needs it on the node too); xfsprogs (mkfs.xfs): the project-quota tests' filesystems
+#   btrfs-progs (mkfs.btrfs): the store on btrfs in the tests (tests/storefs.py), where
+#   overlay's copy-up clones extents and the btrfs backend makes subvolume snapshots
 #   prometheus (brings promtool): the dashboard and alert checks, and the real Prometheus
 #   the monitoring integration test scrapes strata with (on a free port of its own)
 # Not from here: kubectl (1.21+, for its built-in kustomize), which tests/deploy renders
@@ -18,7 +20,7 @@ command -v kubectl >/dev/null 2>&1 ||
   echo "kubectl not found: tests/deploy needs it (make need-kubectl says more)" >&2
 tools=(make:make umount:util-linux nsenter:util-linux umoci:umoci docker-registry:docker-registry
        skopeo:skopeo htpasswd:apache2-utils openssl:openssl mkfs.ext4:e2fsprogs
-       mkfs.xfs:xfsprogs prometheus:prometheus promtool:prometheus)
+       mkfs.xfs:xfsprogs mkfs.btrfs:btrfs-progs prometheus:prometheus promtool:prometheus)
 missing=()
 for t in "${tools[@]}"; do
   command -v "${t%%:*}" >/dev/null 2>&1 || missing+=("${t#*:}")

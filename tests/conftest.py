@@ -274,3 +274,19 @@ def pods(tmp_path):
     yield tmp_path
     left = unmount_all_under(str(tmp_path))
     assert not left, f"test left mounts behind: {left}"
+
+
+@pytest.fixture(scope="session")
+def store_filesystems(tmp_path_factory):
+    """A loop-mounted ext4, XFS (reflink=1) and btrfs (tests/storefs.py), made once per
+    session and unmounted at its end whatever happened; tests make directories of their
+    own names in them (a store root each)."""
+    from tests.storefs import make_stores
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root: loop-mounted filesystems")
+    base = tmp_path_factory.mktemp("store-fs")
+    try:
+        yield make_stores(base)
+    finally:
+        unmount_all_under(str(base))

@@ -12,73 +12,27 @@ which skips it with that reason.
   CONFIG_QFMT_V2).
 """
 
-import dataclasses
-import gzip
-import shutil
-import subprocess
-
 import pytest
 
-MKFS = {
-    # mkfs.xfs refuses images under 300 MB; the file is sparse, so this costs nothing.
-    "xfs": ["mkfs.xfs", "-q", "-f"],
-    # 256-byte inodes: the project feature keeps the ID in the larger inode, and mke2fs's
-    # "small" filesystem type would otherwise pick 128.
-    "ext4": ["mkfs.ext4", "-q", "-F", "-I", "256", "-E", "lazy_itable_init=1"],
-}
-SIZE = {"xfs": "320M", "ext4": "64M"}
+from tests.storefs import Fs, kernel_config
+from tests.storefs import make_fs as _make_fs
+
 # The kernel options without which a quota mount fails, for the skip reason.
 NEEDS = {"xfs": ("CONFIG_XFS_QUOTA",), "ext4": ("CONFIG_QUOTA", "CONFIG_QFMT_V2")}
 WHAT = {"xfs": "XFS quota support", "ext4": "ext4 quota format"}
 
 
-@dataclasses.dataclass
-class Fs:
-    """A loop-mounted filesystem, or why there is none."""
-
-    kind: str
-    root: str = ""
-    skip: str = ""
-
-
-def kernel_config(names) -> str:
-    """What /proc/config.gz says of `names` ("CONFIG_X is not set, ..."), or ""."""
-    try:
-        with gzip.open("/proc/config.gz", "rt") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return ""
-    said = []
-    for name in names:
-        line = next((ln for ln in lines if ln.startswith((f"{name}=", f"# {name} is not"))), "")
-        said.append(line.lstrip("# ") if line else f"{name} absent")
-    return ", ".join(said)
-
-
 def make_fs(base, kind: str, name: str, features: tuple[str, ...] = (),
             options: tuple[str, ...] = ()) -> Fs:
-    """mkfs `kind` on a sparse image and loop-mount it with `options`; an Fs with a skip
-    reason when the tool is missing or the kernel refuses the mount."""
-    if shutil.which(MKFS[kind][0]) is None:
-        pkg = "xfsprogs" if kind == "xfs" else "e2fsprogs"
-        return Fs(kind, skip=f"{MKFS[kind][0]} is not installed ({pkg}; scripts/system-deps.sh)")
-    image, root = base / f"{name}.img", base / name
-    root.mkdir()
-    subprocess.run(["truncate", "-s", SIZE[kind], str(image)], check=True)
-    mkfs = MKFS[kind] + [a for f in features for a in ("-O", f)] + [str(image)]
-    made = subprocess.run(mkfs, capture_output=True, text=True)
-    if made.returncode != 0:
-        return Fs(kind, skip=f"{' '.join(mkfs[:-1])} failed: {made.stderr.strip()}")
-    # mount(8) attaches the loop device with autoclear: it goes with the last unmount.
-    opts = ",".join(("loop",) + options)
-    mounted = subprocess.run(["mount", "-t", kind, "-o", opts, str(image), str(root)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
+    """tests/storefs.make_fs, with the skip reason a quota test wants: which kernel option
+    is missing."""
+    fs = _make_fs(base, kind, name, features, options)
+    if fs.skip.startswith("this kernel refuses"):
         config = kernel_config(NEEDS[kind])
-        return Fs(kind, skip=(f"this kernel has no {WHAT[kind]}: it refuses to mount "
-                              f"{kind}{' -O ' + ','.join(features) if features else ''} with "
-                              f"-o {','.join(options)}" + (f" ({config})" if config else "")))
-    return Fs(kind, root=str(root))
+        fs.skip = (f"this kernel has no {WHAT[kind]}: it refuses to mount "
+                   f"{kind}{' -O ' + ','.join(features) if features else ''} with "
+                   f"-o {','.join(options)}" + (f" ({config})" if config else ""))
+    return fs
 
 
 def make_all(base) -> dict[str, Fs]:
