@@ -44,9 +44,10 @@ from csi.errors import (
 )
 from csi.image import reference
 from csi.image.auth import CredentialChain, Keyring
-from csi.image.credprovider import EXEC_TIMEOUT, CredentialProviders, Identity, Provided
+from csi.image.credprovider import EXEC_TIMEOUT, CredentialProviders, Provided
 from csi.image.layout import OciLayout
 from csi.image.manifest import Image, LayerDesc
+from csi.image.podtokens import Identity
 from csi.image.registry import RegistryClient
 from csi.image.resolver import check_layout_allowed
 from csi.store.blobs import BlobStore

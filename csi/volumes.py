@@ -27,7 +27,7 @@ from csi.errors import (
     no_space,
 )
 from csi.health import Health
-from csi.image.credprovider import TOKENS_KEY, Identity
+from csi.image.podtokens import TOKENS_KEY, Identity
 from csi.locks import KeyedLock
 from csi.mount.syscalls import Mounter
 from csi.mount.users import device_of

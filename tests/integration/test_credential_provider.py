@@ -18,7 +18,7 @@ import grpc
 import pytest
 
 from csi.image.build import write_image
-from csi.image.credprovider import TOKENS_KEY
+from csi.image.podtokens import TOKENS_KEY
 from csi.paths import StorePaths
 from csi.proto import csi_pb2
 from csi.store.state import State

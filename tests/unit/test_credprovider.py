@@ -14,23 +14,22 @@ import pytest
 from csi.config import Config
 from csi.errors import InvalidArgument
 from csi.image.auth import CredentialChain, Credentials, Keyring, parse_config
-from csi.image.credprovider import (
-    TOKENS_KEY,
-    CredentialProviders,
-    Identity,
-    Provider,
-    ProviderFailed,
+from csi.image.credconfig import (
     ProviderSpec,
     TokenAttributes,
-    audience_token,
-    cache_key,
     load_config,
     match_image,
     parse_duration,
-    parse_response,
-    service_account_key,
 )
-from csi.image.credprovider import parse_config as parse_provider_config
+from csi.image.credconfig import parse_config as parse_provider_config
+from csi.image.credprovider import (
+    CredentialProviders,
+    Provider,
+    ProviderFailed,
+    cache_key,
+    parse_response,
+)
+from csi.image.podtokens import TOKENS_KEY, Identity, audience_token, service_account_key
 from csi.image.registry import offers
 from csi.interceptors import redact
 from csi.proto import csi_pb2
