@@ -11,6 +11,7 @@ images a credential provider is for (docs/credential-providers.md).
 """
 
 import dataclasses
+import math
 import os
 import re
 
@@ -111,19 +112,47 @@ _KIND_NAMES = {str: "a string", list: "a list", dict: "an object", bool: "true o
 
 def parse_duration(text: str) -> float:
     """A Go duration (time.ParseDuration, what metav1.Duration holds): "12h", "1h30m",
-    "90s", "1.5h", "0". Seconds."""
+    "90s", "1.5h", "0". Seconds.
+
+    Read in one pass, piece by piece (a number, then its unit), never with a regex that
+    backtracks: a provider's answer is untrusted, and `(number unit)+` with optional
+    digits can be made to backtrack for hours on a few dozen bytes ("1111a" * 40 + "!")."""
     text = text.strip()
+    shown = repr(text) if len(text) <= 80 else repr(text[:77] + "...")
     if text in ("0", "+0", "-0"):
         return 0.0
-    m = re.fullmatch(r"([-+]?)((?:\d+\.?\d*|\.\d+)[a-zµμ]+)+", text)
-    if not m:
-        raise ValueError(f"{text!r} is not a duration such as \"12h\", \"1h30m\" or \"90s\"")
-    total = 0.0
-    for number, unit in re.findall(r"(\d+\.?\d*|\.\d+)([a-zµμ]+)", text):
+    sign, i, n, total = 1.0, 0, len(text), 0.0
+    if text[:1] in ("-", "+"):
+        sign, i = (-1.0 if text[0] == "-" else 1.0), 1
+    if i == n:
+        raise ValueError(f"{shown} is not a duration such as \"12h\", \"1h30m\" or \"90s\"")
+    while i < n:
+        start = i
+        while i < n and "0" <= text[i] <= "9":
+            i += 1
+        whole = text[start:i]
+        fraction = ""
+        if i < n and text[i] == ".":
+            i += 1
+            dot = i
+            while i < n and "0" <= text[i] <= "9":
+                i += 1
+            fraction = text[dot:i]
+        if not whole and not fraction:
+            raise ValueError(f"{shown} is not a duration such as \"12h\", \"1h30m\" or "
+                             "\"90s\"")
+        at = i
+        while i < n and not ("0" <= text[i] <= "9" or text[i] == "."):
+            i += 1
+        unit = text[at:i]
+        if not unit:
+            raise ValueError(f"{shown}: a number without a unit (ns, us, ms, s, m, h)")
         if unit not in _DURATION_UNITS:
-            raise ValueError(f"{text!r}: unknown unit {unit!r} (ns, us, ms, s, m, h)")
-        total += float(number) * _DURATION_UNITS[unit]
-    return -total if m.group(1) == "-" else total
+            raise ValueError(f"{shown}: unknown unit {unit[:20]!r} (ns, us, ms, s, m, h)")
+        total += float(f"{whole or 0}.{fraction or 0}") * _DURATION_UNITS[unit]
+    if not math.isfinite(total):
+        raise ValueError(f"{shown}: out of range")
+    return sign * total
 
 
 def parse_config(data: bytes | str, where: str) -> list[ProviderSpec]:

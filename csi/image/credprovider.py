@@ -88,7 +88,7 @@ def parse_response(data: bytes, api_version: str, token: str = "",
     the response: it holds passwords."""
     try:
         doc = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than json can go
         raise ProviderFailed("its answer on stdout is not JSON") from None
     if not isinstance(doc, dict):
         raise ProviderFailed("its answer is not a JSON object")

@@ -43,7 +43,7 @@ def audience_token(tokens: str, audience: str) -> str:
         return ""
     try:
         doc = json.loads(tokens)
-    except ValueError:
+    except (ValueError, RecursionError):  # a pod may write this value (docs): nested deep
         raise InvalidArgument(f"{TOKENS_KEY} is not JSON") from None
     if not isinstance(doc, dict):
         raise InvalidArgument(f"{TOKENS_KEY} is not a JSON object of audiences")
@@ -63,7 +63,7 @@ def token_claims(token: str) -> dict:
     try:
         payload = token.split(".")[1]
         claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-    except (IndexError, ValueError):
+    except (IndexError, ValueError, RecursionError):
         return {}
     return claims if isinstance(claims, dict) else {}
 

@@ -210,7 +210,7 @@ class RegistryClient:
         try:
             doc_media = json.loads(body).get("mediaType", "")
             schema = json.loads(body).get("schemaVersion")
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, RecursionError):  # nested deeper than json goes
             raise InvalidArgument(f"{what}: the manifest is not JSON") from None
         if media in SCHEMA1 or schema == 1:
             raise InvalidArgument(f"{what}: Docker schema 1 manifests are not supported; "

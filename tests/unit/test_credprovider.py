@@ -98,6 +98,35 @@ def test_bad_durations(text):
         parse_duration(text)
 
 
+# "1111a" * 13 + "!" took the old regex (`((?:\d+\.?\d*|\.\d+)[a-z…]+)+`) 23 s, four times
+# longer with each "1111a" more: this one would take it longer than the universe has been.
+ADVERSARIAL = "1111a" * 40 + "!"
+
+
+def test_an_adversarial_duration_is_refused_in_one_pass():
+    with pytest.raises(ValueError, match="unknown unit 'a'"):
+        parse_duration(ADVERSARIAL)
+    with pytest.raises(ValueError, match="unit"):
+        parse_duration("1" * 100_000 + "!")
+    # A provider's answer is where such a string would come from.
+    with pytest.raises(ProviderFailed, match="cacheDuration") as e:
+        parse_response(answer(duration=ADVERSARIAL), V1)
+    assert len(str(e.value)) < 300, "the string is not quoted whole"
+
+
+@pytest.mark.parametrize("text", ["1h.", "1.h.m", "+", "-", ".s", "1e3s", "1_000s", "１s",
+                                  "1" * 400 + "h"])
+def test_more_bad_durations(text):
+    with pytest.raises(ValueError):
+        parse_duration(text)
+
+
+@pytest.mark.parametrize("text, seconds", [(".5s", 0.5), ("5.s", 5), ("+1m", 60),
+                                           ("1h1h", 7200), ("1.0000000001s", 1.0000000001)])
+def test_more_go_durations(text, seconds):
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
 # -- the configuration ----------------------------------------------------------------------
 GOOD = """\
 apiVersion: kubelet.config.k8s.io/v1
@@ -338,6 +367,14 @@ def test_bad_responses(data, fragment):
         parse_response(data, V1)
     assert fragment in str(e.value)
     assert "hunter2" not in str(e.value)
+
+
+def test_an_answer_nested_deeper_than_json_goes_is_not_json():
+    """json.loads raises RecursionError, no ValueError, for it: that escaped as INTERNAL."""
+    with pytest.raises(ProviderFailed, match="not JSON"):
+        parse_response(b"[" * 200_000, V1)
+    with pytest.raises(InvalidArgument, match="not JSON"):
+        audience_token("[" * 200_000, "aud")
 
 
 def test_the_token_itself_as_password_only_with_token_cache_type():
