@@ -245,7 +245,11 @@ class Puller:
             return Provided()
         timeout = EXEC_TIMEOUT if deadline is None else \
             min(EXEC_TIMEOUT, deadline - time.monotonic())
-        return self._providers.provide(ref.name, identity, timeout)
+        try:
+            return self._providers.provide(ref.name, identity, timeout)
+        except PermissionDenied:  # a token that is not the pod's: no pull at all
+            self._on_pull("permission_denied", None)
+            raise
 
     def _run(self, job: _Job, ref, keyring: CredentialChain, policy: str,
              progress: Progress | None) -> None:

@@ -35,7 +35,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 
-from csi.errors import InvalidArgument
+from csi.errors import InvalidArgument, PermissionDenied
 from csi.image.auth import Credentials, Keyring, normalise_key
 from csi.image.credconfig import ProviderSpec, load_config, match_image, parse_duration
 from csi.image.podtokens import (
@@ -292,7 +292,8 @@ class CredentialProviders:
                 timeout: float = EXEC_TIMEOUT) -> Provided:
         """Run (or reuse the cached answer of) every provider whose matchImages cover
         `image`, in configuration order. Never raises for a provider's failure: that is a
-        note, and a line in the log."""
+        note, and a line in the log. A service-account token that is not the pod's is
+        PermissionDenied: the pull stops there."""
         out = Provided()
         identity = identity or Identity()
         for p in self.providers:
@@ -302,6 +303,14 @@ class CredentialProviders:
             try:
                 token, sa_key = self._token(p.spec, identity)
                 out.keyrings.append(p.provide(image, token, sa_key, timeout))
+            except PermissionDenied as e:
+                # A pod presenting a token that names someone else: no provider runs and no
+                # cached answer is looked up for it. Logged with the pod, never the token.
+                log.warning("credential provider %s refused for %s (pod %s/%s): %s",
+                            p.spec.name, image, identity.namespace, identity.pod, e,
+                            extra={"image": image, "provider": p.spec.name})
+                raise PermissionDenied(f"image {image}: credential provider {p.spec.name} "
+                                       f"was not run: {e}") from None
             except (ProviderFailed, _Skipped, InvalidArgument) as e:
                 why = f"credential provider {p.spec.name} " + (
                     f"was not run: {e}" if isinstance(e, _Skipped)
@@ -321,7 +330,10 @@ class CredentialProviders:
             raise _Skipped("it requires service account annotations (requiredServiceAccount"
                            f"AnnotationKeys: {', '.join(attrs.required_annotation_keys)}), "
                            "which a CSI driver cannot read")
-        token = audience_token(identity.tokens, attrs.audience)
+        try:
+            token = audience_token(identity.tokens, attrs.audience)
+        except InvalidArgument as e:
+            raise _Skipped(str(e)) from None
         if not token:
             if attrs.require_service_account:
                 raise _Skipped(

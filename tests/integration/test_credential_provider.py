@@ -153,10 +153,10 @@ def b64url(d: dict) -> str:
     return base64.urlsafe_b64encode(json.dumps(d).encode()).rstrip(b"=").decode()
 
 
-def sa_token(name: str, pod: str, audience: str = AUDIENCE) -> str:
+def sa_token(name: str, pod: str, audience: str = AUDIENCE, namespace: str = "team") -> str:
     """A token shaped as the API server's (the provider and strata read its claims only)."""
-    claims = {"aud": [audience], "sub": f"system:serviceaccount:team:{name}",
-              "kubernetes.io": {"namespace": "team",
+    claims = {"aud": [audience], "sub": f"system:serviceaccount:{namespace}:{name}",
+              "kubernetes.io": {"namespace": namespace,
                                 "serviceaccount": {"name": name, "uid": f"uid-{name}"},
                                 "pod": {"name": pod, "uid": f"uid-{pod}"}}}
     return f"{b64url({'alg': 'RS256', 'kid': 'k'})}.{b64url(claims)}.c2lnbmF0dXJl"
@@ -168,13 +168,14 @@ def tokens_json(token: str, audience: str = AUDIENCE) -> str:
 
 
 def publish(p, target, image, vid="v", sa="", token="", in_secrets=False, audience=AUDIENCE,
-            **attrs) -> str:
-    """NodePublishVolume as the kubelet sends it for a pod of service account `sa`
-    (podInfoOnMount), with its token as the CSIDriver's tokenRequests have it passed."""
+            namespace="team", **attrs) -> str:
+    """NodePublishVolume as the kubelet sends it for a pod `vid` of service account `sa`
+    in `namespace` (podInfoOnMount), with its token as the CSIDriver's tokenRequests have it
+    passed (or, for a pod without them, as its own volumeAttributes had it)."""
     context = {"image": image, "csi.storage.k8s.io/ephemeral": "true", **attrs}
     secrets = {}
     if sa:
-        context.update({"csi.storage.k8s.io/pod.namespace": "team",
+        context.update({"csi.storage.k8s.io/pod.namespace": namespace,
                         "csi.storage.k8s.io/pod.name": vid,
                         "csi.storage.k8s.io/pod.uid": f"uid-{vid}",
                         "csi.storage.k8s.io/serviceAccount.name": sa})
@@ -305,6 +306,40 @@ def test_pods_tokens_reach_the_provider_and_each_pod_is_authorised(plugin, regis
     for token in (puller_a, puller_b, intruder, wrong):
         assert token not in log and token.split(".")[1] not in log
     assert "***stripped***" in log
+
+
+def test_a_pod_forging_another_namespaces_token_gets_nothing(plugin, registry, sa_provider,
+                                                             tmp_path):
+    """Without tokenRequests on the CSIDriver the kubelet passes an inline volume's
+    volumeAttributes on unchanged, the tokens key included: a pod author can write a token
+    whose (unsigned) claims name another namespace's service account. One such pod, once
+    the victim's answer is cached: refused, the provider not run, nothing mounted, and the
+    victim still served."""
+    p = plugin(sa_provider)
+    image = f"{registry.host}/team/app:1.0"
+    victim = sa_token("puller", "victim")
+    assert publish(p, tmp_path / "v", image, "victim", sa="puller", token=victim) == \
+        "app motd\n"
+    assert len(sa_provider.calls()) == 1  # cached (Registry, 1h) for team/puller
+
+    forgeries = {
+        "the victim's claims": sa_token("puller", "victim"),
+        "the victim's service account, the intruder's own pod": sa_token("puller", "intruder"),
+    }
+    for why, forged in forgeries.items():
+        details = refused(grpc.StatusCode.PERMISSION_DENIED, p, tmp_path / "i", image,
+                          "intruder", sa="default", namespace="intruders", token=forged)
+        assert "credential provider test-provider was not run" in details, why
+        assert "is not this pod's: its claims kubernetes.io.namespace, kubernetes.io." \
+               "serviceaccount.name" in details, why
+        assert not (tmp_path / "i").exists() or not os.listdir(tmp_path / "i"), why
+    assert len(sa_provider.calls()) == 1, "the provider never ran for the intruder"
+    assert publish(p, tmp_path / "v", image, "victim", sa="puller", token=victim,
+                   pullPolicy="Always") == "app motd\n"
+    log = p.read_log()
+    assert "refused for" in log and "(pod intruders/intruder)" in log
+    for token in (victim, *forgeries.values()):
+        assert token.split(".")[1] not in log
 
 
 def test_racing_pods_of_two_identities_do_not_share_a_pull(plugin, registry, sa_provider,

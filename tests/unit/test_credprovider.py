@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from csi.config import Config
-from csi.errors import InvalidArgument
+from csi.errors import InvalidArgument, PermissionDenied
 from csi.image.auth import CredentialChain, Credentials, Keyring, parse_config
 from csi.image.credconfig import (
     ProviderSpec,
@@ -397,29 +397,61 @@ def sa_token(ns="team", name="puller", uid="uid-1", pod="p1", nonce=""):
                 "jti": nonce or pod})
 
 
+def pod(ns="team", name="puller", pod="p1", tokens="") -> Identity:
+    """What the kubelet says of the pod (podInfoOnMount) that sa_token(ns, name, pod=pod)
+    is bound to."""
+    return Identity(ns, pod, f"{pod}-uid", name, tokens)
+
+
 def test_service_account_cache_keys():
     sa_type = TokenAttributes("registry", True, "ServiceAccount")
     token_type = TokenAttributes("registry", True, "Token")
     a, b = sa_token(pod="p1"), sa_token(pod="p2")
     # ServiceAccount: one key for every pod of the service account
-    assert service_account_key(sa_type, a, Identity()) == \
-        service_account_key(sa_type, b, Identity()) == ("team", "puller", "uid-1",
-                                                        "annotations:0")
+    assert service_account_key(sa_type, a, pod(pod="p1")) == \
+        service_account_key(sa_type, b, pod(pod="p2")) == ("team", "puller", "uid-1",
+                                                           "annotations:0")
     # Token: one per token
-    assert service_account_key(token_type, a, Identity()) != \
-        service_account_key(token_type, b, Identity())
+    assert service_account_key(token_type, a, pod(pod="p1")) != \
+        service_account_key(token_type, b, pod(pod="p2"))
     # another service account, or the same name made again (another UID)
-    assert service_account_key(sa_type, sa_token(name="other"), Identity()) != \
-        service_account_key(sa_type, a, Identity())
-    assert service_account_key(sa_type, sa_token(uid="uid-2"), Identity()) != \
-        service_account_key(sa_type, a, Identity())
+    assert service_account_key(sa_type, sa_token(name="other"), pod(name="other")) != \
+        service_account_key(sa_type, a, pod())
+    assert service_account_key(sa_type, sa_token(uid="uid-2"), pod()) != \
+        service_account_key(sa_type, a, pod())
     # no UID in the claims: the token always counts
-    no_uid = jwt({"sub": "system:serviceaccount:team:puller"})
-    key = service_account_key(sa_type, no_uid, Identity())
-    assert key[:3] == ("team", "puller", "") and key[4] == "token"
-    opaque = service_account_key(sa_type, "not-a-jwt", Identity("ns", "pod", "u", "sa"))
-    assert opaque[:3] == ("ns", "sa", "") and opaque[4:] == (
-        "token", "sha256:" + __import__("hashlib").sha256(b"not-a-jwt").hexdigest())
+    no_uid = jwt({"kubernetes.io": {"namespace": "team", "serviceaccount": {"name": "puller"},
+                                    "pod": {"name": "p1", "uid": "p1-uid"}}})
+    key = service_account_key(sa_type, no_uid, pod())
+    assert key[:3] == ("team", "puller", "") and key[4:] == (
+        "token", "sha256:" + __import__("hashlib").sha256(no_uid.encode()).hexdigest())
+
+
+@pytest.mark.parametrize("token, identity, fragment", [
+    # claims naming another namespace's service account, for this pod: a pod's own forgery
+    (sa_token(ns="victim"), pod(), "claims kubernetes.io.namespace disagree"),
+    (sa_token(name="admin"), pod(), "claims kubernetes.io.serviceaccount.name disagree"),
+    (sa_token(pod="other-pod"), pod(), "claims kubernetes.io.pod.uid disagree"),
+    (sa_token(ns="victim", name="admin"), pod(),
+     "kubernetes.io.namespace, kubernetes.io.serviceaccount.name disagree"),
+    # no claims to check: not a token the kubelet asked for this pod
+    ("not-a-jwt", pod(), "lacks the claims kubernetes.io.namespace, kubernetes.io."
+                         "serviceaccount.name, kubernetes.io.pod.uid"),
+    (jwt({"sub": "system:serviceaccount:team:puller"}), pod(), "lacks the claims"),
+    (jwt({"kubernetes.io": {"namespace": "team", "serviceaccount": {"name": "puller"}}}), pod(),
+     "lacks the claims kubernetes.io.pod.uid"),
+    (jwt({"kubernetes.io": {"namespace": ["team"], "serviceaccount": {"name": "puller"},
+                            "pod": {"uid": "p1-uid"}}}), pod(), "kubernetes.io.namespace"),
+    # no pod attributes (no podInfoOnMount): nothing to check the claims against
+    (sa_token(), Identity(), "CSIDriver must set podInfoOnMount: true"),
+    (sa_token(), Identity("team", "p1", "", "puller"), "podInfoOnMount"),
+])
+def test_a_token_that_is_not_the_pods_is_refused(token, identity, fragment):
+    with pytest.raises(PermissionDenied) as e:
+        service_account_key(TokenAttributes("registry", True, "ServiceAccount"), token,
+                            identity)
+    assert fragment in str(e.value)
+    assert token not in str(e.value) and "victim" not in str(e.value)
 
 
 def test_cache_keys_by_type():
@@ -510,18 +542,50 @@ def test_identities_never_share_a_cached_answer():
                     for i in range(3)))
     providers = CredentialProviders([provider(run, clock, tokens=attrs)])
 
-    def pull(token):
-        tokens = json.dumps({"registry": {"token": token}})
-        out = providers.provide("r.io/app", Identity("team", "pod", "uid", "puller", tokens))
+    def pull(**claims):
+        tokens = json.dumps({"registry": {"token": sa_token(**claims)}})
+        out = providers.provide("r.io/app", pod(tokens=tokens, **{
+            k: v for k, v in claims.items() if k in ("ns", "name", "pod")}))
         assert out.gated and not out.notes
         return out.keyrings[0].lookup("r.io", "app").username
 
-    assert pull(sa_token(pod="p1")) == "u0"
-    assert pull(sa_token(pod="p2")) == "u0", "same service account: cached"
-    assert pull(sa_token(name="other")) == "u1", "another identity: its own exec"
-    assert pull(sa_token(uid="uid-2")) == "u2", "a service account made again"
+    assert pull(pod="p1") == "u0"
+    assert pull(pod="p2") == "u0", "same service account: cached"
+    assert pull(name="other") == "u1", "another identity: its own exec"
+    assert pull(uid="uid-2") == "u2", "a service account made again"
     assert [r["serviceAccountToken"] for r in run.requests] == [
         sa_token(pod="p1"), sa_token(name="other"), sa_token(uid="uid-2")]
+
+
+def test_a_pod_naming_another_service_account_in_its_token_gets_nothing(caplog):
+    """The reviewer's forgery: without tokenRequests the kubelet passes a pod's inline
+    volumeAttributes on unchanged, tokens key and all. A pod of namespace `intruder` writes
+    an unsigned token whose claims name the victim's service account: it must get neither
+    the victim's cached answer nor an exec of its own."""
+    clock = Clock()
+    run = FakeRun(answer("Registry", "1h", {"r.io": {"username": "victim", "password": "pw"}}))
+    providers = CredentialProviders([provider(run, clock, tokens=TokenAttributes(
+        "registry", True, "ServiceAccount"))])
+    real = sa_token(ns="victim-ns", name="puller", pod="v")
+    out = providers.provide("r.io/private/app", pod("victim-ns", "puller", "v", tokens=json.dumps(
+        {"registry": {"token": real}})))
+    assert out.keyrings[0].lookup("r.io", "private/app").password == "pw"
+
+    forged = jwt({"kubernetes.io": {"namespace": "victim-ns",
+                                    "serviceaccount": {"name": "puller", "uid": "uid-1"},
+                                    "pod": {"name": "v", "uid": "v-uid"}}})
+    for intruder in (pod("intruder", "default", "i", tokens=json.dumps(
+            {"registry": {"token": forged}})),
+            # claims copied from the victim, pod attributes its own: still not its token
+            pod("intruder", "default", "i", tokens=json.dumps({"registry": {"token": real}}))):
+        with pytest.raises(PermissionDenied) as e:
+            providers.provide("r.io/private/other", intruder)
+        assert "credential provider p was not run" in str(e.value)
+        assert "is not this pod's" in str(e.value)
+    assert len(run.requests) == 1, "no exec for the intruder"
+    for record in caplog.records:
+        assert forged not in record.getMessage() and real not in record.getMessage()
+    assert "refused for r.io/private/other (pod intruder/i)" in caplog.text
 
 
 def test_providers_that_do_not_match_or_must_not_run():
@@ -532,7 +596,7 @@ def test_providers_that_do_not_match_or_must_not_run():
     annotations = provider(run, clock, tokens=TokenAttributes(
         "registry", True, "Token", required_annotation_keys=("a.io/role",)))
     everyone = CredentialProviders([plain, needs_sa, annotations])
-    out = everyone.provide("r.io/app", Identity("team", "pod", "uid", "puller", tokens=json.dumps(
+    out = everyone.provide("r.io/app", pod(tokens=json.dumps(
         {"registry": {"token": sa_token()}})))
     assert [r["serviceAccountToken"] for r in run.requests] == [sa_token()], \
         "only the one that matches and may run"
@@ -575,11 +639,11 @@ json.dump({"apiVersion": req["apiVersion"], "kind": "CredentialProviderResponse"
                         env=(("MODE", "ok"), ("HOME", "/h")),
                         tokens=TokenAttributes("aud", False, "Token"))
     p = Provider(spec, str(tmp_path), environ={"HOME": "/root", "PATH": os.environ["PATH"]})
-    tokens = json.dumps({"aud": {"token": "sekrit"}})
-    out = CredentialProviders([p]).provide("r.io/app", Identity(tokens=tokens))
+    tokens = json.dumps({"aud": {"token": sa_token()}})
+    out = CredentialProviders([p]).provide("r.io/app", pod(tokens=tokens))
     assert out.keyrings[0].lookup("r.io", "app") == Credentials("argok/h", "r.io/app")
     failing = Provider(dataclasses.replace(spec, env=(("MODE", "fail"),)), str(tmp_path))
-    out = CredentialProviders([failing]).provide("r.io/app", Identity(tokens=tokens))
+    out = CredentialProviders([failing]).provide("r.io/app", pod(tokens=tokens))
     assert out.keyrings == []
     [note] = out.notes
     assert note.startswith("credential provider provider failed for r.io/app: it exited "
