@@ -704,3 +704,21 @@ def test_the_payload_log_strips_tokens_from_volume_context_and_secrets():
     assert "sekrit" not in text and text.count("***stripped***") == 3
     assert 'value: "r.io/app:1"' in text
     assert req.volume_context[TOKENS_KEY] == tokens, "the request itself is left alone"
+
+
+def test_tokens_in_secrets_are_the_kubelets_and_win(caplog):
+    """A Secret's keys cannot hold a "/": the tokens key in secrets can only be the
+    kubelet's (serviceAccountTokenInSecrets). One in volume_context besides is the
+    volume's own attributes: ignored, with a warning that never quotes it."""
+    from csi.volumes import service_account_tokens
+
+    kubelet, pods = tokens_json("kubelet-token"), tokens_json("pod-written")
+    assert service_account_tokens({TOKENS_KEY: pods}, {TOKENS_KEY: kubelet}) == kubelet
+    assert "ignored: the kubelet's are in secrets" in caplog.text
+    assert "pod-written" not in caplog.text
+    assert service_account_tokens({TOKENS_KEY: pods}, {}) == pods
+    assert service_account_tokens({}, {}) == ""
+
+
+def tokens_json(token: str) -> str:
+    return json.dumps({"aud": {"token": token}})
