@@ -29,6 +29,7 @@ import dataclasses
 import json
 import logging
 import os
+import selectors
 import signal
 import subprocess
 import threading
@@ -52,6 +53,10 @@ log = logging.getLogger(__name__)
 CACHE_KEY_TYPES = ("Image", "Registry", "Global")
 GLOBAL_KEY = "<global>"  # angle brackets: never an image or registry name
 EXEC_TIMEOUT = 60.0  # the kubelet's catch-all for every exec plugin
+OUTPUT_LIMIT = 1 << 20  # bytes of a plugin's stdout (and of its stderr) kept: an answer is small
+KILL_GRACE = 1.0  # seconds to read what a plugin killed at its timeout said before it died
+PIPE_CHUNK = 64 << 10
+POLL_INTERVAL = 0.05  # how often a plugin's exit is looked for where there is no pidfd
 STDERR_SHOWN = 1000  # characters of a failing plugin's stderr said in the log and errors
 
 
@@ -132,20 +137,148 @@ def parse_response(data: bytes, api_version: str, token: str = "",
 
 def run_plugin(argv: list[str], input: bytes, env: dict[str, str],
                timeout: float) -> subprocess.CompletedProcess:
-    """Run a plugin in a process group of its own, so that a timeout kills all of it: a
-    child it left holding our pipes would otherwise keep the pull waiting."""
-    with subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, env=env, start_new_session=True) as proc:
+    """Run a plugin in a process group of its own: the request on stdin, its stdout and
+    stderr read as they come (at most OUTPUT_LIMIT bytes of each are kept) until it exits.
+
+    The plugin's exit ends the run, not EOF on its pipes: a child it left behind holding
+    them (a `setsid cmd &` is out of reach of any killpg) would otherwise keep the pull
+    waiting for as long as the child lives. What the plugin wrote before it exited is in
+    the pipes already; that is taken, and the pipes are closed. A timeout kills the
+    plugin's process group (its children that stayed in it) and raises TimeoutExpired."""
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env, start_new_session=True)
+    try:
+        pipes = _Pipes(proc, input)
         try:
-            out, err = proc.communicate(input, timeout=timeout)
-        except subprocess.TimeoutExpired:
+            if not pipes.until_exit(time.monotonic() + timeout):
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                # What it said before it died (its stderr may say why it hung): briefly.
+                pipes.drain(time.monotonic() + KILL_GRACE)
+                proc.wait()
+                raise subprocess.TimeoutExpired(argv, timeout)
+            pipes.drain()  # what it wrote before it exited is in the pipes now
+        finally:
+            pipes.close()
+    finally:
+        if proc.poll() is None:  # an exception of ours: leave no plugin behind
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-            proc.communicate()
-            raise
-    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+            proc.wait()
+    return subprocess.CompletedProcess(argv, proc.returncode, pipes.stdout, pipes.stderr)
+
+
+class _Pipes:
+    """A plugin's three pipes, non-blocking, driven by one selector: the request written
+    as the plugin reads it, stdout kept from its start and stderr to its end, each at
+    most OUTPUT_LIMIT bytes (stdout one more, so that an oversize answer shows)."""
+
+    def __init__(self, proc: subprocess.Popen, data: bytes):
+        self._proc = proc
+        self._sel = selectors.DefaultSelector()
+        self._out, self._err = bytearray(), bytearray()
+        self._bufs = {proc.stdout.fileno(): self._out, proc.stderr.fileno(): self._err}
+        self._data = memoryview(data)
+        self._pidfd = None
+        try:  # readable when the plugin exits: no polling (Linux ≥ 5.3)
+            self._pidfd = os.pidfd_open(proc.pid)
+            self._sel.register(self._pidfd, selectors.EVENT_READ)
+        except (AttributeError, OSError):
+            pass
+        for f in (proc.stdout, proc.stderr):
+            os.set_blocking(f.fileno(), False)
+            self._sel.register(f.fileno(), selectors.EVENT_READ)
+        self._stdin = proc.stdin.fileno()  # kept: fileno() fails once the file is closed
+        if data:
+            os.set_blocking(self._stdin, False)
+            self._sel.register(self._stdin, selectors.EVENT_WRITE)
+        else:
+            proc.stdin.close()
+
+    @property
+    def stdout(self) -> bytes:
+        return bytes(self._out)
+
+    @property
+    def stderr(self) -> bytes:
+        return bytes(self._err)
+
+    def until_exit(self, deadline: float) -> bool:
+        """Move bytes until the plugin exits (True) or the deadline passes (False)."""
+        while self._proc.poll() is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            for key, _ in self._sel.select(left if self._pidfd is not None
+                                           else min(left, POLL_INTERVAL)):
+                if key.fd != self._pidfd:  # the pidfd only wakes the loop
+                    self._move(key.fd)
+        return True
+
+    def drain(self, deadline: float | None = None) -> None:
+        """Read until EOF on both pipes, or the deadline; with none, only what is there
+        now, waiting for nothing (a child still writing gets OUTPUT_LIMIT bytes more at
+        most). For after the plugin is gone."""
+        if self._pidfd is not None and self._pidfd in self._sel.get_map():
+            self._sel.unregister(self._pidfd)  # readable for good now: it would spin
+        read = 0
+        while self._sel.get_map() and read <= OUTPUT_LIMIT:
+            left = 0.0 if deadline is None else deadline - time.monotonic()
+            if deadline is not None and left <= 0:
+                return
+            ready = self._sel.select(left)
+            if not ready and deadline is None:
+                return
+            for key, _ in ready:
+                read += self._move(key.fd)
+
+    def _move(self, fd: int) -> int:
+        if fd == self._stdin:
+            self._write()
+            return 0
+        return self._read(fd)
+
+    def _write(self) -> None:
+        try:
+            n = os.write(self._stdin, self._data[:PIPE_CHUNK])
+        except BlockingIOError:
+            return
+        except OSError:  # EPIPE: it stopped reading; what it answers will say
+            n = len(self._data)
+        self._data = self._data[n:]
+        if not self._data:
+            self._sel.unregister(self._stdin)
+            self._proc.stdin.close()
+
+    def _read(self, fd: int) -> int:
+        try:
+            chunk = os.read(fd, PIPE_CHUNK)
+        except BlockingIOError:
+            return 0
+        if not chunk:
+            self._sel.unregister(fd)
+            return 0
+        buf = self._bufs[fd]
+        if buf is self._out:
+            buf += chunk[:OUTPUT_LIMIT + 1 - len(buf)]
+        else:
+            buf += chunk
+            del buf[:-OUTPUT_LIMIT]
+        return len(chunk)
+
+    def close(self) -> None:
+        self._sel.close()
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+        for f in (self._proc.stdin, self._proc.stdout, self._proc.stderr):
+            try:
+                f.close()
+            except OSError:
+                pass
 
 
 def _scrub(text: str, *secrets: str) -> str:
@@ -235,6 +368,8 @@ class Provider:
             stderr = _scrub(done.stderr.decode(errors="replace").strip(), token)
             raise ProviderFailed(f"it exited with status {done.returncode} after {seconds:.1f}s"
                                  + (f": {stderr[-STDERR_SHOWN:]}" if stderr else ""))
+        if len(done.stdout) > OUTPUT_LIMIT:
+            raise ProviderFailed(f"its answer is larger than {OUTPUT_LIMIT >> 20} MiB")
         tokens = self.spec.tokens
         return parse_response(done.stdout, self.spec.api_version, token,
                               tokens.cache_type if tokens else "")

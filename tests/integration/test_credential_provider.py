@@ -66,6 +66,11 @@ if mode == "fail":
 if mode == "garbage":
     print("Username: alice Password: secret")
     sys.exit(0)
+if mode == "orphan":  # a child out of our process group and session, holding our stdout
+    import subprocess
+    child = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    with open(os.path.join(state, "orphan.pid"), "w") as f:
+        f.write(str(child.pid))
 user, password = "alice", "secret"
 if token:
     if os.environ["AUDIENCE"] not in claims.get("aud", []):
@@ -252,6 +257,29 @@ def test_a_failing_provider_is_logged_and_named_in_the_denial(plugin, registry, 
     provider.mode("")
     assert publish(p, tmp_path / "t", image) == "app motd\n", "failures are not cached"
     assert len(provider.calls()) == 3
+
+
+def test_an_orphan_holding_the_plugins_stdout_does_not_hold_the_pull(plugin, registry,
+                                                                     tmp_path):
+    """The plugin answers and exits 0, leaving a `setsid` child with its stdout open for
+    five minutes (no killpg reaches it): the plugin's exit ends the exec, and the pull
+    uses its answer. Before, strata waited for EOF on stdout, past the RPC's deadline."""
+    provider = Provider(tmp_path, registry, duration="0s")
+    provider.mode("orphan")
+    p = plugin(provider)
+    try:
+        assert publish(p, tmp_path / "t", f"{registry.host}/team/app:1.0") == "app motd\n"
+        assert len(provider.calls()) == 1
+    finally:
+        pid_file = provider.state / "orphan.pid"
+        if pid_file.exists():
+            pid = int(pid_file.read_text())
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if f.read().startswith(b"sleep"):
+                        os.kill(pid, signal.SIGKILL)
+            except (FileNotFoundError, ProcessLookupError):
+                pass
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ import base64
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -28,6 +29,7 @@ from csi.image.credprovider import (
     ProviderFailed,
     cache_key,
     parse_response,
+    run_plugin,
 )
 from csi.image.podtokens import TOKENS_KEY, Identity, audience_token, service_account_key
 from csi.image.registry import offers
@@ -670,6 +672,71 @@ time.sleep(60)
             assert f.read().rsplit(")", 1)[1].split()[0] == "Z"
     except FileNotFoundError:
         pass
+
+
+@pytest.fixture
+def sleeper(tmp_path):
+    """A file for a plugin's orphan to write its pid in; the orphan is killed by that pid
+    when the test ends (it is out of the plugin's process group and session)."""
+    path = tmp_path / "orphan.pid"
+    yield path
+    if path.exists():
+        pid = int(path.read_text())
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                mine = b"sleep" in f.read()
+            if mine:
+                os.kill(pid, signal.SIGKILL)
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+
+
+ANSWER = json.dumps({"apiVersion": V1, "kind": "CredentialProviderResponse",
+                     "cacheKeyType": "Image", "auth": {"r.io": {"username": "u",
+                                                                "password": "p"}}})
+
+
+def test_an_orphan_holding_the_plugins_stdout_does_not_hold_the_answer(tmp_path, sleeper):
+    """The plugin answers and exits 0, leaving a child that setsid'd out of its process
+    group (no killpg reaches it) with its stdout open for five minutes. Its exit is the
+    end of the run: the answer is used. (Before, the pull waited for EOF on stdout: the
+    child's life, past the exec timeout, and then failed.)"""
+    plugin = tmp_path / "provider"
+    plugin.write_text(f"""#!/bin/sh
+cat >/dev/null
+setsid sh -c 'echo $$ > {sleeper}; exec sleep 300' &
+while [ ! -s {sleeper} ]; do :; done
+echo '{ANSWER}'
+exit 0
+""")
+    plugin.chmod(0o755)
+    p = Provider(ProviderSpec("provider", ("r.io",), 0, V1), str(tmp_path))
+    answer = p.exec("r.io/app", timeout=20)
+    assert answer.keyring.lookup("r.io", "app") == Credentials("u", "p")
+    pid = int(sleeper.read_text())
+    assert os.path.exists(f"/proc/{pid}"), "the orphan was there, holding the pipe"
+
+
+def test_a_plugins_output_is_bounded(tmp_path):
+    """Megabytes on stdout are no answer, and megabytes on stderr are kept to their end."""
+    script(tmp_path, """
+sys.stdin.read()
+sys.stderr.write("x" * (8 << 20) + "the end")
+sys.stdout.write(" " * (3 << 20) + "{}")
+""")
+    p = Provider(ProviderSpec("provider", ("r.io",), 0, V1), str(tmp_path))
+    with pytest.raises(ProviderFailed, match="its answer is larger than 1 MiB"):
+        p.exec("r.io/app", timeout=60)
+    done = run_plugin([str(tmp_path / "provider")], b"{}", dict(os.environ), 60)
+    assert len(done.stdout) == (1 << 20) + 1 and len(done.stderr) == 1 << 20
+    assert done.stderr.endswith(b"the end")
+
+
+def test_a_plugin_that_never_reads_its_request_still_answers(tmp_path):
+    script(tmp_path, f"print({ANSWER!r})")
+    p = Provider(ProviderSpec("provider", ("r.io",), 0, V1), str(tmp_path))
+    request = "r.io/" + "a" * (1 << 20)  # more than a pipe holds
+    assert p.exec(request, timeout=60).keyring.lookup("r.io", "app") == Credentials("u", "p")
 
 
 # -- the chain, the registry's offers, the payload log ---------------------------------------
