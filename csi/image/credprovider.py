@@ -57,7 +57,7 @@ OUTPUT_LIMIT = 1 << 20  # bytes of a plugin's stdout (and of its stderr) kept: a
 KILL_GRACE = 1.0  # seconds to read what a plugin killed at its timeout said before it died
 PIPE_CHUNK = 64 << 10
 POLL_INTERVAL = 0.05  # how often a plugin's exit is looked for where there is no pidfd
-STDERR_SHOWN = 1000  # characters of a failing plugin's stderr said in the log and errors
+STDERR_SHOWN = 1000  # characters of a failing plugin's stderr said in the node's log
 
 
 def registry_of(image: str) -> str:
@@ -73,7 +73,8 @@ def cache_key(key_type: str, image: str, sa_key: tuple[str, ...]) -> tuple:
 
 # -- running a provider ---------------------------------------------------------------------
 class ProviderFailed(Exception):
-    """A provider gave no answer: its message is safe to log (no token, no password)."""
+    """A provider gave no answer: its message is safe for the node's log (no token, no
+    password), not for the pod's events (it may hold the plugin's stderr)."""
 
 
 class _Skipped(Exception):
@@ -446,13 +447,20 @@ class CredentialProviders:
                             extra={"image": image, "provider": p.spec.name})
                 raise PermissionDenied(f"image {image}: credential provider {p.spec.name} "
                                        f"was not run: {e}") from None
-            except (ProviderFailed, _Skipped, InvalidArgument) as e:
-                why = f"credential provider {p.spec.name} " + (
-                    f"was not run: {e}" if isinstance(e, _Skipped)
-                    else f"failed for {image}: {e}")
+            except _Skipped as e:  # strata's own words about the configuration
+                why = f"credential provider {p.spec.name} was not run: {e}"
                 log.warning("%s; pulling without its credentials", why,
                             extra={"image": image, "provider": p.spec.name})
                 out.notes.append(why)
+            except (ProviderFailed, InvalidArgument) as e:
+                # The node's log has why; the note goes into the status the pod's events
+                # show, to whoever wrote the pod: the plugin's stderr (a cloud SDK's error
+                # may name accounts, roles, endpoints) and what it answered stay out of it.
+                log.warning("credential provider %s failed for %s: %s; pulling without its "
+                            "credentials", p.spec.name, image, e,
+                            extra={"image": image, "provider": p.spec.name})
+                out.notes.append(f"credential provider {p.spec.name} failed for {image} (see "
+                                 "the strata log on the node)")
         return out
 
     @staticmethod

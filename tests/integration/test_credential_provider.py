@@ -245,14 +245,18 @@ def test_a_failing_provider_is_logged_and_named_in_the_denial(plugin, registry, 
     image = f"{registry.host}/team/app:1.0"
     provider.mode("fail")
     details = refused(grpc.StatusCode.PERMISSION_DENIED, p, tmp_path / "t", image)
-    assert "credential provider test-provider failed for " \
-           f"{registry.host}/team/app: it exited with status 1" in details
-    assert "cannot reach the cloud's token service" in details
+    # The status (what the pod's events show) names the provider; why it failed, with
+    # the plugin's stderr, is in the node's log only.
+    assert f"credential provider test-provider failed for {registry.host}/team/app (see " \
+           "the strata log on the node)" in details
+    assert "cannot reach the cloud's token service" not in details
     provider.mode("garbage")
     details = refused(grpc.StatusCode.PERMISSION_DENIED, p, tmp_path / "t", image)
-    assert "its answer on stdout is not JSON" in details
+    assert "see the strata log on the node" in details and "not JSON" not in details
     log = p.read_log()
-    assert "credential provider test-provider failed" in log
+    assert f"credential provider test-provider failed for {registry.host}/team/app: it " \
+           "exited with status 1" in log and "cannot reach the cloud's token service" in log
+    assert "its answer on stdout is not JSON" in log
     assert "Password: secret" not in log, "a garbage answer is never quoted"
     provider.mode("")
     assert publish(p, tmp_path / "t", image) == "app motd\n", "failures are not cached"

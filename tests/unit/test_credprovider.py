@@ -627,7 +627,7 @@ def script(tmp_path, body: str, name="provider") -> str:
     return str(path)
 
 
-def test_exec_gets_the_request_args_and_env_and_failures_are_notes(tmp_path):
+def test_exec_gets_the_request_args_and_env_and_failures_are_notes(tmp_path, caplog):
     script(tmp_path, """
 req = json.load(sys.stdin)
 if os.environ.get("MODE") == "fail":
@@ -648,9 +648,14 @@ json.dump({"apiVersion": req["apiVersion"], "kind": "CredentialProviderResponse"
     out = CredentialProviders([failing]).provide("r.io/app", pod(tokens=tokens))
     assert out.keyrings == []
     [note] = out.notes
-    assert note.startswith("credential provider provider failed for r.io/app: it exited "
-                           "with status 3 after ")
-    assert note.endswith("no luck for ***"), "the token is scrubbed from its stderr"
+    # The note goes into the status the pod's events show: the plugin's stderr stays in
+    # the node's log, where the token in it is scrubbed too.
+    assert note == "credential provider provider failed for r.io/app (see the strata log " \
+                   "on the node)"
+    assert "credential provider provider failed for r.io/app: it exited with status 3 " \
+           "after " in caplog.text
+    assert "no luck for ***; pulling without its credentials" in caplog.text
+    assert "sekrit" not in caplog.text and sa_token() not in caplog.text
 
 
 def test_a_provider_that_hangs_is_given_up_with_its_children(tmp_path):
