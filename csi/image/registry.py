@@ -8,7 +8,8 @@ digest-checked and Docker schema 1 refused; blobs stream into the blob store wit
 resume of a cut download, from the endpoint that resolved the image or, failing that, the
 ones after it; a HEAD tells what a tag points at now. Every request goes through
 tokens.Authenticator (challenges, redirects, which credentials go where) over
-transport.Transport (connections, deadlines, retries). Every error names the image and the
+transport.Transport (connections, deadlines, retries: the origin's only, as a mirror gets
+one attempt per request before the next endpoint is tried). Every error names the image and the
 registry's text.
 
 `creds_for(host, repository)` says what a pull may present to a host: one Credentials or
@@ -182,12 +183,21 @@ class RegistryClient:
         out.append(Endpoint("http" if host in self.options.insecure else "https", host))
         return out
 
+    @staticmethod
+    def _retries(ep: Endpoint) -> int | None:
+        """How often a failed request to `ep` is tried again: the options' for the origin;
+        never for a mirror. containerd moves to the next host at once; retrying a dead
+        mirror with backoff would hold every pull for its whole budget (some 7.5 s with
+        the defaults, a minute when its packets are dropped) before the origin is tried."""
+        return 0 if ep.mirror else None
+
     def _call(self, ep: Endpoint, method: str, path: str, repo: str,
               creds: Credentials | None, what: str, headers: dict) -> Reply:
-        """An API call whose body is read whole, each request retried on its own."""
+        """An API call whose body is read whole, each request retried on its own (once
+        only at a mirror)."""
         def send(hop: Hop, auth: dict) -> Reply:
             return self.transport.call(hop.scheme, hop.host, method, hop.target,
-                                       {**headers, **auth}, what)
+                                       {**headers, **auth}, what, retries=self._retries(ep))
 
         return self.auth.follow(Hop(ep.scheme, ep.host, ep.target(path), repo, creds), what,
                                 send)
@@ -221,7 +231,8 @@ class RegistryClient:
                    creds: Credentials | None, what: str) -> bytes:
         """A small blob (an image config), verified."""
         reply = self.transport.retrying(
-            lambda: self._get_blob(ep, ref, desc.digest, desc.size, creds, what, 0, None), what)
+            lambda: self._get_blob(ep, ref, desc.digest, desc.size, creds, what, 0, None), what,
+            retries=self._retries(ep))
         got = sha256_digest(reply.body)
         if got != desc.digest:
             raise DataLoss(f"{what}: digest mismatch: expected {desc.digest}, got {got}")
@@ -281,7 +292,21 @@ class RegistryClient:
                 raise http.client.IncompleteRead(b"", size - out.tell())
             return reply
 
-        self.transport.retrying(once, what)
+        if not ep.mirror:
+            self.transport.retrying(once, what)
+            return
+        # A mirror gets one attempt per request. A download cut after bytes arrived is
+        # resumed there with Range, as a new request (containerd's reader reopens a cut
+        # body too), at most `retries` times and only while each attempt brings bytes.
+        for resumed in range(self.options.retries + 1):
+            before = out.tell()
+            try:
+                self.transport.retrying(once, what, retries=0)
+                return
+            except Unavailable:
+                if out.tell() == before or resumed == self.options.retries:
+                    raise
+            log.info("%s: cut after %d bytes; resuming at the mirror", what, out.tell())
 
     def head_digest(self, ref: RegistryReference, creds_for) -> str | None:
         """What the tag points at now, from a HEAD request (no manifest body, no config);
