@@ -195,9 +195,11 @@ class RegistryClient:
               creds: Credentials | None, what: str, headers: dict) -> Reply:
         """An API call whose body is read whole, each request retried on its own (once
         only at a mirror)."""
+        once = {"retries": 0} if ep.mirror else {}
+
         def send(hop: Hop, auth: dict) -> Reply:
             return self.transport.call(hop.scheme, hop.host, method, hop.target,
-                                       {**headers, **auth}, what, retries=self._retries(ep))
+                                       {**headers, **auth}, what, **once)
 
         return self.auth.follow(Hop(ep.scheme, ep.host, ep.target(path), repo, creds), what,
                                 send)
