@@ -310,10 +310,12 @@ class RegistryClient:
                     raise
             log.info("%s: cut after %d bytes; resuming at the mirror", what, out.tell())
 
-    def head_digest(self, ref: RegistryReference, creds_for) -> str | None:
+    def head_digest(self, ref: RegistryReference, creds_for,
+                    origin_only: bool = False) -> str | None:
         """What the tag points at now, from a HEAD request (no manifest body, no config);
-        None when no endpoint says (the caller then resolves in full)."""
-        for ep in self.endpoints(ref):
+        None when no endpoint says (the caller then resolves in full). `origin_only`: ask
+        the origin alone (a mirror cannot say whether these credentials may read it)."""
+        for ep in self.endpoints(ref)[-1:] if origin_only else self.endpoints(ref):
             for creds in offers(creds_for, ep.host if ep.mirror else ref.registry,
                                 ref.repository):
                 what = f"image {ref}: HEAD manifest {ref.reference} from {ep}"
@@ -339,13 +341,24 @@ class RegistryClient:
         return None
 
     # -- resolving an image ------------------------------------------------------------
-    def resolve(self, ref: RegistryReference, creds_for,
-                blobs: Blobs) -> tuple[mf.Image, "RegistrySource"]:
+    def resolve(self, ref: RegistryReference, creds_for, blobs: Blobs,
+                authorise_at_origin: bool = False) -> tuple[mf.Image, "RegistrySource"]:
         """Resolve on the first endpoint that has the image: mirrors, then the origin, each
         with the first credentials it accepts. The source downloads into `blobs` from that
-        endpoint and, should it fail, the later ones."""
+        endpoint and, should it fail, the later ones.
+
+        `authorise_at_origin`: the origin must say that these credentials may read the
+        image (one whose access a credential provider grants per pod): it resolves there,
+        and only the blobs, which the manifest names by digest, may then come from the
+        mirrors first. A mirror answers with its own credentials, or none: a pull-through
+        cache or a P2P mirror serves whoever asks what it holds."""
         candidates = [(ep, offers(creds_for, ep.host if ep.mirror else ref.registry,
                                   ref.repository)) for ep in self.endpoints(ref)]
+        if authorise_at_origin:
+            origin, offered = candidates[-1]
+            image, creds = self._resolve_with(origin, ref, offered)
+            content = [(ep, o[0]) for ep, o in candidates[:-1]] + [(origin, creds)]
+            return image, RegistrySource(self, ref, content, blobs)
         for i, (ep, offered) in enumerate(candidates):
             try:
                 image, creds = self._resolve_with(ep, ref, offered)

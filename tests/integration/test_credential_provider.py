@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -30,7 +31,7 @@ from tests.conftest import (
     mount_cap,
     unmount_all_under,
 )
-from tests.registry import Registry, push
+from tests.registry import Registry, push, registry_get
 
 MISSING = [t for t in ("docker-registry", "skopeo") if shutil.which(t) is None]
 pytestmark = [
@@ -87,13 +88,31 @@ json.dump({"apiVersion": req["apiVersion"], "kind": "CredentialProviderResponse"
 
 
 @pytest.fixture(scope="module")
-def registry(tmp_path_factory):
-    layout = str(tmp_path_factory.mktemp("cp-images") / "layout")
-    write_image(layout, "app", [base_layer(), app_layer()])
+def layout(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("cp-images") / "layout")
+    write_image(path, "app", [base_layer(), app_layer()])
+    return path
+
+
+@pytest.fixture(scope="module")
+def registry(layout):
     with Registry(auth="token") as reg:
-        for repo in ("team/app", "team/other", "team/race", "team/cli", "team/never"):
+        for repo in ("team/app", "team/other", "team/race", "team/cli", "team/never",
+                     "team/mirrored"):
             push(layout, "app", reg, repo, "1.0", creds=ALICE)
         yield reg
+
+
+@pytest.fixture(scope="module")
+def cache(layout):
+    """A pull-through cache at /cache/v2/ that serves the origin's team/mirrored to anyone:
+    a real docker-registry proxying an open copy of it, as a cache given the origin's
+    credentials (proxy.username/password) or a P2P mirror holding what another node
+    pulled would serve it."""
+    with Registry() as copy:
+        push(layout, "app", copy, "team/mirrored", "1.0")
+        with Registry(proxy=copy.url, prefix="/cache/") as reg:
+            yield reg
 
 
 class Provider:
@@ -141,9 +160,9 @@ class Provider:
 def plugin(tmp_path, registry):
     started = []
 
-    def start(provider: Provider):
+    def start(provider: Provider, *args: str):
         p = StrataProcess(str(tmp_path / f"p{len(started)}"), extra_args=(
-            "--insecure-registry", registry.host, *provider.args))
+            "--insecure-registry", registry.host, *provider.args, *args))
         os.makedirs(p.base)
         started.append(p)
         return p.start()
@@ -372,6 +391,57 @@ def test_a_pod_forging_another_namespaces_token_gets_nothing(plugin, registry, s
     assert "refused for" in log and "(pod intruders/intruder)" in log
     for token in (victim, *forgeries.values()):
         assert token.split(".")[1] not in log
+
+
+def test_a_mirror_never_authorises_a_pod_for_a_gated_image(plugin, registry, cache,
+                                                           sa_provider, tmp_path):
+    """An image a token-taking provider covers is authorised per pod by the origin: with a
+    --registry-mirror that answers anyone (200), the authorising resolve and HEAD still go
+    to the origin with the pod's credentials; the layers then come through the mirror."""
+    p = plugin(sa_provider, "--registry-mirror",
+               f"{registry.host}=http://{cache.host}/cache")
+    image = f"{registry.host}/team/mirrored:1.0"
+    status, _, body = registry_get(registry, "/v2/team/mirrored/manifests/1.0",
+                                   token=registry.token(["repository:team/mirrored:pull"]))
+    assert status == 200
+    layers = [d["digest"] for d in json.loads(body)["layers"]]
+    before, cache_before = len(registry.access_log()), len(cache.access_log())
+
+    def ours(reg, since):
+        return [(a.method, a.target.split("?")[0], a.status)
+                for a in reg.access_log()[since:] if a.agent == "strata-csi"]
+
+    # Not on the node yet: the intruder's resolve is refused at the origin.
+    refused(grpc.StatusCode.PERMISSION_DENIED, p, tmp_path / "i", image, "i",
+            sa="intruder", token=sa_token("intruder", "i"))
+    assert not (tmp_path / "i").exists() or not os.listdir(tmp_path / "i")
+
+    assert publish(p, tmp_path / "a", image, "a", sa="puller",
+                   token=sa_token("puller", "a")) == "app motd\n"
+    assert ("GET", "/v2/team/mirrored/manifests/1.0", 200) in ours(registry, before), \
+        "resolved at the origin"
+    wanted = {("GET", f"/cache/v2/team/mirrored/blobs/{d}", 200) for d in layers}
+    wait_for(lambda: wanted <= set(ours(cache, cache_before)),
+             "the layers fetched through the mirror")
+    assert not [r for r in ours(registry, before) if r[1].split("/")[-1] in layers], \
+        "no layer from the origin"
+
+    # On the node now: the intruder's HEAD goes to the origin too, and is refused there.
+    refused(grpc.StatusCode.PERMISSION_DENIED, p, tmp_path / "i", image, "i",
+            sa="intruder", token=sa_token("intruder", "i"))
+    assert not (tmp_path / "i").exists() or not os.listdir(tmp_path / "i")
+    assert not [r for r in ours(cache, cache_before) if "/manifests/" in r[1]], \
+        "the mirror is never asked for the manifest"
+
+
+def wait_for(check, what: str, timeout: float = 60.0):
+    """For a registry's access line, written after it answered; the bound only ends a test
+    that would otherwise hang."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"still not true after {timeout:.0f}s: {what}")
+        time.sleep(0.05)
 
 
 def test_racing_pods_of_two_identities_do_not_share_a_pull(plugin, registry, sa_provider,
