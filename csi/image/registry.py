@@ -14,7 +14,9 @@ registry's text.
 
 `creds_for(host, repository)` says what a pull may present to a host: one Credentials or
 None (a Keyring's lookup), or several in order of preference (a CredentialChain's); as
-the kubelet does, each is tried in turn until the registry accepts one.
+the kubelet does, each is tried in turn until the registry serves the image: the next
+after a refusal (401/403) or a 404 (NEXT_CREDENTIALS), not after a failure of the
+registry itself.
 """
 
 import dataclasses
@@ -133,11 +135,21 @@ def offers(creds_for, host: str, repository: str) -> list[Credentials | None]:
     return list(found) or [None]
 
 
-def _refused_too(first: PermissionDenied, tried: int) -> PermissionDenied:
-    if tried < 2:
+# What makes a pull try its next credentials: a refusal, or a 404, which a registry may
+# answer to credentials that may not see a private repository rather than reveal that it
+# exists (the kubelet moves on after any failed pull). Anything else is the registry's own
+# trouble (unreachable, 5xx after the retries), which other credentials would meet too.
+NEXT_CREDENTIALS = (PermissionDenied, NotFound)
+
+
+def _all_failed(errors: list[StrataError]) -> StrataError:
+    """The first credentials' error (the kubelet's order), saying how the others fared."""
+    first = errors[0]
+    if len(errors) < 2:
         return first
-    return PermissionDenied(f"{first} (and the {tried - 1} other credentials for it were "
-                            "refused too)")
+    how = " or ".join(sorted({"refused" if isinstance(e, PermissionDenied) else "not found"
+                              for e in errors[1:]}))
+    return type(first)(f"{first} (and the {len(errors) - 1} other credentials for it: {how})")
 
 
 class Blobs(Protocol):
@@ -323,13 +335,13 @@ class RegistryClient:
                     reply = self._call(ep, "HEAD",
                                        f"/v2/{ref.repository}/manifests/{ref.reference}",
                                        ref.repository, creds, what, {"Accept": ACCEPT})
-                except PermissionDenied as e:
+                except NEXT_CREDENTIALS as e:
                     log.info("%s: %s", what, e)
                     continue  # the next credentials may do
                 except StrataError as e:
                     log.info("%s: %s", what, e)
                     break
-                if reply.status in (401, 403):
+                if reply.status in (401, 403, 404):  # as NEXT_CREDENTIALS
                     continue
                 ok = reply.status == 200
                 digest = reply.headers.get("Docker-Content-Digest", "") if ok else ""
@@ -374,17 +386,18 @@ class RegistryClient:
 
     def _resolve_with(self, ep: Endpoint, ref: RegistryReference,
                       offered: list[Credentials | None]) -> tuple[mf.Image, Credentials | None]:
-        """The image, and the first of the offered credentials the endpoint lets read it."""
-        first: PermissionDenied | None = None
+        """The image, and the first of the offered credentials the endpoint lets read it
+        (NEXT_CREDENTIALS: what makes it try the next)."""
+        errors: list[StrataError] = []
         for n, creds in enumerate(offered, 1):
             try:
                 return self._resolve_at(ep, ref, creds), creds
-            except PermissionDenied as e:
-                first = first or e
+            except NEXT_CREDENTIALS as e:
+                errors.append(e)
                 if n < len(offered):
-                    log.info("image %s: %s refused credentials %d of %d; trying the next",
-                             ref, ep, n, len(offered))
-        raise _refused_too(first, len(offered))
+                    log.info("image %s: %s: credentials %d of %d: %s; trying the next",
+                             ref, ep, n, len(offered), e)
+        raise _all_failed(errors)
 
     def _resolve_at(self, ep: Endpoint, ref: RegistryReference,
                     creds: Credentials | None) -> mf.Image:

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -31,6 +32,7 @@ from tests.conftest import (
     mount_cap,
     unmount_all_under,
 )
+from tests.faultproxy import FaultProxy
 from tests.registry import Registry, push, registry_get
 
 MISSING = [t for t in ("docker-registry", "skopeo") if shutil.which(t) is None]
@@ -192,12 +194,12 @@ def tokens_json(token: str, audience: str = AUDIENCE) -> str:
 
 
 def publish(p, target, image, vid="v", sa="", token="", in_secrets=False, audience=AUDIENCE,
-            namespace="team", **attrs) -> str:
+            namespace="team", pull_secret="", **attrs) -> str:
     """NodePublishVolume as the kubelet sends it for a pod `vid` of service account `sa`
     in `namespace` (podInfoOnMount), with its token as the CSIDriver's tokenRequests have it
     passed (or, for a pod without them, as its own volumeAttributes had it)."""
     context = {"image": image, "csi.storage.k8s.io/ephemeral": "true", **attrs}
-    secrets = {}
+    secrets = {".dockerconfigjson": pull_secret} if pull_secret else {}
     if sa:
         context.update({"csi.storage.k8s.io/pod.namespace": namespace,
                         "csi.storage.k8s.io/pod.name": vid,
@@ -247,6 +249,25 @@ def test_an_image_answer_is_cached_for_that_image_only(plugin, registry, tmp_pat
                        pullPolicy="Always") == "app motd\n"
     assert [c["image"] for c in provider.calls()] == [f"{registry.host}/team/app",
                                                       f"{registry.host}/team/other"]
+
+
+def test_a_404_for_one_credential_tries_the_next(plugin, registry, tmp_path):
+    """The pod's pull secret (bob's) meets a 404, as registries that hide a private
+    repository from credentials that may not see it answer; like the kubelet, which moves
+    on after any failed pull, the pull tries the next credentials: the provider's (alice's).
+    A fault proxy in front of the real registry answers that first manifest request 404."""
+    with FaultProxy(registry.host) as front:
+        front.fail(404, times=1, path=r"^/v2/team/app/manifests/")
+        provider = Provider(tmp_path, types.SimpleNamespace(host=front.host))
+        p = plugin(provider, "--insecure-registry", front.host)
+        bob = base64.b64encode(b"bob:guess").decode()
+        secret = json.dumps({"auths": {front.host: {"auth": bob}}})
+        assert publish(p, tmp_path / "t", f"{front.host}/team/app:1.0",
+                       pull_secret=secret) == "app motd\n"
+        asked = [(e.path, e.status) for e in front.requests_to("/manifests/")]
+    assert asked[0] == ("/v2/team/app/manifests/1.0", 404)
+    assert ("/v2/team/app/manifests/1.0", 200) in asked[1:]
+    assert "credentials 1 of 2: image" in p.read_log()
 
 
 def test_a_provider_whose_match_images_do_not_match_is_not_run(plugin, registry, tmp_path):
