@@ -10,19 +10,23 @@ work for image volumes too (docs/credential-providers.md). As the kubelet
 - `<bin-dir>/<name> args…` is exec'd with the provider's `env` added to ours, the
   `CredentialProviderRequest` on stdin, and a minute to answer a
   `CredentialProviderResponse` of the same apiVersion on stdout; its `auth` map (match
-  patterns → username/password) is a keyring (auth.py). A provider that fails or answers
-  garbage gives nothing: the pull goes on without it, and its failure is logged and said
-  in the PERMISSION_DENIED a registry may then answer (`Provided.notes`).
+  patterns → username/password) is a keyring (auth.py). The plugin's exit ends its run
+  (`run_plugin`), whatever children it left holding its pipes. A provider that fails or
+  answers garbage gives nothing: the pull goes on without it; why is logged on the node,
+  and the PERMISSION_DENIED a registry may then answer names the provider
+  (`Provided.notes`), never its stderr.
 - Answers are cached by `cacheKeyType` (Image: the image; Registry: its host; Global) for
   `cacheDuration`, else the provider's `defaultCacheDuration`; 0 is not cached. A cached
   answer is used without exec until it expires, looked up by image, registry, then global.
 
 Service-account tokens (KEP-4412, podtokens.py): a provider with `tokenAttributes` is given
 the pod's own token for `serviceAccountTokenAudience`, and its answers are cached per
-identity. A CSI driver cannot read the service account's annotations: a provider with
-`requiredServiceAccountAnnotationKeys` is never run (the kubelet would not run it either
-without them), and optional ones are never sent. With `requireServiceAccount` and no token
-the provider is not run and the error says why. Tokens and passwords are never logged.
+identity. A token that is not the pod's (its claims against the kubelet's pod attributes)
+is PERMISSION_DENIED for the whole pull: the provider is not run. A CSI driver cannot read
+the service account's annotations: a provider with `requiredServiceAccountAnnotationKeys`
+is never run (the kubelet would not run it either without them), and optional ones are
+never sent. With `requireServiceAccount` and no token the provider is not run and the
+error says why. Tokens and passwords are never logged.
 """
 
 import dataclasses
