@@ -23,6 +23,9 @@ A credential provider that takes the pod's service-account token (KEP-4412) gran
 by identity, so an image it covers is authorised per pod: the registry is asked with that
 pod's own credentials at every publish, as Always does (and Never, which would ask no one,
 is refused), and a pull started with one pod's credentials is never handed to another's.
+That question goes to the origin registry, never to a --registry-mirror (a pull-through
+cache or a P2P mirror serves whoever asks what it holds); the layers may then come
+through the mirrors.
 
 A tag is recorded against the digest it named: an index's for a multi-arch image, whose
 platform manifest is the image record. A HEAD's Docker-Content-Digest is compared with that.
@@ -44,9 +47,10 @@ from csi.errors import (
 )
 from csi.image import reference
 from csi.image.auth import CredentialChain, Keyring
-from csi.image.credprovider import EXEC_TIMEOUT, CredentialProviders, Identity, Provided
+from csi.image.credprovider import EXEC_TIMEOUT, CredentialProviders, Provided
 from csi.image.layout import OciLayout
 from csi.image.manifest import Image, LayerDesc
+from csi.image.podtokens import Identity
 from csi.image.registry import RegistryClient
 from csi.image.resolver import check_layout_allowed
 from csi.store.blobs import BlobStore
@@ -197,7 +201,7 @@ class Puller:
             if job is None or (job.done.is_set() and (job.error is None or job.delivered)):
                 job = self._jobs[key] = _Job()
                 threading.Thread(target=self._run,
-                                 args=(job, ref, chain, asked, progress),
+                                 args=(job, ref, chain, asked, progress, provided.gated),
                                  name=f"pull {ref}", daemon=True).start()
         if not self._waiting.acquire(blocking=False):
             raise Aborted(f"image {ref}: too many publishes are waiting on pulls; retry")
@@ -244,13 +248,17 @@ class Puller:
             return Provided()
         timeout = EXEC_TIMEOUT if deadline is None else \
             min(EXEC_TIMEOUT, deadline - time.monotonic())
-        return self._providers.provide(ref.name, identity, timeout)
+        try:
+            return self._providers.provide(ref.name, identity, timeout)
+        except PermissionDenied:  # a token that is not the pod's: no pull at all
+            self._on_pull("permission_denied", None)
+            raise
 
     def _run(self, job: _Job, ref, keyring: CredentialChain, policy: str,
-             progress: Progress | None) -> None:
+             progress: Progress | None, gated: bool = False) -> None:
         started = time.monotonic()
         try:
-            source, image, job.missing = self._pull(ref, keyring, policy, progress)
+            source, image, job.missing = self._pull(ref, keyring, policy, progress, gated)
             job.result = source, image
             outcome = "present" if isinstance(job.result[0], LocalSource) else "pulled"
         except BaseException as e:
@@ -264,21 +272,24 @@ class Puller:
         self._on_pull(outcome, time.monotonic() - started)
 
     def _pull(self, ref: reference.RegistryReference, keyring: CredentialChain, policy: str,
-              progress: Progress | None = None):
+              progress: Progress | None = None, gated: bool = False):
+        """`gated`: the image is authorised per pod (a token-taking provider covers it), so
+        the question goes to the origin with the pod's credentials, never to a mirror,
+        which answers anyone what it holds; only content may come through mirrors."""
         known = self._local(ref, max_age=None)
         if known is None:
-            return self._fetch(ref, keyring, progress)
+            return self._fetch(ref, keyring, progress, gated)
         # An image we have: ask (HEAD) whether the tag moved, or for a digest whether these
         # credentials may read it, before fetching anything. A tag names the index of a
         # multi-arch image, and that is what the HEAD answers with.
         recorded = ref.digest or known.index_digest or known.manifest_digest
         try:
-            if self._client.head_digest(ref, keyring.lookup) == recorded:
+            if self._client.head_digest(ref, keyring.lookup, origin_only=gated) == recorded:
                 if not ref.digest:
                     self._record_tag(ref, recorded)
                 log.info("image %s: the registry confirms %s", ref, recorded)
                 return LocalSource(str(ref)), known, 0
-            return self._fetch(ref, keyring, progress)
+            return self._fetch(ref, keyring, progress, gated)
         except StrataError as e:
             if policy != "IfNotPresent":
                 raise
@@ -290,9 +301,10 @@ class Puller:
             return LocalSource(str(ref)), known, 0
 
     def _fetch(self, ref: reference.RegistryReference, keyring: CredentialChain,
-               progress: Progress | None = None):
+               progress: Progress | None = None, gated: bool = False):
         started = time.monotonic()
-        img, source = self._client.resolve(ref, keyring.lookup, self._blobs)
+        img, source = self._client.resolve(ref, keyring.lookup, self._blobs,
+                                           authorise_at_origin=gated)
         missing = self._make_present(source, img, started=started, progress=progress)
         if not ref.digest:  # only once the layers are in place
             self._record_tag(ref, img.index_digest or img.manifest_digest)

@@ -27,7 +27,7 @@ from csi.errors import (
     no_space,
 )
 from csi.health import Health
-from csi.image.credprovider import TOKENS_KEY, Identity
+from csi.image.podtokens import TOKENS_KEY, Identity
 from csi.locks import KeyedLock
 from csi.mount.syscalls import Mounter
 from csi.mount.users import device_of
@@ -91,8 +91,20 @@ class PublishSpec:
 def service_account_tokens(volume_context, secrets) -> str:
     """The pod's service-account tokens as NodePublishVolume carries them when the
     CSIDriver has tokenRequests: in `secrets` if it sets serviceAccountTokenInSecrets
-    (KEP-5538), else in `volume_context`; "" when none came."""
-    return secrets.get(TOKENS_KEY) or volume_context.get(TOKENS_KEY, "")
+    (KEP-5538), else in `volume_context`; "" when none came.
+
+    Only the kubelet can have put them in `secrets` (a Secret's keys cannot hold a "/").
+    In `volume_context` they are the kubelet's only when the CSIDriver has tokenRequests:
+    otherwise a pod's inline volumeAttributes pass through unchanged, so whatever is found
+    there is checked against the pod (podtokens.service_account) before any use."""
+    if TOKENS_KEY in secrets:
+        if TOKENS_KEY in volume_context:
+            # The kubelet put its tokens in secrets: this one is the volume's own
+            # attributes, i.e. written by whoever wrote the pod (or the PV).
+            log.warning("%s in volume_context ignored: the kubelet's are in secrets",
+                        TOKENS_KEY)
+        return secrets[TOKENS_KEY]
+    return volume_context.get(TOKENS_KEY, "")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,12 +8,15 @@ digest-checked and Docker schema 1 refused; blobs stream into the blob store wit
 resume of a cut download, from the endpoint that resolved the image or, failing that, the
 ones after it; a HEAD tells what a tag points at now. Every request goes through
 tokens.Authenticator (challenges, redirects, which credentials go where) over
-transport.Transport (connections, deadlines, retries). Every error names the image and the
+transport.Transport (connections, deadlines, retries: the origin's only, as a mirror gets
+one attempt per request before the next endpoint is tried). Every error names the image and the
 registry's text.
 
 `creds_for(host, repository)` says what a pull may present to a host: one Credentials or
 None (a Keyring's lookup), or several in order of preference (a CredentialChain's); as
-the kubelet does, each is tried in turn until the registry accepts one.
+the kubelet does, each is tried in turn until the registry serves the image: the next
+after a refusal (401/403) or a 404 (NEXT_CREDENTIALS), not after a failure of the
+registry itself.
 """
 
 import dataclasses
@@ -132,11 +135,21 @@ def offers(creds_for, host: str, repository: str) -> list[Credentials | None]:
     return list(found) or [None]
 
 
-def _refused_too(first: PermissionDenied, tried: int) -> PermissionDenied:
-    if tried < 2:
+# What makes a pull try its next credentials: a refusal, or a 404, which a registry may
+# answer to credentials that may not see a private repository rather than reveal that it
+# exists (the kubelet moves on after any failed pull). Anything else is the registry's own
+# trouble (unreachable, 5xx after the retries), which other credentials would meet too.
+NEXT_CREDENTIALS = (PermissionDenied, NotFound)
+
+
+def _all_failed(errors: list[StrataError]) -> StrataError:
+    """The first credentials' error (the kubelet's order), saying how the others fared."""
+    first = errors[0]
+    if len(errors) < 2:
         return first
-    return PermissionDenied(f"{first} (and the {tried - 1} other credentials for it were "
-                            "refused too)")
+    how = " or ".join(sorted({"refused" if isinstance(e, PermissionDenied) else "not found"
+                              for e in errors[1:]}))
+    return type(first)(f"{first} (and the {len(errors) - 1} other credentials for it: {how})")
 
 
 class Blobs(Protocol):
@@ -182,12 +195,23 @@ class RegistryClient:
         out.append(Endpoint("http" if host in self.options.insecure else "https", host))
         return out
 
+    @staticmethod
+    def _retries(ep: Endpoint) -> int | None:
+        """How often a failed request to `ep` is tried again: the options' for the origin;
+        never for a mirror. containerd moves to the next host at once; retrying a dead
+        mirror with backoff would hold every pull for its whole budget (some 7.5 s with
+        the defaults, a minute when its packets are dropped) before the origin is tried."""
+        return 0 if ep.mirror else None
+
     def _call(self, ep: Endpoint, method: str, path: str, repo: str,
               creds: Credentials | None, what: str, headers: dict) -> Reply:
-        """An API call whose body is read whole, each request retried on its own."""
+        """An API call whose body is read whole, each request retried on its own (once
+        only at a mirror)."""
+        once = {"retries": 0} if ep.mirror else {}
+
         def send(hop: Hop, auth: dict) -> Reply:
             return self.transport.call(hop.scheme, hop.host, method, hop.target,
-                                       {**headers, **auth}, what)
+                                       {**headers, **auth}, what, **once)
 
         return self.auth.follow(Hop(ep.scheme, ep.host, ep.target(path), repo, creds), what,
                                 send)
@@ -210,7 +234,7 @@ class RegistryClient:
         try:
             doc_media = json.loads(body).get("mediaType", "")
             schema = json.loads(body).get("schemaVersion")
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, RecursionError):  # nested deeper than json goes
             raise InvalidArgument(f"{what}: the manifest is not JSON") from None
         if media in SCHEMA1 or schema == 1:
             raise InvalidArgument(f"{what}: Docker schema 1 manifests are not supported; "
@@ -221,7 +245,8 @@ class RegistryClient:
                    creds: Credentials | None, what: str) -> bytes:
         """A small blob (an image config), verified."""
         reply = self.transport.retrying(
-            lambda: self._get_blob(ep, ref, desc.digest, desc.size, creds, what, 0, None), what)
+            lambda: self._get_blob(ep, ref, desc.digest, desc.size, creds, what, 0, None), what,
+            retries=self._retries(ep))
         got = sha256_digest(reply.body)
         if got != desc.digest:
             raise DataLoss(f"{what}: digest mismatch: expected {desc.digest}, got {got}")
@@ -281,12 +306,28 @@ class RegistryClient:
                 raise http.client.IncompleteRead(b"", size - out.tell())
             return reply
 
-        self.transport.retrying(once, what)
+        if not ep.mirror:
+            self.transport.retrying(once, what)
+            return
+        # A mirror gets one attempt per request. A download cut after bytes arrived is
+        # resumed there with Range, as a new request (containerd's reader reopens a cut
+        # body too), at most `retries` times and only while each attempt brings bytes.
+        for resumed in range(self.options.retries + 1):
+            before = out.tell()
+            try:
+                self.transport.retrying(once, what, retries=0)
+                return
+            except Unavailable:
+                if out.tell() == before or resumed == self.options.retries:
+                    raise
+            log.info("%s: cut after %d bytes; resuming at the mirror", what, out.tell())
 
-    def head_digest(self, ref: RegistryReference, creds_for) -> str | None:
+    def head_digest(self, ref: RegistryReference, creds_for,
+                    origin_only: bool = False) -> str | None:
         """What the tag points at now, from a HEAD request (no manifest body, no config);
-        None when no endpoint says (the caller then resolves in full)."""
-        for ep in self.endpoints(ref):
+        None when no endpoint says (the caller then resolves in full). `origin_only`: ask
+        the origin alone (a mirror cannot say whether these credentials may read it)."""
+        for ep in self.endpoints(ref)[-1:] if origin_only else self.endpoints(ref):
             for creds in offers(creds_for, ep.host if ep.mirror else ref.registry,
                                 ref.repository):
                 what = f"image {ref}: HEAD manifest {ref.reference} from {ep}"
@@ -294,13 +335,13 @@ class RegistryClient:
                     reply = self._call(ep, "HEAD",
                                        f"/v2/{ref.repository}/manifests/{ref.reference}",
                                        ref.repository, creds, what, {"Accept": ACCEPT})
-                except PermissionDenied as e:
+                except NEXT_CREDENTIALS as e:
                     log.info("%s: %s", what, e)
                     continue  # the next credentials may do
                 except StrataError as e:
                     log.info("%s: %s", what, e)
                     break
-                if reply.status in (401, 403):
+                if reply.status in (401, 403, 404):  # as NEXT_CREDENTIALS
                     continue
                 ok = reply.status == 200
                 digest = reply.headers.get("Docker-Content-Digest", "") if ok else ""
@@ -312,13 +353,24 @@ class RegistryClient:
         return None
 
     # -- resolving an image ------------------------------------------------------------
-    def resolve(self, ref: RegistryReference, creds_for,
-                blobs: Blobs) -> tuple[mf.Image, "RegistrySource"]:
+    def resolve(self, ref: RegistryReference, creds_for, blobs: Blobs,
+                authorise_at_origin: bool = False) -> tuple[mf.Image, "RegistrySource"]:
         """Resolve on the first endpoint that has the image: mirrors, then the origin, each
         with the first credentials it accepts. The source downloads into `blobs` from that
-        endpoint and, should it fail, the later ones."""
+        endpoint and, should it fail, the later ones.
+
+        `authorise_at_origin`: the origin must say that these credentials may read the
+        image (one whose access a credential provider grants per pod): it resolves there,
+        and only the blobs, which the manifest names by digest, may then come from the
+        mirrors first. A mirror answers with its own credentials, or none: a pull-through
+        cache or a P2P mirror serves whoever asks what it holds."""
         candidates = [(ep, offers(creds_for, ep.host if ep.mirror else ref.registry,
                                   ref.repository)) for ep in self.endpoints(ref)]
+        if authorise_at_origin:
+            origin, offered = candidates[-1]
+            image, creds = self._resolve_with(origin, ref, offered)
+            content = [(ep, o[0]) for ep, o in candidates[:-1]] + [(origin, creds)]
+            return image, RegistrySource(self, ref, content, blobs)
         for i, (ep, offered) in enumerate(candidates):
             try:
                 image, creds = self._resolve_with(ep, ref, offered)
@@ -334,17 +386,18 @@ class RegistryClient:
 
     def _resolve_with(self, ep: Endpoint, ref: RegistryReference,
                       offered: list[Credentials | None]) -> tuple[mf.Image, Credentials | None]:
-        """The image, and the first of the offered credentials the endpoint lets read it."""
-        first: PermissionDenied | None = None
+        """The image, and the first of the offered credentials the endpoint lets read it
+        (NEXT_CREDENTIALS: what makes it try the next)."""
+        errors: list[StrataError] = []
         for n, creds in enumerate(offered, 1):
             try:
                 return self._resolve_at(ep, ref, creds), creds
-            except PermissionDenied as e:
-                first = first or e
+            except NEXT_CREDENTIALS as e:
+                errors.append(e)
                 if n < len(offered):
-                    log.info("image %s: %s refused credentials %d of %d; trying the next",
-                             ref, ep, n, len(offered))
-        raise _refused_too(first, len(offered))
+                    log.info("image %s: %s: credentials %d of %d: %s; trying the next",
+                             ref, ep, n, len(offered), e)
+        raise _all_failed(errors)
 
     def _resolve_at(self, ep: Endpoint, ref: RegistryReference,
                     creds: Credentials | None) -> mf.Image:

@@ -209,16 +209,17 @@ class Transport:
         return b"".join(chunks)
 
     def call(self, scheme: str, host: str, method: str, target: str, headers: dict, what: str,
-             body: bytes | None = None) -> Reply:
-        """One request with retries, its whole body read. For tokens and manifests: a body
-        over the manifest limit is refused as INVALID_ARGUMENT (it is not corrupt, only
-        more than strata accepts, as containerd refuses manifests over 4 MiB)."""
+             body: bytes | None = None, retries: int | None = None) -> Reply:
+        """One request with retries (`retries`, else the options'), its whole body read.
+        For tokens and manifests: a body over the manifest limit is refused as
+        INVALID_ARGUMENT (it is not corrupt, only more than strata accepts, as containerd
+        refuses manifests over 4 MiB)."""
         def once() -> Reply:
             with self.open(scheme, host, method, target, headers, body) as resp:
                 data = self.read(resp, MAX_MANIFEST_BYTES, what, too_large=InvalidArgument)
                 return Reply(resp.status, resp.headers, data)
 
-        return self.retrying(once, what, host)
+        return self.retrying(once, what, host, retries)
 
     def _backoff(self, attempt: int, hint: float | None) -> float:
         if hint is not None:
@@ -226,13 +227,15 @@ class Transport:
         base = min(self.options.backoff_max, self.options.backoff * (2 ** attempt))
         return base * (0.5 + self._rng())  # jitter: 0.5x-1.5x
 
-    def retrying(self, fn, what: str, host: str = "") -> Reply:
+    def retrying(self, fn, what: str, host: str = "", retries: int | None = None) -> Reply:
         """fn() again after a retryable status or a failed connection, at most `retries`
-        more times; UNAVAILABLE with the last reason once they are spent. What no retry can
-        mend fails at once, saying what to do: a certificate not trusted, a registry that
-        speaks plain HTTP (`host`, when given, is the one the hint names)."""
+        (else the options') more times; UNAVAILABLE with the last reason once they are
+        spent. What no retry can mend fails at once, saying what to do: a certificate not
+        trusted, a registry that speaks plain HTTP (`host`, when given, is the one the hint
+        names)."""
+        retries = self.options.retries if retries is None else retries
         last = ""
-        for attempt in range(self.options.retries + 1):
+        for attempt in range(retries + 1):
             try:
                 reply = fn()
                 if reply.status in RETRY_STATUS:
@@ -252,13 +255,13 @@ class Transport:
                 last, hint = f"{type(e).__name__}: {e}", None
             except ValueError as e:  # e.g. a redirect to a URL with a malformed port
                 raise Unavailable(f"{what}: malformed response: {e}") from None
-            if attempt < self.options.retries:
+            if attempt < retries:
                 delay = self._backoff(attempt, hint)
                 # `retry_in` marks the record as a retry (`strata pull` shows it as one)
                 log.info("%s: %s; retrying in %.1fs", what, last, delay,
                          extra={"attempt": attempt + 1, "retry_in": round(delay, 3)})
                 self._sleep(delay)
-        n = self.options.retries + 1
+        n = retries + 1
         raise Unavailable(f"{what}: {last} (after {n} attempt{'s' if n > 1 else ''})")
 
 

@@ -12,13 +12,15 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
+import types
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
 
 from csi.image.build import write_image
-from csi.image.credprovider import TOKENS_KEY
+from csi.image.podtokens import TOKENS_KEY
 from csi.paths import StorePaths
 from csi.proto import csi_pb2
 from csi.store.state import State
@@ -30,7 +32,8 @@ from tests.conftest import (
     mount_cap,
     unmount_all_under,
 )
-from tests.registry import Registry, push
+from tests.faultproxy import FaultProxy
+from tests.registry import Registry, push, registry_get
 
 MISSING = [t for t in ("docker-registry", "skopeo") if shutil.which(t) is None]
 pytestmark = [
@@ -66,6 +69,11 @@ if mode == "fail":
 if mode == "garbage":
     print("Username: alice Password: secret")
     sys.exit(0)
+if mode == "orphan":  # a child out of our process group and session, holding our stdout
+    import subprocess
+    child = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    with open(os.path.join(state, "orphan.pid"), "w") as f:
+        f.write(str(child.pid))
 user, password = "alice", "secret"
 if token:
     if os.environ["AUDIENCE"] not in claims.get("aud", []):
@@ -82,13 +90,31 @@ json.dump({"apiVersion": req["apiVersion"], "kind": "CredentialProviderResponse"
 
 
 @pytest.fixture(scope="module")
-def registry(tmp_path_factory):
-    layout = str(tmp_path_factory.mktemp("cp-images") / "layout")
-    write_image(layout, "app", [base_layer(), app_layer()])
+def layout(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("cp-images") / "layout")
+    write_image(path, "app", [base_layer(), app_layer()])
+    return path
+
+
+@pytest.fixture(scope="module")
+def registry(layout):
     with Registry(auth="token") as reg:
-        for repo in ("team/app", "team/other", "team/race", "team/cli", "team/never"):
+        for repo in ("team/app", "team/other", "team/race", "team/cli", "team/never",
+                     "team/mirrored"):
             push(layout, "app", reg, repo, "1.0", creds=ALICE)
         yield reg
+
+
+@pytest.fixture(scope="module")
+def cache(layout):
+    """A pull-through cache at /cache/v2/ that serves the origin's team/mirrored to anyone:
+    a real docker-registry proxying an open copy of it, as a cache given the origin's
+    credentials (proxy.username/password) or a P2P mirror holding what another node
+    pulled would serve it."""
+    with Registry() as copy:
+        push(layout, "app", copy, "team/mirrored", "1.0")
+        with Registry(proxy=copy.url, prefix="/cache/") as reg:
+            yield reg
 
 
 class Provider:
@@ -136,9 +162,9 @@ class Provider:
 def plugin(tmp_path, registry):
     started = []
 
-    def start(provider: Provider):
+    def start(provider: Provider, *args: str):
         p = StrataProcess(str(tmp_path / f"p{len(started)}"), extra_args=(
-            "--insecure-registry", registry.host, *provider.args))
+            "--insecure-registry", registry.host, *provider.args, *args))
         os.makedirs(p.base)
         started.append(p)
         return p.start()
@@ -153,10 +179,10 @@ def b64url(d: dict) -> str:
     return base64.urlsafe_b64encode(json.dumps(d).encode()).rstrip(b"=").decode()
 
 
-def sa_token(name: str, pod: str, audience: str = AUDIENCE) -> str:
+def sa_token(name: str, pod: str, audience: str = AUDIENCE, namespace: str = "team") -> str:
     """A token shaped as the API server's (the provider and strata read its claims only)."""
-    claims = {"aud": [audience], "sub": f"system:serviceaccount:team:{name}",
-              "kubernetes.io": {"namespace": "team",
+    claims = {"aud": [audience], "sub": f"system:serviceaccount:{namespace}:{name}",
+              "kubernetes.io": {"namespace": namespace,
                                 "serviceaccount": {"name": name, "uid": f"uid-{name}"},
                                 "pod": {"name": pod, "uid": f"uid-{pod}"}}}
     return f"{b64url({'alg': 'RS256', 'kid': 'k'})}.{b64url(claims)}.c2lnbmF0dXJl"
@@ -168,13 +194,14 @@ def tokens_json(token: str, audience: str = AUDIENCE) -> str:
 
 
 def publish(p, target, image, vid="v", sa="", token="", in_secrets=False, audience=AUDIENCE,
-            **attrs) -> str:
-    """NodePublishVolume as the kubelet sends it for a pod of service account `sa`
-    (podInfoOnMount), with its token as the CSIDriver's tokenRequests have it passed."""
+            namespace="team", pull_secret="", **attrs) -> str:
+    """NodePublishVolume as the kubelet sends it for a pod `vid` of service account `sa`
+    in `namespace` (podInfoOnMount), with its token as the CSIDriver's tokenRequests have it
+    passed (or, for a pod without them, as its own volumeAttributes had it)."""
     context = {"image": image, "csi.storage.k8s.io/ephemeral": "true", **attrs}
-    secrets = {}
+    secrets = {".dockerconfigjson": pull_secret} if pull_secret else {}
     if sa:
-        context.update({"csi.storage.k8s.io/pod.namespace": "team",
+        context.update({"csi.storage.k8s.io/pod.namespace": namespace,
                         "csi.storage.k8s.io/pod.name": vid,
                         "csi.storage.k8s.io/pod.uid": f"uid-{vid}",
                         "csi.storage.k8s.io/serviceAccount.name": sa})
@@ -224,6 +251,25 @@ def test_an_image_answer_is_cached_for_that_image_only(plugin, registry, tmp_pat
                                                       f"{registry.host}/team/other"]
 
 
+def test_a_404_for_one_credential_tries_the_next(plugin, registry, tmp_path):
+    """The pod's pull secret (bob's) meets a 404, as registries that hide a private
+    repository from credentials that may not see it answer; like the kubelet, which moves
+    on after any failed pull, the pull tries the next credentials: the provider's (alice's).
+    A fault proxy in front of the real registry answers that first manifest request 404."""
+    with FaultProxy(registry.host) as front:
+        front.fail(404, times=1, path=r"^/v2/team/app/manifests/")
+        provider = Provider(tmp_path, types.SimpleNamespace(host=front.host))
+        p = plugin(provider, "--insecure-registry", front.host)
+        bob = base64.b64encode(b"bob:guess").decode()
+        secret = json.dumps({"auths": {front.host: {"auth": bob}}})
+        assert publish(p, tmp_path / "t", f"{front.host}/team/app:1.0",
+                       pull_secret=secret) == "app motd\n"
+        asked = [(e.path, e.status) for e in front.requests_to("/manifests/")]
+    assert asked[0] == ("/v2/team/app/manifests/1.0", 404)
+    assert ("/v2/team/app/manifests/1.0", 200) in asked[1:]
+    assert "credentials 1 of 2: image" in p.read_log()
+
+
 def test_a_provider_whose_match_images_do_not_match_is_not_run(plugin, registry, tmp_path):
     provider = Provider(tmp_path, registry, match=["*.example.com", f"{registry.host}/else"])
     p = plugin(provider)
@@ -239,18 +285,45 @@ def test_a_failing_provider_is_logged_and_named_in_the_denial(plugin, registry, 
     image = f"{registry.host}/team/app:1.0"
     provider.mode("fail")
     details = refused(grpc.StatusCode.PERMISSION_DENIED, p, tmp_path / "t", image)
-    assert "credential provider test-provider failed for " \
-           f"{registry.host}/team/app: it exited with status 1" in details
-    assert "cannot reach the cloud's token service" in details
+    # The status (what the pod's events show) names the provider; why it failed, with
+    # the plugin's stderr, is in the node's log only.
+    assert f"credential provider test-provider failed for {registry.host}/team/app (see " \
+           "the strata log on the node)" in details
+    assert "cannot reach the cloud's token service" not in details
     provider.mode("garbage")
     details = refused(grpc.StatusCode.PERMISSION_DENIED, p, tmp_path / "t", image)
-    assert "its answer on stdout is not JSON" in details
+    assert "see the strata log on the node" in details and "not JSON" not in details
     log = p.read_log()
-    assert "credential provider test-provider failed" in log
+    assert f"credential provider test-provider failed for {registry.host}/team/app: it " \
+           "exited with status 1" in log and "cannot reach the cloud's token service" in log
+    assert "its answer on stdout is not JSON" in log
     assert "Password: secret" not in log, "a garbage answer is never quoted"
     provider.mode("")
     assert publish(p, tmp_path / "t", image) == "app motd\n", "failures are not cached"
     assert len(provider.calls()) == 3
+
+
+def test_an_orphan_holding_the_plugins_stdout_does_not_hold_the_pull(plugin, registry,
+                                                                     tmp_path):
+    """The plugin answers and exits 0, leaving a `setsid` child with its stdout open for
+    five minutes (no killpg reaches it): the plugin's exit ends the exec, and the pull
+    uses its answer. Before, strata waited for EOF on stdout, past the RPC's deadline."""
+    provider = Provider(tmp_path, registry, duration="0s")
+    provider.mode("orphan")
+    p = plugin(provider)
+    try:
+        assert publish(p, tmp_path / "t", f"{registry.host}/team/app:1.0") == "app motd\n"
+        assert len(provider.calls()) == 1
+    finally:
+        pid_file = provider.state / "orphan.pid"
+        if pid_file.exists():
+            pid = int(pid_file.read_text())
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if f.read().startswith(b"sleep"):
+                        os.kill(pid, signal.SIGKILL)
+            except (FileNotFoundError, ProcessLookupError):
+                pass
 
 
 @pytest.fixture
@@ -305,6 +378,91 @@ def test_pods_tokens_reach_the_provider_and_each_pod_is_authorised(plugin, regis
     for token in (puller_a, puller_b, intruder, wrong):
         assert token not in log and token.split(".")[1] not in log
     assert "***stripped***" in log
+
+
+def test_a_pod_forging_another_namespaces_token_gets_nothing(plugin, registry, sa_provider,
+                                                             tmp_path):
+    """Without tokenRequests on the CSIDriver the kubelet passes an inline volume's
+    volumeAttributes on unchanged, the tokens key included: a pod author can write a token
+    whose (unsigned) claims name another namespace's service account. One such pod, once
+    the victim's answer is cached: refused, the provider not run, nothing mounted, and the
+    victim still served."""
+    p = plugin(sa_provider)
+    image = f"{registry.host}/team/app:1.0"
+    victim = sa_token("puller", "victim")
+    assert publish(p, tmp_path / "v", image, "victim", sa="puller", token=victim) == \
+        "app motd\n"
+    assert len(sa_provider.calls()) == 1  # cached (Registry, 1h) for team/puller
+
+    forgeries = {
+        "the victim's claims": sa_token("puller", "victim"),
+        "the victim's service account, the intruder's own pod": sa_token("puller", "intruder"),
+    }
+    for why, forged in forgeries.items():
+        details = refused(grpc.StatusCode.PERMISSION_DENIED, p, tmp_path / "i", image,
+                          "intruder", sa="default", namespace="intruders", token=forged)
+        assert "credential provider test-provider was not run" in details, why
+        assert "is not this pod's: its claims kubernetes.io.namespace, kubernetes.io." \
+               "serviceaccount.name" in details, why
+        assert not (tmp_path / "i").exists() or not os.listdir(tmp_path / "i"), why
+    assert len(sa_provider.calls()) == 1, "the provider never ran for the intruder"
+    assert publish(p, tmp_path / "v", image, "victim", sa="puller", token=victim,
+                   pullPolicy="Always") == "app motd\n"
+    log = p.read_log()
+    assert "refused for" in log and "(pod intruders/intruder)" in log
+    for token in (victim, *forgeries.values()):
+        assert token.split(".")[1] not in log
+
+
+def test_a_mirror_never_authorises_a_pod_for_a_gated_image(plugin, registry, cache,
+                                                           sa_provider, tmp_path):
+    """An image a token-taking provider covers is authorised per pod by the origin: with a
+    --registry-mirror that answers anyone (200), the authorising resolve and HEAD still go
+    to the origin with the pod's credentials; the layers then come through the mirror."""
+    p = plugin(sa_provider, "--registry-mirror",
+               f"{registry.host}=http://{cache.host}/cache")
+    image = f"{registry.host}/team/mirrored:1.0"
+    status, _, body = registry_get(registry, "/v2/team/mirrored/manifests/1.0",
+                                   token=registry.token(["repository:team/mirrored:pull"]))
+    assert status == 200
+    layers = [d["digest"] for d in json.loads(body)["layers"]]
+    before, cache_before = len(registry.access_log()), len(cache.access_log())
+
+    def ours(reg, since):
+        return [(a.method, a.target.split("?")[0], a.status)
+                for a in reg.access_log()[since:] if a.agent == "strata-csi"]
+
+    # Not on the node yet: the intruder's resolve is refused at the origin.
+    refused(grpc.StatusCode.PERMISSION_DENIED, p, tmp_path / "i", image, "i",
+            sa="intruder", token=sa_token("intruder", "i"))
+    assert not (tmp_path / "i").exists() or not os.listdir(tmp_path / "i")
+
+    assert publish(p, tmp_path / "a", image, "a", sa="puller",
+                   token=sa_token("puller", "a")) == "app motd\n"
+    assert ("GET", "/v2/team/mirrored/manifests/1.0", 200) in ours(registry, before), \
+        "resolved at the origin"
+    wanted = {("GET", f"/cache/v2/team/mirrored/blobs/{d}", 200) for d in layers}
+    wait_for(lambda: wanted <= set(ours(cache, cache_before)),
+             "the layers fetched through the mirror")
+    assert not [r for r in ours(registry, before) if r[1].split("/")[-1] in layers], \
+        "no layer from the origin"
+
+    # On the node now: the intruder's HEAD goes to the origin too, and is refused there.
+    refused(grpc.StatusCode.PERMISSION_DENIED, p, tmp_path / "i", image, "i",
+            sa="intruder", token=sa_token("intruder", "i"))
+    assert not (tmp_path / "i").exists() or not os.listdir(tmp_path / "i")
+    assert not [r for r in ours(cache, cache_before) if "/manifests/" in r[1]], \
+        "the mirror is never asked for the manifest"
+
+
+def wait_for(check, what: str, timeout: float = 60.0):
+    """For a registry's access line, written after it answered; the bound only ends a test
+    that would otherwise hang."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"still not true after {timeout:.0f}s: {what}")
+        time.sleep(0.05)
 
 
 def test_racing_pods_of_two_identities_do_not_share_a_pull(plugin, registry, sa_provider,

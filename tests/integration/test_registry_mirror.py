@@ -155,6 +155,41 @@ def test_a_mirror_that_fails_falls_back_to_the_origin(plugin, origin, mirror, tm
             (f"/elsewhere/v2/team/app/manifests/1.0?{ns(origin)}", 404)]
 
 
+@pytest.mark.parametrize("dead", ["dropped connections", "nothing behind its front"])
+def test_a_dead_mirror_is_tried_once_then_the_origin(plugin, origin, tmp_path, dead):
+    """With the default retries: a mirror gets one attempt per request and the pull falls
+    back to the origin at once, as containerd moves to the next host (the origin's retries
+    and backoff held every pull some 7.5 s, a minute if its packets were dropped). The
+    fault proxy counts what reached the mirror: a front that drops every connection after
+    the request, or one with nothing listening behind it (502, a retryable status)."""
+    upstream = origin.host if dead == "dropped connections" else f"127.0.0.1:{free_port()}"
+    with FaultProxy(upstream) as front:
+        if dead == "dropped connections":
+            front.hang(0, times=None)
+        before = len(origin.access_log())
+        p = plugin("--insecure-registry", origin.host,
+                   "--registry-mirror", f"{origin.host}=http://{front.host}/cache")
+        assert published(p, tmp_path / "t", f"{origin.host}/team/app:1.0") == "app motd\n"
+        assert [(e.method, e.path) for e in front.log] == [
+            ("GET", f"/cache/v2/team/app/manifests/1.0?{ns(origin)}")]
+        url = f"http://{front.host}/cache"
+    log = p.read_log()
+    assert f"mirror {url} failed for {origin.host}/team/app:1.0" in log
+    assert "(after 1 attempt)" in log
+    wait_for(lambda: ours(origin, before), "strata's requests in the origin's log")
+
+
+def test_nothing_listening_at_a_mirror_is_one_attempt(plugin, origin, tmp_path):
+    """Connection refused: one attempt (the log says so), no retry, then the origin."""
+    url = f"http://127.0.0.1:{free_port()}/cache"
+    p = plugin("--insecure-registry", origin.host, "--registry-mirror", f"{origin.host}={url}")
+    assert published(p, tmp_path / "t", f"{origin.host}/team/app:1.0") == "app motd\n"
+    log = p.read_log()
+    assert f"mirror {url} failed" in log and "ConnectionRefusedError" in log
+    assert "(after 1 attempt)" in log
+    assert "retrying in" not in log
+
+
 def test_range_resume_through_the_prefix(plugin, origin, mirror, tmp_path):
     """A download cut short resumes at the mirror, under its prefix, with a Range."""
     top = layers(origin, "team/big")[-1]

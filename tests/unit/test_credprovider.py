@@ -6,31 +6,32 @@ import base64
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 
 import pytest
 
 from csi.config import Config
-from csi.errors import InvalidArgument
+from csi.errors import InvalidArgument, PermissionDenied
 from csi.image.auth import CredentialChain, Credentials, Keyring, parse_config
-from csi.image.credprovider import (
-    TOKENS_KEY,
-    CredentialProviders,
-    Identity,
-    Provider,
-    ProviderFailed,
+from csi.image.credconfig import (
     ProviderSpec,
     TokenAttributes,
-    audience_token,
-    cache_key,
     load_config,
     match_image,
     parse_duration,
-    parse_response,
-    service_account_key,
 )
-from csi.image.credprovider import parse_config as parse_provider_config
+from csi.image.credconfig import parse_config as parse_provider_config
+from csi.image.credprovider import (
+    CredentialProviders,
+    Provider,
+    ProviderFailed,
+    cache_key,
+    parse_response,
+    run_plugin,
+)
+from csi.image.podtokens import TOKENS_KEY, Identity, audience_token, service_account_key
 from csi.image.registry import offers
 from csi.interceptors import redact
 from csi.proto import csi_pb2
@@ -97,6 +98,35 @@ def test_go_durations(text, seconds):
 def test_bad_durations(text):
     with pytest.raises(ValueError):
         parse_duration(text)
+
+
+# "1111a" * 13 + "!" took the old regex (`((?:\d+\.?\d*|\.\d+)[a-z…]+)+`) 23 s, four times
+# longer with each "1111a" more: this one would take it longer than the universe has been.
+ADVERSARIAL = "1111a" * 40 + "!"
+
+
+def test_an_adversarial_duration_is_refused_in_one_pass():
+    with pytest.raises(ValueError, match="unknown unit 'a'"):
+        parse_duration(ADVERSARIAL)
+    with pytest.raises(ValueError, match="unit"):
+        parse_duration("1" * 100_000 + "!")
+    # A provider's answer is where such a string would come from.
+    with pytest.raises(ProviderFailed, match="cacheDuration") as e:
+        parse_response(answer(duration=ADVERSARIAL), V1)
+    assert len(str(e.value)) < 300, "the string is not quoted whole"
+
+
+@pytest.mark.parametrize("text", ["1h.", "1.h.m", "+", "-", ".s", "1e3s", "1_000s", "１s",
+                                  "1" * 400 + "h"])
+def test_more_bad_durations(text):
+    with pytest.raises(ValueError):
+        parse_duration(text)
+
+
+@pytest.mark.parametrize("text, seconds", [(".5s", 0.5), ("5.s", 5), ("+1m", 60),
+                                           ("1h1h", 7200), ("1.0000000001s", 1.0000000001)])
+def test_more_go_durations(text, seconds):
+    assert parse_duration(text) == pytest.approx(seconds)
 
 
 # -- the configuration ----------------------------------------------------------------------
@@ -341,6 +371,14 @@ def test_bad_responses(data, fragment):
     assert "hunter2" not in str(e.value)
 
 
+def test_an_answer_nested_deeper_than_json_goes_is_not_json():
+    """json.loads raises RecursionError, no ValueError, for it: that escaped as INTERNAL."""
+    with pytest.raises(ProviderFailed, match="not JSON"):
+        parse_response(b"[" * 200_000, V1)
+    with pytest.raises(InvalidArgument, match="not JSON"):
+        audience_token("[" * 200_000, "aud")
+
+
 def test_the_token_itself_as_password_only_with_token_cache_type():
     data = answer(auth={"r.io": {"username": "u", "password": "the-token"}})
     with pytest.raises(ProviderFailed, match="needs tokenAttributes.cacheType Token"):
@@ -361,29 +399,61 @@ def sa_token(ns="team", name="puller", uid="uid-1", pod="p1", nonce=""):
                 "jti": nonce or pod})
 
 
+def pod(ns="team", name="puller", pod="p1", tokens="") -> Identity:
+    """What the kubelet says of the pod (podInfoOnMount) that sa_token(ns, name, pod=pod)
+    is bound to."""
+    return Identity(ns, pod, f"{pod}-uid", name, tokens)
+
+
 def test_service_account_cache_keys():
     sa_type = TokenAttributes("registry", True, "ServiceAccount")
     token_type = TokenAttributes("registry", True, "Token")
     a, b = sa_token(pod="p1"), sa_token(pod="p2")
     # ServiceAccount: one key for every pod of the service account
-    assert service_account_key(sa_type, a, Identity()) == \
-        service_account_key(sa_type, b, Identity()) == ("team", "puller", "uid-1",
-                                                        "annotations:0")
+    assert service_account_key(sa_type, a, pod(pod="p1")) == \
+        service_account_key(sa_type, b, pod(pod="p2")) == ("team", "puller", "uid-1",
+                                                           "annotations:0")
     # Token: one per token
-    assert service_account_key(token_type, a, Identity()) != \
-        service_account_key(token_type, b, Identity())
+    assert service_account_key(token_type, a, pod(pod="p1")) != \
+        service_account_key(token_type, b, pod(pod="p2"))
     # another service account, or the same name made again (another UID)
-    assert service_account_key(sa_type, sa_token(name="other"), Identity()) != \
-        service_account_key(sa_type, a, Identity())
-    assert service_account_key(sa_type, sa_token(uid="uid-2"), Identity()) != \
-        service_account_key(sa_type, a, Identity())
+    assert service_account_key(sa_type, sa_token(name="other"), pod(name="other")) != \
+        service_account_key(sa_type, a, pod())
+    assert service_account_key(sa_type, sa_token(uid="uid-2"), pod()) != \
+        service_account_key(sa_type, a, pod())
     # no UID in the claims: the token always counts
-    no_uid = jwt({"sub": "system:serviceaccount:team:puller"})
-    key = service_account_key(sa_type, no_uid, Identity())
-    assert key[:3] == ("team", "puller", "") and key[4] == "token"
-    opaque = service_account_key(sa_type, "not-a-jwt", Identity("ns", "pod", "u", "sa"))
-    assert opaque[:3] == ("ns", "sa", "") and opaque[4:] == (
-        "token", "sha256:" + __import__("hashlib").sha256(b"not-a-jwt").hexdigest())
+    no_uid = jwt({"kubernetes.io": {"namespace": "team", "serviceaccount": {"name": "puller"},
+                                    "pod": {"name": "p1", "uid": "p1-uid"}}})
+    key = service_account_key(sa_type, no_uid, pod())
+    assert key[:3] == ("team", "puller", "") and key[4:] == (
+        "token", "sha256:" + __import__("hashlib").sha256(no_uid.encode()).hexdigest())
+
+
+@pytest.mark.parametrize("token, identity, fragment", [
+    # claims naming another namespace's service account, for this pod: a pod's own forgery
+    (sa_token(ns="victim"), pod(), "claims kubernetes.io.namespace disagree"),
+    (sa_token(name="admin"), pod(), "claims kubernetes.io.serviceaccount.name disagree"),
+    (sa_token(pod="other-pod"), pod(), "claims kubernetes.io.pod.uid disagree"),
+    (sa_token(ns="victim", name="admin"), pod(),
+     "kubernetes.io.namespace, kubernetes.io.serviceaccount.name disagree"),
+    # no claims to check: not a token the kubelet asked for this pod
+    ("not-a-jwt", pod(), "lacks the claims kubernetes.io.namespace, kubernetes.io."
+                         "serviceaccount.name, kubernetes.io.pod.uid"),
+    (jwt({"sub": "system:serviceaccount:team:puller"}), pod(), "lacks the claims"),
+    (jwt({"kubernetes.io": {"namespace": "team", "serviceaccount": {"name": "puller"}}}), pod(),
+     "lacks the claims kubernetes.io.pod.uid"),
+    (jwt({"kubernetes.io": {"namespace": ["team"], "serviceaccount": {"name": "puller"},
+                            "pod": {"uid": "p1-uid"}}}), pod(), "kubernetes.io.namespace"),
+    # no pod attributes (no podInfoOnMount): nothing to check the claims against
+    (sa_token(), Identity(), "CSIDriver must set podInfoOnMount: true"),
+    (sa_token(), Identity("team", "p1", "", "puller"), "podInfoOnMount"),
+])
+def test_a_token_that_is_not_the_pods_is_refused(token, identity, fragment):
+    with pytest.raises(PermissionDenied) as e:
+        service_account_key(TokenAttributes("registry", True, "ServiceAccount"), token,
+                            identity)
+    assert fragment in str(e.value)
+    assert token not in str(e.value) and "victim" not in str(e.value)
 
 
 def test_cache_keys_by_type():
@@ -474,18 +544,50 @@ def test_identities_never_share_a_cached_answer():
                     for i in range(3)))
     providers = CredentialProviders([provider(run, clock, tokens=attrs)])
 
-    def pull(token):
-        tokens = json.dumps({"registry": {"token": token}})
-        out = providers.provide("r.io/app", Identity("team", "pod", "uid", "puller", tokens))
+    def pull(**claims):
+        tokens = json.dumps({"registry": {"token": sa_token(**claims)}})
+        out = providers.provide("r.io/app", pod(tokens=tokens, **{
+            k: v for k, v in claims.items() if k in ("ns", "name", "pod")}))
         assert out.gated and not out.notes
         return out.keyrings[0].lookup("r.io", "app").username
 
-    assert pull(sa_token(pod="p1")) == "u0"
-    assert pull(sa_token(pod="p2")) == "u0", "same service account: cached"
-    assert pull(sa_token(name="other")) == "u1", "another identity: its own exec"
-    assert pull(sa_token(uid="uid-2")) == "u2", "a service account made again"
+    assert pull(pod="p1") == "u0"
+    assert pull(pod="p2") == "u0", "same service account: cached"
+    assert pull(name="other") == "u1", "another identity: its own exec"
+    assert pull(uid="uid-2") == "u2", "a service account made again"
     assert [r["serviceAccountToken"] for r in run.requests] == [
         sa_token(pod="p1"), sa_token(name="other"), sa_token(uid="uid-2")]
+
+
+def test_a_pod_naming_another_service_account_in_its_token_gets_nothing(caplog):
+    """The reviewer's forgery: without tokenRequests the kubelet passes a pod's inline
+    volumeAttributes on unchanged, tokens key and all. A pod of namespace `intruder` writes
+    an unsigned token whose claims name the victim's service account: it must get neither
+    the victim's cached answer nor an exec of its own."""
+    clock = Clock()
+    run = FakeRun(answer("Registry", "1h", {"r.io": {"username": "victim", "password": "pw"}}))
+    providers = CredentialProviders([provider(run, clock, tokens=TokenAttributes(
+        "registry", True, "ServiceAccount"))])
+    real = sa_token(ns="victim-ns", name="puller", pod="v")
+    out = providers.provide("r.io/private/app", pod("victim-ns", "puller", "v", tokens=json.dumps(
+        {"registry": {"token": real}})))
+    assert out.keyrings[0].lookup("r.io", "private/app").password == "pw"
+
+    forged = jwt({"kubernetes.io": {"namespace": "victim-ns",
+                                    "serviceaccount": {"name": "puller", "uid": "uid-1"},
+                                    "pod": {"name": "v", "uid": "v-uid"}}})
+    for intruder in (pod("intruder", "default", "i", tokens=json.dumps(
+            {"registry": {"token": forged}})),
+            # claims copied from the victim, pod attributes its own: still not its token
+            pod("intruder", "default", "i", tokens=json.dumps({"registry": {"token": real}}))):
+        with pytest.raises(PermissionDenied) as e:
+            providers.provide("r.io/private/other", intruder)
+        assert "credential provider p was not run" in str(e.value)
+        assert "is not this pod's" in str(e.value)
+    assert len(run.requests) == 1, "no exec for the intruder"
+    for record in caplog.records:
+        assert forged not in record.getMessage() and real not in record.getMessage()
+    assert "refused for r.io/private/other (pod intruder/i)" in caplog.text
 
 
 def test_providers_that_do_not_match_or_must_not_run():
@@ -496,7 +598,7 @@ def test_providers_that_do_not_match_or_must_not_run():
     annotations = provider(run, clock, tokens=TokenAttributes(
         "registry", True, "Token", required_annotation_keys=("a.io/role",)))
     everyone = CredentialProviders([plain, needs_sa, annotations])
-    out = everyone.provide("r.io/app", Identity("team", "pod", "uid", "puller", tokens=json.dumps(
+    out = everyone.provide("r.io/app", pod(tokens=json.dumps(
         {"registry": {"token": sa_token()}})))
     assert [r["serviceAccountToken"] for r in run.requests] == [sa_token()], \
         "only the one that matches and may run"
@@ -525,7 +627,7 @@ def script(tmp_path, body: str, name="provider") -> str:
     return str(path)
 
 
-def test_exec_gets_the_request_args_and_env_and_failures_are_notes(tmp_path):
+def test_exec_gets_the_request_args_and_env_and_failures_are_notes(tmp_path, caplog):
     script(tmp_path, """
 req = json.load(sys.stdin)
 if os.environ.get("MODE") == "fail":
@@ -539,16 +641,21 @@ json.dump({"apiVersion": req["apiVersion"], "kind": "CredentialProviderResponse"
                         env=(("MODE", "ok"), ("HOME", "/h")),
                         tokens=TokenAttributes("aud", False, "Token"))
     p = Provider(spec, str(tmp_path), environ={"HOME": "/root", "PATH": os.environ["PATH"]})
-    tokens = json.dumps({"aud": {"token": "sekrit"}})
-    out = CredentialProviders([p]).provide("r.io/app", Identity(tokens=tokens))
+    tokens = json.dumps({"aud": {"token": sa_token()}})
+    out = CredentialProviders([p]).provide("r.io/app", pod(tokens=tokens))
     assert out.keyrings[0].lookup("r.io", "app") == Credentials("argok/h", "r.io/app")
     failing = Provider(dataclasses.replace(spec, env=(("MODE", "fail"),)), str(tmp_path))
-    out = CredentialProviders([failing]).provide("r.io/app", Identity(tokens=tokens))
+    out = CredentialProviders([failing]).provide("r.io/app", pod(tokens=tokens))
     assert out.keyrings == []
     [note] = out.notes
-    assert note.startswith("credential provider provider failed for r.io/app: it exited "
-                           "with status 3 after ")
-    assert note.endswith("no luck for ***"), "the token is scrubbed from its stderr"
+    # The note goes into the status the pod's events show: the plugin's stderr stays in
+    # the node's log, where the token in it is scrubbed too.
+    assert note == "credential provider provider failed for r.io/app (see the strata log " \
+                   "on the node)"
+    assert "credential provider provider failed for r.io/app: it exited with status 3 " \
+           "after " in caplog.text
+    assert "no luck for ***; pulling without its credentials" in caplog.text
+    assert "sekrit" not in caplog.text and sa_token() not in caplog.text
 
 
 def test_a_provider_that_hangs_is_given_up_with_its_children(tmp_path):
@@ -570,6 +677,71 @@ time.sleep(60)
             assert f.read().rsplit(")", 1)[1].split()[0] == "Z"
     except FileNotFoundError:
         pass
+
+
+@pytest.fixture
+def sleeper(tmp_path):
+    """A file for a plugin's orphan to write its pid in; the orphan is killed by that pid
+    when the test ends (it is out of the plugin's process group and session)."""
+    path = tmp_path / "orphan.pid"
+    yield path
+    if path.exists():
+        pid = int(path.read_text())
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                mine = b"sleep" in f.read()
+            if mine:
+                os.kill(pid, signal.SIGKILL)
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+
+
+ANSWER = json.dumps({"apiVersion": V1, "kind": "CredentialProviderResponse",
+                     "cacheKeyType": "Image", "auth": {"r.io": {"username": "u",
+                                                                "password": "p"}}})
+
+
+def test_an_orphan_holding_the_plugins_stdout_does_not_hold_the_answer(tmp_path, sleeper):
+    """The plugin answers and exits 0, leaving a child that setsid'd out of its process
+    group (no killpg reaches it) with its stdout open for five minutes. Its exit is the
+    end of the run: the answer is used. (Before, the pull waited for EOF on stdout: the
+    child's life, past the exec timeout, and then failed.)"""
+    plugin = tmp_path / "provider"
+    plugin.write_text(f"""#!/bin/sh
+cat >/dev/null
+setsid sh -c 'echo $$ > {sleeper}; exec sleep 300' &
+while [ ! -s {sleeper} ]; do :; done
+echo '{ANSWER}'
+exit 0
+""")
+    plugin.chmod(0o755)
+    p = Provider(ProviderSpec("provider", ("r.io",), 0, V1), str(tmp_path))
+    answer = p.exec("r.io/app", timeout=20)
+    assert answer.keyring.lookup("r.io", "app") == Credentials("u", "p")
+    pid = int(sleeper.read_text())
+    assert os.path.exists(f"/proc/{pid}"), "the orphan was there, holding the pipe"
+
+
+def test_a_plugins_output_is_bounded(tmp_path):
+    """Megabytes on stdout are no answer, and megabytes on stderr are kept to their end."""
+    script(tmp_path, """
+sys.stdin.read()
+sys.stderr.write("x" * (8 << 20) + "the end")
+sys.stdout.write(" " * (3 << 20) + "{}")
+""")
+    p = Provider(ProviderSpec("provider", ("r.io",), 0, V1), str(tmp_path))
+    with pytest.raises(ProviderFailed, match="its answer is larger than 1 MiB"):
+        p.exec("r.io/app", timeout=60)
+    done = run_plugin([str(tmp_path / "provider")], b"{}", dict(os.environ), 60)
+    assert len(done.stdout) == (1 << 20) + 1 and len(done.stderr) == 1 << 20
+    assert done.stderr.endswith(b"the end")
+
+
+def test_a_plugin_that_never_reads_its_request_still_answers(tmp_path):
+    script(tmp_path, f"print({ANSWER!r})")
+    p = Provider(ProviderSpec("provider", ("r.io",), 0, V1), str(tmp_path))
+    request = "r.io/" + "a" * (1 << 20)  # more than a pipe holds
+    assert p.exec(request, timeout=60).keyring.lookup("r.io", "app") == Credentials("u", "p")
 
 
 # -- the chain, the registry's offers, the payload log ---------------------------------------
@@ -604,3 +776,21 @@ def test_the_payload_log_strips_tokens_from_volume_context_and_secrets():
     assert "sekrit" not in text and text.count("***stripped***") == 3
     assert 'value: "r.io/app:1"' in text
     assert req.volume_context[TOKENS_KEY] == tokens, "the request itself is left alone"
+
+
+def test_tokens_in_secrets_are_the_kubelets_and_win(caplog):
+    """A Secret's keys cannot hold a "/": the tokens key in secrets can only be the
+    kubelet's (serviceAccountTokenInSecrets). One in volume_context besides is the
+    volume's own attributes: ignored, with a warning that never quotes it."""
+    from csi.volumes import service_account_tokens
+
+    kubelet, pods = tokens_json("kubelet-token"), tokens_json("pod-written")
+    assert service_account_tokens({TOKENS_KEY: pods}, {TOKENS_KEY: kubelet}) == kubelet
+    assert "ignored: the kubelet's are in secrets" in caplog.text
+    assert "pod-written" not in caplog.text
+    assert service_account_tokens({TOKENS_KEY: pods}, {}) == pods
+    assert service_account_tokens({}, {}) == ""
+
+
+def tokens_json(token: str) -> str:
+    return json.dumps({"aud": {"token": token}})
