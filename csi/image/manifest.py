@@ -79,7 +79,7 @@ class Image:
 def json_object(data: str | bytes, what: str) -> dict:
     try:
         doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # nested past json.loads
         raise InvalidArgument(f"{what} is not valid JSON: {e}") from None
     if not isinstance(doc, dict):
         raise InvalidArgument(f"{what} is not a JSON object")

@@ -194,7 +194,7 @@ class Authenticator:
             expires = float(doc.get("expires_in") or 60)
             if not isinstance(token, str) or not token:
                 raise TypeError
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             raise Unavailable(f"{what}: the token service sent no token") from None
         now = self._clock()
         with self._lock:
