@@ -1,9 +1,11 @@
 """Shared fixtures: test images (built once per session), a real `strata serve` process on
 real unix sockets, and clean-up that unmounts whatever a test left, even when it failed."""
 
+import contextlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,6 +27,14 @@ ROOT_REASON = "needs root: real overlayfs mounts, mknod and trusted.* xattrs"
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason=ROOT_REASON)
 
 Mode = csi_pb2.VolumeCapability.AccessMode.Mode
+
+
+def needs_tools(*tools: str) -> pytest.MarkDecorator:
+    """Skip where one of `tools` is missing on a developer's machine; in CI (.ci/run sets
+    CI and installs them) a missing tool fails the test instead of hiding it."""
+    missing = [t for t in tools if shutil.which(t) is None]
+    return pytest.mark.skipif(bool(missing) and not os.environ.get("CI"),
+                              reason=f"missing {', '.join(missing)} (.ci/run installs them)")
 
 
 def unmount_all_under(path: str) -> list[str]:
@@ -274,6 +284,27 @@ def pods(tmp_path):
     yield tmp_path
     left = unmount_all_under(str(tmp_path))
     assert not left, f"test left mounts behind: {left}"
+
+
+@contextlib.contextmanager
+def strata_servers(base):
+    """`start(*args, **kw)`: a new real `strata serve` under `base` (p0, p1, …), with
+    `args` after its usual ones; every one started is killed at the end, and whatever is
+    mounted under `base` unmounted, even when the test failed."""
+    started = []
+
+    def start(*args, **kw):
+        p = StrataProcess(str(base / f"p{len(started)}"), extra_args=tuple(args), **kw)
+        os.makedirs(p.base)
+        started.append(p)
+        return p.start()
+
+    try:
+        yield start
+    finally:
+        for p in started:
+            p.stop(signal.SIGKILL)
+        unmount_all_under(str(base))
 
 
 @pytest.fixture(scope="session")

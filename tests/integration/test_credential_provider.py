@@ -8,7 +8,6 @@ only for the identity the registry should let pull."""
 import base64
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -26,20 +25,18 @@ from csi.proto import csi_pb2
 from csi.store.state import State
 from tests.conftest import (
     ROOT_REASON,
-    StrataProcess,
     app_layer,
     base_layer,
     mount_cap,
-    unmount_all_under,
+    needs_tools,
+    strata_servers,
 )
 from tests.faultproxy import FaultProxy
 from tests.registry import Registry, push, registry_get
 
-MISSING = [t for t in ("docker-registry", "skopeo") if shutil.which(t) is None]
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason=ROOT_REASON),
-    pytest.mark.skipif(bool(MISSING) and not os.environ.get("CI"),
-                       reason=f"missing {', '.join(MISSING)} (.ci/run installs them)"),
+    needs_tools("docker-registry", "skopeo"),
 ]
 ALICE = ("alice", "secret")
 AUDIENCE = "strata-registry"
@@ -160,19 +157,9 @@ class Provider:
 
 @pytest.fixture
 def plugin(tmp_path, registry):
-    started = []
-
-    def start(provider: Provider, *args: str):
-        p = StrataProcess(str(tmp_path / f"p{len(started)}"), extra_args=(
-            "--insecure-registry", registry.host, *provider.args, *args))
-        os.makedirs(p.base)
-        started.append(p)
-        return p.start()
-
-    yield start
-    for p in started:
-        p.stop(signal.SIGKILL)
-    unmount_all_under(str(tmp_path))
+    with strata_servers(tmp_path) as start:
+        yield lambda provider, *args: start("--insecure-registry", registry.host,
+                                            *provider.args, *args)
 
 
 def b64url(d: dict) -> str:

@@ -2,8 +2,6 @@
 fault proxy in front of a real docker-registry: each is refused as a bad answer (a status
 code with a reason), never an exception that escapes as INTERNAL."""
 
-import os
-import shutil
 
 import pytest
 
@@ -12,13 +10,11 @@ from csi.image.build import write_image
 from csi.image.reference import parse
 from csi.image.registry import RegistryClient
 from csi.image.transport import Options
-from tests.conftest import app_layer, base_layer
+from tests.conftest import app_layer, base_layer, needs_tools
 from tests.faultproxy import FaultProxy
 from tests.registry import Registry, push
 
-MISSING = [t for t in ("docker-registry", "skopeo") if shutil.which(t) is None]
-pytestmark = pytest.mark.skipif(bool(MISSING) and not os.environ.get("CI"),
-                                reason=f"missing {', '.join(MISSING)} (.ci/run installs them)")
+pytestmark = needs_tools("docker-registry", "skopeo")
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ TLS failing at once with what to do, errors on stderr, and a mistyped --root ref
 import os
 import pty
 import re
-import shutil
 import subprocess
 import sys
 
@@ -15,15 +14,13 @@ import pytest
 
 from csi.paths import StorePaths
 from csi.store.state import State
-from tests.conftest import ROOT_REASON
+from tests.conftest import ROOT_REASON, needs_tools
 from tests.faultproxy import FaultProxy
 from tests.registry import Registry, push
 
-MISSING = [t for t in ("docker-registry", "skopeo") if shutil.which(t) is None]
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason=ROOT_REASON),  # whiteouts are mknod(2)
-    pytest.mark.skipif(bool(MISSING) and not os.environ.get("CI"),
-                       reason=f"missing {', '.join(MISSING)} (.ci/run installs them)"),
+    needs_tools("docker-registry", "skopeo"),
 ]
 
 

@@ -10,8 +10,6 @@ the origin's says strata asked it nothing; the mirror's storage then holds the b
 import base64
 import json
 import os
-import shutil
-import signal
 import time
 import urllib.parse
 
@@ -20,20 +18,18 @@ import pytest
 from csi.image.build import LayerBuilder, write_image
 from tests.conftest import (
     ROOT_REASON,
-    StrataProcess,
     app_layer,
     base_layer,
     free_port,
-    unmount_all_under,
+    needs_tools,
+    strata_servers,
 )
 from tests.faultproxy import FaultProxy
 from tests.registry import SERVICE, Registry, push, registry_get
 
-MISSING = [t for t in ("docker-registry", "skopeo") if shutil.which(t) is None]
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason=ROOT_REASON),
-    pytest.mark.skipif(bool(MISSING) and not os.environ.get("CI"),
-                       reason=f"missing {', '.join(MISSING)} (.ci/run installs them)"),
+    needs_tools("docker-registry", "skopeo"),
 ]
 AGENT = "strata-csi"  # transport.USER_AGENT: strata's requests, not the proxy's own
 BIG = 3 << 20
@@ -60,18 +56,8 @@ def mirror(origin):
 
 @pytest.fixture
 def plugin(tmp_path):
-    started = []
-
-    def start(*args):
-        p = StrataProcess(str(tmp_path / f"p{len(started)}"), extra_args=tuple(args))
-        os.makedirs(p.base)
-        started.append(p)
-        return p.start()
-
-    yield start
-    for p in started:
-        p.stop(signal.SIGKILL)
-    unmount_all_under(str(tmp_path))
+    with strata_servers(tmp_path) as start:
+        yield start
 
 
 def wait_for(check, what: str, timeout: float = 60.0):

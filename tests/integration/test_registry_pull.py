@@ -6,8 +6,6 @@ import base64
 import hashlib
 import json
 import os
-import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -25,17 +23,17 @@ from tests.conftest import (
     app_layer,
     base_layer,
     free_port,
+    needs_tools,
     scrape,
+    strata_servers,
     unmount_all_under,
 )
 from tests.faultproxy import FaultProxy
 from tests.registry import Registry, TokenServer, push, put_manifest, registry_get, upload_blob
 
-MISSING = [t for t in ("docker-registry", "skopeo", "htpasswd") if shutil.which(t) is None]
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason=ROOT_REASON),
-    pytest.mark.skipif(bool(MISSING) and not os.environ.get("CI"),
-                       reason=f"missing {', '.join(MISSING)} (.ci/run installs them)"),
+    needs_tools("docker-registry", "skopeo", "htpasswd"),
 ]
 ALICE = ("alice", "secret")
 
@@ -95,19 +93,8 @@ def anon(layout):
 
 @pytest.fixture
 def plugin(tmp_path):
-    started = []
-
-    def start(*args):
-        p = StrataProcess(str(tmp_path / f"p{len(started)}"), metrics_port=free_port(),
-                          extra_args=tuple(args))
-        os.makedirs(p.base)
-        started.append(p)
-        return p.start()
-
-    yield start
-    for p in started:
-        p.stop(signal.SIGKILL)
-    unmount_all_under(str(tmp_path))
+    with strata_servers(tmp_path) as start:
+        yield lambda *args: start(*args, metrics_port=free_port())
 
 
 def published(p, target, image, vid="v", **kw) -> str:
