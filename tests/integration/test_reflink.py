@@ -16,6 +16,7 @@ import shutil
 
 import pytest
 
+from csi.extents import NOT_SHARED, clone, shared_bytes
 from csi.image.build import LayerBuilder, write_image
 from csi.mount.reflink import probe
 from tests.conftest import ROOT_REASON, StrataProcess, free_port, unmount_all_under
@@ -122,3 +123,36 @@ def test_appending_a_line_to_a_big_lower_file(store_root, big_image, tmp_path, r
             "the counter keeps it after unpublish"
     finally:
         p.stop()
+
+
+@pytest.mark.parametrize("store_root", list(STORES), indirect=True)
+def test_fiemap_counts_the_extents_a_clone_shares(store_root, request):
+    """A file of 300 separate extents (a block written every other block: more than one
+    FIEMAP call's worth), cloned, then one block of the clone overwritten: the clone shares
+    all but that block where the filesystem clones, nothing where it cannot."""
+    _, clones = STORES[request.node.callspec.params["store_root"]]
+    os.makedirs(store_root)
+    src, dst = os.path.join(store_root, "src"), os.path.join(store_root, "dst")
+    block = 4096
+    with open(src, "wb") as f:
+        for i in range(300):
+            f.seek(2 * i * block)
+            f.write(bytes([i % 256 or 1]) * block)
+        f.flush()
+        os.fsync(f.fileno())
+    with open(src, "rb") as s, open(dst, "wb") as d:
+        if clones:
+            clone(s.fileno(), d.fileno())
+        else:
+            with pytest.raises(OSError) as e:
+                clone(s.fileno(), d.fileno())
+            assert e.value.errno in NOT_SHARED
+            shutil.copyfileobj(s, d)
+    with open(dst, "r+b") as f:
+        f.seek(2 * 7 * block)
+        f.write(b"x" * block)
+        f.flush()
+        os.fsync(f.fileno())
+        assert shared_bytes(f.fileno()) == (299 * block if clones else 0)
+    with open(src, "rb") as f:
+        assert shared_bytes(f.fileno()) == (299 * block if clones else 0)
