@@ -49,6 +49,15 @@ def probe(scratch_dir: str, table: MountTable | None = None) -> Reflink:
     that says the filesystem cannot share extents (NOT_SHARED) is a no; any other failure
     (ENOSPC, EIO, ...) is a no as well, with a warning: start-up must not fail over it."""
     fs = filesystem(scratch_dir, table)
+    try:
+        return Reflink(fs, _clones(scratch_dir))
+    except OSError as e:  # making, writing or removing the files: ENOSPC, EROFS, EIO, ...
+        log.warning("probing whether %s clones extents failed (%s); reporting that it does "
+                    "not", scratch_dir, e)
+        return Reflink(fs, False)
+
+
+def _clones(scratch_dir: str) -> bool:
     d = tempfile.mkdtemp(prefix=".reflink-probe-", dir=scratch_dir)
     try:
         src, dst = os.path.join(d, "src"), os.path.join(d, "dst")
@@ -58,11 +67,10 @@ def probe(scratch_dir: str, table: MountTable | None = None) -> Reflink:
             try:
                 clone(s.fileno(), t.fileno())
             except OSError as e:
-                if e.errno not in NOT_SHARED:
-                    log.warning("probing whether %s clones extents failed (%s); reporting "
-                                "that it does not", scratch_dir, e)
-                return Reflink(fs, False)
-        return Reflink(fs, True)
+                if e.errno in NOT_SHARED:
+                    return False
+                raise
+        return True
     finally:
         for name in ("src", "dst"):
             try:

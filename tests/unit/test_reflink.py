@@ -34,3 +34,10 @@ def test_the_probe_answers_and_leaves_nothing(tmp_path):
 def test_summaries_add_their_logical_bytes():
     a = Summary(copied_up=1, copied_up_bytes=4096, copied_up_logical_bytes=100)
     assert (a + a).copied_up_logical_bytes == 200
+
+
+def test_a_probe_that_cannot_make_its_files_says_no_and_does_not_stop_the_start(
+        tmp_path, caplog):
+    got = probe(str(tmp_path / "gone"))  # ENOENT, as ENOSPC or EROFS would be
+    assert got.clones is False
+    assert "clones extents failed" in caplog.text
