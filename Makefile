@@ -82,6 +82,7 @@ bench: $(STAMP)
 	$(PY) bench/volatile.py
 	$(PY) bench/release_probe.py
 	$(PY) bench/metrics.py
+	$(PY) bench/cow.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -31,6 +31,7 @@ from csi.image.resolver import Resolver
 from csi.locks import ServeLock, StoreServed, StoreUsers
 from csi.metrics import Metrics
 from csi.mount import features as kernel
+from csi.mount import reflink
 from csi.mount.syscalls import Mounter
 from csi.paths import StorePaths
 from csi.provision import Provisioner
@@ -195,6 +196,8 @@ def node(config: Config, metrics: Metrics | None = None, mounter: Mounter | None
         state = State(paths.state_db)
         if features is None:
             features = _probe(paths.tmp)
+        clones = reflink.probe(paths.tmp)
+        log.info("%s", clones.describe(paths.root))
         mounter = mounter or Mounter(features=features)
         # Loop filesystems are mounted by the one executor.
         bound = size_limits(config.size_limit_mechanism, paths, mounter)
@@ -219,7 +222,7 @@ def node(config: Config, metrics: Metrics | None = None, mounter: Mounter | None
         gc.collect()  # released while we were down, or a policy that changed
         provisioner = Provisioner(state, Resolver(config.oci_layout_roots))
         metrics.install_store(state, backend, paths, upper_stats, config.gc,
-                              config.metrics_top_layers)
+                              config.metrics_top_layers, reflink=clones)
     except BaseException:
         if releases is not None:
             releases.stop()

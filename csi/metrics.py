@@ -25,6 +25,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from csi.backend import Backend
 from csi.inspect import Summary
+from csi.mount.reflink import Reflink
 from csi.paths import StorePaths
 from csi.store import gc as store_gc
 from csi.store.pagecache import Meter
@@ -130,9 +131,11 @@ class Metrics:
     def install_store(self, state: State, backend: Backend, paths: StorePaths,
                       upper_stats: UpperStats | None = None,
                       policy: store_gc.Policy | None = None,
-                      top_layers: int = TOP_LAYERS) -> None:
+                      top_layers: int = TOP_LAYERS, reflink: Reflink | None = None) -> None:
         self.registry.register(StoreCollector(state, backend, paths, upper_stats, policy,
                                               top_layers))
+        if reflink is not None:
+            self.registry.register(_Families([reflink_family(reflink)]))
 
 
 class PageCacheSampler:
@@ -175,6 +178,16 @@ class PageCacheSampler:
         finally:
             with self._mu:
                 self._running = False
+
+
+def reflink_family(reflink: Reflink) -> GaugeMetricFamily:
+    """The start-up probe's answer: probed once, so a fixed family."""
+    family = GaugeMetricFamily(
+        "strata_store_reflink", "1 if the store's filesystem clones extents (XFS with "
+        "reflink=1, btrfs): overlay's copy-up then shares a lower file's blocks instead of "
+        "copying the whole file; 0 if it copies. Probed at start-up.", labels=["filesystem"])
+    family.add_metric([reflink.filesystem], int(reflink.clones))
+    return family
 
 
 def pods_per_layer(images, pubs) -> dict[str, int]:
@@ -317,8 +330,13 @@ class StoreCollector:
             "unpublish).", value=totals.copied_up_files)
         yield CounterMetricFamily(
             "strata_copy_up_bytes_total", "Bytes allocated by lower files copied up with "
-            "their data (the most each publication was seen with; kept after unpublish).",
+            "their data, less the extents they share with their lower files (reflink) (the "
+            "most each publication was seen with; kept after unpublish).",
             value=totals.copied_up_bytes)
+        yield CounterMetricFamily(
+            "strata_copy_up_logical_bytes_total", "Size of the lower files copied up with "
+            "their data: what copying them whole allocates (the most each publication was "
+            "seen with; kept after unpublish).", value=totals.copied_up_logical_bytes)
         yield CounterMetricFamily(
             "strata_ephemeral_discarded_bytes_total", "Bytes of writable layers deleted at "
             "unpublish: what the pods wrote, gone for ever.", value=totals.discarded_bytes)
@@ -333,7 +351,9 @@ VOLUME_FAMILIES = (
      "created, copied_up (with data), metacopy (metadata only), deleted (lower entries "
      "hidden), renamed (directories)."),
     ("strata_volume_copied_up_bytes", "Bytes allocated by lower files copied up with their "
-     "data."),
+     "data, less the extents they share with their lower files (a reflink copy-up)."),
+    ("strata_volume_copied_up_logical_bytes", "Size (st_size) of the lower files copied up "
+     "with their data: what copying them whole allocates."),
     ("strata_volume_size_limit_bytes", "The sizeLimit of the publication's writable layer "
      "(only publications that have one)."),
     ("strata_volume_info", "1 per publication: its image, whether it is read-only and "
@@ -372,6 +392,8 @@ def render_publications(pubs, summaries: dict[str, Summary]) -> bytes:
         samples["strata_volume_files"].extend(
             f'{{{at},change="{change}"}} {getattr(s, change)}' for change in CHANGES)
         samples["strata_volume_copied_up_bytes"].append(f"{{{at}}} {s.copied_up_bytes}")
+        samples["strata_volume_copied_up_logical_bytes"].append(
+            f"{{{at}}} {s.copied_up_logical_bytes}")
     for labels, n in limits.items():
         samples["strata_volume_size_limit_bytes"].append(f"{{{pods[labels]}}} {n}")
     for labels, n in info.items():

@@ -40,11 +40,13 @@ MIN_INTERVAL = 0.1  # an idle pass with nothing to walk still must not spin
 
 @dataclasses.dataclass(frozen=True)
 class Totals:
-    """The node-wide counters: files and bytes copied up, upper bytes discarded."""
+    """The node-wide counters: files and bytes copied up (allocated, and their logical
+    size), upper bytes discarded."""
 
     copied_up_files: int = 0
     copied_up_bytes: int = 0
     discarded_bytes: int = 0
+    copied_up_logical_bytes: int = 0
 
 
 class UpperStats:
@@ -57,8 +59,9 @@ class UpperStats:
         self._clock = clock
         self._cv = threading.Condition()  # guards everything below; never held in a walk
         self._summaries: dict[str, Summary] = {}
-        self._high: dict[str, tuple[int, int]] = {}  # key -> highest (files, bytes) copied up
-        self._retired_files = self._retired_bytes = self._discarded = 0
+        # key -> highest (files, allocated bytes, logical bytes) copied up
+        self._high: dict[str, tuple[int, int, int]] = {}
+        self._retired_files = self._retired_bytes = self._discarded = self._retired_logical = 0
         # Retired keys, so that a walk that was under way when its publication went does
         # not bring it back (keys are never reused); dropped once state.db forgets them.
         self._gone: set[str] = set()
@@ -86,9 +89,10 @@ class UpperStats:
 
     def totals(self) -> Totals:
         with self._cv:
-            return Totals(self._retired_files + sum(f for f, _ in self._high.values()),
-                          self._retired_bytes + sum(b for _, b in self._high.values()),
-                          self._discarded)
+            return Totals(self._retired_files + sum(h[0] for h in self._high.values()),
+                          self._retired_bytes + sum(h[1] for h in self._high.values()),
+                          self._discarded,
+                          self._retired_logical + sum(h[2] for h in self._high.values()))
 
     @property
     def version(self) -> int:
@@ -133,9 +137,10 @@ class UpperStats:
                 return final
             if final is None:
                 final = self._summaries.get(pub.key, Summary())
-            files, nbytes = self._high.pop(pub.key, (0, 0))
+            files, nbytes, logical = self._high.pop(pub.key, (0, 0, 0))
             self._retired_files += max(files, final.copied_up + final.metacopy)
             self._retired_bytes += max(nbytes, final.copied_up_bytes)
+            self._retired_logical += max(logical, final.copied_up_logical_bytes)
             self._discarded += final.upper_bytes
             self._summaries.pop(pub.key, None)
             self._gone.add(pub.key)
@@ -161,9 +166,10 @@ class UpperStats:
             if self._summaries.get(key) != s:
                 self._version += 1
             self._summaries[key] = s
-            files, nbytes = self._high.get(key, (0, 0))
+            files, nbytes, logical = self._high.get(key, (0, 0, 0))
             self._high[key] = (max(files, s.copied_up + s.metacopy),
-                               max(nbytes, s.copied_up_bytes))
+                               max(nbytes, s.copied_up_bytes),
+                               max(logical, s.copied_up_logical_bytes))
 
     def _read(self) -> tuple[dict[str, Publication], dict[str, tuple[str, ...]]]:
         with self._state.read() as tx:
@@ -183,9 +189,10 @@ class UpperStats:
             for key in set(self._summaries) - pubs.keys():
                 self._version += 1
                 self._pruned[key] = (self._passes, self._summaries.pop(key))
-                files, nbytes = self._high.pop(key, (0, 0))
+                files, nbytes, logical = self._high.pop(key, (0, 0, 0))
                 self._retired_files += files
                 self._retired_bytes += nbytes
+                self._retired_logical += logical
 
     def _walk_one(self, pub: Publication, layers: dict) -> float:
         """Walk `pub` and store its summary; returns the seconds it took."""

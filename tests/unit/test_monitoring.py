@@ -28,6 +28,8 @@ HISTOGRAMS = {"strata_rpc_duration_seconds": {"method", "code"},
 METRICS = {
     "strata_volume_upper_bytes": POD, "strata_volume_upper_inodes": POD,
     "strata_volume_files": POD | {"change"}, "strata_volume_copied_up_bytes": POD,
+    "strata_volume_copied_up_logical_bytes": POD,
+    "strata_copy_up_logical_bytes_total": set(), "strata_store_reflink": {"filesystem"},
     "strata_volume_size_limit_bytes": POD,
     "strata_volume_info": POD | {"image", "readonly", "ephemeral"},
     "strata_copy_up_files_total": set(), "strata_copy_up_bytes_total": set(),

@@ -215,3 +215,27 @@ def test_stop_ends_a_walk_under_way_through_its_stop_predicate(tmp_path):
     stats.stop()
     assert outcome == ["stopped"] and stats.summary("k0") == Summary()
     state.close()
+
+
+def test_logical_copy_up_bytes_are_a_high_water_total_beside_the_allocated_ones(tmp_path):
+    """A reflink store: 50 MB copied up (logical), 4 KiB allocated. Both totals keep the
+    most each publication was seen with, through a retire and a prune alike."""
+    state = State(str(tmp_path / "state.db"))
+    a, b = pub(0), pub(1)
+    publish(state, a, b)
+    uppers = Uppers()
+    stats = UpperStats(state, Backend(), summarize=uppers)
+    uppers.now["k0"] = Summary(copied_up=1, copied_up_bytes=4096,
+                               copied_up_logical_bytes=50 << 20)
+    uppers.now["k1"] = Summary(copied_up=1, copied_up_bytes=8192, copied_up_logical_bytes=9000)
+    stats.refresh()
+    assert stats.totals() == Totals(2, 12288, 0, (50 << 20) + 9000)
+    uppers.now["k0"] = Summary()  # the pod deleted it
+    stats.refresh()
+    assert stats.totals().copied_up_logical_bytes == (50 << 20) + 9000
+    stats.retire(a)
+    forget(state, a)
+    forget(state, b)  # b goes without a retire
+    stats.refresh()
+    assert stats.totals() == Totals(2, 12288, 0, (50 << 20) + 9000)
+    state.close()
