@@ -161,6 +161,11 @@ class Backend(abc.ABC):
         publication); 0 for a key bounded otherwise, or not at all."""
         return 0
 
+    def layers_removed(self, layer_ids: Sequence[str]) -> None:
+        """The garbage collector removed `layer_ids` from the layer store: drop whatever
+        the backend made of them (a snapshotting backend's chains); nothing by default."""
+        return None
+
     @abc.abstractmethod
     def holder_probe(self, key: str) -> Mount | None:
         """A plan that `Mounter.in_use` tries (never mounts) to learn whether a live view

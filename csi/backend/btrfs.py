@@ -207,9 +207,10 @@ class BtrfsBackend(Backend):
         return None if pair is None else treediff.changes(*pair)
 
     def holder_probe(self, key: str) -> Mount | None:
-        # Nothing to ask: a subvolume deleted while a detached bind of it still has files
-        # open lives on in the kernel until they close (as an unlinked file does); the
-        # writes are lost, as they would be at any unpublish, and nothing else is harmed.
+        # Nothing to ask: the kernel deletes a subvolume even while a bind of it lives on
+        # (detached, or a copy in another namespace), which then shows a dead directory:
+        # such a view loses its files at remove, but cannot write into anything else.
+        # Telling would need a probe the kernel does not offer (see the report of #12).
         return None
 
     def usage(self, key: str) -> Usage:
@@ -249,7 +250,20 @@ class BtrfsBackend(Backend):
 
     # -- start-up ----------------------------------------------------------------------
     def repair(self, live: set[str]) -> None:
-        """Half-made chains in tmp/ (a crash while applying a layer) are deleted."""
+        """Half-made chains in tmp/ (a crash while applying a layer) are deleted, and
+        chains whose layers are gone from the layer store (removed while no server ran
+        the collector's hook)."""
+        gone = set()
+        try:
+            for name in os.listdir(self.chains):
+                if name.endswith(".layers"):
+                    with open(os.path.join(self.chains, name)) as f:
+                        gone |= {lid for lid in f.read().split()
+                                 if not os.path.isdir(self._paths.layer(lid))}
+        except FileNotFoundError:
+            pass
+        if gone:
+            self.layers_removed(gone)
         try:
             names = os.listdir(self._paths.tmp)
         except FileNotFoundError:
