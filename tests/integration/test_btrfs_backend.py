@@ -3,6 +3,7 @@ store's overlay-form layers, publications as writable snapshots, and `strata dif
 equal to the overlay backend's for the same writes."""
 
 import contextlib
+import errno
 import io
 import os
 import shutil
@@ -14,13 +15,14 @@ import pytest
 
 from csi.backend.btrfs import BtrfsBackend, chain_ids
 from csi.backend.overlay import OverlayBackend
+from csi.errors import FailedPrecondition
 from csi.image.build import LayerBuilder
 from csi.mount import btrfs
 from csi.mount.syscalls import Mounter
 from csi.paths import StorePaths
 from csi.store.unpack import apply
 from tests.conftest import unmount_all_under
-from tests.storefs import store_fs
+from tests.storefs import make_fs, store_fs
 
 MiB = 1 << 20
 
@@ -223,3 +225,70 @@ def test_crash_leftovers_in_tmp_are_removed_at_start_up(stores):
         f.write("half")
     BtrfsBackend(b.paths).repair(set())
     assert not os.path.exists(half)
+
+
+@pytest.fixture(scope="module")
+def quota_store(tmp_path_factory):
+    """A btrfs of this module's own with quotas on (they change the whole filesystem), and
+    a store on it."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: a loop-mounted btrfs")
+    tmp = tmp_path_factory.mktemp("btrfs-q")
+    try:
+        fs = make_fs(tmp, "btrfs", "q")
+        if fs.skip:
+            pytest.skip(fs.skip)
+        btrfs.enable_quota(fs.root)
+        yield Store(os.path.join(fs.root, "store"), BtrfsBackend, str(tmp / "mnt"))
+    finally:
+        unmount_all_under(str(tmp))
+
+
+def test_appending_to_a_50_mb_image_file_allocates_little(quota_store):
+    """Issue 12's measure of done: a pod appending to a 50 MB lower file allocates less than
+    1 MB in its writable layer, and the other pods and the layer are untouched."""
+    s = quota_store
+    lid = s.layer(LayerBuilder().file("big", os.urandom(50 * MiB)))
+    try:
+        with s.mounted(s.backend.prepare("w", [lid], s.target("w"))) as tw, \
+                s.mounted(s.backend.prepare("o", [lid], s.target("o"))) as to:
+            with open(os.path.join(tw, "big"), "ab") as f:
+                f.write(b"one more line\n")
+            os.sync()
+            assert s.backend.usage("w").bytes < MiB
+            assert os.path.getsize(os.path.join(to, "big")) == 50 * MiB
+            assert s.backend.changes("o", [lid]) == []
+        assert os.path.getsize(os.path.join(s.paths.layer_fs(lid), "big")) == 50 * MiB
+        assert s.backend.changes("w", [lid]) == [("C", "/big")]
+    finally:
+        for key in s.backend.keys():
+            s.backend.remove(key)
+
+
+def test_a_size_limit_is_a_qgroup_limit(quota_store):
+    s = quota_store
+    lid = s.layer(LayerBuilder().file("f", "x\n"))
+    try:
+        with s.mounted(s.backend.prepare("lim", [lid], s.target("lim"), 4 * MiB)) as t:
+            with pytest.raises(OSError) as e:
+                with open(os.path.join(t, "fill"), "wb") as f:
+                    for _ in range(16):
+                        f.write(os.urandom(MiB))
+                        f.flush()
+                        os.fsync(f.fileno())
+            assert e.value.errno == errno.EDQUOT
+            os.unlink(os.path.join(t, "fill"))
+            os.sync()
+            space = s.backend.space("lim")
+            assert space.bytes_total == 4 * MiB and space.bytes_available > 0
+    finally:
+        for key in s.backend.keys():
+            s.backend.remove(key)
+
+
+def test_a_size_limit_without_quotas_is_refused(stores):
+    b = stores["btrfs"]
+    chain = [b.layer(LayerBuilder().file("f", "x\n"))]
+    with pytest.raises(FailedPrecondition, match="quotas are not enabled"):
+        b.backend.prepare("lim", chain, b.target("lim"), 4 * MiB)
+    assert b.backend.keys() == set()
