@@ -3,6 +3,7 @@ publishes through gRPC, and the operator tools (`ls`, `df`, `diff`) on that stor
 what they give for overlay."""
 
 import os
+import signal
 import uuid
 
 import pytest
@@ -77,3 +78,35 @@ def test_serve_refuses_btrfs_off_btrfs(tmp_path):
                                            r"is not on a btrfs filesystem"):
         proc.start()
     proc.stop()
+
+
+def test_a_kill_9_and_restart_keeps_publications_and_removes_half_made_chains(
+        store_filesystems, images, tmp_path):
+    root = os.path.join(store_fs(store_filesystems, "btrfs").root, f"crash-{uuid.uuid4().hex}")
+    proc = StrataProcess(str(tmp_path), root=root, extra_args=("--backend", "btrfs")).start()
+    target, ro = tmp_path / "pod", tmp_path / "ro"
+    try:
+        proc.csi.publish("crash-rw", target, images.app)
+        proc.csi.publish("crash-ro", ro, images.app, readonly=True)
+        (target / "mine").write_text("kept\n")
+        proc.stop(signal.SIGKILL)
+        half = os.path.join(root, "tmp", "chain-feedface")
+        btrfs.create(half)  # as a crash while applying a layer leaves it
+        with open(os.path.join(half, "partial"), "w"):
+            pass
+        proc.start()
+        assert not os.path.exists(half), "start-up removed the half-made chain"
+        assert (target / "mine").read_text() == "kept\n", "the publication is still mounted"
+        assert (ro / "etc/passwd").exists()
+        proc.csi.publish("crash-rw", target, images.app)  # idempotent after the restart
+        proc.csi.unpublish("crash-rw", target)
+        proc.csi.unpublish("crash-ro", ro)
+        assert not os.listdir(os.path.join(root, "volumes"))
+    finally:
+        proc.stop()
+        unmount_all_under(str(tmp_path))
+        for top, dirs, _ in os.walk(root):
+            for d in list(dirs):
+                if btrfs.is_subvolume(os.path.join(top, d)):
+                    btrfs.delete(os.path.join(top, d))
+                    dirs.remove(d)
