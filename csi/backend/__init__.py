@@ -169,9 +169,9 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def holder_probe(self, key: str) -> Mount | None:
         """A plan that `Mounter.in_use` tries (never mounts) to learn whether a live view
-        can still write to `key`'s private state; None when nothing could: a read-only
-        view (releases.py asks about one by its device number instead), or a key without
-        writable state."""
+        can still write to `key`'s private state; None when nothing could, or when the
+        view has a device number of its own to be asked about by instead (releases.py
+        scans /proc for it): a read-only overlay view, a btrfs snapshot."""
 
     @abc.abstractmethod
     def keys(self) -> set[str]:

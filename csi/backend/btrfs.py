@@ -207,10 +207,11 @@ class BtrfsBackend(Backend):
         return None if pair is None else treediff.changes(*pair)
 
     def holder_probe(self, key: str) -> Mount | None:
-        # Nothing to ask: the kernel deletes a subvolume even while a bind of it lives on
-        # (detached, or a copy in another namespace), which then shows a dead directory:
-        # such a view loses its files at remove, but cannot write into anything else.
-        # Telling would need a probe the kernel does not offer (see the report of #12).
+        # No mount plan to try: a snapshot has no upper for overlayfs to mark. A view of
+        # one has a device number of its own (a subvolume's), so releases.py asks about a
+        # detached view by that device, as for a read-only overlay: whether anything in
+        # /proc still uses it. It matters: the kernel deletes a subvolume even while a
+        # bind of it lives on, which then shows a dead directory.
         return None
 
     def usage(self, key: str) -> Usage:

@@ -38,8 +38,6 @@ class Flavour:
     store_fs: str = ""
     # Where the writes of a key can be read after its view is unmounted: the flavour knows
     # its backend's layout (overlay: the upper dir; a snapshot: the snapshot itself).
-    # Why the backend has no holder to ask about (holder_probe is always None), or "".
-    no_holder: str = ""
     written: Callable[["Harness", str], str | None] = (
         lambda h, key: d.upper if (d := h.backend.dirs(key)) is not None else None)
 
@@ -64,8 +62,6 @@ FLAVOURS = [
             lambda probed: dataclasses.replace(probed, lowerdir_plus=False)),
     # Snapshots of chain subvolumes, with the store on the session's btrfs.
     Flavour("btrfs", BtrfsBackend, store_fs="btrfs",
-            no_holder="the kernel deletes a subvolume under a live bind of it; no probe "
-                      "says whether a detached one is still held (csi/backend/btrfs.py)",
             written=lambda h, key: p if os.path.isdir(p := h.paths.volume_part(key, "fs"))
             else None),
 ]
