@@ -110,3 +110,13 @@ def test_a_kill_9_and_restart_keeps_publications_and_removes_half_made_chains(
                 if btrfs.is_subvolume(os.path.join(top, d)):
                     btrfs.delete(os.path.join(top, d))
                     dirs.remove(d)
+
+
+def test_gc_of_the_image_s_layers_deletes_its_chains(served, images, tmp_path):
+    target = tmp_path / "gc"
+    served.csi.publish("b-gc", target, images.app)
+    served.csi.unpublish("b-gc", target)
+    chains = os.path.join(served.root, "chains")
+    assert any(btrfs.is_subvolume(os.path.join(chains, c)) for c in os.listdir(chains))
+    cmd("gc", "--gc-policy", "immediate", "--gc-min-age", "0", root=served.root, check=0)
+    assert os.listdir(chains) == [], "every chain held a collected layer"
