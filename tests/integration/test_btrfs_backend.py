@@ -292,3 +292,15 @@ def test_a_size_limit_without_quotas_is_refused(stores):
     with pytest.raises(FailedPrecondition, match="quotas are not enabled"):
         b.backend.prepare("lim", chain, b.target("lim"), 4 * MiB)
     assert b.backend.keys() == set()
+
+
+def test_a_rewritten_file_counts_only_the_extents_it_no_longer_shares(stores):
+    b = stores["btrfs"]
+    chain = [b.layer(x) for x in image_layers()]
+    with b.mounted(b.backend.prepare("k", chain, b.target("k"))) as t:
+        with open(os.path.join(t, "big"), "ab") as f:
+            f.write(b"appended\n")
+        os.sync()
+    s = b.backend.summarize("k", chain)
+    assert s.copied_up == 1
+    assert 0 < s.copied_up_bytes <= 256 << 10, "not the 4 MiB the file still shares"
