@@ -67,13 +67,6 @@ class BtrfsBackend(Backend):
         self.chains = os.path.join(paths.root, "chains")
         self._lock = threading.Lock()  # one maker of chains at a time in this process
 
-    @staticmethod
-    def check(root: str) -> None:
-        """Refuse a store root that is not on btrfs, naming it."""
-        if not btrfs.is_btrfs(root):
-            raise FailedPrecondition(f"the btrfs backend needs the store on btrfs; {root} "
-                                     "is not")
-
     # -- chains ------------------------------------------------------------------------
     def chain_path(self, chain: Sequence[str]) -> str:
         return os.path.join(self.chains, chain_ids(chain)[-1])

@@ -6,9 +6,12 @@ the same kernel features, and `make_layer(builder)`, which unpacks a `LayerBuild
 `layers/ID/fs` as the layer store does. A test builds layers, asks the backend for a plan
 (`prepare` or `view`), has the mounter carry it out on a target under the test's own
 directory, and then looks only at what a pod or start-up could see: the files at the
-target, the kernel's mount table, and the backend's own answers (`dirs`, `lowers`,
-`usage`, `keys`, `recognizer`). Nothing here reads a backend's private layout; one test
-puts a mount inside `paths.volume(key)`, the directory the store gives each key.
+target, the kernel's mount table, and the backend's own answers (`changes`, `dirs`,
+`lowers`, `usage`, `keys`, `recognizer`). Nothing here reads a backend's private layout
+but through its flavour (`harness.written(key)`: where the flavour says a key's writes
+can be read); one test puts a mount inside `paths.volume(key)`, the directory the store
+gives each key. The layers a write must not change are the layer store's own directories
+(`harness.layer_dirs`), and what a backend made of them.
 
 Adding a backend: write it against csi/backend/__init__.py and add one `Flavour` to
 FLAVOURS in conftest.py (its class, and which kernel features to show it). Every test here
