@@ -19,6 +19,7 @@ import time
 
 from csi.backend import Backend
 from csi.backend.bound import Bound, Bounds
+from csi.backend.btrfs import BtrfsBackend
 from csi.backend.loopfs import LoopBound
 from csi.backend.overlay import OverlayBackend
 from csi.backend.quota import ProjectQuotas
@@ -30,6 +31,7 @@ from csi.image.registry import RegistryClient
 from csi.image.resolver import Resolver
 from csi.locks import ServeLock, StoreServed, StoreUsers
 from csi.metrics import Metrics
+from csi.mount import btrfs
 from csi.mount import features as kernel
 from csi.mount import reflink
 from csi.mount.syscalls import Mounter
@@ -107,6 +109,51 @@ def _probe(scratch: str) -> kernel.Features:
         return kernel.Features()
     log.info("kernel features: %s", features)
     return features
+
+
+def backend_file(paths: StorePaths) -> str:
+    """Where serve records the backend it runs (the tools build the same one)."""
+    return os.path.join(paths.root, "backend")
+
+
+def recorded_backend(paths: StorePaths) -> str:
+    try:
+        with open(backend_file(paths)) as f:
+            return f.read().strip() or "overlay"
+    except FileNotFoundError:
+        return "overlay"  # a store from before the setting
+
+
+def stored_backend(paths: StorePaths) -> Backend:
+    """The backend the store's server runs, for the tools (they read and remove only)."""
+    return BtrfsBackend(paths) if recorded_backend(paths) == "btrfs" else OverlayBackend(paths)
+
+
+def make_backend(name: str, paths: StorePaths, features, mounter: Mounter,
+                 config: Config) -> Backend:
+    """Serve's backend (`--backend`), checked against the store and recorded in it. A store
+    whose publications another backend made is refused: their state is of its shape."""
+    was = recorded_backend(paths)
+    if was != name and os.listdir(paths.volumes):
+        raise FailedPrecondition(
+            f"--backend {name}, but the store at {paths.root} (--root) holds publications "
+            f"of the {was} backend; start with --backend {was} until they are unpublished")
+    if name == "btrfs":
+        if not btrfs.is_btrfs(paths.root):
+            raise FailedPrecondition(f"--backend btrfs, but the store root {paths.root} "
+                                     "(--root) is not on a btrfs filesystem")
+        backend: Backend = BtrfsBackend(paths)
+    else:
+        backend = OverlayBackend(paths, features,
+                                 size_limits(config.size_limit_mechanism, paths, mounter))
+    if was != name or not os.path.exists(backend_file(paths)):
+        tmp = backend_file(paths) + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(name + "\n")
+        os.rename(tmp, backend_file(paths))
+    log.info("storage backend: %s (layers shared by %s; page cache %s)", name,
+             backend.shared_by, "shared" if backend.shares_page_cache else "per publication")
+    return backend
 
 
 def mechanism(setting: str, no_quotas: str) -> str:
@@ -200,10 +247,14 @@ def node(config: Config, metrics: Metrics | None = None, mounter: Mounter | None
         log.info("%s", clones.describe(paths.root))
         mounter = mounter or Mounter(features=features)
         # Loop filesystems are mounted by the one executor.
-        bound = size_limits(config.size_limit_mechanism, paths, mounter)
-        backend = OverlayBackend(paths, features, bound)
+        backend = make_backend(config.backend, paths, features, mounter, config)
         layers = LayerStore(paths, state, clock=clock, on_unpack=metrics.on_unpack)
-        gc = Collector(layers, config.gc, clock=clock, on_collect=metrics.on_collect,
+
+        def collected(result) -> None:
+            backend.layers_removed(result.removed)
+            metrics.on_collect(result)
+
+        gc = Collector(layers, config.gc, clock=clock, on_collect=collected,
                        on_error=metrics.on_gc_error)
         releases = Releases(paths, state, backend, mounter, clock=clock, collect=gc.collect,
                             on_detach=metrics.lazy_unmounts.inc, starting=True)
@@ -251,12 +302,14 @@ def tool(config: Config, on_unpack=None, on_bytes=None) -> Parts:
         users.close()
         raise
     layers = LayerStore(paths, state, on_unpack=on_unpack)
-    return Parts(paths, state, OverlayBackend(paths), users, layers,
+    backend = stored_backend(paths)
+    return Parts(paths, state, backend, users, layers,
                  build_puller(config, state, layers, on_bytes=on_bytes),
-                 Collector(layers, config.gc))
+                 Collector(layers, config.gc,
+                           on_collect=lambda result: backend.layers_removed(result.removed)))
 
 
 def reader(config: Config) -> Parts:
     """Records and the backend's answers, for the read-only tools."""
     paths = StorePaths(config.root)
-    return Parts(paths, State(paths.state_db, migrate=False), OverlayBackend(paths))
+    return Parts(paths, State(paths.state_db, migrate=False), stored_backend(paths))

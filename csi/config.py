@@ -30,6 +30,7 @@ TOOLS = ("pull", "gc", "ls", "df", "diff")  # the operator tools that open a sto
 PULLING = ("serve", "pull")
 EVERY = ("serve", *TOOLS)
 SIZE_LIMIT_MECHANISMS = ("auto", "loop", "quota")
+BACKENDS = ("overlay", "btrfs")
 
 
 def setting(default, help: str, commands: tuple[str, ...], flag: str = "",
@@ -121,6 +122,11 @@ class Config:
         "--root; start-up fails where it does not enforce them), loop (a filesystem image "
         "per volume, on a loop device), auto (quota where enforced, else loop)", ("serve",),
         choices=SIZE_LIMIT_MECHANISMS)
+    # docs: the btrfs backend needs the store on btrfs (csi/backend/btrfs.py).
+    backend: str = setting(
+        "overlay", "storage backend: overlay (an overlay of the shared layers per volume) or "
+        "btrfs (a subvolume snapshot per volume; --root must be on btrfs)", ("serve",),
+        choices=BACKENDS)
     oci_layout_roots: tuple[str, ...] = setting(
         (), "allow oci:/PATH images only below this directory (default: anywhere)",
         ("serve",), flag="--oci-layout-root")

@@ -16,11 +16,11 @@ import shutil
 import sys
 import time
 
-from csi import compose, inspect, quantity
+from csi import compose, quantity
 from csi.config import ENV_PREFIX, Config
 from csi.errors import StrataError
 from csi.image import reference
-from csi.inspect import Summary, summarize
+from csi.inspect import Summary
 from csi.progress import PullDisplay
 from csi.store.report import image_rows, sharing
 from csi.store.state import Publication, SchemaMismatch
@@ -145,6 +145,7 @@ def ls(config: Config) -> int:
         layers, images, pubs, stages, refs = _snapshot(parts)
         by_digest = {i.manifest_digest: i for i in images}
         changes = {p.key: _summary(parts, p, by_digest.get(p.manifest_digest)) for p in pubs}
+        backend = parts.backend
     print(f"{'IMAGE':<48} {'DIGEST':<19} {'LAYERS':>6} {'SIZE':>10} {'PODS':>5} {'STAGED':>6}")
     for r in image_rows(layers, images, pubs, stages):
         print(f"{r.name[-48:]:<48} {r.manifest_digest[7:19]:<19} {r.layers:>6} "
@@ -169,21 +170,26 @@ def ls(config: Config) -> int:
         print(f"{(p.pod or '-')[-32:]:<32} {p.volume_id[-24:]:<24} {upper:>10} "
               + " ".join(f"{c:>7}" for c in counts)
               + f" {limit:>10} {bounded_by(p):<18}  {p.target}")
+    print()
+    print(backend_line(backend))
     return 0
 
 
-def _view(parts: compose.Parts, pub: Publication, image) -> tuple[str, list[str]] | None:
-    """A writable publication's upper and the layer directories under it, nearest first;
-    None for a read-only one, or one whose upper cannot be read here (its image record
-    gone, its own filesystem not mounted)."""
-    dirs = None if pub.readonly or image is None else parts.backend.dirs(pub.key)
-    return None if dirs is None else (dirs.upper, parts.backend.lowers(image.layer_ids))
+def backend_line(backend) -> str:
+    """`docker info`'s "Storage Driver:" line, with what its sharing means: by layer
+    (DiffID) or by chain (ChainID), and whether pods of one image share page cache."""
+    unit = ("chain (ChainID: a layer and all under it)" if backend.shared_by == "chain"
+            else "layer (DiffID)")
+    cache = "shared" if backend.shares_page_cache else "per publication"
+    return f"Backend: {backend.name}; layers shared by {unit}; page cache {cache}"
 
 
 def _summary(parts: compose.Parts, pub: Publication, image) -> Summary | None:
-    """What a writable publication changed; None where `_view` has none."""
-    view = _view(parts, pub, image)
-    return None if view is None else summarize(*view)
+    """What a writable publication changed; None for a read-only one, or one whose changes
+    cannot be read here (its image record gone, its own filesystem not mounted)."""
+    if pub.readonly or image is None:
+        return None
+    return parts.backend.summarize(pub.key, image.layer_ids)
 
 
 def bounded_by(p: Publication) -> str:
@@ -198,6 +204,7 @@ def df(config: Config) -> int:
     with _opened(config) as parts:
         layers, images, pubs, stages, refs = _snapshot(parts)
         uppers = sum(parts.backend.usage(p.key).bytes for p in pubs)
+        backend = parts.backend
     share = sharing(layers, images, pubs)
     active = [x for x in layers if refs.get(x.id, 0)]
     reclaim = share.physical_bytes - sum(x.size for x in active)
@@ -213,6 +220,7 @@ def df(config: Config) -> int:
     print(f"{len(pubs)} publications would take {size(share.logical_bytes)} as private copies; "
           f"shared layers hold them in {size(share.logical_bytes - share.saved_bytes)}: "
           f"{size(share.saved_bytes)} saved")
+    print(backend_line(backend))
     return 0
 
 
@@ -233,15 +241,15 @@ def diff(config: Config, what: str, as_json: bool = False) -> int:
         if error:
             print(f"strata diff: {error}", file=sys.stderr)
             return 1
-        view = _view(parts, pub, image)
-        if view is None and not pub.readonly:
-            print(f"strata diff: the upper layer of {pub.target} is not readable here",
+        changes = None if pub.readonly else parts.backend.changes(pub.key, image.layer_ids)
+        if changes is None and not pub.readonly:
+            print(f"strata diff: the writable layer of {pub.target} is not readable here",
                   file=sys.stderr)
             return 1
-        if view is None:  # stderr: stdout stays what a script parses
+        if changes is None:  # stderr: stdout stays what a script parses
             print(f"strata diff: {pub.target} is a read-only publication: nothing can change",
                   file=sys.stderr)
-        changes = [] if view is None else inspect.diff(*view)
+            changes = []
     if as_json:
         print(json.dumps([{"Path": p, "Kind": KINDS[k], "Change": k} for k, p in changes]))
         return 0

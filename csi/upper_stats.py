@@ -29,7 +29,7 @@ import time
 from collections import deque
 
 from csi.backend import Backend
-from csi.inspect import Stopped, Summary, summarize
+from csi.inspect import Stopped, Summary
 from csi.store.state import Publication, State
 
 log = logging.getLogger(__name__)
@@ -51,11 +51,10 @@ class Totals:
 
 class UpperStats:
     def __init__(self, state: State, backend: Backend, interval: float = DEFAULT_INTERVAL,
-                 summarize=summarize, clock=time.monotonic):
+                 clock=time.monotonic):
         self._state = state
         self._backend = backend
         self._interval = max(interval, MIN_INTERVAL)
-        self._summarize = summarize
         self._clock = clock
         self._cv = threading.Condition()  # guards everything below; never held in a walk
         self._summaries: dict[str, Summary] = {}
@@ -150,14 +149,14 @@ class UpperStats:
     # -- walking ------------------------------------------------------------------------
     def _walk(self, pub: Publication, layer_ids: tuple[str, ...] | None = None,
               stop=None) -> Summary:
-        dirs = self._backend.dirs(pub.key)
-        if dirs is None:  # read-only: no upper
+        if pub.readonly:
             return Summary()
         if layer_ids is None:
             with self._state.read() as tx:
                 image = tx.image(pub.manifest_digest)
             layer_ids = image.layer_ids if image is not None else ()
-        return self._summarize(dirs.upper, self._backend.lowers(layer_ids), stop=stop)
+        summary = self._backend.summarize(pub.key, layer_ids, stop=stop)
+        return Summary() if summary is None else summary  # nothing readable: no changes
 
     def _store(self, key: str, s: Summary) -> None:
         with self._cv:

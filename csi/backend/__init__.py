@@ -14,8 +14,12 @@ Its vocabulary:
   **view(key, chain, target)** does the same for a read-only view.
   The caller executes the mount (mount/syscalls.py is the only executor) and, when anything
   fails, calls **remove(key)**, which also runs at unpublish once the mount is gone.
-- **dirs(key)** says where the writes of a prepared key land (what `strata diff` and the
-  copy-up metrics read), **lowers(chain)** the layer directories they are read against,
+- **summarize(key, chain)** and **changes(key, chain)** say what a prepared key changed
+  in the view of `chain` (the counts and bytes the copy-up metrics and `strata ls` show,
+  and `strata diff`'s list); how is the backend's business: overlay reads its upper dir
+  against the layers, a snapshotting backend compares the snapshot with its origin.
+  **dirs(key)** says where an overlay-shaped backend's writes land (None for one without
+  an upper), **lowers(chain)** the layer directories a view reads through,
   **usage(key)** what the key's private state takes on the store's disk, **space(key)**
   a limited key's room (its limit, what is left) as the pod sees it, and
   **project_id(key)** the project quota ID bounding it, if a quota does (state.db records it).
@@ -44,6 +48,7 @@ import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 
+from csi.inspect import Summary
 from csi.mount.mountinfo import MountInfo
 from csi.mount.spec import Mount
 
@@ -84,6 +89,15 @@ class Backend(abc.ABC):
     answer must survive a restart (start-up builds a new instance and asks it)."""
 
     name: str = ""
+    # Whether publications of one image read its files through the same inodes, and so
+    # share their page cache (overlay: the lower files are the layer store's; a snapshot
+    # has inodes of its own, cached once per snapshot). The page-cache metrics say what
+    # sharing saves only where it is true.
+    shares_page_cache: bool = True
+    # What the store's unit of sharing is: "layer" (one directory per layer, whatever
+    # image has it: by DiffID) or "chain" (one filesystem per layer *and everything under
+    # it*: by ChainID, as a snapshotting driver keeps them).
+    shared_by: str = "layer"
 
     @abc.abstractmethod
     def prepare(self, key: str, chain: Sequence[str], target: str,
@@ -114,8 +128,21 @@ class Backend(abc.ABC):
             log.error("cannot remove the private state of publication %s: %s", key, e)
 
     @abc.abstractmethod
+    def summarize(self, key: str, chain: Sequence[str], *, stop=None) -> Summary | None:
+        """What `key`'s publication changed in its view of `chain` (inspect.Summary's
+        counts and bytes); None for a read-only view, an unknown key, or one whose private
+        state cannot be read here (its own filesystem not mounted). `stop`, called now and
+        then, may raise inspect.Stopped to abandon the walk."""
+
+    @abc.abstractmethod
+    def changes(self, key: str, chain: Sequence[str]) -> list[tuple[str, str]] | None:
+        """`docker diff`'s list for `key`: (kind, path) with kind A(dded), C(hanged) or
+        D(eleted), paths absolute in the view, sorted; None as for `summarize`."""
+
     def dirs(self, key: str) -> Dirs | None:
-        """Where `key`'s writes land; None for a read-only view or an unknown key."""
+        """Where `key`'s writes land, for a backend whose writes land in an upper dir;
+        None for a read-only view, an unknown key, or a backend without one."""
+        return None
 
     @abc.abstractmethod
     def lowers(self, chain: Sequence[str]) -> list[str]:
@@ -134,12 +161,17 @@ class Backend(abc.ABC):
         publication); 0 for a key bounded otherwise, or not at all."""
         return 0
 
+    def layers_removed(self, layer_ids: Sequence[str]) -> None:
+        """The garbage collector removed `layer_ids` from the layer store: drop whatever
+        the backend made of them (a snapshotting backend's chains); nothing by default."""
+        return None
+
     @abc.abstractmethod
     def holder_probe(self, key: str) -> Mount | None:
         """A plan that `Mounter.in_use` tries (never mounts) to learn whether a live view
-        can still write to `key`'s private state; None when nothing could: a read-only
-        view (releases.py asks about one by its device number instead), or a key without
-        writable state."""
+        can still write to `key`'s private state; None when nothing could, or when the
+        view has a device number of its own to be asked about by instead (releases.py
+        scans /proc for it): a read-only overlay view, a btrfs snapshot."""
 
     @abc.abstractmethod
     def keys(self) -> set[str]:

@@ -31,10 +31,12 @@ import functools
 import os
 from collections.abc import Callable, Iterator, Sequence
 
+from csi import inspect
 from csi.backend import Backend, Dirs, Space, Usage
 from csi.backend.bound import Bound, Bounds
 from csi.backend.loopfs import LoopBound
 from csi.backend.quotabound import QuotaBound
+from csi.inspect import Summary
 from csi.mount import spec
 from csi.mount.features import Features
 from csi.mount.mountinfo import MountInfo, mount_of
@@ -150,6 +152,15 @@ class OverlayBackend(Backend):
             if os.path.isdir(upper):
                 return Dirs(upper, self._paths.volume_part(key, *home, WORK))
         return None
+
+    def summarize(self, key: str, chain: Sequence[str], *, stop=None) -> Summary | None:
+        dirs = self.dirs(key)
+        return None if dirs is None else inspect.summarize(dirs.upper, self.lowers(chain),
+                                                           stop=stop)
+
+    def changes(self, key: str, chain: Sequence[str]) -> list[tuple[str, str]] | None:
+        dirs = self.dirs(key)
+        return None if dirs is None else inspect.diff(dirs.upper, self.lowers(chain))
 
     def holder_probe(self, key: str) -> Mount | None:
         # The one thing a detached overlay writes to is its upper (its work dir lies beside

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from csi.backend import Backend
+from csi.backend.btrfs import BtrfsBackend
 from csi.backend.overlay import OverlayBackend
 from csi.image.build import LayerBuilder
 from csi.mount.features import Features, probe
@@ -32,6 +33,13 @@ class Flavour:
     backend: Callable[[StorePaths, Features], Backend]
     # What the backend and the executor are told the kernel can do, from what it can.
     features: Callable[[Features], Features] = lambda probed: probed
+    # The store's filesystem: "" for the test's tmp_path, else a name of tests/storefs.py's
+    # STORES (the session's loop-mounted filesystems).
+    store_fs: str = ""
+    # Where the writes of a key can be read after its view is unmounted: the flavour knows
+    # its backend's layout (overlay: the upper dir; a snapshot: the snapshot itself).
+    written: Callable[["Harness", str], str | None] = (
+        lambda h, key: d.upper if (d := h.backend.dirs(key)) is not None else None)
 
 
 class LimitedOverlay(OverlayBackend):
@@ -52,6 +60,10 @@ FLAVOURS = [
     # backend's relative-lowerdir fallback, since the executor cannot pass them one by one.
     Flavour("overlay-no-lowerdir+", OverlayBackend,
             lambda probed: dataclasses.replace(probed, lowerdir_plus=False)),
+    # Snapshots of chain subvolumes, with the store on the session's btrfs.
+    Flavour("btrfs", BtrfsBackend, store_fs="btrfs",
+            written=lambda h, key: p if os.path.isdir(p := h.paths.volume_part(key, "fs"))
+            else None),
 ]
 
 
@@ -61,10 +73,10 @@ class Harness:
     Targets (`target(name)`) and anything else a test mounts live under `base`; the fixture
     unmounts all of it and removes every key the backend still lists, whatever happened."""
 
-    def __init__(self, flavour: Flavour, base: str):
+    def __init__(self, flavour: Flavour, base: str, store_base: str = ""):
         self.flavour = flavour
         self.base = base
-        self.paths = StorePaths(os.path.join(base, "store")).make()
+        self.paths = StorePaths(os.path.join(store_base or base, "store")).make()
         self.features = flavour.features(probe(self.paths.tmp))
         self.backend = flavour.backend(self.paths, self.features)
         self.mounter = Mounter(features=self.features)
@@ -82,6 +94,17 @@ class Harness:
         apply(io.BytesIO(builder.tar_bytes()), fs)
         os.rename(work, self.paths.layer(lid))
         return lid
+
+    def written(self, key: str) -> str | None:
+        """Where `key`'s writes can be read (None: a read-only view, or no such key)."""
+        return self.flavour.written(self, key)
+
+    def layer_dirs(self, chain: list[str]) -> list[str]:
+        """The layer store's directories of `chain`, and the backend's own (which may be
+        made from them on the first view): what no write through a view may change."""
+        mine = [d for d in self.backend.lowers(chain) if os.path.isdir(d)]
+        return [self.paths.layer_fs(lid) for lid in dict.fromkeys(chain)] + \
+            [d for d in mine if d not in {self.paths.layer_fs(lid) for lid in chain}]
 
     def target(self, name: str) -> str:
         """An empty directory to mount on."""
@@ -109,14 +132,21 @@ def flavour(request) -> Flavour:
 
 
 @pytest.fixture
-def make_harness(flavour, tmp_path) -> Iterator[Callable[[str], Harness]]:
-    """Harnesses of this test's flavour, each a store of its own under tmp_path/NAME.
-    After the test, pass or fail: everything mounted under tmp_path is unmounted, then
-    every key left is removed; views a test left mounted fail its clean-up."""
+def make_harness(flavour, tmp_path, request) -> Iterator[Callable[[str], Harness]]:
+    """Harnesses of this test's flavour, each a store of its own under tmp_path/NAME (or,
+    for a flavour on a filesystem of its own, a fresh directory there). After the test,
+    pass or fail: everything mounted under tmp_path is unmounted, then every key left is
+    removed; views a test left mounted fail its clean-up."""
     made: list[Harness] = []
+    store_base = ""
+    if flavour.store_fs:
+        from tests.storefs import store_fs
+        fs = store_fs(request.getfixturevalue("store_filesystems"), flavour.store_fs)
+        store_base = tempfile.mkdtemp(prefix="conformance-", dir=fs.root)
 
     def make(name: str) -> Harness:
-        h = Harness(flavour, str(tmp_path / name))
+        h = Harness(flavour, str(tmp_path / name),
+                    os.path.join(store_base, name) if store_base else "")
         made.append(h)
         return h
 
@@ -127,10 +157,27 @@ def make_harness(flavour, tmp_path) -> Iterator[Callable[[str], Harness]]:
         for h in made:
             for key in h.backend.keys():
                 h.backend.remove(key)
+        if store_base:
+            wipe_btrfs_store(store_base)
     # A key's own mounts (a limited key's filesystem) are its state, which the backend
     # removes with the key; any other mount is a view the test forgot.
     left = [m for m in left if not any(m.startswith(h.paths.volumes + os.sep) for h in made)]
     assert not left, f"the test left mounts behind: {left}"
+
+
+def wipe_btrfs_store(base: str) -> None:
+    """Delete stores under `base` on btrfs: their subvolumes (read-only chains too) by
+    ioctl, then the rest."""
+    import shutil
+
+    from csi.mount import btrfs
+    for top, dirs, _ in os.walk(base):
+        for d in list(dirs):
+            path = os.path.join(top, d)
+            if btrfs.is_subvolume(path):
+                btrfs.delete(path)
+                dirs.remove(d)
+    shutil.rmtree(base)
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ are real SQLite."""
 import threading
 import time
 
-from csi.backend import Dirs
 from csi.image.manifest import Image
 from csi.inspect import Summary
 from csi.store.state import Layer, Publication, State
@@ -15,13 +14,15 @@ DIGEST = "sha256:" + "a" * 64
 
 
 class Backend:
-    """Just the two questions the cache asks."""
+    """Just the question the cache asks, answered by `summarize(upper, lowers, stop)` on
+    an overlay-shaped store (what each upper holds now)."""
 
-    def dirs(self, key):
-        return Dirs(f"/up/{key}", f"/work/{key}")
+    def __init__(self, summarize):
+        self._summarize = summarize
 
-    def lowers(self, chain):
-        return [f"/layers/{lid}" for lid in reversed(chain)]
+    def summarize(self, key, chain, *, stop=None):
+        return self._summarize(f"/up/{key}", [f"/layers/{lid}" for lid in reversed(chain)],
+                               stop=stop)
 
 
 def pub(i: int, readonly=False) -> Publication:
@@ -59,7 +60,7 @@ def test_copy_up_totals_only_grow_and_survive_unpublish(tmp_path):
     a, b = pub(0), pub(1)
     publish(state, a, b)
     uppers = Uppers()
-    stats = UpperStats(state, Backend(), summarize=uppers)
+    stats = UpperStats(state, Backend(uppers))
     uppers.now["k0"] = Summary(copied_up=3, metacopy=1, copied_up_bytes=8192, upper_bytes=9000)
     uppers.now["k1"] = Summary(copied_up=1, copied_up_bytes=4096, upper_bytes=5000)
     stats.refresh()
@@ -85,7 +86,7 @@ def test_a_lazy_detach_counts_the_last_summary_without_walking(tmp_path):
     a = pub(0)
     publish(state, a)
     uppers = Uppers()
-    stats = UpperStats(state, Backend(), summarize=uppers)
+    stats = UpperStats(state, Backend(uppers))
     uppers.now["k0"] = Summary(created=2, upper_bytes=4096)
     stats.refresh()
     uppers.now["k0"] = Summary(created=9, upper_bytes=1 << 20)  # written since: not seen
@@ -101,7 +102,7 @@ def test_read_only_publications_are_never_walked(tmp_path):
     ro = pub(0, readonly=True)
     publish(state, ro)
     uppers = Uppers()
-    stats = UpperStats(state, Backend(), summarize=uppers)
+    stats = UpperStats(state, Backend(uppers))
     stats.refresh()
     stats.retire(ro)
     assert uppers.walked == []
@@ -120,7 +121,7 @@ def test_a_walk_under_way_when_its_publication_goes_does_not_bring_it_back(tmp_p
         leave.wait(10)
         return Summary(copied_up=5, copied_up_bytes=5, upper_bytes=5)
 
-    stats = UpperStats(state, Backend(), summarize=slow)
+    stats = UpperStats(state, Backend(slow))
     t = threading.Thread(target=stats.refresh)
     t.start()
     assert entered.wait(10)
@@ -138,7 +139,7 @@ def test_a_publication_forgotten_without_a_retire_keeps_its_copy_up_in_the_total
     a = pub(0)
     publish(state, a)
     uppers = Uppers()
-    stats = UpperStats(state, Backend(), summarize=uppers)
+    stats = UpperStats(state, Backend(uppers))
     uppers.now["k0"] = Summary(copied_up=2, copied_up_bytes=100)
     stats.refresh()
     forget(state, a)
@@ -153,7 +154,7 @@ def test_the_thread_walks_a_new_publication_at_once_and_stops(tmp_path):
     publish(state, pub(0))
     uppers = Uppers()
     uppers.now["k0"] = uppers.now["k1"] = Summary(created=1)
-    stats = UpperStats(state, Backend(), interval=3600, summarize=uppers)
+    stats = UpperStats(state, Backend(uppers), interval=3600)
     stats.start()
     try:
         for _ in range(1000):
@@ -184,7 +185,7 @@ def test_a_pass_between_a_lazy_detach_and_its_retire_keeps_the_discarded_bytes(t
     publish(state, a)
     uppers = Uppers()
     uppers.now["k0"] = Summary(copied_up=2, copied_up_bytes=100, upper_bytes=5000)
-    stats = UpperStats(state, Backend(), summarize=uppers)
+    stats = UpperStats(state, Backend(uppers))
     stats.refresh()
     with state.transaction() as tx:
         tx.release_publication(a.target, "0:1", 0)
@@ -209,7 +210,7 @@ def test_stop_ends_a_walk_under_way_through_its_stop_predicate(tmp_path):
         outcome.append("stopped")
         raise Stopped()
 
-    stats = UpperStats(state, Backend(), summarize=long_walk)
+    stats = UpperStats(state, Backend(long_walk))
     stats.start()
     assert entered.wait(10)
     stats.stop()

@@ -1,0 +1,292 @@
+"""The btrfs backend: layers as a chain of read-only subvolume snapshots, a publication as a
+writable snapshot of its image's top one, as Docker's btrfs driver and containerd's btrfs
+snapshotter do it. Copy-on-write is the filesystem's, per extent: a pod's first write to a
+200 MB file of the image allocates the blocks it writes, not 200 MB.
+
+Layout (the store's root must be on btrfs):
+- `chains/CHAIN` a read-only subvolume: the image's files up to and including one layer.
+  CHAIN is the OCI image spec's ChainID over the store's layer IDs (a layer's ID for the
+  base, else sha256 of "PARENT_CHAIN LAYER_ID"), so two images share a subvolume only as far
+  as they share every layer below it: sharing is by chain, not by layer. `CHAIN.layers`
+  beside it lists its layer IDs, base first, for the garbage collector (`layers_removed`).
+  A chain is made by snapshotting its parent chain (an empty subvolume for the base) into
+  `tmp/chain-*`, applying the layer's directory `layers/ID/fs` onto it (layerapply.py:
+  whiteouts become deletions, opaque directories lose what was below, data is cloned),
+  renaming it into place and setting it read-only; a crash leaves a writable subvolume in
+  tmp/, which start-up removes.
+- `volumes/KEY/fs` a writable snapshot of the chain: the publication, bind-mounted at the
+  target. `volumes/KEY/chain` names the chain it came from (what `summarize` compares it
+  with). A read-only view is a read-only bind of the chain itself: no state of its own.
+
+Size limits are btrfs qgroup limits on the publication's subvolume (its exclusive bytes:
+what the pod adds beyond the image), which need quotas enabled on the filesystem
+(`btrfs quota enable ROOT`): where they are not, a limited publish is refused.
+Snapshots have inodes of their own, so pods of one image do not share page cache.
+"""
+
+import errno
+import hashlib
+import logging
+import os
+import secrets
+import threading
+from collections.abc import Callable, Sequence
+
+from csi.backend import Backend, Space, Usage, layerapply, treediff
+from csi.errors import FailedPrecondition
+from csi.inspect import Summary
+from csi.mount import btrfs
+from csi.mount.mountinfo import MountInfo, MountTable, mount_of
+from csi.mount.spec import Mount
+from csi.paths import StorePaths
+from csi.tree import remove_tree
+
+log = logging.getLogger(__name__)
+
+FS, CHAIN = "fs", "chain"
+
+
+def chain_ids(chain: Sequence[str]) -> list[str]:
+    """The ChainID of each prefix of `chain` (base first), over the store's layer IDs."""
+    out: list[str] = []
+    for lid in chain:
+        out.append(lid if not out else
+                   hashlib.sha256(f"{out[-1]} {lid}".encode()).hexdigest())
+    return out
+
+
+class BtrfsBackend(Backend):
+    name = "btrfs"
+    shares_page_cache = False
+    shared_by = "chain"
+
+    def __init__(self, paths: StorePaths, features=None, bound=None):
+        """`features` and `bound` are overlay's; accepted so that the backends are built
+        alike, and unused."""
+        self._paths = paths
+        self.chains = os.path.join(paths.root, "chains")
+        self._lock = threading.Lock()  # one maker of chains at a time in this process
+
+    # -- chains ------------------------------------------------------------------------
+    def chain_path(self, chain: Sequence[str]) -> str:
+        return os.path.join(self.chains, chain_ids(chain)[-1])
+
+    def lowers(self, chain: Sequence[str]) -> list[str]:
+        """The chain subvolume a view shows (one: it holds every layer below it)."""
+        chain = tuple(chain)
+        return [self.chain_path(chain)] if chain else []
+
+    def _chain(self, chain: Sequence[str]) -> str:
+        """The read-only subvolume of `chain`, made (with those below it) if missing."""
+        chain = tuple(chain)
+        if not chain:
+            raise ValueError("a view needs at least one layer")
+        for lid in chain:
+            if not os.path.isdir(self._paths.layer_fs(lid)):
+                raise FileNotFoundError(errno.ENOENT, "layer directory missing",
+                                        self._paths.layer_fs(lid))
+        with self._lock:
+            os.makedirs(self.chains, mode=0o700, exist_ok=True)
+            ids = chain_ids(chain)
+            start = len(ids)
+            while start > 0 and not os.path.isdir(os.path.join(self.chains, ids[start - 1])):
+                start -= 1
+            for i in range(start, len(ids)):
+                self._make(ids[i - 1] if i else None, ids[i], chain[:i + 1])
+            top = os.path.join(self.chains, ids[-1])
+            if not btrfs.readonly(top):  # renamed into place, then a crash
+                btrfs.set_readonly(top)
+            return top
+
+    def _make(self, parent: str | None, cid: str, layers: Sequence[str]) -> None:
+        work = os.path.join(self._paths.tmp, f"chain-{secrets.token_hex(6)}")
+        if parent is None:
+            btrfs.create(work)
+        else:
+            btrfs.snapshot(os.path.join(self.chains, parent), work)
+        try:
+            layerapply.apply_layer(self._paths.layer_fs(layers[-1]), work)
+            listing = os.path.join(self.chains, f"{cid}.layers")
+            with open(listing + ".tmp", "w") as f:
+                f.write("\n".join(layers) + "\n")
+            os.rename(listing + ".tmp", listing)
+            final = os.path.join(self.chains, cid)
+            os.rename(work, final)
+        except BaseException:
+            btrfs.delete(work)
+            raise
+        btrfs.set_readonly(final)
+        log.info("made chain subvolume %s (%d layers, top %s)", cid, len(layers), layers[-1])
+
+    def layers_removed(self, layer_ids) -> None:
+        """The garbage collector removed `layer_ids`: delete every chain subvolume that
+        contains one (chains are siblings, not nested: no order between them)."""
+        gone = set(layer_ids)
+        try:
+            names = os.listdir(self.chains)
+        except FileNotFoundError:
+            return
+        with self._lock:
+            for name in names:
+                if not name.endswith(".layers"):
+                    continue
+                cid = name[:-len(".layers")]
+                with open(os.path.join(self.chains, name)) as f:
+                    if not gone & set(f.read().split()):
+                        continue
+                path = os.path.join(self.chains, cid)
+                try:
+                    if btrfs.is_subvolume(path):
+                        btrfs.delete(path)
+                    os.unlink(os.path.join(self.chains, name))
+                except OSError as e:
+                    log.error("cannot delete chain subvolume %s: %s", cid, e)
+
+    # -- views -------------------------------------------------------------------------
+    def prepare(self, key: str, chain: Sequence[str], target: str,
+                size_limit: int = 0) -> Mount:
+        top = self._chain(chain)
+        if size_limit and not btrfs.quota_enabled(self._paths.root):
+            raise FailedPrecondition(
+                f"a size limit on the btrfs backend is a qgroup limit, and quotas are not "
+                f"enabled on the filesystem of {self._paths.root} (btrfs quota enable)")
+        os.mkdir(self._paths.volume(key), 0o700)
+        try:
+            fs = self._paths.volume_part(key, FS)
+            with open(self._paths.volume_part(key, CHAIN), "w") as f:
+                f.write(os.path.basename(top) + "\n")
+            btrfs.snapshot(top, fs)
+            if size_limit:
+                btrfs.limit(fs, size_limit)
+        except BaseException:
+            self.remove_or_log(key)
+            raise
+        return Mount(type="bind", source=fs, target=target, options=("rbind",))
+
+    def view(self, key: str, chain: Sequence[str], target: str) -> Mount:
+        return Mount(type="bind", source=self._chain(chain), target=target,
+                     options=("rbind", "ro"))
+
+    # -- a publication's state ---------------------------------------------------------
+    def remove(self, key: str) -> None:
+        home = self._paths.volume(key)
+        fs = os.path.join(home, FS)
+        if btrfs.is_subvolume(fs):
+            real = os.path.realpath(fs)
+            if MountTable().under(real):
+                raise OSError(errno.EBUSY, "a mount inside the publication's subvolume", real)
+            btrfs.delete(fs)
+        remove_tree(home)
+
+    def _origin(self, key: str) -> tuple[str, str] | None:
+        """(chain subvolume, the key's snapshot) for a writable key; None otherwise."""
+        fs = self._paths.volume_part(key, FS)
+        try:
+            with open(self._paths.volume_part(key, CHAIN)) as f:
+                cid = f.read().strip()
+        except FileNotFoundError:
+            return None
+        origin = os.path.join(self.chains, cid)
+        if not (os.path.isdir(fs) and os.path.isdir(origin)):
+            return None
+        return origin, fs
+
+    def summarize(self, key: str, chain: Sequence[str], *, stop=None) -> Summary | None:
+        pair = self._origin(key)
+        return None if pair is None else treediff.summarize(*pair, stop=stop)
+
+    def changes(self, key: str, chain: Sequence[str]) -> list[tuple[str, str]] | None:
+        pair = self._origin(key)
+        return None if pair is None else treediff.changes(*pair)
+
+    def holder_probe(self, key: str) -> Mount | None:
+        # No mount plan to try: a snapshot has no upper for overlayfs to mark. A view of
+        # one has a device number of its own (a subvolume's), so releases.py asks about a
+        # detached view by that device, as for a read-only overlay: whether anything in
+        # /proc still uses it. It matters: the kernel deletes a subvolume even while a
+        # bind of it lives on, which then shows a dead directory.
+        return None
+
+    def usage(self, key: str) -> Usage:
+        """With quotas on, what the snapshot holds alone; else the files it created or
+        rewrote (allocated bytes, which on btrfs include extents still shared)."""
+        fs = self._paths.volume_part(key, FS)
+        if not btrfs.is_subvolume(fs):
+            return Usage(0, 0)
+        if btrfs.quota_enabled(fs):
+            try:
+                return Usage(btrfs.usage(fs).exclusive, self._inodes(key))
+            except FileNotFoundError:
+                pass
+        s = self.summarize(key, ())
+        return Usage(0, 0) if s is None else Usage(s.upper_bytes, s.upper_inodes)
+
+    def _inodes(self, key: str) -> int:
+        s = self.summarize(key, ())
+        return 0 if s is None else s.upper_inodes
+
+    def space(self, key: str) -> Space | None:
+        fs = self._paths.volume_part(key, FS)
+        if not btrfs.is_subvolume(fs) or not btrfs.quota_enabled(fs):
+            return None
+        u = btrfs.usage(fs)
+        if not u.max_exclusive:
+            return None
+        inodes = self._inodes(key)
+        return Space(u.max_exclusive, u.exclusive, max(0, u.max_exclusive - u.exclusive),
+                     0, inodes, 0)
+
+    def keys(self) -> set[str]:
+        try:
+            return set(os.listdir(self._paths.volumes))
+        except FileNotFoundError:
+            return set()
+
+    # -- start-up ----------------------------------------------------------------------
+    def repair(self, live: set[str]) -> None:
+        """Half-made chains in tmp/ (a crash while applying a layer) are deleted, and
+        chains whose layers are gone from the layer store (removed while no server ran
+        the collector's hook)."""
+        gone = set()
+        try:
+            for name in os.listdir(self.chains):
+                if name.endswith(".layers"):
+                    with open(os.path.join(self.chains, name)) as f:
+                        gone |= {lid for lid in f.read().split()
+                                 if not os.path.isdir(self._paths.layer(lid))}
+        except FileNotFoundError:
+            pass
+        if gone:
+            self.layers_removed(gone)
+        try:
+            names = os.listdir(self._paths.tmp)
+        except FileNotFoundError:
+            return
+        for name in names:
+            path = os.path.join(self._paths.tmp, name)
+            if name.startswith("chain-") and btrfs.is_subvolume(path):
+                try:
+                    btrfs.delete(path)
+                except OSError as e:
+                    log.error("cannot delete the half-made chain %s: %s", path, e)
+
+    def recognizer(self, mounts: Sequence[MountInfo]) -> Callable[[MountInfo], bool]:
+        views = self._views(mounts)
+        return lambda m: m.fstype == "btrfs" and (m.device, m.root) in views
+
+    def _views(self, mounts: Sequence[MountInfo]) -> set[tuple[str, str]]:
+        """(device, root) of a bind of each publication's snapshot and each chain, as
+        mountinfo shows them: their paths inside the filesystem the store is on."""
+        real = os.path.realpath(self._paths.root)
+        home = mount_of(real, list(mounts))
+        if home is None:
+            return set()
+        base = home.root.rstrip("/") + real[len(home.mount_point.rstrip("/")):]
+        out = set()
+        for key in self.keys():
+            out.add((home.device, f"{base}/volumes/{key}/{FS}"))
+        try:
+            out |= {(home.device, f"{base}/chains/{c}") for c in os.listdir(self.chains)}
+        except FileNotFoundError:
+            pass
+        return out

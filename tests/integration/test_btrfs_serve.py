@@ -1,0 +1,122 @@
+"""`strata serve --backend btrfs` with its store on the session's loop-mounted btrfs: real
+publishes through gRPC, and the operator tools (`ls`, `df`, `diff`) on that store giving
+what they give for overlay."""
+
+import os
+import signal
+import uuid
+
+import pytest
+
+from csi import compose
+from csi.config import Config
+from csi.mount import btrfs
+from tests.conftest import StrataProcess, unmount_all_under
+from tests.integration.test_diff_cli import CHANGES, POD, cmd
+from tests.integration.test_inspect import rename_dir
+from tests.storefs import store_fs
+
+
+@pytest.fixture(scope="module")
+def served(store_filesystems, tmp_path_factory):
+    root = os.path.join(store_fs(store_filesystems, "btrfs").root, f"serve-{uuid.uuid4().hex}")
+    base = str(tmp_path_factory.mktemp("strata-btrfs"))
+    proc = StrataProcess(base, root=root, extra_args=("--backend", "btrfs")).start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+        unmount_all_under(base)
+        for top, dirs, _ in os.walk(root):
+            for d in list(dirs):
+                if btrfs.is_subvolume(os.path.join(top, d)):
+                    btrfs.delete(os.path.join(top, d))
+                    dirs.remove(d)
+
+
+def test_publish_write_diff_and_unpublish(served, images, tmp_path):
+    a, ro = tmp_path / "writer", tmp_path / "ro"
+    served.csi.publish("b-writer", a, images.app, **POD)
+    try:
+        served.csi.publish("b-ro", ro, images.app, readonly=True)
+        try:
+            (a / "etc/new.conf").write_text("new\n")
+            with open(a / "etc/motd", "a") as f:
+                f.write("appended\n")
+            os.chmod(a / "usr/bin/tool", 0o700)
+            os.unlink(a / "etc/passwd")
+            rename_dir(str(a / "srv"), str(a / "srv2"))
+            assert (ro / "etc/passwd").exists(), "the read-only view is the image's"
+            with pytest.raises(OSError):
+                (ro / "x").write_text("x")
+            out = cmd("diff", str(a), root=served.root, check=0).stdout
+            # overlay's answer, and the other name of the hard-linked tool: a snapshot is
+            # a real filesystem, where a chmod changes the inode under both names (overlay
+            # without index=on copies up one name and breaks the link).
+            assert out.splitlines() == CHANGES + ["C /usr/bin/tool-hard"]
+            ls = cmd("ls", root=served.root, check=0).stdout
+            assert "Backend: btrfs; layers shared by chain (ChainID" in ls
+            row = next(line for line in ls.splitlines() if line.endswith(str(a)))
+            assert row.split()[4:7] == ["3", "2", "2"], row  # created, copied, deleted
+            df = cmd("df", root=served.root, check=0).stdout
+            assert "Backend: btrfs" in df and "page cache per publication" in df
+        finally:
+            served.csi.unpublish("b-ro", ro)
+    finally:
+        served.csi.unpublish("b-writer", a)
+    parts = compose.reader(Config(root=served.root))
+    try:
+        assert parts.backend.name == "btrfs"
+        assert parts.backend.keys() == set(), "unpublish deleted the snapshot"
+    finally:
+        parts.close()
+
+
+def test_serve_refuses_btrfs_off_btrfs(tmp_path):
+    proc = StrataProcess(str(tmp_path), extra_args=("--backend", "btrfs"))
+    with pytest.raises(RuntimeError, match=r"--backend btrfs, but the store root .* \(--root\) "
+                                           r"is not on a btrfs filesystem"):
+        proc.start()
+    proc.stop()
+
+
+def test_a_kill_9_and_restart_keeps_publications_and_removes_half_made_chains(
+        store_filesystems, images, tmp_path):
+    root = os.path.join(store_fs(store_filesystems, "btrfs").root, f"crash-{uuid.uuid4().hex}")
+    proc = StrataProcess(str(tmp_path), root=root, extra_args=("--backend", "btrfs")).start()
+    target, ro = tmp_path / "pod", tmp_path / "ro"
+    try:
+        proc.csi.publish("crash-rw", target, images.app)
+        proc.csi.publish("crash-ro", ro, images.app, readonly=True)
+        (target / "mine").write_text("kept\n")
+        proc.stop(signal.SIGKILL)
+        half = os.path.join(root, "tmp", "chain-feedface")
+        btrfs.create(half)  # as a crash while applying a layer leaves it
+        with open(os.path.join(half, "partial"), "w"):
+            pass
+        proc.start()
+        assert not os.path.exists(half), "start-up removed the half-made chain"
+        assert (target / "mine").read_text() == "kept\n", "the publication is still mounted"
+        assert (ro / "etc/passwd").exists()
+        proc.csi.publish("crash-rw", target, images.app)  # idempotent after the restart
+        proc.csi.unpublish("crash-rw", target)
+        proc.csi.unpublish("crash-ro", ro)
+        assert not os.listdir(os.path.join(root, "volumes"))
+    finally:
+        proc.stop()
+        unmount_all_under(str(tmp_path))
+        for top, dirs, _ in os.walk(root):
+            for d in list(dirs):
+                if btrfs.is_subvolume(os.path.join(top, d)):
+                    btrfs.delete(os.path.join(top, d))
+                    dirs.remove(d)
+
+
+def test_gc_of_the_image_s_layers_deletes_its_chains(served, images, tmp_path):
+    target = tmp_path / "gc"
+    served.csi.publish("b-gc", target, images.app)
+    served.csi.unpublish("b-gc", target)
+    chains = os.path.join(served.root, "chains")
+    assert any(btrfs.is_subvolume(os.path.join(chains, c)) for c in os.listdir(chains))
+    cmd("gc", "--gc-policy", "immediate", "--gc-min-age", "0", root=served.root, check=0)
+    assert os.listdir(chains) == [], "every chain held a collected layer"
