@@ -31,9 +31,8 @@ from csi.image.registry import RegistryClient
 from csi.image.resolver import Resolver
 from csi.locks import ServeLock, StoreServed, StoreUsers
 from csi.metrics import Metrics
-from csi.mount import btrfs
+from csi.mount import btrfs, reflink
 from csi.mount import features as kernel
-from csi.mount import reflink
 from csi.mount.syscalls import Mounter
 from csi.paths import StorePaths
 from csi.provision import Provisioner

@@ -252,15 +252,28 @@ class StoreCollector:
         yield from self._publications(pubs)
         yield from self._gc_marks(layers)
         pods = pods_per_layer(images, pubs)
-        resident = self.page_cache.get(set(pods))
+        # Page cache belongs to an inode: overlay's publications read the layers' own
+        # files, so one cached copy serves every pod; a btrfs snapshot's files are inodes
+        # of their own subvolume (extents shared on disk, not in memory), so pods never
+        # read layers/ID/fs and nothing is saved: 0, not a saving that does not exist.
+        shared = self._backend.shares_page_cache
+        resident = self.page_cache.get(set(pods)) if shared else {}
         yield GaugeMetricFamily(
             "strata_layer_page_cache_bytes", "Bytes of the layers that publications use "
             "in the page cache: cached once, read by every pod that shares the layer "
-            "(sampled at most every 30 s).", value=sum(resident.values()))
+            "(sampled at most every 30 s; 0 where publications do not read the layers' "
+            "own files: btrfs).", value=sum(resident.values()))
         yield GaugeMetricFamily(
             "strata_page_cache_saved_bytes", "Page cache that sharing saves: what a "
             "private copy of each layer per pod would cache again, (pods-1) times its "
-            "resident bytes.", value=sum(resident[lid] * (pods[lid] - 1) for lid in pods))
+            "resident bytes; 0 where publications do not share the layers' page cache "
+            "(btrfs).", value=sum(resident.get(lid, 0) * (pods[lid] - 1) for lid in pods))
+        info = GaugeMetricFamily(
+            "strata_backend_info", "1, labelled with the storage backend, what its layers "
+            "are shared by (layer: DiffID; chain: ChainID) and whether the publications of "
+            "one image share page cache.", labels=["backend", "shared_by", "shares_page_cache"])
+        info.add_metric([self._backend.name, self._backend.shared_by, _bool(shared)], 1)
+        yield info
         yield GaugeMetricFamily("strata_stages", "Volumes staged on this node.",
                                 value=len(stages))
         yield GaugeMetricFamily(

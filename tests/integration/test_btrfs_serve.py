@@ -11,7 +11,7 @@ import pytest
 from csi import compose
 from csi.config import Config
 from csi.mount import btrfs
-from tests.conftest import StrataProcess, unmount_all_under
+from tests.conftest import StrataProcess, free_port, scrape, unmount_all_under
 from tests.integration.test_diff_cli import CHANGES, POD, cmd
 from tests.integration.test_inspect import rename_dir
 from tests.storefs import store_fs
@@ -21,7 +21,8 @@ from tests.storefs import store_fs
 def served(store_filesystems, tmp_path_factory):
     root = os.path.join(store_fs(store_filesystems, "btrfs").root, f"serve-{uuid.uuid4().hex}")
     base = str(tmp_path_factory.mktemp("strata-btrfs"))
-    proc = StrataProcess(base, root=root, extra_args=("--backend", "btrfs")).start()
+    proc = StrataProcess(base, root=root, metrics_port=free_port(),
+                         extra_args=("--backend", "btrfs")).start()
     try:
         yield proc
     finally:
@@ -70,6 +71,27 @@ def test_publish_write_diff_and_unpublish(served, images, tmp_path):
         assert parts.backend.keys() == set(), "unpublish deleted the snapshot"
     finally:
         parts.close()
+
+
+def test_metrics_name_the_backend_and_claim_no_page_cache_it_does_not_share(served, images,
+                                                                            tmp_path):
+    """Two pods of one image on btrfs read the same file: each snapshot caches it in its own
+    inode, so no page cache is saved, and the metrics say so instead of counting the
+    layer's pages (which no pod reads) as shared."""
+    pods = [tmp_path / "pc0", tmp_path / "pc1"]
+    for i, pod in enumerate(pods):
+        served.csi.publish(f"b-pc{i}", pod, images.app)
+    try:
+        for pod in pods:
+            (pod / "etc/motd").read_bytes()
+        m = scrape(served.metrics_port)
+        assert m['strata_backend_info{backend="btrfs",shared_by="chain",'
+                 'shares_page_cache="false"}'] == 1
+        assert m["strata_page_cache_saved_bytes"] == 0
+        assert m["strata_layer_page_cache_bytes"] == 0
+    finally:
+        for i, pod in enumerate(pods):
+            served.csi.unpublish(f"b-pc{i}", pod)
 
 
 def test_serve_refuses_btrfs_off_btrfs(tmp_path):

@@ -132,6 +132,8 @@ def test_page_cache_metrics_count_one_cached_copy_for_every_pod(plugin, tmp_path
         assert m["strata_layer_page_cache_bytes"] < 2 * len(big) or on_tmpfs
         assert m["strata_page_cache_saved_bytes"] >= 2 * len(big)
         assert m["strata_page_cache_saved_bytes"] == 2 * m["strata_layer_page_cache_bytes"]
+        assert m['strata_backend_info{backend="overlay",shared_by="layer",'
+                 'shares_page_cache="true"}'] == 1
     finally:
         for i, pod in enumerate(pods):
             plugin.csi.unpublish(f"pc-{i}", pod)

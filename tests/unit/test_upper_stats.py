@@ -225,7 +225,7 @@ def test_logical_copy_up_bytes_are_a_high_water_total_beside_the_allocated_ones(
     a, b = pub(0), pub(1)
     publish(state, a, b)
     uppers = Uppers()
-    stats = UpperStats(state, Backend(), summarize=uppers)
+    stats = UpperStats(state, Backend(uppers))
     uppers.now["k0"] = Summary(copied_up=1, copied_up_bytes=4096,
                                copied_up_logical_bytes=50 << 20)
     uppers.now["k1"] = Summary(copied_up=1, copied_up_bytes=8192, copied_up_logical_bytes=9000)
