@@ -43,6 +43,7 @@ from csi.store.blobs import BlobStore
 from csi.store.gc import Collector
 from csi.store.layers import LayerStore
 from csi.store.state import SCHEMA_VERSION, SchemaMismatch, State, schema_version
+from csi.tree import remove_tree
 from csi.upper_stats import UpperStats
 from csi.volumes import VolumeManager
 
@@ -137,6 +138,8 @@ def make_backend(name: str, paths: StorePaths, features, mounter: Mounter,
         raise FailedPrecondition(
             f"--backend {name}, but the store at {paths.root} (--root) holds publications "
             f"of the {was} backend; start with --backend {was} until they are unpublished")
+    if was == "btrfs" and name != "btrfs":
+        drop_chains(BtrfsBackend(paths).chains)
     if name == "btrfs":
         if not btrfs.is_btrfs(paths.root):
             raise FailedPrecondition(f"--backend btrfs, but the store root {paths.root} "
@@ -153,6 +156,25 @@ def make_backend(name: str, paths: StorePaths, features, mounter: Mounter,
     log.info("storage backend: %s (layers shared by %s; page cache %s)", name,
              backend.shared_by, "shared" if backend.shares_page_cache else "per publication")
     return backend
+
+
+def drop_chains(chains: str) -> None:
+    """Delete the btrfs backend's chain subvolumes when a store leaves it (no publication
+    of it remains): no other backend reads or collects them, and once GC has taken their
+    layers they would be the last holders of that data, for good."""
+    if not os.path.isdir(chains):
+        return
+    for name in sorted(os.listdir(chains)):
+        path = os.path.join(chains, name)
+        if btrfs.is_subvolume(path):
+            btrfs.delete(path)
+        elif os.path.isdir(path) and not os.path.islink(path):
+            remove_tree(path)
+        else:
+            os.unlink(path)
+    os.rmdir(chains)
+    log.info("removed the btrfs backend's chains (%s): the store now uses another backend",
+             chains)
 
 
 def mechanism(setting: str, no_quotas: str) -> str:

@@ -10,6 +10,7 @@ test takes one with `store_fs(store_filesystems, NAME)`, which skips it with tha
 
 import dataclasses
 import gzip
+import os
 import shutil
 import subprocess
 
@@ -96,3 +97,15 @@ def store_fs(store_filesystems, name: str) -> Fs:
     if fs.skip:
         pytest.skip(fs.skip)
     return fs
+
+
+def delete_subvolumes(root: str) -> None:
+    """Delete every btrfs subvolume under `root` (a test's store on the session btrfs):
+    rmtree cannot, and the session's filesystem outlives the test."""
+    from csi.mount import btrfs
+
+    for top, dirs, _ in os.walk(root):
+        for d in list(dirs):
+            if btrfs.is_subvolume(os.path.join(top, d)):
+                btrfs.delete(os.path.join(top, d))
+                dirs.remove(d)

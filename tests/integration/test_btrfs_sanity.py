@@ -8,10 +8,9 @@ import uuid
 
 import pytest
 
-from csi.mount import btrfs
 from tests.conftest import ROOT_REASON, StrataProcess, unmount_all_under
 from tests.sanity.test_csi_sanity import BINARY, EXPECTED_SPECS, tally
-from tests.storefs import store_fs
+from tests.storefs import delete_subvolumes, store_fs
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason=ROOT_REASON)
@@ -41,11 +40,7 @@ def test_csi_sanity_on_btrfs(tmp_path, images, store_filesystems):
             left = unmount_all_under(str(tmp_path))
     log = plugin.read_log()
     volumes = os.listdir(os.path.join(root, "volumes"))
-    for top, dirs, _ in os.walk(root):
-        for d in list(dirs):
-            if btrfs.is_subvolume(os.path.join(top, d)):
-                btrfs.delete(os.path.join(top, d))
-                dirs.remove(d)
+    delete_subvolumes(root)
     output = f"{run.stdout[-6000:]}{run.stderr[-2000:]}\n--- plugin log ---\n{log[-4000:]}"
     assert junit.exists(), f"csi-sanity wrote no report (exit {run.returncode}):\n{output}"
     counts = tally(str(junit))

@@ -14,7 +14,7 @@ from csi.mount import btrfs
 from tests.conftest import StrataProcess, free_port, scrape, unmount_all_under
 from tests.integration.test_diff_cli import CHANGES, POD, cmd
 from tests.integration.test_inspect import rename_dir
-from tests.storefs import store_fs
+from tests.storefs import delete_subvolumes, store_fs
 
 
 @pytest.fixture(scope="module")
@@ -28,11 +28,7 @@ def served(store_filesystems, tmp_path_factory):
     finally:
         proc.stop()
         unmount_all_under(base)
-        for top, dirs, _ in os.walk(root):
-            for d in list(dirs):
-                if btrfs.is_subvolume(os.path.join(top, d)):
-                    btrfs.delete(os.path.join(top, d))
-                    dirs.remove(d)
+        delete_subvolumes(root)
 
 
 def test_publish_write_diff_and_unpublish(served, images, tmp_path):
@@ -127,11 +123,7 @@ def test_a_kill_9_and_restart_keeps_publications_and_removes_half_made_chains(
     finally:
         proc.stop()
         unmount_all_under(str(tmp_path))
-        for top, dirs, _ in os.walk(root):
-            for d in list(dirs):
-                if btrfs.is_subvolume(os.path.join(top, d)):
-                    btrfs.delete(os.path.join(top, d))
-                    dirs.remove(d)
+        delete_subvolumes(root)
 
 
 def test_gc_of_the_image_s_layers_deletes_its_chains(served, images, tmp_path):
@@ -142,3 +134,27 @@ def test_gc_of_the_image_s_layers_deletes_its_chains(served, images, tmp_path):
     assert any(btrfs.is_subvolume(os.path.join(chains, c)) for c in os.listdir(chains))
     cmd("gc", "--gc-policy", "immediate", "--gc-min-age", "0", root=served.root, check=0)
     assert os.listdir(chains) == [], "every chain held a collected layer"
+
+
+def test_a_store_that_leaves_btrfs_drops_its_chains(store_filesystems, images, tmp_path):
+    """Switching back to overlay once no btrfs publication is left: the chains go with the
+    backend that made them (no other backend reads or collects them)."""
+    root = os.path.join(store_fs(store_filesystems, "btrfs").root, f"leave-{uuid.uuid4().hex}")
+    proc = StrataProcess(str(tmp_path), root=root, extra_args=("--backend", "btrfs")).start()
+    target = tmp_path / "pod"
+    try:
+        proc.csi.publish("leave", target, images.app)
+        proc.csi.unpublish("leave", target)
+        chains = os.path.join(root, "chains")
+        assert any(btrfs.is_subvolume(os.path.join(chains, c)) for c in os.listdir(chains))
+        proc.stop()
+        proc.extra_args = []  # the default backend, overlay
+        proc.start()
+        assert not os.path.exists(chains)
+        proc.csi.publish("leave", target, images.app)  # the layers serve overlay as before
+        assert (target / "etc/passwd").exists()
+        proc.csi.unpublish("leave", target)
+    finally:
+        proc.stop()
+        unmount_all_under(str(tmp_path))
+        delete_subvolumes(root)

@@ -10,10 +10,9 @@ import uuid
 import pytest
 
 from csi.image.build import write_image
-from csi.mount import btrfs
 from tests.conftest import StrataProcess, unmount_all_under
 from tests.integration.test_umoci_diff import layers, pytestmark, snapshot  # noqa: F401
-from tests.storefs import store_fs
+from tests.storefs import delete_subvolumes, store_fs
 
 
 @pytest.fixture(scope="module")
@@ -26,11 +25,7 @@ def served(store_filesystems, tmp_path_factory):
     finally:
         proc.stop()
         unmount_all_under(base)
-        for top, dirs, _ in os.walk(root):
-            for d in list(dirs):
-                if btrfs.is_subvolume(os.path.join(top, d)):
-                    btrfs.delete(os.path.join(top, d))
-                    dirs.remove(d)
+        delete_subvolumes(root)
 
 
 def groups(tree: dict[str, tuple]) -> dict[str, tuple]:
