@@ -53,6 +53,17 @@ class LimitedOverlay(OverlayBackend):
         return super().prepare(key, chain, target, size_limit or self.LIMIT)
 
 
+class LimitedBtrfs(BtrfsBackend):
+    """The btrfs backend with every writable view size-limited, on the session's btrfs,
+    which has no quotas: each one is the loop mechanism's overlay over a chain subvolume,
+    as a pod with a `sizeLimit` gets it there."""
+
+    LIMIT = 64 << 20
+
+    def prepare(self, key, chain, target, size_limit=0):
+        return super().prepare(key, chain, target, size_limit or self.LIMIT)
+
+
 FLAVOURS = [
     Flavour("overlay", OverlayBackend),
     Flavour("overlay-limited", LimitedOverlay),
@@ -64,6 +75,8 @@ FLAVOURS = [
     Flavour("btrfs", BtrfsBackend, store_fs="btrfs",
             written=lambda h, key: p if os.path.isdir(p := h.paths.volume_part(key, "fs"))
             else None),
+    # Size-limited on a btrfs without quotas: overlays with their upper in a loop filesystem.
+    Flavour("btrfs-limited-noquota", LimitedBtrfs, store_fs="btrfs"),
 ]
 
 
