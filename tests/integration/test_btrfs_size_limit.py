@@ -7,8 +7,11 @@ test_btrfs_backend.py."""
 import errno
 import os
 import signal
+import threading
+import time
 import uuid
 
+import grpc
 import pytest
 
 from csi.backend.btrfs import BtrfsBackend
@@ -203,4 +206,80 @@ def test_a_limited_key_s_filesystem_lost_from_the_namespace_is_mounted_again(
     assert MountTable().is_mountpoint(fs)
     assert cmd("diff", str(t), root=p.root, check=0).stdout.splitlines() == ["A /kept"]
     p.csi.unpublish("lim-ns", t)
+    assert leftovers(p.root) == []
+
+
+def test_a_limited_publication_unrecorded_at_the_kill_is_cleared_at_start(
+        server, images, tmp_path):
+    """A crash between mounting and recording: start-up recognises the overlay as this
+    store's, unmounts it, and the key's filesystem and loop device go with the key."""
+    from csi.store.state import State
+
+    p = server.start()
+    t = tmp_path / "pod"
+    p.csi.publish("lim-unrec", t, images.app, sizeLimit="8Mi")
+    p.stop(signal.SIGKILL)
+    st = State(os.path.join(p.root, "state.db"))
+    with st.transaction() as tx:
+        tx.forget_publication(str(t), 0)
+    st.close()
+    assert our_loops(p.root) != []
+    p.start()
+    assert not MountTable().is_mountpoint(str(t))
+    assert leftovers(p.root) == []
+    p.csi.publish("lim-unrec", t, images.app, sizeLimit="8Mi")  # the kubelet's retry
+    p.csi.unpublish("lim-unrec", t)
+    assert leftovers(p.root) == []
+
+
+def test_after_a_reboot_a_lost_limited_publication_goes(server, images, tmp_path):
+    p = server.start()
+    t = tmp_path / "pod"
+    p.csi.publish("lim-reboot", t, images.app, sizeLimit="8Mi")
+    p.stop(signal.SIGKILL)
+    unmount_all_under(str(tmp_path))  # the reboot: the pod's overlay and the key's fs
+    unmount_all_under(os.path.realpath(p.root))
+    p.start()
+    assert leftovers(p.root) == []
+    p.csi.publish("lim-reboot", t, images.app, sizeLimit="8Mi")
+    assert (t / "etc/motd").read_text() == "app motd\n"
+    p.csi.unpublish("lim-reboot", t)
+    assert leftovers(p.root) == []
+
+
+@pytest.mark.parametrize("delay_ms", [0, 8, 14, 20])
+def test_a_kill_at_any_step_of_a_limited_publish_leaves_nothing(
+        server, images, tmp_path, delay_ms):
+    """As test_size_limit's kill loop, on btrfs: kill -9 somewhere in a limited publish
+    (the chain already made), restart, the kubelet's retry, unpublish: nothing left."""
+    p = server.start()
+    t = tmp_path / "pod"
+    p.csi.publish("warm", tmp_path / "warm", images.app)  # the chain in place: the kill
+    p.csi.unpublish("warm", tmp_path / "warm")            # lands in the limited part
+    volumes = os.path.join(p.root, "volumes")
+    done = threading.Event()
+
+    def publish():
+        try:
+            p.csi.publish("lim-kill", t, images.app, sizeLimit="8Mi")
+        except grpc.RpcError:
+            pass
+        finally:
+            done.set()
+
+    threading.Thread(target=publish, daemon=True).start()
+    deadline = time.monotonic() + 30
+    while not os.listdir(volumes) and not done.is_set():
+        assert time.monotonic() < deadline, "the publish never started"
+    time.sleep(delay_ms / 1000)
+    p.proc.kill()
+    p.stop()
+    done.wait(30)
+    p.start()
+    assert [x for x in leftovers(p.root) if "backed by" in x or x.startswith("mount")] == [] \
+        or MountTable().is_mountpoint(str(t)), "only a recorded publication keeps its parts"
+    p.csi.publish("lim-kill", t, images.app, sizeLimit="8Mi")  # the kubelet's retry
+    assert (t / "etc/motd").read_text() == "app motd\n"
+    assert stats(p.csi, "lim-kill", t)["BYTES"][0] == 8 * MiB
+    p.csi.unpublish("lim-kill", t)
     assert leftovers(p.root) == []
