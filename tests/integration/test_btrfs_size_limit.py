@@ -162,6 +162,10 @@ def test_a_limited_publish_writes_up_to_its_limit_diffs_and_leaves_nothing(
         rename_dir(str(t / "srv"), str(t / "srv2"))
         out = cmd("diff", str(t), root=p.root, check=0).stdout
         assert out.splitlines() == CHANGES, "overlay's answer: the upper against the chain"
+        ls = cmd("ls", root=p.root, check=0).stdout
+        row = next(line for line in ls.splitlines() if line.endswith(str(t)))
+        assert "loop" in row.split(), row
+        assert cmd("df", root=p.root, check=0).stdout
         total, used, available = stats(p.csi, "lim-w", t)["BYTES"]
         assert total == 16 * MiB and 0 < available < total
         written, err = fill(str(t / "fill"))
