@@ -18,10 +18,22 @@ Layout (the store's root must be on btrfs):
   target. `volumes/KEY/chain` names the chain it came from (what `summarize` compares it
   with). A read-only view is a read-only bind of the chain itself: no state of its own.
 
-Size limits are btrfs qgroup limits on the publication's subvolume (its exclusive bytes:
-what the pod adds beyond the image), which need quotas enabled on the filesystem
-(`btrfs quota enable ROOT`): where they are not, a limited publish is refused.
-Snapshots have inodes of their own, so pods of one image do not share page cache.
+Size limits, where quotas are enabled on the filesystem (`btrfs quota enable ROOT`), are
+btrfs qgroup limits on the publication's subvolume (its exclusive bytes: what the pod adds
+beyond the image). Where they are not, a limited publication takes step 5's loop
+mechanism: a snapshot cannot live inside another filesystem, so it is an overlay whose one
+lowerdir is the chain subvolume (the whole image, already merged) and whose upper and work
+live in a filesystem image of the limit's size (loopfs.LoopBound), planned by the overlay
+backend itself over that one directory:
+- `volumes/KEY/fs.img` the filesystem image: its presence is what marks such a key on
+  disk (a snapshot key never has one), so a restarted server tells the two kinds apart;
+- `volumes/KEY/fs/` the image mounted (ext4), with `upper/` and `work/` inside;
+- `volumes/KEY/chain` as for a snapshot: the chain it reads, which GC keeps while it does.
+The overlay's source is `strata:ROOT`, as the overlay backend's, which the recognizer
+knows; diff, usage, stats (NodeGetVolumeStats shows the limit), the holder probe and
+start-up's repair of loop devices are the overlay backend's for these keys.
+Snapshots have inodes of their own, so pods of one image do not share page cache (a
+loop-limited publication reads the chain's, which its image's other such pods share).
 """
 
 import errno
@@ -32,12 +44,16 @@ import secrets
 import threading
 from collections.abc import Callable, Sequence
 
-from csi.backend import Backend, Space, Usage, layerapply, treediff
-from csi.errors import FailedPrecondition
+from csi.backend import Backend, Dirs, Space, Usage, layerapply, treediff
+from csi.backend.bound import Bound
+from csi.backend.loopfs import IMAGE, LoopBound
+from csi.backend.overlay import OverlayBackend
 from csi.inspect import Summary
 from csi.mount import btrfs
+from csi.mount.features import Features
 from csi.mount.mountinfo import MountInfo, MountTable, mount_of
 from csi.mount.spec import Mount
+from csi.mount.syscalls import Mounter
 from csi.paths import StorePaths
 from csi.tree import remove_tree
 
@@ -60,12 +76,18 @@ class BtrfsBackend(Backend):
     shares_page_cache = False
     shared_by = "chain"
 
-    def __init__(self, paths: StorePaths, features=None, bound=None):
-        """`features` and `bound` are overlay's; accepted so that the backends are built
-        alike, and unused."""
+    def __init__(self, paths: StorePaths, features: Features | None = None,
+                 bound: Bound | None = None):
+        """`features` (the kernel's overlay features) and `bound` (the loop mechanism,
+        mounting with the server's executor) are for size-limited publications on a btrfs
+        without quotas; `bound` left out, a loop mechanism with a mounter of its own (the
+        tools, which only read and remove, need nothing more)."""
         self._paths = paths
         self.chains = os.path.join(paths.root, "chains")
         self._lock = threading.Lock()  # one maker of chains at a time in this process
+        self._looped = OverlayBackend(
+            paths, features, bound or LoopBound(paths, Mounter(features=features)),
+            layer_dir=lambda cid: os.path.join(self.chains, cid))
 
     # -- chains ------------------------------------------------------------------------
     def chain_path(self, chain: Sequence[str]) -> str:
@@ -120,20 +142,33 @@ class BtrfsBackend(Backend):
 
     def layers_removed(self, layer_ids) -> None:
         """The garbage collector removed `layer_ids`: delete every chain subvolume that
-        contains one (chains are siblings, not nested: no order between them)."""
+        contains one, or any other layer no longer in the layer store (chains are siblings,
+        not nested: no order between them). A chain that a key on disk names is kept: a
+        loop-limited publication's overlay reads it as its lowerdir (the kernel would let
+        it go from under the mount), and a snapshot's diff compares with it. The layer
+        references of a live publication or release keep its layers anyway; this holds
+        even where they do not (a key no record names, waiting for its release), and the
+        chain goes at a later collection or start-up once no key names it."""
         gone = set(layer_ids)
         try:
             names = os.listdir(self.chains)
         except FileNotFoundError:
             return
         with self._lock:
+            used = self._named()
             for name in names:
                 if not name.endswith(".layers"):
                     continue
                 cid = name[:-len(".layers")]
                 with open(os.path.join(self.chains, name)) as f:
-                    if not gone & set(f.read().split()):
-                        continue
+                    lids = set(f.read().split())
+                if not (gone & lids or any(not os.path.isdir(self._paths.layer(lid))
+                                           for lid in lids)):
+                    continue
+                if cid in used:
+                    log.info("keeping chain subvolume %s: publication %s reads it", cid,
+                             used[cid])
+                    continue
                 path = os.path.join(self.chains, cid)
                 try:
                     if btrfs.is_subvolume(path):
@@ -142,19 +177,27 @@ class BtrfsBackend(Backend):
                 except OSError as e:
                     log.error("cannot delete chain subvolume %s: %s", cid, e)
 
+    def _named(self) -> dict[str, str]:
+        """{chain ID: a key naming it} over every key on disk (`volumes/KEY/chain`)."""
+        out = {}
+        for key in self.keys():
+            try:
+                with open(self._paths.volume_part(key, CHAIN)) as f:
+                    out.setdefault(f.read().strip(), key)
+            except (FileNotFoundError, NotADirectoryError):
+                pass
+        return out
+
     # -- views -------------------------------------------------------------------------
     def prepare(self, key: str, chain: Sequence[str], target: str,
                 size_limit: int = 0) -> Mount:
         top = self._chain(chain)
         if size_limit and not btrfs.quota_enabled(self._paths.root):
-            raise FailedPrecondition(
-                f"a size limit on the btrfs backend is a qgroup limit, and quotas are not "
-                f"enabled on the filesystem of {self._paths.root} (btrfs quota enable)")
+            return self._prepare_looped(key, os.path.basename(top), target, size_limit)
         os.mkdir(self._paths.volume(key), 0o700)
         try:
             fs = self._paths.volume_part(key, FS)
-            with open(self._paths.volume_part(key, CHAIN), "w") as f:
-                f.write(os.path.basename(top) + "\n")
+            self._write_chain(key, os.path.basename(top))
             btrfs.snapshot(top, fs)
             if size_limit:
                 btrfs.limit(fs, size_limit)
@@ -163,12 +206,39 @@ class BtrfsBackend(Backend):
             raise
         return Mount(type="bind", source=fs, target=target, options=("rbind",))
 
+    def _prepare_looped(self, key: str, cid: str, target: str, size_limit: int) -> Mount:
+        """An overlay of the chain `cid` with its upper in a loop filesystem of
+        `size_limit` bytes (the module docstring). The overlay backend makes
+        `volumes/KEY` and removes what it made if it fails; the chain's name goes last."""
+        m = self._looped.prepare(key, [cid], target, size_limit)
+        try:
+            self._write_chain(key, cid)
+        except BaseException:
+            self.remove_or_log(key)
+            raise
+        log.debug("publication %s: limited to %d bytes by a loop filesystem (no quotas on "
+                  "the btrfs of %s)", key, size_limit, self._paths.root)
+        return m
+
+    def _write_chain(self, key: str, cid: str) -> None:
+        with open(self._paths.volume_part(key, CHAIN), "w") as f:
+            f.write(cid + "\n")
+
     def view(self, key: str, chain: Sequence[str], target: str) -> Mount:
         return Mount(type="bind", source=self._chain(chain), target=target,
                      options=("rbind", "ro"))
 
     # -- a publication's state ---------------------------------------------------------
+    def is_looped(self, key: str) -> bool:
+        """Whether `key` is a loop-limited overlay (not a snapshot): its filesystem image
+        is on disk. The image is the first thing the loop mechanism makes in
+        `volumes/KEY`, and a snapshot key never has one."""
+        return os.path.lexists(self._paths.volume_part(key, IMAGE))
+
     def remove(self, key: str) -> None:
+        if self.is_looped(key):
+            self._looped.remove(key)  # unmounts the loop filesystem first
+            return
         home = self._paths.volume(key)
         fs = os.path.join(home, FS)
         if btrfs.is_subvolume(fs):
@@ -191,15 +261,37 @@ class BtrfsBackend(Backend):
             return None
         return origin, fs
 
+    def _looped_chain(self, key: str, chain: Sequence[str]) -> list[str]:
+        """The one-chain "layer list" a loop-limited key's overlay reads: the chain its
+        key names, or (a crash before the name was written) the top of `chain`; [] when
+        neither says."""
+        try:
+            with open(self._paths.volume_part(key, CHAIN)) as f:
+                return [f.read().strip()]
+        except FileNotFoundError:
+            return [chain_ids(chain)[-1]] if chain else []
+
     def summarize(self, key: str, chain: Sequence[str], *, stop=None) -> Summary | None:
+        if self.is_looped(key):
+            cids = self._looped_chain(key, chain)
+            return self._looped.summarize(key, cids, stop=stop) if cids else None
         pair = self._origin(key)
         return None if pair is None else treediff.summarize(*pair, stop=stop)
 
     def changes(self, key: str, chain: Sequence[str]) -> list[tuple[str, str]] | None:
+        if self.is_looped(key):
+            cids = self._looped_chain(key, chain)
+            return self._looped.changes(key, cids) if cids else None
         pair = self._origin(key)
         return None if pair is None else treediff.changes(*pair)
 
+    def dirs(self, key: str) -> Dirs | None:
+        """A loop-limited key's upper and work dirs; None for a snapshot (no upper)."""
+        return self._looped.dirs(key) if self.is_looped(key) else None
+
     def holder_probe(self, key: str) -> Mount | None:
+        if self.is_looped(key):
+            return self._looped.holder_probe(key)  # an overlay: its upper's in-use mark
         # No mount plan to try: a snapshot has no upper for overlayfs to mark. A view of
         # one has a device number of its own (a subvolume's), so releases.py asks about a
         # detached view by that device, as for a read-only overlay: whether anything in
@@ -209,7 +301,10 @@ class BtrfsBackend(Backend):
 
     def usage(self, key: str) -> Usage:
         """With quotas on, what the snapshot holds alone; else the files it created or
-        rewrote (allocated bytes, which on btrfs include extents still shared)."""
+        rewrote (allocated bytes, which on btrfs include extents still shared). A
+        loop-limited key: the files in its filesystem, as the overlay backend counts them."""
+        if self.is_looped(key):
+            return self._looped.usage(key)
         fs = self._paths.volume_part(key, FS)
         if not btrfs.is_subvolume(fs):
             return Usage(0, 0)
@@ -226,6 +321,8 @@ class BtrfsBackend(Backend):
         return 0 if s is None else s.upper_inodes
 
     def space(self, key: str) -> Space | None:
+        if self.is_looped(key):
+            return self._looped.space(key)  # the loop filesystem's: total = the limit
         fs = self._paths.volume_part(key, FS)
         if not btrfs.is_subvolume(fs) or not btrfs.quota_enabled(fs):
             return None
@@ -246,18 +343,11 @@ class BtrfsBackend(Backend):
     def repair(self, live: set[str]) -> None:
         """Half-made chains in tmp/ (a crash while applying a layer) are deleted, and
         chains whose layers are gone from the layer store (removed while no server ran
-        the collector's hook)."""
-        gone = set()
-        try:
-            for name in os.listdir(self.chains):
-                if name.endswith(".layers"):
-                    with open(os.path.join(self.chains, name)) as f:
-                        gone |= {lid for lid in f.read().split()
-                                 if not os.path.isdir(self._paths.layer(lid))}
-        except FileNotFoundError:
-            pass
-        if gone:
-            self.layers_removed(gone)
+        the collector's hook) unless a key names them. Loop-limited keys: the loop
+        mechanism's repair (a dead key's loop device detached, a live key's filesystem
+        mounted again where a new mount namespace lost it)."""
+        self._looped.repair(live)
+        self.layers_removed(())  # the chains of layers no longer in the store
         try:
             names = os.listdir(self._paths.tmp)
         except FileNotFoundError:
@@ -271,8 +361,13 @@ class BtrfsBackend(Backend):
                     log.error("cannot delete the half-made chain %s: %s", path, e)
 
     def recognizer(self, mounts: Sequence[MountInfo]) -> Callable[[MountInfo], bool]:
+        """Binds of this store's snapshots and chains, and the overlays of its
+        loop-limited publications (source `strata:ROOT`, as the overlay backend tags its
+        own: this store's and no other's)."""
         views = self._views(mounts)
-        return lambda m: m.fstype == "btrfs" and (m.device, m.root) in views
+        source = self._looped.source
+        return lambda m: ((m.fstype == "btrfs" and (m.device, m.root) in views)
+                          or (m.fstype == "overlay" and m.source == source))
 
     def _views(self, mounts: Sequence[MountInfo]) -> set[tuple[str, str]]:
         """(device, root) of a bind of each publication's snapshot and each chain, as

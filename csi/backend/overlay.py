@@ -53,11 +53,16 @@ class OverlayBackend(Backend):
     name = "overlay"
 
     def __init__(self, paths: StorePaths, features: Features | None = None,
-                 bound: Bound | None = None):
+                 bound: Bound | None = None,
+                 layer_dir: Callable[[str], str] | None = None):
         """`bound` enforces size limits; left out, the loop mechanism with a mounter of
         its own, which also finds the keys that project quotas bounded (the tools that
-        only read and remove need nothing more)."""
+        only read and remove need nothing more). `layer_dir` maps an ID of a chain to the
+        directory the overlay reads it through: the layer store's `layers/ID/fs` unless
+        told otherwise (the btrfs backend plans its size-limited publications with this
+        class over one directory: a chain subvolume, the whole image already merged)."""
         self._paths = paths
+        self._layer_dir = layer_dir or paths.layer_fs
         self._features = features or Features()
         self._bound = bound or Bounds(LoopBound(paths, Mounter(features=features)),
                                       QuotaBound(paths))
@@ -67,7 +72,7 @@ class OverlayBackend(Backend):
     def lowers(self, chain: Sequence[str]) -> list[str]:
         """Nearest (topmost) first; a layer the image lists twice only once, at its topmost
         place (overlay refuses a repeated lowerdir, and the lower copy is hidden anyway)."""
-        return [self._paths.layer_fs(lid) for lid in dict.fromkeys(reversed(tuple(chain)))]
+        return [self._layer_dir(lid) for lid in dict.fromkeys(reversed(tuple(chain)))]
 
     def prepare(self, key: str, chain: Sequence[str], target: str,
                 size_limit: int = 0) -> Mount:

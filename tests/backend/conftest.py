@@ -34,7 +34,8 @@ class Flavour:
     # What the backend and the executor are told the kernel can do, from what it can.
     features: Callable[[Features], Features] = lambda probed: probed
     # The store's filesystem: "" for the test's tmp_path, else a name of tests/storefs.py's
-    # STORES (the session's loop-mounted filesystems).
+    # STORES (the session's loop-mounted filesystems), or QUOTA_BTRFS (a btrfs of this
+    # suite's own with quotas enabled: they slow every commit of the shared one).
     store_fs: str = ""
     # Where the writes of a key can be read after its view is unmounted: the flavour knows
     # its backend's layout (overlay: the upper dir; a snapshot: the snapshot itself).
@@ -53,6 +54,20 @@ class LimitedOverlay(OverlayBackend):
         return super().prepare(key, chain, target, size_limit or self.LIMIT)
 
 
+QUOTA_BTRFS = "btrfs-quota"
+
+
+class LimitedBtrfs(BtrfsBackend):
+    """The btrfs backend with every writable view size-limited, on the session's btrfs,
+    which has no quotas: each one is the loop mechanism's overlay over a chain subvolume,
+    as a pod with a `sizeLimit` gets it there."""
+
+    LIMIT = 64 << 20
+
+    def prepare(self, key, chain, target, size_limit=0):
+        return super().prepare(key, chain, target, size_limit or self.LIMIT)
+
+
 FLAVOURS = [
     Flavour("overlay", OverlayBackend),
     Flavour("overlay-limited", LimitedOverlay),
@@ -62,6 +77,12 @@ FLAVOURS = [
             lambda probed: dataclasses.replace(probed, lowerdir_plus=False)),
     # Snapshots of chain subvolumes, with the store on the session's btrfs.
     Flavour("btrfs", BtrfsBackend, store_fs="btrfs",
+            written=lambda h, key: p if os.path.isdir(p := h.paths.volume_part(key, "fs"))
+            else None),
+    # Size-limited on a btrfs without quotas: overlays with their upper in a loop filesystem.
+    Flavour("btrfs-limited-noquota", LimitedBtrfs, store_fs="btrfs"),
+    # Size-limited on a btrfs with quotas: snapshots with a qgroup limit.
+    Flavour("btrfs-limited-qgroup", LimitedBtrfs, store_fs=QUOTA_BTRFS,
             written=lambda h, key: p if os.path.isdir(p := h.paths.volume_part(key, "fs"))
             else None),
 ]
@@ -139,7 +160,10 @@ def make_harness(flavour, tmp_path, request) -> Iterator[Callable[[str], Harness
     removed; views a test left mounted fail its clean-up."""
     made: list[Harness] = []
     store_base = ""
-    if flavour.store_fs:
+    if flavour.store_fs == QUOTA_BTRFS:
+        store_base = tempfile.mkdtemp(prefix="conformance-",
+                                      dir=request.getfixturevalue("quota_btrfs"))
+    elif flavour.store_fs:
         from tests.storefs import store_fs
         fs = store_fs(request.getfixturevalue("store_filesystems"), flavour.store_fs)
         store_base = tempfile.mkdtemp(prefix="conformance-", dir=fs.root)
@@ -163,6 +187,25 @@ def make_harness(flavour, tmp_path, request) -> Iterator[Callable[[str], Harness
     # removes with the key; any other mount is a view the test forgot.
     left = [m for m in left if not any(m.startswith(h.paths.volumes + os.sep) for h in made)]
     assert not left, f"the test left mounts behind: {left}"
+
+
+@pytest.fixture(scope="session")
+def quota_btrfs(tmp_path_factory) -> Iterator[str]:
+    """A loop-mounted btrfs with quotas enabled, for the qgroup flavour: where a size limit
+    on the btrfs backend is a qgroup limit on the snapshot."""
+    from csi.mount import btrfs
+    from tests.storefs import make_fs
+    if os.geteuid() != 0:
+        pytest.skip("needs root: a loop-mounted btrfs")
+    base = tmp_path_factory.mktemp("conformance-btrfs-quota")
+    try:
+        fs = make_fs(base, "btrfs", "q")
+        if fs.skip:
+            pytest.skip(fs.skip)
+        btrfs.enable_quota(fs.root)
+        yield fs.root
+    finally:
+        unmount_all_under(str(base))
 
 
 def wipe_btrfs_store(base: str) -> None:

@@ -456,6 +456,32 @@ def test_usage_of_an_unknown_key_is_zero(harness):
     assert harness.backend.usage("never-prepared") == Usage(0, 0)
 
 
+# -- size limits -----------------------------------------------------------------------------
+def test_a_size_limited_view_holds_no_more_than_its_limit(harness, image):
+    """Every backend bounds a writable view it is given a limit for, whatever the store's
+    filesystem offers (overlay: a loop filesystem or a project quota; btrfs: a qgroup
+    limit, or without quotas a loop filesystem under an overlay): a write past it fails as
+    on a full disk, and `space` shows the limit as the total."""
+    limit = 8 * MiB
+    written = 0
+    with harness.mounted(harness.backend.prepare("lim", image, harness.target("t"),
+                                                 limit)) as t:
+        with pytest.raises(OSError) as e:
+            with open(os.path.join(t, "fill"), "wb") as f:
+                for _ in range(4 * limit // MiB):
+                    f.write(os.urandom(MiB))
+                    f.flush()
+                    os.fsync(f.fileno())
+                    written += MiB
+        assert e.value.errno in (errno.ENOSPC, errno.EDQUOT), e.value
+        assert written <= limit
+        space = harness.backend.space("lim")
+        assert space is not None and space.bytes_total == limit
+        assert read(t, "etc/motd") == "top motd\n", "the image is still there to read"
+    harness.backend.remove("lim")
+    assert "lim" not in harness.backend.keys()
+
+
 # -- a view that outlives its mount ------------------------------------------------------------
 def held(harness, key: str, device: str = "") -> bool:
     """What releases.py asks: the backend's probe where it has one, else whether anything

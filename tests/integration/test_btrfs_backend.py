@@ -15,7 +15,6 @@ import pytest
 
 from csi.backend.btrfs import BtrfsBackend, chain_ids
 from csi.backend.overlay import OverlayBackend
-from csi.errors import FailedPrecondition
 from csi.image.build import LayerBuilder
 from csi.mount import btrfs
 from csi.mount.syscalls import Mounter
@@ -284,14 +283,6 @@ def test_a_size_limit_is_a_qgroup_limit(quota_store):
     finally:
         for key in s.backend.keys():
             s.backend.remove(key)
-
-
-def test_a_size_limit_without_quotas_is_refused(stores):
-    b = stores["btrfs"]
-    chain = [b.layer(LayerBuilder().file("f", "x\n"))]
-    with pytest.raises(FailedPrecondition, match="quotas are not enabled"):
-        b.backend.prepare("lim", chain, b.target("lim"), 4 * MiB)
-    assert b.backend.keys() == set()
 
 
 def test_a_rewritten_file_counts_only_the_extents_it_no_longer_shares(stores):
