@@ -144,7 +144,7 @@ def make_backend(name: str, paths: StorePaths, features, mounter: Mounter,
         if not btrfs.is_btrfs(paths.root):
             raise FailedPrecondition(f"--backend btrfs, but the store root {paths.root} "
                                      "(--root) is not on a btrfs filesystem")
-        backend: Backend = BtrfsBackend(paths)
+        backend: Backend = BtrfsBackend(paths, features, LoopBound(paths, mounter))
     else:
         backend = OverlayBackend(paths, features,
                                  size_limits(config.size_limit_mechanism, paths, mounter))

@@ -181,7 +181,7 @@ class Health:
             target=pub.target, image=pub.image,
             mounted=self._table.is_mountpoint(pub.target),
             image_complete=complete, layers=layers, writable=writable,
-            writable_missing=bool(writable) and self._backend.dirs(pub.key) is None,
+            writable_missing=bool(writable) and not self._backend.writable(pub.key),
             size_limit=pub.size_limit if usage is not None else 0,
             used_bytes=usage.bytes if usage is not None else 0,
             available_bytes=available_bytes, available_inodes=available_inodes)
@@ -201,7 +201,9 @@ class Health:
                            for lid, rec in records.items())
 
     def _sample(self, layer_id: str, recorded: float) -> LayerSample:
-        path = self._backend.lowers([layer_id])[0]
+        # The layer store's own directory, whatever the backend builds from it (btrfs's
+        # chains are made from it, and named by ChainID, not by layer).
+        path = self._paths.layer_fs(layer_id)
         try:
             st = os.stat(path)
             home = os.stat(os.path.dirname(path))

@@ -169,7 +169,7 @@ def ls(config: Config) -> int:
         limit = quantity.human(p.size_limit) if p.size_limit else "-"
         print(f"{(p.pod or '-')[-32:]:<32} {p.volume_id[-24:]:<24} {upper:>10} "
               + " ".join(f"{c:>7}" for c in counts)
-              + f" {limit:>10} {bounded_by(p):<18}  {p.target}")
+              + f" {limit:>10} {bounded_by(p, parts.backend):<18}  {p.target}")
     print()
     print(backend_line(backend))
     return 0
@@ -192,12 +192,15 @@ def _summary(parts: compose.Parts, pub: Publication, image) -> Summary | None:
     return parts.backend.summarize(pub.key, image.layer_ids)
 
 
-def bounded_by(p: Publication) -> str:
-    """What enforces a publication's sizeLimit, from its record: a project quota (its ID)
-    or a loop filesystem (the only mechanism a limited publication without an ID has)."""
+def bounded_by(p: Publication, backend=None) -> str:
+    """What enforces a publication's sizeLimit: a project quota (its ID, from the record),
+    a btrfs qgroup (the backend says), or a loop filesystem (what a limited publication
+    bounded by neither has)."""
     if not p.size_limit:
         return "-"
-    return f"project {p.project_id}" if p.project_id else "loop"
+    if p.project_id:
+        return f"project {p.project_id}"
+    return backend.limit_kind(p.key) if backend is not None else "loop"
 
 
 def df(config: Config) -> int:

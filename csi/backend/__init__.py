@@ -152,9 +152,19 @@ class Backend(abc.ABC):
     def usage(self, key: str) -> Usage:
         """Bytes and inodes `key`'s private state takes (zero for none)."""
 
+    def writable(self, key: str) -> bool:
+        """Whether `key`'s writable state is still on disk (volume health: a pod's writes
+        deleted behind the server's back). Where writes land in `dirs`, those."""
+        return self.dirs(key) is not None
+
     def space(self, key: str) -> Space | None:
         """A size-limited key's room; None for a key without a limit."""
         return None
+
+    def limit_kind(self, key: str) -> str:
+        """What bounds a size-limited key other than a project quota (`strata ls`): the
+        loop mechanism's filesystem, unless the backend says otherwise."""
+        return "loop"
 
     def project_id(self, key: str) -> int:
         """The filesystem project ID whose quota bounds `key` (recorded with the

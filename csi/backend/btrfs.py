@@ -289,6 +289,14 @@ class BtrfsBackend(Backend):
         """A loop-limited key's upper and work dirs; None for a snapshot (no upper)."""
         return self._looped.dirs(key) if self.is_looped(key) else None
 
+    def limit_kind(self, key: str) -> str:
+        return "loop" if self.is_looped(key) else "qgroup"
+
+    def writable(self, key: str) -> bool:
+        if self.is_looped(key):
+            return self._looped.writable(key)
+        return btrfs.is_subvolume(self._paths.volume_part(key, FS))  # the pod's snapshot
+
     def holder_probe(self, key: str) -> Mount | None:
         if self.is_looped(key):
             return self._looped.holder_probe(key)  # an overlay: its upper's in-use mark

@@ -14,6 +14,7 @@ from csi.mount import btrfs
 from tests.conftest import StrataProcess, free_port, scrape, unmount_all_under
 from tests.integration.test_diff_cli import CHANGES, POD, cmd
 from tests.integration.test_inspect import rename_dir
+from tests.integration.test_quota_publish import record
 from tests.storefs import delete_subvolumes, store_fs
 
 
@@ -88,6 +89,28 @@ def test_metrics_name_the_backend_and_claim_no_page_cache_it_does_not_share(serv
     finally:
         for i, pod in enumerate(pods):
             served.csi.unpublish(f"b-pc{i}", pod)
+
+
+def test_a_snapshot_publication_is_healthy_until_its_snapshot_is_deleted(served, images,
+                                                                          tmp_path):
+    """Volume health asks the backend whether a publication's writable state is there (a
+    snapshot has no upper dir) and checks the layer store's own directories (not chains)."""
+    from csi.proto import csi_pb2
+
+    target = tmp_path / "health"
+    served.csi.publish("b-health", target, images.app)
+    try:
+        def condition():
+            return served.csi.node.NodeGetVolumeStats(csi_pb2.NodeGetVolumeStatsRequest(
+                volume_id="b-health", volume_path=str(target))).volume_condition
+
+        assert not condition().abnormal, condition().message
+        pub = record(served.root, target)
+        snapshot = os.path.join(served.root, "volumes", pub.key, "fs")
+        btrfs.delete(snapshot)  # behind the server's back (the kernel lets it go, bind or not)
+        assert condition().abnormal and "writable layer" in condition().message
+    finally:
+        served.csi.unpublish("b-health", target)
 
 
 def test_serve_refuses_btrfs_off_btrfs(tmp_path):

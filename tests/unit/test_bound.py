@@ -135,3 +135,13 @@ def test_ls_says_what_bounds_a_publication():
     assert bounded_by(pub()) == "-"
     assert bounded_by(pub(size_limit=MiB)) == "loop"
     assert bounded_by(pub(size_limit=MiB, project_id=1073741824)) == "project 1073741824"
+
+
+def test_ls_names_the_backend_s_own_bound():
+    """A btrfs qgroup (no project ID in the record) is named by the backend, not "loop"."""
+    class Qgroups:
+        def limit_kind(self, key):
+            return "qgroup"
+
+    assert bounded_by(pub(size_limit=MiB), Qgroups()) == "qgroup"
+    assert bounded_by(pub(), Qgroups()) == "-"
