@@ -36,7 +36,7 @@ from csi import fdwalk
 from csi.inspect import Stopped, Summary
 
 CAPABILITY = "security.capability"
-_STOP_EVERY = 1024
+_STOP_EVERY = 256  # entries between two questions to `stop`, as inspect asks
 
 FS_IOC_FIEMAP = 0xC020660B  # _IOWR('f', 11, struct fiemap), linux/fs.h
 FIEMAP_HEADER = struct.Struct("=QQIIII")  # fm_start, fm_length, flags, mapped, count, rsvd
@@ -69,7 +69,8 @@ def changes(origin: str, snapshot: str) -> list[tuple[str, str]]:
     return sorted(((k, p) for p, k in found.items()), key=lambda c: os.fsencode(c[1]))
 
 
-def summarize(origin: str, snapshot: str, stop: Callable[[], bool] | None = None) -> Summary:
+def summarize(origin: str, snapshot: str, *,
+              stop: Callable[[], bool] | None = None) -> Summary:
     """What the snapshot changed, counted; `stop`, asked every _STOP_EVERY entries, ends
     the walk with `Stopped` when it says so."""
     n = dict(created=0, copied_up=0, deleted=0, modified_dirs=0, upper_inodes=0,
