@@ -28,11 +28,11 @@ merged tree, computed here from the upper alone. docs/diff.md says what it print
 """
 
 import dataclasses
-import errno
 import os
 import stat
 from collections.abc import Callable, Iterator, Sequence
 
+from csi import fdwalk
 from csi.extents import shared_bytes
 
 OPAQUE = "trusted.overlay.opaque"
@@ -199,57 +199,9 @@ def _children(dirs: Dirs, merged: Dirs, opaque: bool, redirect: bytes | None,
     return () if opaque else _redirected(redirect, merged, roots) if redirect else dirs
 
 
-# -- the upper, by descriptors ----------------------------------------------------------------
-_OPEN = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-# Descriptors kept open along the current path, the root's aside: an ancestor deeper than
-# this is closed, and reopened through ".." on the way back up, so a walk holds at most
-# this many (plus scandir's one) whatever the depth, far below any RLIMIT_NOFILE.
-_OPEN_DEPTH = 64
-# Out of descriptors (or memory) says nothing of the upper: raised, not read as "gone", so a
-# caller reports an error rather than counts short of a subtree.
-_EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOMEM}
-Key = tuple[int, int]  # (st_dev, st_ino)
-
-
-def _at(fd: int, name: str) -> str:
-    """`name` in the directory open as `fd`, for the calls that take no dir_fd (the xattr
-    ones): the kernel resolves the descriptor itself, and a last component that is a
-    symlink is not followed (follow_symlinks=False)."""
-    return f"/proc/self/fd/{fd}/{name}"
-
-
-def _open(fd: int, name: str, key: Key) -> int | None:
-    """The directory `name` in `fd`, if it is still the inode `key`: None if it is gone, or
-    was replaced (by a symlink: ELOOP, a file: ENOTDIR, another directory: a new inode)."""
-    try:
-        child = os.open(name, _OPEN, dir_fd=fd)
-    except OSError as e:
-        if e.errno in _EXHAUSTED:
-            raise
-        return None
-    st = os.fstat(child)
-    if (st.st_dev, st.st_ino) == key:
-        return child
-    os.close(child)
-    return None
-
-
-def _list(fd: int) -> list[os.DirEntry]:
-    try:
-        with os.scandir(fd) as it:  # entries stat by name in `fd` (fstatat)
-            return list(it)
-    except OSError as e:
-        if e.errno in _EXHAUSTED:
-            raise
-        return []
-
-
-@dataclasses.dataclass(slots=True)
-class _Frame:
-    fd: int | None  # None while closed (an ancestor more than _OPEN_DEPTH up)
-    key: Key
-    name: str
-    todo: list      # its subdirectories still to walk: (name, lstat, context)
+# -- the upper, by descriptors (csi.fdwalk) ----------------------------------------------------
+_EXHAUSTED = fdwalk.EXHAUSTED
+_at = fdwalk.at
 
 
 def _walk(upper: str, context, visit: Callable) -> None:
@@ -257,62 +209,12 @@ def _walk(upper: str, context, visit: Callable) -> None:
     first; `visit` returns the subdirectories to walk, as (name, lstat, their context).
     A subdirectory that is gone or no longer the inode listed when it is opened is skipped,
     as is what remained to walk in a directory that cannot be reached again."""
-    try:
-        root = os.open(upper, _OPEN)
-    except OSError as e:
-        if e.errno in _EXHAUSTED:
-            raise
-        return  # no upper (yet, or any more): nothing changed
-    st = os.fstat(root)
-    frames = [_Frame(root, (st.st_dev, st.st_ino), "", [])]
-    try:
-        frames[0].todo = visit(root, _list(root), context)
-        while frames:
-            top = frames[-1]
-            if not top.todo:
-                frames.pop()
-                try:
-                    if frames and frames[-1].fd is None:
-                        _reopen(frames, top.fd)
-                finally:
-                    if top.fd is not None:
-                        os.close(top.fd)
-                continue
-            name, st, sub = top.todo.pop()
-            fd = _open(top.fd, name, (st.st_dev, st.st_ino))
-            if fd is None:
-                continue
-            frames.append(_Frame(fd, (st.st_dev, st.st_ino), name, []))
-            if len(frames) > _OPEN_DEPTH + 1:
-                far = frames[-_OPEN_DEPTH - 1]
-                os.close(far.fd)
-                far.fd = None
-            frames[-1].todo = visit(fd, _list(fd), sub)
-    finally:
-        for f in frames:
-            if f.fd is not None:
-                os.close(f.fd)
 
+    def each(fds: tuple, here) -> list:
+        return [(name, (fdwalk.key(st),), sub)
+                for name, st, sub in visit(fds[0], fdwalk.entries(fds[0]), here)]
 
-def _reopen(frames: list[_Frame], child: int | None) -> None:
-    """Opens frames[-1] again: its child's ".." if that is still it, else by name from the
-    nearest open ancestor (the child was moved); if neither, it is skipped."""
-    f = frames[-1]
-    fd = _open(child, "..", f.key) if child is not None else None
-    if fd is None:
-        i = max(i for i, g in enumerate(frames) if g.fd is not None)  # the root at least
-        fd = frames[i].fd
-        for g in frames[i + 1:]:
-            parent = fd
-            try:
-                fd = _open(parent, g.name, g.key)
-            finally:
-                if parent != frames[i].fd:
-                    os.close(parent)
-            if fd is None:
-                f.todo = []
-                return
-    f.fd = fd
+    fdwalk.walk((upper,), context, each)
 
 
 # -- summarize -------------------------------------------------------------------------------

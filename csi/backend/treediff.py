@@ -16,7 +16,14 @@ inode change), `deleted` entries only in the origin, `modified_dirs` directories
 ctime moved; bytes are allocated bytes of the created files (st_blocks) and of the
 rewritten ones' extents that are not shared (FIEMAP: a 50 MB image file with a line
 appended counts the block written, not the 50 MB it still shares with the image), a
-hard-linked inode once.
+hard-linked inode once; `copied_up_logical_bytes` the sizes (st_size) of the rewritten
+regular files, what overlay's copy-up without reflink would have copied.
+
+The snapshot is the pod's to change while we read it: both trees are walked together by
+directory descriptors (csi.fdwalk, the origin's directory carried along the snapshot's),
+never by path and without recursion, so neither a directory swapped for a symlink nor a
+tree deeper than PATH_MAX or the recursion limit leads the walk astray or raises; an entry
+that changes under the walk (gone, replaced, another inode) is skipped.
 """
 
 import fcntl
@@ -25,10 +32,11 @@ import stat
 import struct
 from collections.abc import Callable
 
+from csi import fdwalk
 from csi.inspect import Stopped, Summary
 
 CAPABILITY = "security.capability"
-_STOP_EVERY = 1024
+_STOP_EVERY = 256  # entries between two questions to `stop`, as inspect asks
 
 FS_IOC_FIEMAP = 0xC020660B  # _IOWR('f', 11, struct fiemap), linux/fs.h
 FIEMAP_HEADER = struct.Struct("=QQIIII")  # fm_start, fm_length, flags, mapped, count, rsvd
@@ -42,17 +50,17 @@ def changes(origin: str, snapshot: str) -> list[tuple[str, str]]:
     """[(kind, /path)] sorted by path bytes, as inspect.diff gives them for an overlay."""
     found: dict[str, str] = {}
 
-    def visit(rel, old, new, old_path, new_path):
+    def visit(rel, old, new, old_at, new_at):
         if old is None:
             found[rel] = "A"
         elif new is None:
             found[rel] = "D"
         elif _same(old, new):
             return
-        elif _changed(old, new, old_path, new_path):
+        elif _changed(old, new, old_at, new_at):
             found[rel] = "C"
 
-    _walk(origin, snapshot, "", visit, None)
+    _walk(origin, snapshot, visit, None)
     for p in list(found):
         parent = os.path.dirname(p)
         while parent != "/" and parent not in found:
@@ -61,12 +69,15 @@ def changes(origin: str, snapshot: str) -> list[tuple[str, str]]:
     return sorted(((k, p) for p, k in found.items()), key=lambda c: os.fsencode(c[1]))
 
 
-def summarize(origin: str, snapshot: str, stop: Callable[[], bool] | None = None) -> Summary:
+def summarize(origin: str, snapshot: str, *,
+              stop: Callable[[], bool] | None = None) -> Summary:
+    """What the snapshot changed, counted; `stop`, asked every _STOP_EVERY entries, ends
+    the walk with `Stopped` when it says so."""
     n = dict(created=0, copied_up=0, deleted=0, modified_dirs=0, upper_inodes=0,
-             copied_up_bytes=0, created_bytes=0)
+             copied_up_bytes=0, created_bytes=0, copied_up_logical_bytes=0)
     seen: set[int] = set()
 
-    def visit(rel, old, new, old_path, new_path):
+    def visit(rel, old, new, old_at, new_at):
         if new is None:
             n["deleted"] += 1
             return
@@ -88,27 +99,36 @@ def summarize(origin: str, snapshot: str, stop: Callable[[], bool] | None = None
             n["created_bytes"] += size
         else:
             n["copied_up"] += 1
-            n["copied_up_bytes"] += _unshared(new_path, size)
+            n["copied_up_bytes"] += _unshared(*new_at, new, size)
+            if stat.S_ISREG(new.st_mode):
+                n["copied_up_logical_bytes"] += new.st_size
 
-    _walk(origin, snapshot, "", visit, stop)
+    _walk(origin, snapshot, visit, stop)
     return Summary(**n, upper_bytes=n["created_bytes"] + n["copied_up_bytes"])
 
 
-def _unshared(path: str, allocated: int) -> int:
-    """Bytes of `path`'s extents that no other file shares (FIEMAP), or `allocated` where
-    the kernel cannot map it (not a regular file, gone, no FIEMAP)."""
+_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+
+
+def _unshared(fd: int, name: str, st: os.stat_result, allocated: int) -> int:
+    """Bytes of the file `name` in the directory `fd` (listed with `st`) in extents that no
+    other file shares (FIEMAP), or `allocated` where the kernel cannot map it (not a
+    regular file, gone or replaced, no FIEMAP)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError:
+        f = os.open(name, _FILE, dir_fd=fd)
+    except OSError as e:
+        if e.errno in fdwalk.EXHAUSTED:
+            raise
         return allocated
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        now = os.fstat(f)
+        if not stat.S_ISREG(now.st_mode) or fdwalk.key(now) != fdwalk.key(st):
             return allocated
         total, start = 0, 0
         while True:
             buf = bytearray(FIEMAP_HEADER.size + _EXTENTS * FIEMAP_EXTENT.size)
             FIEMAP_HEADER.pack_into(buf, 0, start, (1 << 64) - 1 - start, 0, 0, _EXTENTS, 0)
-            fcntl.ioctl(fd, FS_IOC_FIEMAP, buf)
+            fcntl.ioctl(f, FS_IOC_FIEMAP, buf)
             mapped = FIEMAP_HEADER.unpack_from(buf, 0)[3]
             if not mapped:
                 return total
@@ -123,60 +143,49 @@ def _unshared(path: str, allocated: int) -> int:
     except OSError:
         return allocated
     finally:
-        os.close(fd)
+        os.close(f)
 
 
-def _walk(origin: str, snapshot: str, rel: str, visit, stop, count=None) -> None:
-    """Visit every entry below `rel` of either tree: visit(rel, old_lstat, new_lstat,
-    old_path, new_path), None for the side without it; into directories of the snapshot
-    (with the origin's directory of that name, if it is one)."""
-    count = count if count is not None else [0]
-    old_dir, new_dir = origin + rel, snapshot + rel
-    old_names = set(_list(old_dir)) if old_dir is not None else set()
-    new_names = _list(new_dir)
-    for name in sorted(old_names | set(new_names)):
-        count[0] += 1
-        if stop is not None and count[0] % _STOP_EVERY == 0 and stop():
-            raise Stopped()
-        child = f"{rel}/{name}"
-        op = f"{old_dir}/{name}" if name in old_names else None
-        np = f"{new_dir}/{name}" if name in new_names else None
-        old = _lstat(op) if op else None
-        new = _lstat(np) if np else None
-        visit(child, old, new, op, np)
-        if new is not None and stat.S_ISDIR(new.st_mode):
-            if old is not None and stat.S_ISDIR(old.st_mode):
-                _walk(origin, snapshot, child, visit, stop, count)
-            else:
-                _added(snapshot, child, visit, stop, count)
+def _walk(origin: str, snapshot: str, visit, stop) -> None:
+    """Visit every entry of either tree: visit(rel, old_lstat, new_lstat, old_at, new_at),
+    None for the side without it, `*_at` the entry as (directory fd, name); into the
+    snapshot's directories (with the origin's directory of that name, if it is one).
+    Entries are visited in name order, a directory's before what it holds."""
+    count = 0
+
+    def each(fds: tuple, rel: str) -> list:
+        nonlocal count
+        new_fd, old_fd = fds
+        new = _stats(new_fd)
+        old = _stats(old_fd)
+        subdirs = []
+        for name in sorted(old.keys() | new.keys()):
+            count += 1
+            if stop is not None and count % _STOP_EVERY == 0 and stop():
+                raise Stopped()
+            child = f"{rel}/{name}"
+            o, s = old.get(name), new.get(name)
+            visit(child, o, s, (old_fd, name), (new_fd, name))
+            if s is not None and stat.S_ISDIR(s.st_mode):
+                into = fdwalk.key(o) if o is not None and stat.S_ISDIR(o.st_mode) else None
+                subdirs.append((name, (fdwalk.key(s), into), child))
+        subdirs.reverse()  # the walk pops from the end: names in order
+        return subdirs
+
+    fdwalk.walk((snapshot, origin), "", each)
 
 
-def _added(snapshot: str, rel: str, visit, stop, count) -> None:
-    for name in sorted(_list(snapshot + rel)):
-        count[0] += 1
-        if stop is not None and count[0] % _STOP_EVERY == 0 and stop():
-            raise Stopped()
-        child = f"{rel}/{name}"
-        st = _lstat(snapshot + child)
-        if st is None:
-            continue
-        visit(child, None, st, None, snapshot + child)
-        if stat.S_ISDIR(st.st_mode):
-            _added(snapshot, child, visit, stop, count)
-
-
-def _list(path: str) -> list[str]:
-    try:
-        return os.listdir(path)
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-
-
-def _lstat(path: str) -> os.stat_result | None:
-    try:
-        return os.lstat(path)
-    except FileNotFoundError:
-        return None  # gone while we walked: the pod is writing
+def _stats(fd: int | None) -> dict[str, os.stat_result]:
+    """The lstat of each entry of the directory `fd`; an entry gone meanwhile is left out
+    (the pod is writing)."""
+    found = {}
+    for e in fdwalk.entries(fd):
+        try:
+            found[e.name] = e.stat(follow_symlinks=False)
+        except OSError as err:
+            if err.errno in fdwalk.EXHAUSTED:
+                raise
+    return found
 
 
 def _same(old: os.stat_result, new: os.stat_result) -> bool:
@@ -189,7 +198,7 @@ def _same_time(a: int, b: int) -> bool:
     return a == b or (a // 10**9 == b // 10**9 and (a % 10**9 == 0 or b % 10**9 == 0))
 
 
-def _changed(old: os.stat_result, new: os.stat_result, old_path: str, new_path: str) -> bool:
+def _changed(old: os.stat_result, new: os.stat_result, old_at: tuple, new_at: tuple) -> bool:
     """moby's statDifferent, then addChanges' security.capability comparison."""
     if (old.st_mode != new.st_mode or old.st_uid != new.st_uid or old.st_gid != new.st_gid
             or old.st_rdev != new.st_rdev):
@@ -197,11 +206,11 @@ def _changed(old: os.stat_result, new: os.stat_result, old_path: str, new_path: 
     if not stat.S_ISDIR(old.st_mode) and (not _same_time(old.st_mtime_ns, new.st_mtime_ns)
                                           or old.st_size != new.st_size):
         return True
-    return _xattr(old_path, CAPABILITY) != _xattr(new_path, CAPABILITY)
+    return _xattr(*old_at, CAPABILITY) != _xattr(*new_at, CAPABILITY)
 
 
-def _xattr(path: str, name: str) -> bytes | None:
+def _xattr(fd: int, entry: str, name: str) -> bytes | None:
     try:
-        return os.getxattr(path, name, follow_symlinks=False)
+        return os.getxattr(fdwalk.at(fd, entry), name, follow_symlinks=False)
     except OSError:
         return None
