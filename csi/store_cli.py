@@ -189,7 +189,11 @@ def _summary(parts: compose.Parts, pub: Publication, image) -> Summary | None:
     cannot be read here (its image record gone, its own filesystem not mounted)."""
     if pub.readonly or image is None:
         return None
-    return parts.backend.summarize(pub.key, image.layer_ids)
+    try:
+        return parts.backend.summarize(pub.key, image.layer_ids)
+    except OSError as e:  # one publication's trouble (EMFILE, EIO) is not every row's
+        print(f"strata ls: cannot read what {pub.target} changed: {e}", file=sys.stderr)
+        return None
 
 
 def bounded_by(p: Publication, backend=None) -> str:
