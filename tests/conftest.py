@@ -376,6 +376,8 @@ def pytest_terminal_summary(terminalreporter, config):
             tally[name][outcome] = tally[name].get(outcome, 0) + 1
             if outcome == "skipped" and isinstance(rep.longrepr, tuple):
                 reasons[name].add(rep.longrepr[2].removeprefix("Skipped: "))
+    if not any(tally.values()):
+        return  # nothing ran (--collect-only, or all deselected)
     terminalreporter.section("storage backends")
     for name in BACKENDS:
         counts = ", ".join(f"{n} {o}" for o, n in sorted(tally[name].items())) or "no tests"
