@@ -45,13 +45,16 @@ def code_of(excinfo) -> grpc.StatusCode:
 
 
 def publication(root: str, target) -> tuple[Publication, list[str]]:
-    """The publication recorded at `target` and the layer dirs its view reads through
-    (the backend's `lowers`: overlay's layer dirs, btrfs's chain subvolume)."""
+    """The publication recorded at `target` and the image's directories no pod may change:
+    what its view reads through (the backend's `lowers`, nearest first: overlay's layer
+    dirs, btrfs's chain subvolume), then the layer store's dirs of its layers, top first."""
     parts = compose.reader(Config(root=root))
     try:
         with parts.state.read() as tx:
             pub = tx.publication(str(target))
-            return pub, parts.backend.lowers(tx.image(pub.manifest_digest).layer_ids)
+            chain = tx.image(pub.manifest_digest).layer_ids
+        store = [parts.paths.layer_fs(lid) for lid in reversed(chain)]
+        return pub, list(dict.fromkeys(parts.backend.lowers(chain) + store))
     finally:
         parts.close()
 
@@ -74,13 +77,16 @@ def test_two_pods_are_isolated_and_layers_untouched(served, csi, pods, images):
         assert read(a / "etc/motd") == "app motd\nchanged by a\n"
         assert not (a / "usr/lib/python3/json/decoder.py").exists()
 
-        pub_a, lowers = publication(served.root, a)
+        pub_a, image_dirs = publication(served.root, a)
         pub_b, _ = publication(served.root, b)
         # the image's own files still hold the image's bytes
-        assert read(os.path.join(lowers[0], "etc/motd")) == "app motd\n"
+        assert read(os.path.join(image_dirs[0], "etc/motd")) == "app motd\n"
+        assert {read(os.path.join(d, "etc/motd")) for d in image_dirs
+                if os.path.exists(os.path.join(d, "etc/motd"))} == {"app motd\n",
+                                                                    "base motd\n"}
         assert any(os.path.exists(os.path.join(d, "usr/lib/python3/json/decoder.py"))
-                   for d in lowers)
-        assert not any(os.path.exists(os.path.join(d, "srv/new.txt")) for d in lowers)
+                   for d in image_dirs)
+        assert not any(os.path.exists(os.path.join(d, "srv/new.txt")) for d in image_dirs)
         # what each pod changed, as `strata diff` reads it from the backend
         assert cmd("diff", str(a), root=served.root, check=0).stdout.splitlines() == [
             "C /etc", "C /etc/motd", "C /srv", "A /srv/new.txt", "C /usr", "C /usr/lib",
