@@ -2,6 +2,7 @@
 real unix sockets, and clean-up that unmounts whatever a test left, even when it failed."""
 
 import contextlib
+import dataclasses
 import json
 import os
 import random
@@ -10,6 +11,7 @@ import signal
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import time
 
 import grpc
@@ -321,3 +323,172 @@ def store_filesystems(tmp_path_factory):
         yield make_stores(base)
     finally:
         unmount_all_under(str(base))
+
+
+# -- every backend ---------------------------------------------------------------------------
+# The storage backends the behaviour tests run against (`--backend`). A test that asks for
+# the `backend` fixture runs once per backend, its ID naming it (test_x[btrfs]); one marked
+# `overlay_only(reason)` checks overlay's internals (its upper dir, whiteout devices, mount
+# options) and runs on overlay alone. A backend this machine cannot run (no btrfs) skips
+# with the reason, and the end of the run says so per backend (pytest_terminal_summary).
+BACKENDS = ("overlay", "btrfs")
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "overlay_only(reason): checks overlay's internals; runs on the overlay "
+                   "backend only (the reason says why the others have no such thing)")
+
+
+def pytest_generate_tests(metafunc):
+    if "backend" not in metafunc.fixturenames:
+        return
+    only = metafunc.definition.get_closest_marker("overlay_only")
+    if only is not None:
+        assert only.args and only.args[0].strip(), \
+            f"{metafunc.definition.nodeid}: overlay_only needs a reason"
+    names = ["overlay"] if only is not None else list(BACKENDS)
+    metafunc.parametrize("backend", names, indirect=True, ids=names)
+
+
+def pytest_collection_modifyitems(config, items):
+    config.stash[_BACKEND_OF] = {
+        item.nodeid: item.callspec.params["backend"] for item in items
+        if hasattr(item, "callspec") and "backend" in item.callspec.params}
+
+
+_BACKEND_OF = pytest.StashKey[dict]()
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """One line per backend: how many parametrised tests ran on it, and which were skipped
+    and why (a backend the machine cannot run)."""
+    backend_of = config.stash.get(_BACKEND_OF, {})
+    if not backend_of:
+        return
+    tally: dict[str, dict[str, int]] = {b: {} for b in BACKENDS}
+    reasons: dict[str, set[str]] = {b: set() for b in BACKENDS}
+    for outcome in ("passed", "failed", "skipped", "error", "xfailed", "xpassed"):
+        for rep in terminalreporter.stats.get(outcome, []):
+            name = backend_of.get(getattr(rep, "nodeid", ""))
+            if name is None or (outcome in ("passed", "failed") and rep.when != "call"):
+                continue
+            tally[name][outcome] = tally[name].get(outcome, 0) + 1
+            if outcome == "skipped" and isinstance(rep.longrepr, tuple):
+                reasons[name].add(rep.longrepr[2].removeprefix("Skipped: "))
+    if not any(tally.values()):
+        return  # nothing ran (--collect-only, or all deselected)
+    terminalreporter.section("storage backends")
+    for name in BACKENDS:
+        counts = ", ".join(f"{n} {o}" for o, n in sorted(tally[name].items())) or "no tests"
+        line = f"{name}: {counts}"
+        if reasons[name]:
+            line += " -- skipped because: " + "; ".join(sorted(reasons[name]))
+        terminalreporter.write_line(line)
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreBackend:
+    """A backend to run `strata serve` with, and where its stores go: overlay's in the
+    test's own directory (as every other test's), btrfs's in a fresh directory on the
+    session's loop-mounted btrfs (`fs_root`)."""
+
+    name: str
+    fs_root: str = ""
+
+    def root(self, base: str) -> str:
+        """A new store root for a server under `base`."""
+        if not self.fs_root:
+            return os.path.join(base, "store")
+        return tempfile.mkdtemp(prefix="store-", dir=self.fs_root)
+
+    def args(self) -> tuple[str, ...]:
+        return ("--backend", self.name) if self.name != "overlay" else ()
+
+    def process(self, base: str, extra_args: tuple[str, ...] = (), **kw) -> StrataProcess:
+        return StrataProcess(base, root=self.root(base), extra_args=self.args() + extra_args,
+                             **kw)
+
+    def written(self, root: str, key: str) -> str:
+        """Where publication `key`'s writes can be read from the store, mounted or not:
+        each backend's documented layout (overlay: its upper dir; btrfs: its snapshot)."""
+        part = "upper" if self.name == "overlay" else "fs"
+        return os.path.join(root, "volumes", key, part)
+
+    def wipe(self, root: str) -> None:
+        """Delete a store made on the shared filesystem, once nothing of it is mounted:
+        its subvolumes by ioctl (rmtree cannot delete a read-only chain), then the rest.
+        Overlay's stores go with the test's tmp dir."""
+        if not self.fs_root or not os.path.isdir(root):
+            return
+        from csi.mount import btrfs
+
+        for top, dirs, _ in os.walk(root):
+            for d in list(dirs):
+                path = os.path.join(top, d)
+                if btrfs.is_subvolume(path):
+                    btrfs.delete(path)
+                    dirs.remove(d)
+        shutil.rmtree(root)
+
+
+@pytest.fixture(scope="session")
+def backend(request) -> StoreBackend:
+    """The backend of this test's parameter (see BACKENDS); skips, saying why, where this
+    machine cannot run it."""
+    if os.geteuid() != 0:
+        pytest.skip(ROOT_REASON)
+    if request.param == "overlay":
+        return StoreBackend("overlay")
+    from tests.storefs import store_fs
+
+    fs = store_fs(request.getfixturevalue("store_filesystems"), request.param)
+    return StoreBackend(request.param, fs.root)
+
+
+@pytest.fixture(scope="session")
+def served(backend, request, tmp_path_factory) -> StrataProcess:
+    """The backend's session-wide plugin process (overlay's is `strata`): tests use unique
+    volume IDs and targets."""
+    if backend.name == "overlay":
+        yield request.getfixturevalue("strata")
+        return
+    base = str(tmp_path_factory.mktemp(f"strata-{backend.name}"))
+    proc = backend.process(base)
+    try:
+        yield proc.start()
+    finally:
+        proc.stop()
+        unmount_all_under(base)
+        backend.wipe(proc.root)
+
+
+@pytest.fixture
+def new_server(backend, tmp_path):
+    """`new(name="", *extra_args, metrics=False)`: a `strata serve` on this test's backend
+    under tmp_path/name (not started). Every one made is killed at the end, whatever is
+    mounted under tmp_path unmounted and its store wiped, even when the test failed."""
+    made: list[StrataProcess] = []
+
+    def new(name: str = "", *extra_args: str, metrics: bool = False) -> StrataProcess:
+        base = tmp_path / name if name else tmp_path
+        base.mkdir(exist_ok=True)
+        p = backend.process(str(base), extra_args=extra_args,
+                            metrics_port=free_port() if metrics else 0)
+        made.append(p)
+        return p
+
+    try:
+        yield new
+    finally:
+        for p in made:
+            p.stop(signal.SIGKILL)
+        unmount_all_under(str(tmp_path))
+        for p in made:
+            backend.wipe(p.root)
+
+
+@pytest.fixture
+def server(new_server) -> StrataProcess:
+    """A `strata serve` of this test's own on its backend, with metrics, started."""
+    return new_server(metrics=True).start()

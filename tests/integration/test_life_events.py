@@ -11,7 +11,7 @@ import pytest
 
 from csi.mount.mountinfo import MountTable
 from csi.store.state import State
-from tests.conftest import ROOT_REASON, StrataProcess, free_port, scrape, unmount_all_under
+from tests.conftest import ROOT_REASON, StrataProcess, scrape, unmount_all_under
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason=ROOT_REASON)
 
@@ -63,14 +63,9 @@ def wait_for(condition, timeout: float = 60.0, what: str = "") -> None:
         time.sleep(0.1)
 
 
-@pytest.fixture
-def server(tmp_path):
-    proc = StrataProcess(str(tmp_path), metrics_port=free_port())
-    try:
-        yield proc.start()
-    finally:
-        proc.stop(signal.SIGKILL)
-        unmount_all_under(str(tmp_path))
+# Every test here runs on each backend: `server` (tests/conftest.py) is a `strata serve` of
+# the test's own on the backend its ID names. Where a publication's writes land is each
+# backend's documented layout (`backend.written`: overlay's upper, btrfs's snapshot).
 
 
 def record(p: StrataProcess, target) -> "tuple":
@@ -94,12 +89,12 @@ def metric(p: StrataProcess, name: str) -> float:
 # -- unpublish while a process in the pod holds the volume ---------------------------------
 @pytest.mark.parametrize("how", ["file", "cwd"])
 def test_busy_unpublish_detaches_lazily_and_keeps_the_upper_until_the_holder_exits(
-        server, images, tmp_path, how):
+        backend, server, images, tmp_path, how):
     target = tmp_path / "pod" / "vol"
     target.parent.mkdir()
     server.csi.publish("busy", target, images.app)
     pub, _ = record(server, target)
-    upper = os.path.join(server.root, "volumes", pub.key, "upper")
+    upper = backend.written(server.root, pub.key)
     holder = Holder(target, how)
     try:
         holder.write("before")
@@ -111,7 +106,8 @@ def test_busy_unpublish_detaches_lazily_and_keeps_the_upper_until_the_holder_exi
         gone, [release] = record(server, target)
         assert gone is None and release.key == pub.key and release.target == str(target)
         assert "detached lazily" in server.read_log()
-        # The detached overlay lives on: its upper stays, and the pod's writes land in it.
+        # The detached view lives on: its writable layer stays, and the pod's writes land
+        # in it.
         holder.write("after")
         with open(os.path.join(upper, "held.txt")) as f:
             assert f.read() == "before\nafter\n"
@@ -124,7 +120,7 @@ def test_busy_unpublish_detaches_lazily_and_keeps_the_upper_until_the_holder_exi
     assert volumes(server) == set()
 
 
-def test_a_pending_release_survives_a_restart(server, images, tmp_path):
+def test_a_pending_release_survives_a_restart(backend, server, images, tmp_path):
     target = tmp_path / "pod" / "vol"
     target.parent.mkdir()
     server.csi.publish("busy-restart", target, images.app)
@@ -134,13 +130,13 @@ def test_a_pending_release_survives_a_restart(server, images, tmp_path):
         server.csi.unpublish("busy-restart", target)
         server.stop()
         server.start()
-        # Start-up asked the kernel: the overlay is still held, so its upper stays, and the
-        # layers it reads stay referenced.
+        # Start-up asked the kernel: the view is still held, so its writable layer stays,
+        # and the layers it reads stay referenced.
         assert pub.key in volumes(server)
         _, [release] = record(server, target)
         assert release.key == pub.key
         holder.write("written across the restart")
-        with open(os.path.join(server.root, "volumes", pub.key, "upper", "held.txt")) as f:
+        with open(os.path.join(backend.written(server.root, pub.key), "held.txt")) as f:
             assert f.read() == "written across the restart\n"
         st = State(os.path.join(server.root, "state.db"), migrate=False)
         with st.read() as tx:
@@ -219,7 +215,8 @@ def lines(path) -> list[str]:
         return f.read().splitlines()
 
 
-def test_plugin_upgrade_leaves_live_mounts_and_their_writes_alone(server, images, tmp_path):
+def test_plugin_upgrade_leaves_live_mounts_and_their_writes_alone(backend, server, images,
+                                                                 tmp_path):
     """SIGTERM while a pod writes, then a new `strata serve` on the same store (a rolling
     upgrade of the DaemonSet): the mount, its upper and the writes go on untouched, and the
     new server unpublishes it cleanly later."""
@@ -244,7 +241,7 @@ def test_plugin_upgrade_leaves_live_mounts_and_their_writes_alone(server, images
         writer.wait(timeout=30)
     log = lines(target / "log.txt")
     assert log == [str(i) for i in range(len(log))], "no write lost or torn"
-    with open(os.path.join(server.root, "volumes", pub.key, "upper", "log.txt")) as f:
+    with open(os.path.join(backend.written(server.root, pub.key), "log.txt")) as f:
         assert f.read().splitlines() == log
     server.csi.unpublish("upgrade", target)
     assert metric(server, "strata_lazy_unmounts_total") == 0

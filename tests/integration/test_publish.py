@@ -7,13 +7,32 @@ import stat
 import grpc
 import pytest
 
+from csi import compose
+from csi.config import Config
 from csi.mount.mountinfo import MountTable
+from csi.store.state import Publication
 from tests.conftest import Mode
+from tests.integration.test_diff_cli import cmd
+
+# Every test here that publishes runs on each backend (its ID names it), unless it is
+# marked overlay_only: they prove copy-on-write behaviour a backend must give.
+
+
+@pytest.fixture
+def csi(served):
+    return served.csi
 
 
 def overlay_opts(target) -> dict[str, str]:
     (m,) = MountTable().at(str(target))
     return dict(o.split("=", 1) if "=" in o else (o, "") for o in m.super_options.split(","))
+
+
+# csi/health.py judges a publication through overlay's shape: `backend.dirs(key)` is None
+# ("the writable layer is gone") and `backend.lowers([layer_id])` (chains/LAYER_ID, which
+# only the base layer has) for each layer, so every btrfs publication is reported abnormal.
+BTRFS_HEALTH_BUG = ("btrfs: NodeGetVolumeStats reports every publication abnormal (health.py "
+                    "reads overlay's dirs() and per-layer lowers())")
 
 
 def read(path) -> str:
@@ -25,7 +44,22 @@ def code_of(excinfo) -> grpc.StatusCode:
     return excinfo.value.code()
 
 
-def test_two_pods_are_isolated_and_layers_untouched(csi, pods, images):
+def publication(root: str, target) -> tuple[Publication, list[str]]:
+    """The publication recorded at `target` and the image's directories no pod may change:
+    what its view reads through (the backend's `lowers`, nearest first: overlay's layer
+    dirs, btrfs's chain subvolume), then the layer store's dirs of its layers, top first."""
+    parts = compose.reader(Config(root=root))
+    try:
+        with parts.state.read() as tx:
+            pub = tx.publication(str(target))
+            chain = tx.image(pub.manifest_digest).layer_ids
+        store = [parts.paths.layer_fs(lid) for lid in reversed(chain)]
+        return pub, list(dict.fromkeys(parts.backend.lowers(chain) + store))
+    finally:
+        parts.close()
+
+
+def test_two_pods_are_isolated_and_layers_untouched(served, csi, pods, images):
     a, b = pods / "a", pods / "b"
     csi.publish("iso-a", a, images.app)
     csi.publish("iso-b", b, images.app)
@@ -40,25 +74,57 @@ def test_two_pods_are_isolated_and_layers_untouched(csi, pods, images):
         assert read(b / "etc/motd") == "app motd\n"
         assert not (b / "srv/new.txt").exists()
         assert (b / "usr/lib/python3/json/decoder.py").exists()
+        assert read(a / "etc/motd") == "app motd\nchanged by a\n"
+        assert not (a / "usr/lib/python3/json/decoder.py").exists()
 
+        pub_a, image_dirs = publication(served.root, a)
+        pub_b, _ = publication(served.root, b)
+        # the image's own files still hold the image's bytes
+        assert read(os.path.join(image_dirs[0], "etc/motd")) == "app motd\n"
+        assert {read(os.path.join(d, "etc/motd")) for d in image_dirs
+                if os.path.exists(os.path.join(d, "etc/motd"))} == {"app motd\n",
+                                                                    "base motd\n"}
+        assert any(os.path.exists(os.path.join(d, "usr/lib/python3/json/decoder.py"))
+                   for d in image_dirs)
+        assert not any(os.path.exists(os.path.join(d, "srv/new.txt")) for d in image_dirs)
+        # what each pod changed, as `strata diff` reads it from the backend
+        assert cmd("diff", str(a), root=served.root, check=0).stdout.splitlines() == [
+            "C /etc", "C /etc/motd", "C /srv", "A /srv/new.txt", "C /usr", "C /usr/lib",
+            "C /usr/lib/python3", "C /usr/lib/python3/json",
+            "D /usr/lib/python3/json/decoder.py"]
+        assert cmd("diff", str(b), root=served.root, check=0).stdout == ""
+    finally:
+        csi.unpublish("iso-a", a)
+        csi.unpublish("iso-b", b)
+    assert not a.exists() and not b.exists()
+    for pub in (pub_a, pub_b):
+        assert not os.path.exists(os.path.join(served.root, "volumes", pub.key)), \
+            "the ephemeral writable layer must be deleted"
+    assert not MountTable().under(str(pods))
+
+
+@pytest.mark.overlay_only("overlay's lowerdir/upperdir options and its whiteout devices; "
+                          "a snapshot has neither (btrfs: test_btrfs_backend.py)")
+def test_overlay_pods_share_lowerdirs_and_copy_up_into_their_own_upper(csi, pods, images):
+    a, b = pods / "a", pods / "b"
+    csi.publish("ovl-a", a, images.app)
+    csi.publish("ovl-b", b, images.app)
+    try:
+        with open(a / "etc/motd", "a") as f:
+            f.write("changed by a\n")
+        os.unlink(a / "usr/lib/python3/json/decoder.py")
         opts_a, opts_b = overlay_opts(a), overlay_opts(b)
         assert opts_a["lowerdir"] == opts_b["lowerdir"], "both pods must share the layers"
         assert opts_a["upperdir"] != opts_b["upperdir"]
-        lowers = opts_a["lowerdir"].split(":")
-        # the layer that holds /etc/motd still holds the image's bytes
-        assert read(os.path.join(lowers[0], "etc/motd")) == "app motd\n"
-        assert os.path.exists(os.path.join(lowers[1], "usr/lib/python3/json/decoder.py"))
         # copy-up went to a's upper; the deletion is a whiteout there
         upper = opts_a["upperdir"]
         assert read(os.path.join(upper, "etc/motd")) == "app motd\nchanged by a\n"
         wh = os.lstat(os.path.join(upper, "usr/lib/python3/json/decoder.py"))
         assert stat.S_ISCHR(wh.st_mode) and wh.st_rdev == 0
     finally:
-        csi.unpublish("iso-a", a)
-        csi.unpublish("iso-b", b)
-    assert not a.exists() and not b.exists()
-    assert not os.path.exists(opts_a["upperdir"]), "the ephemeral upper layer must be deleted"
-    assert not MountTable().under(str(pods))
+        csi.unpublish("ovl-a", a)
+        csi.unpublish("ovl-b", b)
+    assert not os.path.exists(opts_a["upperdir"])
 
 
 def test_image_content_is_faithful(csi, pods, images):
@@ -186,8 +252,11 @@ def test_single_writer_volume_cannot_publish_twice(csi, pods, images):
         csi.unstage("sw", staging)
 
 
-def test_volume_stats_report_upper_usage(csi, pods, images):
+def test_volume_stats_report_upper_usage(backend, csi, pods, images, request):
     from csi.proto import csi_pb2
+
+    if backend.name == "btrfs":
+        request.applymarker(pytest.mark.xfail(strict=True, reason=BTRFS_HEALTH_BUG))
 
     t = pods / "stats"
     csi.publish("stats-vol", t, images.app)
@@ -214,7 +283,9 @@ def test_volume_stats_report_upper_usage(csi, pods, images):
         csi.unpublish("stats-vol", t)
 
 
-def test_layers_are_shared_between_images(csi, strata, pods, images):
+@pytest.mark.overlay_only("one lowerdir per layer is overlay's sharing; btrfs shares by "
+                          "chain (test_btrfs_backend.py)")
+def test_layers_are_shared_between_images(csi, pods, images):
     a, b = pods / "a", pods / "b"
     csi.publish("share-a", a, images.app)
     csi.publish("share-b", b, images.other)
@@ -229,25 +300,18 @@ def test_layers_are_shared_between_images(csi, strata, pods, images):
 
 
 @pytest.mark.parametrize("kind", ["plain", "zstd"])
-def test_other_layer_media_types(csi, pods, images, kind):
-    t = pods / kind
+def test_other_layer_media_types(served, csi, pods, images, kind):
+    t, ref = pods / kind, pods / "app-ref"
     csi.publish(f"{kind}-vol", t, getattr(images, kind))
+    csi.publish(f"{kind}-ref", ref, images.app)
     try:
         assert read(t / "etc/motd") == "app motd\n"
         assert not (t / "usr/lib/python3/json/tool.py").exists()
-        # the same DiffIDs whatever the compression: the layers are the gzip image's
-        assert overlay_opts(t)["lowerdir"] == _lowers_of_app(csi, pods, images)
+        # the same DiffIDs whatever the compression: the view reads the gzip image's layers
+        assert publication(served.root, t)[1] == publication(served.root, ref)[1]
     finally:
         csi.unpublish(f"{kind}-vol", t)
-
-
-def _lowers_of_app(csi, pods, images) -> str:
-    t = pods / "app-ref"
-    csi.publish("app-ref", t, images.app)
-    try:
-        return overlay_opts(t)["lowerdir"]
-    finally:
-        csi.unpublish("app-ref", t)
+        csi.unpublish(f"{kind}-ref", ref)
 
 
 def test_a_layer_labelled_gzip_that_is_plain_tar_is_unpacked(csi, pods, tmp_path):

@@ -1,6 +1,6 @@
 """Start-up's judgement of mounts it finds, against real mounts arranged the ways nodes
-arrange them: shared propagation (a kubelet root reachable at two paths), a store on a
-stacked mount, and a layer lost twice over restarts."""
+arrange them: shared propagation (a kubelet root reachable at two paths, on every backend),
+a store on a stacked mount, and a layer lost twice over restarts."""
 
 import os
 import shutil
@@ -8,6 +8,7 @@ import subprocess
 
 import pytest
 
+from csi.backend.btrfs import BtrfsBackend
 from csi.backend.overlay import OverlayBackend
 from csi.image.manifest import Image
 from csi.mount.mountinfo import MountTable
@@ -16,7 +17,7 @@ from csi.paths import StorePaths
 from csi.reconcile import _unmount_unrecorded, reconcile
 from csi.store.layers import LayerStore
 from csi.store.state import Layer, Publication, State
-from tests.conftest import ROOT_REASON
+from tests.conftest import ROOT_REASON, unmount_all_under
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason=ROOT_REASON)
 
@@ -48,9 +49,35 @@ def store(root, *lids):
         open(os.path.join(root, "layers", lid, "fs", "f"), "w").close()
 
 
-def unmount_unrecorded(root, recorded: set[str]) -> None:
+CLASSES = {"overlay": OverlayBackend, "btrfs": BtrfsBackend}
+
+
+def unmount_unrecorded(root, recorded: set[str], name: str = "overlay") -> None:
     paths = StorePaths(str(root))
-    _unmount_unrecorded(paths, recorded, Mounter(), OverlayBackend(paths))
+    _unmount_unrecorded(paths, recorded, Mounter(), CLASSES[name](paths))
+
+
+@pytest.fixture
+def store_root(backend, work):
+    """A store root for this test's backend: in `work` for overlay, a fresh directory on
+    the session's btrfs for btrfs; its mounts in `work` are taken down before it is wiped."""
+    root = backend.root(str(work))
+    try:
+        yield root
+    finally:
+        unmount_all_under(str(work))
+        backend.wipe(root)
+
+
+def backend_view(name: str, root, lid: str, dst, kind: str = "view") -> None:
+    """A view of a one-layer image as the backend makes it, read-only ("view": overlay's is
+    a bind of the layer, btrfs's a bind of its chain subvolume) or writable ("prepare":
+    an overlay of its own, or a bind of a snapshot), its key named after `dst`."""
+    os.makedirs(dst, exist_ok=True)
+    b = CLASSES[name](StorePaths(str(root)))
+    key = os.path.basename(dst)
+    plan = b.view(key, [lid], str(dst)) if kind == "view" else b.prepare(key, [lid], str(dst))
+    Mounter().mount(plan)
 
 
 def view(src, dst):
@@ -60,10 +87,13 @@ def view(src, dst):
     sh("mount", "-o", "remount,bind,ro", str(dst))
 
 
-def test_a_propagated_copy_of_a_live_view_stays(work):
+@pytest.mark.parametrize("kind", ["view", "prepare"])
+def test_a_propagated_copy_of_a_live_view_stays(backend, work, store_root, kind):
     """With the kubelet root reachable at two shared paths, a live view has a copy in the
-    same peer group; unmounting the copy would unmount the live view with it."""
-    root = work / "store"
+    same peer group; unmounting the copy would unmount the live view with it. A view that
+    has no superblock of its own (a bind of the store's filesystem: overlay's one-layer
+    read-only view, every btrfs view) is told from a leftover by its peer group."""
+    root = store_root
     store(root, "L1")
     kube, alias = work / "kube", work / "alias"
     kube.mkdir()
@@ -72,10 +102,10 @@ def test_a_propagated_copy_of_a_live_view_stays(work):
     sh("mount", "--make-shared", str(kube))
     sh("mount", "--bind", str(kube), str(alias))
     live, leftover = kube / "podA", kube / "podB"
-    view(root / "layers/L1/fs", live)
-    view(root / "layers/L1/fs", leftover)  # mounted on its own: its own peer group
+    backend_view(backend.name, root, "L1", live, kind)
+    backend_view(backend.name, root, "L1", leftover, kind)  # on its own: its own group
     assert mounted(alias / "podA") and mounted(alias / "podB")
-    unmount_unrecorded(root, {str(live)})
+    unmount_unrecorded(root, {str(live)}, backend.name)
     assert mounted(live) and mounted(alias / "podA")
     assert not mounted(leftover) and not mounted(alias / "podB")
 

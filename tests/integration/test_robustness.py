@@ -29,8 +29,13 @@ def deep_image(tmp_path_factory) -> str:
     return f"oci:{layout}:deep"
 
 
+# The tests that take `served` or `new_server` run on every backend (their IDs name it);
+# the others check the layer store, the CSI checks or overlay's lowerdirs, on the default.
+
+
 @pytest.mark.parametrize("readonly", [False, True])
-def test_128_layer_image(csi, pods, deep_image, readonly):
+def test_128_layer_image(served, pods, deep_image, readonly):
+    csi = served.csi
     t = pods / "deep"
     csi.publish(f"deep-{readonly}", t, deep_image, readonly=readonly)
     try:
@@ -44,7 +49,8 @@ def test_128_layer_image(csi, pods, deep_image, readonly):
     assert not t.exists()
 
 
-def test_target_behind_a_symlink(csi, pods, images):
+def test_target_behind_a_symlink(served, pods, images):
+    csi = served.csi
     real = pods / "real"
     real.mkdir()
     (pods / "link").symlink_to(real)
@@ -59,7 +65,8 @@ def test_target_behind_a_symlink(csi, pods, images):
     assert not (real / "vol").exists()
 
 
-def test_image_listing_a_layer_twice(csi, pods, tmp_path):
+def test_image_listing_a_layer_twice(served, pods, tmp_path):
+    csi = served.csi
     layout = str(tmp_path / "layout")
     a = LayerBuilder().file("a", "from a\n").file("shared", "a\n")
     b = LayerBuilder().file("b", "from b\n").file("shared", "b\n")
@@ -87,10 +94,12 @@ def test_a_target_that_is_itself_a_symlink_is_refused(csi, pods, images):
     assert os.listdir(real) == []
 
 
-def test_a_subpath_bind_of_a_live_publication_survives_a_restart(tmp_path, images):
+def test_a_subpath_bind_of_a_live_publication_survives_a_restart(new_server, tmp_path,
+                                                                  images):
     """The kubelet bind-mounts subPath volumes out of the published target; such a bind
-    shares the overlay's superblock but is not a leftover to unmount at start-up."""
-    p = StrataProcess(str(tmp_path)).start()
+    shares the view's superblock (or subvolume) but is not a leftover to unmount at
+    start-up."""
+    p = new_server().start()
     target, sub = tmp_path / "pod" / "vol", tmp_path / "volume-subpaths" / "c0"
     target.parent.mkdir()
     sub.mkdir(parents=True)
@@ -110,11 +119,12 @@ def test_a_subpath_bind_of_a_live_publication_survives_a_restart(tmp_path, image
         unmount_all_under(str(tmp_path))
 
 
-def test_a_lost_layer_directory_is_pulled_again_and_restarts_stay_clean(tmp_path, images):
+def test_a_lost_layer_directory_is_pulled_again_and_restarts_stay_clean(new_server, tmp_path,
+                                                                        images):
     """Start-up forgets a layer whose directory vanished, and the images containing it; a
     stage that pinned it is repaired by the next publish (the kubelet stages only once),
     and later restarts do not trip over the forgotten layer."""
-    p = StrataProcess(str(tmp_path)).start()
+    p = new_server().start()
     staging, target = tmp_path / "staging", tmp_path / "pod"
     try:
         p.csi.stage("lost", staging, images.app)
@@ -141,10 +151,10 @@ def test_a_lost_layer_directory_is_pulled_again_and_restarts_stay_clean(tmp_path
         unmount_all_under(str(tmp_path))
 
 
-def test_publish_interrupted_before_its_record(tmp_path, images):
+def test_publish_interrupted_before_its_record(new_server, tmp_path, images):
     """A crash between mount(2) and the record leaves a mount nobody knows; the next start
     must clear it so that the kubelet's retry succeeds."""
-    p = StrataProcess(str(tmp_path)).start()
+    p = new_server().start()
     target = tmp_path / "pod"
     try:
         p.csi.publish("interrupted", target, images.app)
@@ -299,11 +309,11 @@ def test_start_up_leaves_tmp_alone_while_another_process_uses_the_store(tmp_path
         unmount_all_under(str(tmp_path))
 
 
-def test_a_lost_layer_leaves_the_other_layers_of_live_pods_referenced(tmp_path, images):
-    """The image record goes with its lost layer, but the pod's overlay still uses the
+def test_a_lost_layer_leaves_the_other_layers_of_live_pods_referenced(new_server, tmp_path,
+                                                                      images):
+    """The image record goes with its lost layer, but the pod's view still uses the
     image's other layers: GC must not take them."""
-    p = StrataProcess(str(tmp_path), extra_args=("--gc-policy", "immediate",
-                                                 "--gc-min-age", "0")).start()
+    p = new_server("", "--gc-policy", "immediate", "--gc-min-age", "0").start()
     target = tmp_path / "pod"
     try:
         p.csi.publish("v", target, images.app)
@@ -327,14 +337,12 @@ def test_a_lost_layer_leaves_the_other_layers_of_live_pods_referenced(tmp_path, 
         unmount_all_under(str(tmp_path))
 
 
-def test_one_layer_views_interrupted_or_not_and_another_store_s(tmp_path, images):
-    """Read-only views of a one-layer image are bind mounts of the layer, all alike: a
-    leftover beside a live view is still unmounted at start-up, and another strata with
-    its own root (same layer ID) leaves both alone."""
-    for name in ("one", "two"):
-        os.makedirs(tmp_path / name)
-    p = StrataProcess(str(tmp_path / "one")).start()
-    other = StrataProcess(str(tmp_path / "two"))
+def test_one_layer_views_interrupted_or_not_and_another_store_s(new_server, tmp_path, images):
+    """Read-only views of a one-layer image are bind mounts of the layer (btrfs: of its
+    chain), all alike: a leftover beside a live view is still unmounted at start-up, and
+    another strata with its own root (same layer ID) leaves both alone."""
+    p = new_server("one").start()
+    other = new_server("two")
     a, b = tmp_path / "podA", tmp_path / "podB"
     try:
         p.csi.publish("a", a, images.base, readonly=True)
