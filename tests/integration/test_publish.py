@@ -28,13 +28,6 @@ def overlay_opts(target) -> dict[str, str]:
     return dict(o.split("=", 1) if "=" in o else (o, "") for o in m.super_options.split(","))
 
 
-# csi/health.py judges a publication through overlay's shape: `backend.dirs(key)` is None
-# ("the writable layer is gone") and `backend.lowers([layer_id])` (chains/LAYER_ID, which
-# only the base layer has) for each layer, so every btrfs publication is reported abnormal.
-BTRFS_HEALTH_BUG = ("btrfs: NodeGetVolumeStats reports every publication abnormal (health.py "
-                    "reads overlay's dirs() and per-layer lowers())")
-
-
 def read(path) -> str:
     with open(path) as f:
         return f.read()
@@ -252,11 +245,8 @@ def test_single_writer_volume_cannot_publish_twice(csi, pods, images):
         csi.unstage("sw", staging)
 
 
-def test_volume_stats_report_upper_usage(backend, csi, pods, images, request):
+def test_volume_stats_report_upper_usage(backend, csi, pods, images):
     from csi.proto import csi_pb2
-
-    if backend.name == "btrfs":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=BTRFS_HEALTH_BUG))
 
     t = pods / "stats"
     csi.publish("stats-vol", t, images.app)
