@@ -435,7 +435,7 @@ CATEGORIES = [
     ("HTTP download (socket reads, blob file writes)", "csi/image/transport.py", "", ""),
     ("HTTP download (socket reads, blob file writes)", "csi/image/registry.py", "", ""),
     ("waiting for the inflate thread", "igzip_threaded.py", "", ""),
-    ("tar parsing (tarfile: headers, checksums, copies)", "tarfile.py", "", ""),
+    ("tar parsing", "tarfile.py", "", ""),  # split below: headers, or the data path
     ("metadata syscalls: path lookups (lstat, islink, isdir)", "", "islink", ""),
     ("metadata syscalls: path lookups (lstat, islink, isdir)", "", "isdir", ""),
     ("metadata syscalls: path lookups (lstat, islink, isdir)", "", "lexists", ""),
@@ -474,6 +474,12 @@ def _category(stack: list[dict]) -> str:
                 continue
             if pattern and not re.search(pattern, linecache.getline(file, f.get("line", 0))):
                 continue
+            if cat == "tar parsing":
+                header = any(g["name"] in ("TarFile.next", "TarInfo.fromtarfile")
+                             for g in stack)
+                return ("tar parsing: headers (tarfile: checksums, field decoding)" if header
+                        else "tar data path (tarfile's stream buffers and copies, one "
+                             "reader object per file)")
             return cat
     return "other Python"
 
