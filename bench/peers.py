@@ -23,8 +23,11 @@ mounts is unmounted, whatever happens.
 
 import argparse
 import contextlib
+import hashlib
 import json
+import linecache
 import os
+import re
 import shutil
 import signal
 import socket
@@ -41,6 +44,7 @@ import grpc  # noqa: E402
 
 from bench import realistic  # noqa: E402
 from bench._util import drop_caches, free_port  # noqa: E402
+from bench.realistic import unmount_under  # noqa: E402
 from bench.unpack import CHILD as STRATA_UNPACK  # noqa: E402
 from csi.proto import csi_pb2, csi_pb2_grpc  # noqa: E402
 
@@ -81,10 +85,6 @@ def _stop(proc: subprocess.Popen, grace: float = 20.0) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-
-
-def _unmount_under(top: str) -> None:
-    realistic._unmount_under(top)
 
 
 def _run(argv: list[str], **kw) -> None:
@@ -174,7 +174,7 @@ class Containerd:
 
     def stop(self) -> None:
         _stop(self.proc)
-        _unmount_under(self.dir)
+        unmount_under(self.dir)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -237,7 +237,7 @@ class Strata:
         if self.channel is not None:
             self.channel.close()
         _stop(self.proc, grace=60)
-        _unmount_under(self.dir)
+        unmount_under(self.dir)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -255,8 +255,6 @@ def one_layer_layout(work: str, src_layout: str, layer: dict) -> str:
                         os.path.join(blobs, hexd))
 
     def blob(obj: dict, media_type: str) -> dict:
-        import hashlib
-
         data = json.dumps(obj).encode()
         d = hashlib.sha256(data).hexdigest()
         with open(os.path.join(blobs, d), "wb") as f:
@@ -462,9 +460,6 @@ CATEGORIES = [
 
 
 def _category(stack: list[dict]) -> str:
-    import linecache
-    import re
-
     for f in reversed(stack):  # innermost first
         name, file = f["name"], f.get("file", "")
         for cat, suffix, func, pattern in CATEGORIES:
@@ -567,7 +562,7 @@ def main() -> int:
         print(f"bench/peers.py: {e}", file=sys.stderr)
         return 1
     finally:
-        _unmount_under(work)
+        unmount_under(work)
         shutil.rmtree(work, ignore_errors=True)
     return 0
 

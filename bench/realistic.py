@@ -128,7 +128,7 @@ def ensure_image(quiet: bool = False) -> tuple[str, dict]:
                      build_seconds=round(time.monotonic() - t0, 1))
         with open(os.path.join(work, "stats.json"), "w") as f:
             json.dump(stats, f, indent=1)
-        _unmount_under(work)
+        unmount_under(work)
         shutil.rmtree(bundle)
         os.rename(work, final)
         say(f"realistic image: built in {stats['build_seconds']} s, cached in {final}")
@@ -136,7 +136,7 @@ def ensure_image(quiet: bool = False) -> tuple[str, dict]:
             return os.path.join(final, "layout"), json.load(f)
     finally:
         if os.path.exists(work):
-            _unmount_under(work)
+            unmount_under(work)
             shutil.rmtree(work, ignore_errors=True)
 
 
@@ -209,7 +209,7 @@ def _install_nginx(rootfs: str, log: str) -> None:
             if os.path.lexists(path):
                 os.unlink(path)
         open(resolv, "w").close()
-    _unmount_under(rootfs)  # nothing of the host may be packed
+    unmount_under(rootfs)  # nothing of the host may be packed
 
 
 def _site(rootfs: str) -> None:
@@ -234,7 +234,7 @@ def _site(rootfs: str) -> None:
 
 
 def _repack(img: str, bundle: str, created_by: str) -> None:
-    _unmount_under(bundle)
+    unmount_under(bundle)
     _run(["umoci", "repack", "--refresh-bundle", "--history.created_by", created_by,
           "--image", img, bundle])
 
@@ -265,7 +265,7 @@ def _describe(layout: str) -> dict:
             "entries": sum(x["entries"] for x in layers)}
 
 
-def _unmount_under(top: str) -> None:
+def unmount_under(top: str) -> None:
     """Unmount everything mounted at or below `top`, deepest first (lazily if busy)."""
     top = os.path.realpath(top)
     with open("/proc/self/mountinfo") as f:
