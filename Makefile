@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
 .PHONY: demo test unit integration sanity deploy-check crash need-root need-kubectl system-deps \
-	proto lint bench clean
+	proto lint bench bench-deps clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -74,7 +74,13 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check csi tests scripts bench
 	$(VENV)/bin/lint-imports
 
-bench: $(STAMP)
+# The benchmarks need root (mounts, dropping the page cache) and, beyond the tests' packages,
+# those of scripts/bench-deps.sh (containerd, debootstrap, ...: the peers bench/peers.py
+# measures strata against, and the realistic image it builds at bench time).
+bench-deps: need-root
+	bash scripts/bench-deps.sh
+
+bench: bench-deps $(STAMP)
 	$(PY) bench/publish.py
 	$(PY) bench/size_limit.py
 	$(PY) bench/unpack.py
@@ -83,6 +89,7 @@ bench: $(STAMP)
 	$(PY) bench/release_probe.py
 	$(PY) bench/metrics.py
 	$(PY) bench/cow.py
+	$(PY) bench/peers.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
