@@ -130,11 +130,13 @@ def stored_backend(paths: StorePaths) -> Backend:
 
 
 def make_backend(name: str, paths: StorePaths, features, mounter: Mounter,
-                 config: Config) -> Backend:
+                 config: Config, state: State | None = None) -> Backend:
     """Serve's backend (`--backend`), checked against the store and recorded in it. A store
-    whose publications another backend made is refused: their state is of its shape."""
+    whose publications another backend made is refused: their state is of its shape. The
+    state database counts as well as `volumes/`: a btrfs read-only view has no key on disk
+    (it binds a chain), and a stage or a release of the old backend's views is as live."""
     was = recorded_backend(paths)
-    if was != name and os.listdir(paths.volumes):
+    if was != name and (os.listdir(paths.volumes) or _recorded_views(state)):
         raise FailedPrecondition(
             f"--backend {name}, but the store at {paths.root} (--root) holds publications "
             f"of the {was} backend; start with --backend {was} until they are unpublished")
@@ -156,6 +158,14 @@ def make_backend(name: str, paths: StorePaths, features, mounter: Mounter,
     log.info("storage backend: %s (layers shared by %s; page cache %s)", name,
              backend.shared_by, "shared" if backend.shares_page_cache else "per publication")
     return backend
+
+
+def _recorded_views(state: State | None) -> bool:
+    """Whether the state database records any publication, stage or release."""
+    if state is None:
+        return False
+    with state.read() as r:
+        return bool(r.publications() or r.stages() or r.releases())
 
 
 def drop_chains(chains: str) -> None:
@@ -268,7 +278,7 @@ def node(config: Config, metrics: Metrics | None = None, mounter: Mounter | None
         log.info("%s", clones.describe(paths.root))
         mounter = mounter or Mounter(features=features)
         # Loop filesystems are mounted by the one executor.
-        backend = make_backend(config.backend, paths, features, mounter, config)
+        backend = make_backend(config.backend, paths, features, mounter, config, state)
         layers = LayerStore(paths, state, clock=clock, on_unpack=metrics.on_unpack)
 
         def collected(result) -> None:

@@ -10,11 +10,12 @@ from csi.config import Config
 from csi.errors import FailedPrecondition
 from csi.mount.syscalls import Mounter
 from csi.paths import StorePaths
+from csi.store.state import Publication, Release, Stage, State
 from csi.store_cli import backend_line
 
 
-def make(name, paths):
-    return compose.make_backend(name, paths, None, Mounter(), Config(root=paths.root))
+def make(name, paths, state=None):
+    return compose.make_backend(name, paths, None, Mounter(), Config(root=paths.root), state)
 
 
 def test_btrfs_is_refused_off_btrfs_naming_the_flag(tmp_path):
@@ -46,6 +47,33 @@ def test_a_switch_under_live_publications_is_refused(tmp_path):
     (tmp_path / "volumes" / "k1").rmdir()
     assert isinstance(make("overlay", paths), OverlayBackend), "once they are gone"
     assert compose.recorded_backend(paths) == "overlay"
+
+
+@pytest.mark.parametrize("record", ["read-only publication", "stage", "release"])
+def test_a_switch_is_refused_while_the_state_records_a_view(tmp_path, record):
+    """A btrfs read-only view binds a chain and has no volumes/KEY: the state database
+    is what says it lives (switching would drop the chain from under its mount)."""
+    paths = StorePaths(str(tmp_path)).make()
+    with open(compose.backend_file(paths), "w") as f:
+        f.write("btrfs\n")
+    (tmp_path / "chains").mkdir()
+    state = State(paths.state_db)
+    try:
+        with state.transaction() as tx:
+            if record == "stage":
+                tx.record_stage(Stage("v", "/s", "img", "sha256:" + "0" * 64, 1, 0), (), 0)
+            elif record == "release":
+                tx.record_release(Release("k1"))
+            else:
+                tx.record_publication(Publication("/t", "v", "k1", "img", "sha256:" + "0" * 64,
+                                                  True, "", 1, 0), (), 0)
+        assert not list((tmp_path / "volumes").iterdir())
+        with pytest.raises(FailedPrecondition, match="holds publications of the btrfs"):
+            make("overlay", paths, state)
+        assert (tmp_path / "chains").is_dir(), "the chains stay while a view reads them"
+        assert compose.recorded_backend(paths) == "btrfs"
+    finally:
+        state.close()
 
 
 def test_ls_and_df_say_how_each_backend_shares(tmp_path):
