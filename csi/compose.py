@@ -19,7 +19,7 @@ import time
 
 from csi.backend import Backend
 from csi.backend.bound import Bound, Bounds
-from csi.backend.btrfs import BtrfsBackend
+from csi.backend.btrfs import BtrfsBackend, chain_ids
 from csi.backend.loopfs import LoopBound
 from csi.backend.overlay import OverlayBackend
 from csi.backend.quota import ProjectQuotas
@@ -146,7 +146,8 @@ def make_backend(name: str, paths: StorePaths, features, mounter: Mounter,
         if not btrfs.is_btrfs(paths.root):
             raise FailedPrecondition(f"--backend btrfs, but the store root {paths.root} "
                                      "(--root) is not on a btrfs filesystem")
-        backend: Backend = BtrfsBackend(paths, features, LoopBound(paths, mounter))
+        backend: Backend = BtrfsBackend(paths, features, LoopBound(paths, mounter),
+                                        recorded_chains(state))
     else:
         backend = OverlayBackend(paths, features,
                                  size_limits(config.size_limit_mechanism, paths, mounter))
@@ -158,6 +159,27 @@ def make_backend(name: str, paths: StorePaths, features, mounter: Mounter,
     log.info("storage backend: %s (layers shared by %s; page cache %s)", name,
              backend.shared_by, "shared" if backend.shares_page_cache else "per publication")
     return backend
+
+
+def recorded_chains(state: State | None):
+    """For the btrfs backend's collector: the top chain of every recorded publication's
+    and release's image (a read-only view binds it), or None while a release cannot say
+    which image it reads (then no chain is deleted)."""
+    def chains() -> set[str] | None:
+        if state is None:
+            return set()
+        with state.read() as r:
+            digests = ([p.manifest_digest for p in r.publications()]
+                       + [x.manifest_digest for x in r.releases()])
+            if not all(digests):
+                return None
+            out = set()
+            for d in set(digests):
+                image = r.image(d)
+                if image is not None and image.layer_ids:
+                    out.add(chain_ids(image.layer_ids)[-1])
+            return out
+    return chains
 
 
 def _recorded_views(state: State | None) -> bool:
