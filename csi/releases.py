@@ -133,7 +133,10 @@ class Releases:
         fs = self._paths.volume_part(key, "fs")
         if not os.path.isdir(fs):
             return None, None
-        return (users.parse(device_of(fs)),
+        own = device_of(fs)
+        if own == device_of(os.path.dirname(fs)):
+            return None, None  # a plain directory (a loop filesystem's unmounted mount point)
+        return (users.parse(own),
                 users.bind_of(fs, self._mounter.table.mounts()))
 
     def _view_held(self, key: str, device: str, seen: dict | None) -> bool:

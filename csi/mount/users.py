@@ -38,6 +38,10 @@ def parse(text: str) -> Device | None:
     major, sep, minor = text.partition(":")
     if not sep or not major.isdigit() or not minor.isdigit():
         return None
+    if int(major) == int(minor) == 0:
+        # No filesystem's: what a bind of a deleted btrfs subvolume shows. Asking /proc
+        # about it finds unrelated things (and would keep a release for good).
+        return None
     return int(major), int(minor)
 
 
