@@ -384,6 +384,7 @@ class BtrfsBackend(Backend):
         mounted again where a new mount namespace lost it)."""
         self._looped.repair(live)
         self.layers_removed(())  # the chains of layers no longer in the store
+        self._seal_chains()
         try:
             names = os.listdir(self._paths.tmp)
         except FileNotFoundError:
@@ -395,6 +396,24 @@ class BtrfsBackend(Backend):
                     btrfs.delete(path)
                 except OSError as e:
                     log.error("cannot delete the half-made chain %s: %s", path, e)
+
+    def _seal_chains(self) -> None:
+        """Every chain read-only: a crash between a chain's rename into place and its
+        set_readonly leaves it writable, and a chain below another is never reached by
+        `_chain`'s own check of the top."""
+        try:
+            names = os.listdir(self.chains)
+        except FileNotFoundError:
+            return
+        for name in names:
+            path = os.path.join(self.chains, name)
+            try:
+                if btrfs.is_subvolume(path) and not btrfs.readonly(path):
+                    btrfs.set_readonly(path)
+                    log.warning("chain subvolume %s was left writable (a crash): made "
+                                "read-only", name)
+            except OSError as e:
+                log.error("cannot make the chain %s read-only: %s", path, e)
 
     def recognizer(self, mounts: Sequence[MountInfo]) -> Callable[[MountInfo], bool]:
         """Binds of this store's snapshots and chains, and the overlays of its

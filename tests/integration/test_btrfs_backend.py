@@ -255,6 +255,19 @@ def test_a_recorded_read_only_view_keeps_its_chain(stores):
     assert not os.path.exists(b.backend.lowers([lb, lt])[0]), "unrecorded: collected"
 
 
+def test_start_up_makes_a_chain_left_writable_read_only(stores):
+    """A crash between a chain's rename into place and its set_readonly: start-up seals
+    every chain, the lower ones too (building the top never looks at them again)."""
+    b = stores["btrfs"]
+    base, top = image_layers()
+    lb, lt = b.layer(base), b.layer(top)
+    b.backend.view("v", [lb, lt], b.target("v"))
+    low = b.backend.lowers([lb])[0]
+    btrfs.set_readonly(low, False)
+    BtrfsBackend(b.paths).repair(set())
+    assert btrfs.readonly(low)
+
+
 def test_crash_leftovers_in_tmp_are_removed_at_start_up(stores):
     b = stores["btrfs"]
     half = os.path.join(b.paths.tmp, "chain-deadbeef")
