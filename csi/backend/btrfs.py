@@ -16,7 +16,11 @@ Layout (the store's root must be on btrfs):
   tmp/, which start-up removes.
 - `volumes/KEY/fs` a writable snapshot of the chain: the publication, bind-mounted at the
   target. `volumes/KEY/chain` names the chain it came from (what `summarize` compares it
-  with). A read-only view is a read-only bind of the chain itself: no state of its own.
+  with). A read-only view is a read-only bind of the chain itself: no state of its own;
+  the state database's record of its publication keeps the chain from the collector
+  (`recorded`, compose.recorded_chains).
+- `chains.lock` serialises making and deleting chains across processes (`strata gc`
+  deletes them beside the server).
 
 Size limits, where quotas are enabled on the filesystem (`btrfs quota enable ROOT`), are
 btrfs qgroup limits on the publication's subvolume (its exclusive bytes: what the pod adds
