@@ -19,7 +19,7 @@ import time
 
 from csi.backend import Backend
 from csi.backend.bound import Bound, Bounds
-from csi.backend.btrfs import BtrfsBackend
+from csi.backend.btrfs import BtrfsBackend, chain_ids
 from csi.backend.loopfs import LoopBound
 from csi.backend.overlay import OverlayBackend
 from csi.backend.quota import ProjectQuotas
@@ -130,11 +130,13 @@ def stored_backend(paths: StorePaths) -> Backend:
 
 
 def make_backend(name: str, paths: StorePaths, features, mounter: Mounter,
-                 config: Config) -> Backend:
+                 config: Config, state: State | None = None) -> Backend:
     """Serve's backend (`--backend`), checked against the store and recorded in it. A store
-    whose publications another backend made is refused: their state is of its shape."""
+    whose publications another backend made is refused: their state is of its shape. The
+    state database counts as well as `volumes/`: a btrfs read-only view has no key on disk
+    (it binds a chain), and a stage or a release of the old backend's views is as live."""
     was = recorded_backend(paths)
-    if was != name and os.listdir(paths.volumes):
+    if was != name and (os.listdir(paths.volumes) or _recorded_views(state)):
         raise FailedPrecondition(
             f"--backend {name}, but the store at {paths.root} (--root) holds publications "
             f"of the {was} backend; start with --backend {was} until they are unpublished")
@@ -144,7 +146,8 @@ def make_backend(name: str, paths: StorePaths, features, mounter: Mounter,
         if not btrfs.is_btrfs(paths.root):
             raise FailedPrecondition(f"--backend btrfs, but the store root {paths.root} "
                                      "(--root) is not on a btrfs filesystem")
-        backend: Backend = BtrfsBackend(paths, features, LoopBound(paths, mounter))
+        backend: Backend = BtrfsBackend(paths, features, LoopBound(paths, mounter),
+                                        recorded_chains(state))
     else:
         backend = OverlayBackend(paths, features,
                                  size_limits(config.size_limit_mechanism, paths, mounter))
@@ -156,6 +159,35 @@ def make_backend(name: str, paths: StorePaths, features, mounter: Mounter,
     log.info("storage backend: %s (layers shared by %s; page cache %s)", name,
              backend.shared_by, "shared" if backend.shares_page_cache else "per publication")
     return backend
+
+
+def recorded_chains(state: State | None):
+    """For the btrfs backend's collector: the top chain of every recorded publication's
+    and release's image (a read-only view binds it), or None while a release cannot say
+    which image it reads (then no chain is deleted)."""
+    def chains() -> set[str] | None:
+        if state is None:
+            return set()
+        with state.read() as r:
+            digests = ([p.manifest_digest for p in r.publications()]
+                       + [x.manifest_digest for x in r.releases()])
+            if not all(digests):
+                return None
+            out = set()
+            for d in set(digests):
+                image = r.image(d)
+                if image is not None and image.layer_ids:
+                    out.add(chain_ids(image.layer_ids)[-1])
+            return out
+    return chains
+
+
+def _recorded_views(state: State | None) -> bool:
+    """Whether the state database records any publication, stage or release."""
+    if state is None:
+        return False
+    with state.read() as r:
+        return bool(r.publications() or r.stages() or r.releases())
 
 
 def drop_chains(chains: str) -> None:
@@ -268,7 +300,7 @@ def node(config: Config, metrics: Metrics | None = None, mounter: Mounter | None
         log.info("%s", clones.describe(paths.root))
         mounter = mounter or Mounter(features=features)
         # Loop filesystems are mounted by the one executor.
-        backend = make_backend(config.backend, paths, features, mounter, config)
+        backend = make_backend(config.backend, paths, features, mounter, config, state)
         layers = LayerStore(paths, state, clock=clock, on_unpack=metrics.on_unpack)
 
         def collected(result) -> None:

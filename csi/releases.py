@@ -111,7 +111,7 @@ class Releases:
         made for the devices of every view pending (a sweep's)."""
         probe = self._backend.holder_probe(key)
         if probe is None:
-            return self._view_held(device, seen)
+            return self._view_held(key, device, seen)
         if not self._mounter.features.index:
             # index=on is what makes overlayfs refuse an upper in use (Linux 4.13).
             if not self._warned_unable:
@@ -125,8 +125,23 @@ class Releases:
         except FileNotFoundError:
             return False  # the upper went meanwhile: nothing left to protect
 
-    def _view_held(self, device: str, seen: dict | None) -> bool:
-        dev = users.parse(device)
+    def _snapshot(self, key: str) -> tuple[users.Device | None, users.Bind | None]:
+        """A key whose view binds its own directory `volumes/KEY/fs` (a btrfs snapshot):
+        that subvolume's own device (what cwd, fd and maps show) and how mountinfo shows a
+        bind of it in any namespace (the superblock's device and the path inside, as
+        users.find matches it). (None, None) for a key without one."""
+        fs = self._paths.volume_part(key, "fs")
+        if not os.path.isdir(fs):
+            return None, None
+        own = device_of(fs)
+        if own == device_of(os.path.dirname(fs)):
+            return None, None  # a plain directory (a loop filesystem's unmounted mount point)
+        return (users.parse(own),
+                users.bind_of(fs, self._mounter.table.mounts()))
+
+    def _view_held(self, key: str, device: str, seen: dict | None) -> bool:
+        own, bind = self._snapshot(key)
+        dev = users.parse(device) or own
         if dev is None:
             return False
         if self._is_store_device(dev):
@@ -135,7 +150,7 @@ class Releases:
             # this view's holders from the store's own users: kept until the next boot.
             return True
         if seen is None:
-            seen = users.find({dev}, self._proc)
+            seen = users.find({dev}, self._proc, {dev: bind} if bind else None)
         if dev in seen:
             log.debug("the view on device %s is still used: %s", device, seen[dev])
             return True
@@ -192,7 +207,7 @@ class Releases:
         Only a writable view is asked about: a read-only one would cost a scan of /proc
         at every unpublish (see the module docstring), so it is forgotten at once."""
         try:
-            held = not pub.readonly and self.held(pub.key)
+            held = not pub.readonly and self.held(pub.key, device)
         except OSError as e:
             log.error("cannot tell whether a view still uses the private state of volume "
                       "%s (%s): %s; keeping it and asking again later", pub.volume_id,
@@ -314,13 +329,17 @@ class Releases:
         (most sweeps have none, and then nothing is scanned)."""
         if self._rebooted:
             return {}
-        devs = set()
+        devs, binds = set(), {}
         for r in pending:
-            dev = users.parse(r.device)
-            if (dev is not None and self._backend.holder_probe(r.key) is None
-                    and not self._is_store_device(dev)):
+            if self._backend.holder_probe(r.key) is not None:
+                continue
+            own, bind = self._snapshot(r.key)
+            dev = users.parse(r.device) or own
+            if dev is not None and not self._is_store_device(dev):
                 devs.add(dev)
-        return users.find(devs, self._proc) if devs else {}
+                if bind is not None:
+                    binds[dev] = bind
+        return users.find(devs, self._proc, binds) if devs else {}
 
     def _release(self, r: Release, seen: dict) -> bool:
         try:

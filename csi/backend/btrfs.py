@@ -16,7 +16,11 @@ Layout (the store's root must be on btrfs):
   tmp/, which start-up removes.
 - `volumes/KEY/fs` a writable snapshot of the chain: the publication, bind-mounted at the
   target. `volumes/KEY/chain` names the chain it came from (what `summarize` compares it
-  with). A read-only view is a read-only bind of the chain itself: no state of its own.
+  with). A read-only view is a read-only bind of the chain itself: no state of its own;
+  the state database's record of its publication keeps the chain from the collector
+  (`recorded`, compose.recorded_chains).
+- `chains.lock` serialises making and deleting chains across processes (`strata gc`
+  deletes them beside the server).
 
 Size limits, where quotas are enabled on the filesystem (`btrfs quota enable ROOT`), are
 btrfs qgroup limits on the publication's subvolume (its exclusive bytes: what the pod adds
@@ -41,7 +45,6 @@ import hashlib
 import logging
 import os
 import secrets
-import threading
 from collections.abc import Callable, Sequence
 
 from csi.backend import Backend, Dirs, Space, Usage, layerapply, treediff
@@ -49,6 +52,7 @@ from csi.backend.bound import Bound
 from csi.backend.loopfs import IMAGE, LoopBound
 from csi.backend.overlay import OverlayBackend
 from csi.inspect import Summary
+from csi.locks import FileLock
 from csi.mount import btrfs
 from csi.mount.features import Features
 from csi.mount.mountinfo import MountInfo, MountTable, mount_of
@@ -77,19 +81,32 @@ class BtrfsBackend(Backend):
     shared_by = "chain"
 
     def __init__(self, paths: StorePaths, features: Features | None = None,
-                 bound: Bound | None = None):
+                 bound: Bound | None = None,
+                 recorded: Callable[[], set[str] | None] | None = None):
         """`features` (the kernel's overlay features) and `bound` (the loop mechanism,
         mounting with the server's executor) are for size-limited publications on a btrfs
         without quotas; `bound` left out, a loop mechanism with a mounter of its own (the
-        tools, which only read and remove, need nothing more)."""
+        tools, which only read and remove, need nothing more). `recorded()` names the
+        chains that the state database's publications and releases bind (None: it cannot
+        say, keep every chain); the collector never deletes those."""
         self._paths = paths
         self.chains = os.path.join(paths.root, "chains")
-        self._lock = threading.Lock()  # one maker of chains at a time in this process
+        self.recorded = recorded or (lambda: set())
+        self._lock: FileLock | None = None  # made on first use: the read-only tools never do
         self._looped = OverlayBackend(
             paths, features, bound or LoopBound(paths, Mounter(features=features)),
             layer_dir=lambda cid: os.path.join(self.chains, cid))
 
     # -- chains ------------------------------------------------------------------------
+    def _chains_lock(self) -> FileLock:
+        """One maker or deleter of chains at a time, across processes: `strata gc` runs
+        `layers_removed` beside the server, which may be building a chain of the same
+        layers. A lock of its own, not the layer store's: the collector calls
+        `layers_removed` after its sweep, and a chain takes long to build."""
+        if self._lock is None:
+            self._lock = FileLock(os.path.join(self._paths.root, "chains.lock"))
+        return self._lock
+
     def chain_path(self, chain: Sequence[str]) -> str:
         return os.path.join(self.chains, chain_ids(chain)[-1])
 
@@ -107,7 +124,11 @@ class BtrfsBackend(Backend):
             if not os.path.isdir(self._paths.layer_fs(lid)):
                 raise FileNotFoundError(errno.ENOENT, "layer directory missing",
                                         self._paths.layer_fs(lid))
-        with self._lock:
+        with self._chains_lock():
+            for lid in chain:  # again: a deleter holds the lock while it checks them
+                if not os.path.isdir(self._paths.layer_fs(lid)):
+                    raise FileNotFoundError(errno.ENOENT, "layer directory missing",
+                                            self._paths.layer_fs(lid))
             os.makedirs(self.chains, mode=0o700, exist_ok=True)
             ids = chain_ids(chain)
             start = len(ids)
@@ -141,39 +162,50 @@ class BtrfsBackend(Backend):
         log.info("made chain subvolume %s (%d layers, top %s)", cid, len(layers), layers[-1])
 
     def layers_removed(self, layer_ids) -> None:
-        """The garbage collector removed `layer_ids`: delete every chain subvolume that
-        contains one, or any other layer no longer in the layer store (chains are siblings,
-        not nested: no order between them). A chain that a key on disk names is kept: a
-        loop-limited publication's overlay reads it as its lowerdir (the kernel would let
-        it go from under the mount), and a snapshot's diff compares with it. The layer
-        references of a live publication or release keep its layers anyway; this holds
-        even where they do not (a key no record names, waiting for its release), and the
-        chain goes at a later collection or start-up once no key names it."""
-        gone = set(layer_ids)
-        try:
-            names = os.listdir(self.chains)
-        except FileNotFoundError:
-            return
-        with self._lock:
+        """The garbage collector removed layers: delete every chain subvolume that contains
+        a layer no longer in the layer store (chains are siblings, not nested: no order
+        between them). `layer_ids` is only a hint: the sweep is over by now and a layer may
+        have been pulled again and a chain of it built and mounted since, so what decides,
+        under the chains lock (which chain building takes too), is whether `layers/ID`
+        exists now. Kept besides: a chain that a key on disk names (a loop-limited
+        publication's overlay reads it as its lowerdir, a snapshot's diff compares with
+        it), and a chain that a recorded publication or release binds (a read-only view is
+        a bind of the chain itself and has no key on disk; the state database is its
+        crash-safe record). The kernel would delete a chain from under its mounts."""
+        del layer_ids
+        with self._chains_lock():
+            try:
+                names = os.listdir(self.chains)
+            except FileNotFoundError:
+                return
             used = self._named()
+            recorded = self.recorded()
             for name in names:
                 if not name.endswith(".layers"):
                     continue
                 cid = name[:-len(".layers")]
-                with open(os.path.join(self.chains, name)) as f:
-                    lids = set(f.read().split())
-                if not (gone & lids or any(not os.path.isdir(self._paths.layer(lid))
-                                           for lid in lids)):
+                try:
+                    with open(os.path.join(self.chains, name)) as f:
+                        lids = set(f.read().split())
+                except FileNotFoundError:
+                    continue
+                if all(os.path.isdir(self._paths.layer(lid)) for lid in lids):
                     continue
                 if cid in used:
                     log.info("keeping chain subvolume %s: publication %s reads it", cid,
                              used[cid])
+                    continue
+                if recorded is None or cid in recorded:
+                    log.info("keeping chain subvolume %s: a recorded publication or "
+                             "release binds it", cid)
                     continue
                 path = os.path.join(self.chains, cid)
                 try:
                     if btrfs.is_subvolume(path):
                         btrfs.delete(path)
                     os.unlink(os.path.join(self.chains, name))
+                except FileNotFoundError:
+                    pass
                 except OSError as e:
                     log.error("cannot delete chain subvolume %s: %s", cid, e)
 
@@ -356,6 +388,7 @@ class BtrfsBackend(Backend):
         mounted again where a new mount namespace lost it)."""
         self._looped.repair(live)
         self.layers_removed(())  # the chains of layers no longer in the store
+        self._seal_chains()
         try:
             names = os.listdir(self._paths.tmp)
         except FileNotFoundError:
@@ -367,6 +400,24 @@ class BtrfsBackend(Backend):
                     btrfs.delete(path)
                 except OSError as e:
                     log.error("cannot delete the half-made chain %s: %s", path, e)
+
+    def _seal_chains(self) -> None:
+        """Every chain read-only: a crash between a chain's rename into place and its
+        set_readonly leaves it writable, and a chain below another is never reached by
+        `_chain`'s own check of the top."""
+        try:
+            names = os.listdir(self.chains)
+        except FileNotFoundError:
+            return
+        for name in names:
+            path = os.path.join(self.chains, name)
+            try:
+                if btrfs.is_subvolume(path) and not btrfs.readonly(path):
+                    btrfs.set_readonly(path)
+                    log.warning("chain subvolume %s was left writable (a crash): made "
+                                "read-only", name)
+            except OSError as e:
+                log.error("cannot make the chain %s read-only: %s", path, e)
 
     def recognizer(self, mounts: Sequence[MountInfo]) -> Callable[[MountInfo], bool]:
         """Binds of this store's snapshots and chains, and the overlays of its

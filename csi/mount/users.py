@@ -8,6 +8,9 @@ number somewhere in /proc:
 - a mount of it in any mount namespace (a pod's containers keep a private copy of the
   target mount): /proc/PID/mountinfo, read once per namespace (processes are grouped by
   the inode of /proc/PID/ns/mnt), whose third column is the superblock's major:minor;
+  a btrfs subvolume has a device number of its own (what stat shows) that mountinfo never
+  shows: a bind of it there has the filesystem's superblock device and, as its root, the
+  subvolume's path inside the filesystem, so such a view is found by that pair (`binds`);
 - a process's working directory, root or open file: /proc/PID/{cwd,root,fd/N}, whose
   device statx(2) reads through the link without ever waiting on a network server;
 - a mapping (a program run from the view, with its file closed): the device column of
@@ -22,9 +25,11 @@ and taken by a new filesystem reads as still used: that errs toward keeping.
 
 import os
 
+from csi.mount.mountinfo import MountInfo, _unescape, mount_of
 from csi.statx import device
 
 Device = tuple[int, int]
+Bind = tuple[str, str]  # (superblock "major:minor", root inside the filesystem)
 
 
 def parse(text: str) -> Device | None:
@@ -32,6 +37,10 @@ def parse(text: str) -> Device | None:
     or anything else."""
     major, sep, minor = text.partition(":")
     if not sep or not major.isdigit() or not minor.isdigit():
+        return None
+    if int(major) == int(minor) == 0:
+        # No filesystem's: what a bind of a deleted btrfs subvolume shows. Asking /proc
+        # about it finds unrelated things (and would keep a release for good).
         return None
     return int(major), int(minor)
 
@@ -43,11 +52,28 @@ def device_of(path: str) -> str:
     return f"{dev[0]}:{dev[1]}" if dev is not None else ""
 
 
-def find(devs: set[Device], proc: str = "/proc") -> dict[Device, str]:
+def bind_of(path: str, mounts: list[MountInfo]) -> Bind | None:
+    """How mountinfo shows a bind of the directory `path` (its filesystem's superblock
+    device, and its path inside that filesystem as the mount's root), from one reading
+    of this namespace's table; None when no mount covers it."""
+    real = os.path.realpath(path)
+    home = mount_of(real, mounts)
+    if home is None:
+        return None
+    rel = real[len(home.mount_point.rstrip("/")):] if home.mount_point != "/" else real
+    return home.device, (home.root.rstrip("/") + rel) or "/"
+
+
+def find(devs: set[Device], proc: str = "/proc",
+         binds: dict[Device, Bind] | None = None) -> dict[Device, str]:
     """Which of `devs` something in `proc` still uses, each with the first user found,
     described for a log line ("a mount at /x in the mount namespace of pid 42 (sh)", "pid
     42 (sh), its working directory"). One pass over /proc for all of them; best effort: a
-    process that goes meanwhile, or that is not ours to read, is skipped."""
+    process that goes meanwhile, or that is not ours to read, is skipped. `binds`: for
+    a device of `devs` that mountinfo cannot show (a btrfs subvolume's), the (superblock,
+    root) of a bind of it: a mount with that superblock whose root is that path or below
+    it uses the device."""
+    binds = binds or {}
     found: dict[Device, str] = {}
     try:
         pids = [p for p in os.listdir(proc) if p.isdigit()]
@@ -66,7 +92,8 @@ def find(devs: set[Device], proc: str = "/proc") -> dict[Device, str]:
         if ns is None or ns not in seen:
             if ns is not None:
                 seen.add(ns)
-            for dev, where in _mounted(os.path.join(base, "mountinfo"), left).items():
+            for dev, where in _mounted(os.path.join(base, "mountinfo"), left,
+                                       binds).items():
                 found[dev] = (f"a mount at {where} in the mount namespace of pid {pid} "
                               f"({comm(base)})")
             left = devs - found.keys()
@@ -75,9 +102,14 @@ def find(devs: set[Device], proc: str = "/proc") -> dict[Device, str]:
     return found
 
 
-def _mounted(mountinfo: str, devs: set[Device]) -> dict[Device, str]:
+def _mounted(mountinfo: str, devs: set[Device],
+             binds: dict[Device, Bind]) -> dict[Device, str]:
     """The mount point of a mount of each of `devs` in this mountinfo."""
     want = {f"{d[0]}:{d[1]}": d for d in devs}
+    roots: dict[str, list[tuple[str, Device]]] = {}
+    for d, (sb, root) in binds.items():
+        if d in devs:
+            roots.setdefault(sb, []).append((root.rstrip("/"), d))
     out: dict[Device, str] = {}
     if not want:
         return out
@@ -85,8 +117,14 @@ def _mounted(mountinfo: str, devs: set[Device]) -> dict[Device, str]:
         with open(mountinfo) as f:
             for line in f:
                 fields = line.split(" ", 5)
-                if len(fields) > 4 and fields[2] in want:
+                if len(fields) <= 4:
+                    continue
+                if fields[2] in want:
                     out.setdefault(want[fields[2]], fields[4])
+                for root, d in roots.get(fields[2], ()):
+                    r = _unescape(fields[3])
+                    if r == root or r.startswith(root + "/"):
+                        out.setdefault(d, _unescape(fields[4]))
     except OSError:
         pass
     return out

@@ -86,11 +86,13 @@ def stores(store_filesystems, tmp_path):
         made["overlay"] = Store(str(tmp_path / "o"), OverlayBackend, str(tmp_path / "mnt-o"))
         yield made
     finally:
-        unmount_all_under(str(tmp_path))
-        for s in made.values():
-            for key in s.backend.keys():
-                s.backend.remove(key)
-        wipe(root)
+        try:
+            unmount_all_under(str(tmp_path))
+            for s in made.values():
+                for key in s.backend.keys():
+                    s.backend.remove(key)
+        finally:
+            wipe(root)  # the subvolumes go even when a remove fails
 
 
 def image_layers():
@@ -209,11 +211,61 @@ def test_gc_deletes_the_chains_of_a_collected_layer(stores):
     b.backend.view("v", [lb, lt], b.target("v"))
     b.backend.view("v1", [lb], b.target("v1"))
     low, high = b.backend.lowers([lb])[0], b.backend.lowers([lb, lt])[0]
+    shutil.rmtree(b.paths.layer(lt))
     b.backend.layers_removed([lt])
     assert os.path.isdir(low) and not os.path.exists(high)
+    shutil.rmtree(b.paths.layer(lb))
     b.backend.layers_removed([lb])
     assert not os.path.exists(low)
     assert [n for n in os.listdir(b.backend.chains)] == []
+
+
+def test_a_layer_pulled_again_before_the_hook_keeps_its_mounted_chain(stores):
+    """The collector's hook runs after its sweep: a layer it removed may be back (pulled
+    again) and a read-only view of a chain of it mounted by then. What is on disk now
+    decides, not the list the sweep made."""
+    b = stores["btrfs"]
+    base, top = image_layers()
+    lb, lt = b.layer(base), b.layer(top)
+    with b.mounted(b.backend.view("ro", [lb, lt], b.target("ro"))) as t:
+        b.backend.layers_removed([lt])  # the sweep's list; layers/lt exists again
+        assert os.path.isdir(b.backend.lowers([lb, lt])[0])
+        assert read(t, "etc", "motd") == "top motd\n"
+
+
+def test_a_recorded_read_only_view_keeps_its_chain(stores):
+    """A read-only view binds the chain itself and has no key on disk: the state's record
+    of it (`recorded`) keeps the chain even once its layers are gone, until it ends."""
+    b = stores["btrfs"]
+    base, top = image_layers()
+    lb, lt = b.layer(base), b.layer(top)
+    cid = chain_ids([lb, lt])[-1]
+    live = {cid}
+    b.backend.recorded = lambda: set(live)
+    with b.mounted(b.backend.view("ro", [lb, lt], b.target("ro"))) as t:
+        shutil.rmtree(b.paths.layer(lt))
+        b.backend.layers_removed([lt])
+        assert read(t, "etc", "motd") == "top motd\n", "the view still reads its files"
+        b.backend.recorded = lambda: None  # a release that cannot say: keep all
+        b.backend.layers_removed([lt])
+        assert read(t, "top-only") == "top\n"
+    live.clear()
+    b.backend.recorded = lambda: set(live)
+    b.backend.layers_removed([lt])
+    assert not os.path.exists(b.backend.lowers([lb, lt])[0]), "unrecorded: collected"
+
+
+def test_start_up_makes_a_chain_left_writable_read_only(stores):
+    """A crash between a chain's rename into place and its set_readonly: start-up seals
+    every chain, the lower ones too (building the top never looks at them again)."""
+    b = stores["btrfs"]
+    base, top = image_layers()
+    lb, lt = b.layer(base), b.layer(top)
+    b.backend.view("v", [lb, lt], b.target("v"))
+    low = b.backend.lowers([lb])[0]
+    btrfs.set_readonly(low, False)
+    BtrfsBackend(b.paths).repair(set())
+    assert btrfs.readonly(low)
 
 
 def test_crash_leftovers_in_tmp_are_removed_at_start_up(stores):

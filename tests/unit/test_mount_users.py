@@ -40,6 +40,7 @@ def fake_proc(root, pids: dict[str, dict]) -> str:
 def test_parse():
     assert parse("0:55") == (0, 55) and parse("259:3") == (259, 3)
     assert parse("") is None and parse("0") is None and parse("a:b") is None
+    assert parse("0:0") is None, "no filesystem's (a deleted subvolume's bind shows it)"
 
 
 def test_a_mount_in_another_namespace_a_working_directory_a_file_or_a_mapping(tmp_path):
