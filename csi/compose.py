@@ -356,6 +356,8 @@ def tool(config: Config, on_unpack=None, on_bytes=None) -> Parts:
         raise
     layers = LayerStore(paths, state, on_unpack=on_unpack)
     backend = stored_backend(paths)
+    if isinstance(backend, BtrfsBackend):  # `strata gc` keeps the chains recorded views bind
+        backend.recorded = recorded_chains(state)
     return Parts(paths, state, backend, users, layers,
                  build_puller(config, state, layers, on_bytes=on_bytes),
                  Collector(layers, config.gc,
