@@ -378,14 +378,20 @@ def _same_time(a: int, b: int) -> bool:
     return a == b or (a // 10**9 == b // 10**9 and (a % 10**9 == 0 or b % 10**9 == 0))
 
 
-def _changed(old: os.stat_result, new: os.stat_result, old_path: str, new_path: str) -> bool:
-    """moby's statDifferent, then the security.capability comparison of addChanges."""
+def stat_different(old: os.stat_result, new: os.stat_result) -> bool:
+    """moby's statDifferent: what `docker diff` calls a change of an entry found in both
+    trees (the backends' diffs share it, so that they give one answer)."""
     if (old.st_mode != new.st_mode or old.st_uid != new.st_uid or old.st_gid != new.st_gid
             or old.st_rdev != new.st_rdev):
         return True
     # A directory's size and mtime say nothing of a change (moby#9874, moby#11422).
-    if not stat.S_ISDIR(old.st_mode) and (not _same_time(old.st_mtime_ns, new.st_mtime_ns)
-                                          or old.st_size != new.st_size):
+    return not stat.S_ISDIR(old.st_mode) and (not _same_time(old.st_mtime_ns, new.st_mtime_ns)
+                                              or old.st_size != new.st_size)
+
+
+def _changed(old: os.stat_result, new: os.stat_result, old_path: str, new_path: str) -> bool:
+    """moby's statDifferent, then the security.capability comparison of addChanges."""
+    if stat_different(old, new):
         return True
     return old_path != new_path and _xattr(old_path, CAPABILITY) != _xattr(new_path, CAPABILITY)
 

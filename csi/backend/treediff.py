@@ -33,7 +33,7 @@ import struct
 from collections.abc import Callable
 
 from csi import fdwalk
-from csi.inspect import Stopped, Summary
+from csi.inspect import Stopped, Summary, stat_different
 
 CAPABILITY = "security.capability"
 _STOP_EVERY = 256  # entries between two questions to `stop`, as inspect asks
@@ -193,18 +193,10 @@ def _same(old: os.stat_result, new: os.stat_result) -> bool:
     return old.st_ino == new.st_ino and old.st_ctime_ns == new.st_ctime_ns
 
 
-def _same_time(a: int, b: int) -> bool:
-    """moby's sameFsTime: equal, or the same second with either's nanoseconds zero."""
-    return a == b or (a // 10**9 == b // 10**9 and (a % 10**9 == 0 or b % 10**9 == 0))
-
-
 def _changed(old: os.stat_result, new: os.stat_result, old_at: tuple, new_at: tuple) -> bool:
-    """moby's statDifferent, then addChanges' security.capability comparison."""
-    if (old.st_mode != new.st_mode or old.st_uid != new.st_uid or old.st_gid != new.st_gid
-            or old.st_rdev != new.st_rdev):
-        return True
-    if not stat.S_ISDIR(old.st_mode) and (not _same_time(old.st_mtime_ns, new.st_mtime_ns)
-                                          or old.st_size != new.st_size):
+    """moby's statDifferent (inspect's, as overlay's diff asks it), then addChanges'
+    security.capability comparison."""
+    if stat_different(old, new):
         return True
     return _xattr(*old_at, CAPABILITY) != _xattr(*new_at, CAPABILITY)
 
