@@ -10,25 +10,7 @@
 set -euo pipefail
 tools=(containerd:containerd ctr:containerd debootstrap:debootstrap umoci:umoci skopeo:skopeo
        docker-registry:docker-registry tar:tar)
-missing=()
-for t in "${tools[@]}"; do
-  command -v "${t%%:*}" >/dev/null 2>&1 || missing+=("${t#*:}")
-done
-mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u | sed '/^$/d')
-[ ${#missing[@]} -eq 0 ] && exit 0
-if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
-  echo "missing system packages: ${missing[*]} (install them as root; benchmarks that need them fail)" >&2
-  exit 1
-fi
-echo "installing ${missing[*]}"
-export DEBIAN_FRONTEND=noninteractive
-apt-get update -qq
-# containerd's package starts its service on install where an init system runs; the benchmarks
-# start their own containerd (own root and socket), so policy-rc.d forbids starting services
-# during this install only, when no policy of the machine's own exists.
-policy=/usr/sbin/policy-rc.d
-if [ ! -e "$policy" ]; then
-  printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod +x "$policy"
-  trap 'rm -f "$policy"' EXIT
-fi
-apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+also=()
+# shellcheck source=scripts/lib/apt.sh
+source "$(dirname "$0")/lib/apt.sh"
+install_missing 1 "benchmarks that need them fail" "${tools[@]}"

@@ -21,26 +21,8 @@ command -v kubectl >/dev/null 2>&1 ||
 tools=(make:make umount:util-linux nsenter:util-linux umoci:umoci docker-registry:docker-registry
        skopeo:skopeo htpasswd:apache2-utils openssl:openssl mkfs.ext4:e2fsprogs
        mkfs.xfs:xfsprogs mkfs.btrfs:btrfs-progs prometheus:prometheus promtool:prometheus)
-missing=()
-for t in "${tools[@]}"; do
-  command -v "${t%%:*}" >/dev/null 2>&1 || missing+=("${t#*:}")
-done
-mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u | sed '/^$/d')
-python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
-[ ${#missing[@]} -eq 0 ] && exit 0
-if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
-  echo "missing system packages: ${missing[*]} (install them as root; tests that need them skip)" >&2
-  exit 0
-fi
-echo "installing ${missing[*]}"
-export DEBIAN_FRONTEND=noninteractive
-apt-get update -qq
-# Packages like prometheus start a service on install (:9090) where an init system runs;
-# tests need none of them (they start their own on free ports), so policy-rc.d forbids
-# starting services during this install only, when no policy of the machine's own exists.
-policy=/usr/sbin/policy-rc.d
-if [ ! -e "$policy" ]; then
-  printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod +x "$policy"
-  trap 'rm -f "$policy"' EXIT
-fi
-apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+also=()
+python3 -c 'import ensurepip, venv' 2>/dev/null || also+=(python3-venv)
+# shellcheck source=scripts/lib/apt.sh
+source "$(dirname "$0")/lib/apt.sh"
+install_missing 0 "tests that need them skip" "${tools[@]}"
