@@ -8,6 +8,7 @@ fixture `store_filesystems` (tests/conftest.py) makes one of each kind of STORES
 test takes one with `store_fs(store_filesystems, NAME)`, which skips it with that reason.
 """
 
+import contextlib
 import dataclasses
 import gzip
 import os
@@ -109,3 +110,23 @@ def delete_subvolumes(root: str) -> None:
             if btrfs.is_subvolume(os.path.join(top, d)):
                 btrfs.delete(os.path.join(top, d))
                 dirs.remove(d)
+
+
+@contextlib.contextmanager
+def btrfs_with_quotas(base, name: str = "q"):
+    """A loop-mounted btrfs of the caller's own under `base`, quotas enabled (they change
+    the whole filesystem, so never the session's shared one); its root, unmounted at the
+    end whatever happened. Skips, saying why, where it cannot be made."""
+    from csi.mount import btrfs
+    from tests.conftest import unmount_all_under
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root: a loop-mounted btrfs")
+    try:
+        fs = make_fs(base, "btrfs", name)
+        if fs.skip:
+            pytest.skip(fs.skip)
+        btrfs.enable_quota(fs.root)
+        yield fs.root
+    finally:
+        unmount_all_under(str(base))

@@ -193,19 +193,10 @@ def make_harness(flavour, tmp_path, request) -> Iterator[Callable[[str], Harness
 def quota_btrfs(tmp_path_factory) -> Iterator[str]:
     """A loop-mounted btrfs with quotas enabled, for the qgroup flavour: where a size limit
     on the btrfs backend is a qgroup limit on the snapshot."""
-    from csi.mount import btrfs
-    from tests.storefs import make_fs
-    if os.geteuid() != 0:
-        pytest.skip("needs root: a loop-mounted btrfs")
-    base = tmp_path_factory.mktemp("conformance-btrfs-quota")
-    try:
-        fs = make_fs(base, "btrfs", "q")
-        if fs.skip:
-            pytest.skip(fs.skip)
-        btrfs.enable_quota(fs.root)
-        yield fs.root
-    finally:
-        unmount_all_under(str(base))
+    from tests.storefs import btrfs_with_quotas
+
+    with btrfs_with_quotas(tmp_path_factory.mktemp("conformance-btrfs-quota")) as root:
+        yield root
 
 
 def wipe_btrfs_store(base: str) -> None:

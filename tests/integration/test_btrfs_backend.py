@@ -21,7 +21,7 @@ from csi.mount.syscalls import Mounter
 from csi.paths import StorePaths
 from csi.store.unpack import apply
 from tests.conftest import unmount_all_under
-from tests.storefs import make_fs, store_fs
+from tests.storefs import btrfs_with_quotas, store_fs
 
 MiB = 1 << 20
 
@@ -282,17 +282,9 @@ def test_crash_leftovers_in_tmp_are_removed_at_start_up(stores):
 def quota_store(tmp_path_factory):
     """A btrfs of this module's own with quotas on (they change the whole filesystem), and
     a store on it."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root: a loop-mounted btrfs")
     tmp = tmp_path_factory.mktemp("btrfs-q")
-    try:
-        fs = make_fs(tmp, "btrfs", "q")
-        if fs.skip:
-            pytest.skip(fs.skip)
-        btrfs.enable_quota(fs.root)
-        yield Store(os.path.join(fs.root, "store"), BtrfsBackend, str(tmp / "mnt"))
-    finally:
-        unmount_all_under(str(tmp))
+    with btrfs_with_quotas(tmp) as root:  # the mnt dir under it is unmounted with it
+        yield Store(os.path.join(root, "store"), BtrfsBackend, str(tmp / "mnt"))
 
 
 def test_appending_to_a_50_mb_image_file_allocates_little(quota_store):

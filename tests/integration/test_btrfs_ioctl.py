@@ -10,8 +10,7 @@ import uuid
 import pytest
 
 from csi.mount import btrfs
-from tests.conftest import unmount_all_under
-from tests.storefs import make_fs, store_fs
+from tests.storefs import btrfs_with_quotas, store_fs
 
 
 @pytest.fixture
@@ -32,17 +31,8 @@ def base(store_filesystems):
 @pytest.fixture(scope="module")
 def quota_fs(tmp_path_factory):
     """A btrfs of its own with quotas on: qgroups slow every commit of the shared one."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root: a loop-mounted btrfs")
-    tmp = tmp_path_factory.mktemp("btrfs-quota")
-    try:
-        fs = make_fs(tmp, "btrfs", "q")
-        if fs.skip:
-            pytest.skip(fs.skip)
-        btrfs.enable_quota(fs.root)
-        yield fs.root
-    finally:
-        unmount_all_under(str(tmp))
+    with btrfs_with_quotas(tmp_path_factory.mktemp("btrfs-quota")) as root:
+        yield root
 
 
 def write(path, data=b"x"):

@@ -7,11 +7,8 @@ test_btrfs_backend.py."""
 import errno
 import os
 import signal
-import threading
-import time
 import uuid
 
-import grpc
 import pytest
 
 from csi.backend.btrfs import BtrfsBackend
@@ -24,7 +21,12 @@ from tests.conftest import StrataProcess, unmount_all_under
 from tests.integration.test_btrfs_backend import Store, read, wipe
 from tests.integration.test_diff_cli import CHANGES, POD, cmd
 from tests.integration.test_inspect import rename_dir
-from tests.integration.test_size_limit import fill, leftovers, stats
+from tests.integration.test_size_limit import (
+    fill,
+    kill_during_a_limited_publish,
+    leftovers,
+    stats,
+)
 from tests.storefs import store_fs
 
 MiB = 1 << 20
@@ -256,34 +258,4 @@ def test_a_kill_at_any_step_of_a_limited_publish_leaves_nothing(
         server, images, tmp_path, delay_ms):
     """As test_size_limit's kill loop, on btrfs: kill -9 somewhere in a limited publish
     (the chain already made), restart, the kubelet's retry, unpublish: nothing left."""
-    p = server.start()
-    t = tmp_path / "pod"
-    p.csi.publish("warm", tmp_path / "warm", images.app)  # the chain in place: the kill
-    p.csi.unpublish("warm", tmp_path / "warm")            # lands in the limited part
-    volumes = os.path.join(p.root, "volumes")
-    done = threading.Event()
-
-    def publish():
-        try:
-            p.csi.publish("lim-kill", t, images.app, sizeLimit="8Mi")
-        except grpc.RpcError:
-            pass
-        finally:
-            done.set()
-
-    threading.Thread(target=publish, daemon=True).start()
-    deadline = time.monotonic() + 30
-    while not os.listdir(volumes) and not done.is_set():
-        assert time.monotonic() < deadline, "the publish never started"
-    time.sleep(delay_ms / 1000)
-    p.proc.kill()
-    p.stop()
-    done.wait(30)
-    p.start()
-    assert [x for x in leftovers(p.root) if "backed by" in x or x.startswith("mount")] == [] \
-        or MountTable().is_mountpoint(str(t)), "only a recorded publication keeps its parts"
-    p.csi.publish("lim-kill", t, images.app, sizeLimit="8Mi")  # the kubelet's retry
-    assert (t / "etc/motd").read_text() == "app motd\n"
-    assert stats(p.csi, "lim-kill", t)["BYTES"][0] == 8 * MiB
-    p.csi.unpublish("lim-kill", t)
-    assert leftovers(p.root) == []
+    kill_during_a_limited_publish(server.start(), tmp_path, images, delay_ms)

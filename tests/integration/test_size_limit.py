@@ -497,10 +497,15 @@ def test_a_kill_at_any_step_of_a_limited_publish_leaves_nothing(
     up: then the image is made, mkfs runs for some 10 ms in a new process, the device is
     attached, the filesystem and the view mounted, the publication recorded), restart,
     retry as the kubelet does, unpublish: nothing left, whichever step the kill hit."""
-    p = server.start()
+    kill_during_a_limited_publish(server.start(), tmp_path, images, delay_ms)
+
+
+def kill_during_a_limited_publish(p, tmp_path, images, delay_ms: int) -> None:
+    """kill -9 `p` `delay_ms` after a limited publish's key shows up, restart it, retry as
+    the kubelet does, unpublish: nothing left (the backends' kill loops share it)."""
     t = tmp_path / "pod"
-    p.csi.publish("warm", tmp_path / "warm", images.app)  # layers in place: the kill lands
-    p.csi.unpublish("warm", tmp_path / "warm")            # in the limited part of publish
+    p.csi.publish("warm", tmp_path / "warm", images.app)  # layers (and a btrfs chain) in
+    p.csi.unpublish("warm", tmp_path / "warm")            # place: the kill lands in the limit
     volumes = os.path.join(p.root, "volumes")
     done = threading.Event()
 
