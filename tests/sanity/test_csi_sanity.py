@@ -58,14 +58,29 @@ def image_source(request, images, tmp_path_factory):
 
 @pytest.mark.skipif(os.geteuid() != 0, reason=ROOT_REASON)
 def test_csi_sanity(tmp_path, image_source):
+    image, flags, more = image_source
+    plugin = StrataProcess(str(tmp_path), extra_args=flags)
+    log = run_sanity(plugin, tmp_path, f"image: {image}\n{more}")
+    if more:  # the suite's publications were limited ones (loop.py logs each attach)
+        assert "fs.img to /dev/loop" in log, log[-4000:]
+    assert os.listdir(os.path.join(plugin.root, "volumes")) == []
+    store = os.path.realpath(plugin.root) + os.sep
+    assert not [d for d in LoopControl().attached() if d.backing_file.startswith(store)]
+    assert not (tmp_path / "mount").exists() and not (tmp_path / "staging").exists()
+
+
+def run_sanity(plugin: StrataProcess, tmp_path, parameters: str) -> str:
+    """csi-sanity against `plugin` (started here; stopped with SIGTERM and everything
+    under `tmp_path` unmounted, even when the run failed) with these test volume
+    parameters, and what every backend's run must show: every spec that ran passed, at
+    least EXPECTED_SPECS of them, a clean stop, no traceback, no mount left. Returns the
+    plugin's log."""
     if not os.path.exists(BINARY):
         if os.environ.get("CI"):
             pytest.fail(f"csi-sanity not found at {BINARY}")
         pytest.skip(f"csi-sanity not found at {BINARY} (set CSI_SANITY)")
-    image, flags, more = image_source
-    plugin = StrataProcess(str(tmp_path), extra_args=flags)
     params = tmp_path / "params.yaml"
-    params.write_text(f"image: {image}\n{more}")
+    params.write_text(parameters)
     junit = tmp_path / "sanity.xml"
     # Clean-up only in `finally`: an assertion there would replace the run's own failure
     # and skip the unmount. What the clean-up found is checked after it.
@@ -96,9 +111,4 @@ def test_csi_sanity(tmp_path, image_source):
     assert stopped == 0, f"strata serve exited {stopped} on SIGTERM:\n{log[-4000:]}"
     assert "Traceback" not in log, log[-4000:]
     assert not left, f"csi-sanity run left mounts: {left}"
-    if more:  # the suite's publications were limited ones (loop.py logs each attach)
-        assert "fs.img to /dev/loop" in log, log[-4000:]
-    assert os.listdir(os.path.join(plugin.root, "volumes")) == []
-    store = os.path.realpath(plugin.root) + os.sep
-    assert not [d for d in LoopControl().attached() if d.backing_file.startswith(store)]
-    assert not (tmp_path / "mount").exists() and not (tmp_path / "staging").exists()
+    return log
