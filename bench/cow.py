@@ -28,7 +28,6 @@ import ctypes.util
 import os
 import random
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -38,11 +37,9 @@ import time
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, HERE)
 
-import grpc  # noqa: E402
 
-from bench._util import drop_caches  # noqa: E402
+from bench._util import Strata, drop_caches  # noqa: E402
 from csi.image.build import LayerBuilder, write_image  # noqa: E402
-from csi.proto import csi_pb2, csi_pb2_grpc  # noqa: E402
 from tests.storefs import STORES, make_fs  # noqa: E402
 
 FS_SIZE = "3G"  # sparse: room for a 200 MB copy-up and ten pods on ext4
@@ -146,55 +143,18 @@ def used(path: str) -> int:
     return (s.f_blocks - s.f_bfree) * s.f_frsize
 
 
-class Server:
+class Server(Strata):
     """`strata serve` on a store, over its real unix socket."""
 
     def __init__(self, work: str, root: str, layouts: str, extra: tuple[str, ...]):
-        self.sock = os.path.join(work, "node.sock")
-        self.log = open(os.path.join(work, "serve.log"), "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "csi", "serve", "--endpoint", f"unix://{self.sock}",
-             "--root", root, "--node-id", "bench", "--oci-layout-root", layouts,
-             "--log-level", "INFO", *extra], stdout=self.log, stderr=self.log, cwd=HERE)
-        deadline = time.monotonic() + 60
-        while not os.path.exists(self.sock):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"strata serve did not start; see {self.log.name}")
-            time.sleep(0.05)
-        self.channel = grpc.insecure_channel(f"unix://{self.sock}")
-        self.node = csi_pb2_grpc.NodeStub(self.channel)
-
-    def publish(self, vid: str, target: str, image: str) -> float:
-        cap = csi_pb2.VolumeCapability(
-            mount=csi_pb2.VolumeCapability.MountVolume(),
-            access_mode=csi_pb2.VolumeCapability.AccessMode(mode=1))
-        t0 = time.perf_counter()
-        self.node.NodePublishVolume(csi_pb2.NodePublishVolumeRequest(
-            volume_id=vid, target_path=target, volume_capability=cap,
-            volume_context={"image": image, "csi.storage.k8s.io/ephemeral": "true"}),
-            timeout=600)
-        return time.perf_counter() - t0
-
-    def unpublish(self, vid: str, target: str) -> float:
-        t0 = time.perf_counter()
-        self.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(
-            volume_id=vid, target_path=target), timeout=600)
-        return time.perf_counter() - t0
+        super().__init__(os.path.join(work, "node.sock"), root,
+                         os.path.join(work, "serve.log"), "--oci-layout-root", layouts,
+                         *extra, log_level="INFO")
 
     def said(self) -> str:
         """The start-up line on copy-up (reflink probe)."""
-        with open(self.log.name) as f:
+        with open(self.log) as f:
             return next((ln.split("store ", 1)[1].strip() for ln in f if "copy-up" in ln), "")
-
-    def stop(self) -> None:
-        self.channel.close()
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
 
 
 def walk(target: str) -> float:

@@ -40,13 +40,11 @@ import time
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, HERE)
 
-import grpc  # noqa: E402
 
-from bench import realistic  # noqa: E402
+from bench import _util, realistic  # noqa: E402
 from bench._util import drop_caches, free_port  # noqa: E402
 from bench.realistic import unmount_under  # noqa: E402
 from bench.unpack import CHILD as STRATA_UNPACK  # noqa: E402
-from csi.proto import csi_pb2, csi_pb2_grpc  # noqa: E402
 
 REPO = "bench/nginx"
 STARTUP = 60.0  # seconds a server may take to answer
@@ -178,65 +176,31 @@ class Containerd:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-class Strata:
-    """A real `strata serve` on a fresh store."""
+class Strata(_util.Strata):
+    """A real `strata serve` on a fresh store, its targets and store in a dir of its own."""
 
     def __init__(self, work: str, name: str, registry: str):
         self.dir = os.path.join(work, name)
         os.makedirs(os.path.join(self.dir, "targets"))
-        self.sock = os.path.join(self.dir, "csi.sock")
-        self.log = os.path.join(self.dir, "strata.log")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("STRATA_")}
-        env["STRATA_CONFIG"] = ""  # not the machine's /etc/strata/config.yaml
-        with open(self.log, "w") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "csi", "serve", "--endpoint",
-                 f"unix://{self.sock}", "--root", os.path.join(self.dir, "store"),
-                 "--node-id", "bench", "--insecure-registry", registry,
-                 "--log-level", "WARNING"], stdout=out, stderr=out, cwd=HERE, env=env,
-                start_new_session=True)
-        self.channel = None
         try:
-            _wait("strata serve", self._answers, self.proc, self.log)
-            self.node = csi_pb2_grpc.NodeStub(self.channel)
-        except BaseException:
-            self.stop()
-            raise
-
-    def _answers(self) -> bool:
-        if not os.path.exists(self.sock):
-            return False
-        if self.channel is None:
-            self.channel = grpc.insecure_channel(f"unix://{self.sock}")
-        try:
-            r = csi_pb2_grpc.IdentityStub(self.channel).Probe(csi_pb2.ProbeRequest(),
-                                                               timeout=2)
-        except grpc.RpcError:
-            return False
-        return not r.HasField("ready") or r.ready.value
+            super().__init__(os.path.join(self.dir, "csi.sock"),
+                             os.path.join(self.dir, "store"),
+                             os.path.join(self.dir, "strata.log"),
+                             "--insecure-registry", registry, startup=STARTUP)
+        except RuntimeError as e:
+            raise Failed(str(e)) from None
 
     def publish(self, vid: str, image: str) -> float:
-        cap = csi_pb2.VolumeCapability(
-            mount=csi_pb2.VolumeCapability.MountVolume(),
-            access_mode=csi_pb2.VolumeCapability.AccessMode(mode=1))
-        t0 = time.perf_counter()
-        self.node.NodePublishVolume(csi_pb2.NodePublishVolumeRequest(
-            volume_id=vid, target_path=self.target(vid), volume_capability=cap,
-            volume_context={"image": image, "csi.storage.k8s.io/ephemeral": "true"}),
-            timeout=600)
-        return time.perf_counter() - t0
+        return super().publish(vid, self.target(vid), image)
 
     def target(self, vid: str) -> str:
         return os.path.join(self.dir, "targets", vid)
 
     def unpublish(self, vid: str) -> None:
-        self.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(
-            volume_id=vid, target_path=self.target(vid)), timeout=120)
+        super().unpublish(vid, self.target(vid))
 
-    def stop(self) -> None:
-        if self.channel is not None:
-            self.channel.close()
-        _stop(self.proc, grace=60)
+    def stop(self, grace: float = 60.0) -> None:
+        super().stop(grace)
         unmount_under(self.dir)
         shutil.rmtree(self.dir, ignore_errors=True)
 

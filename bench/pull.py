@@ -25,11 +25,9 @@ import time
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, HERE)
 
-import grpc  # noqa: E402
 
-from bench._util import drop_caches, free_port  # noqa: E402
+from bench._util import Strata, drop_caches, free_port  # noqa: E402
 from csi.image.build import LayerBuilder, write_image  # noqa: E402
-from csi.proto import csi_pb2, csi_pb2_grpc  # noqa: E402
 
 STDLIB = sysconfig.get_paths()["stdlib"]
 BASE_PKGS = ("encodings", "email", "json", "http", "asyncio", "xml", "unittest", "logging",
@@ -69,40 +67,9 @@ def start_registry(work: str) -> tuple[subprocess.Popen, str]:
     raise RuntimeError("registry did not start")
 
 
-class Strata:
-    def __init__(self, work: str, name: str, registry: str):
-        self.sock = os.path.join(work, f"{name}.sock")
-        self.root = os.path.join(work, f"{name}-store")
-        self.log = open(os.path.join(work, f"{name}.log"), "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "csi", "serve", "--endpoint", f"unix://{self.sock}",
-             "--root", self.root, "--node-id", "bench", "--insecure-registry", registry,
-             "--log-level", "WARNING"], stdout=self.log, stderr=self.log, cwd=HERE)
-        while not os.path.exists(self.sock):
-            time.sleep(0.05)
-        self.channel = grpc.insecure_channel(f"unix://{self.sock}")
-        self.node = csi_pb2_grpc.NodeStub(self.channel)
-
-    def publish(self, vid: str, target: str, image: str) -> float:
-        cap = csi_pb2.VolumeCapability(
-            mount=csi_pb2.VolumeCapability.MountVolume(),
-            access_mode=csi_pb2.VolumeCapability.AccessMode(mode=1))
-        t0 = time.perf_counter()
-        self.node.NodePublishVolume(csi_pb2.NodePublishVolumeRequest(
-            volume_id=vid, target_path=target, volume_capability=cap,
-            volume_context={"image": image, "csi.storage.k8s.io/ephemeral": "true"}),
-            timeout=600)
-        return time.perf_counter() - t0
-
-    def unpublish(self, vid: str, target: str) -> None:
-        self.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(
-            volume_id=vid, target_path=target))
-
-    def stop(self) -> None:
-        self.channel.close()
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait()
-        self.log.close()
+def strata(work: str, name: str, registry: str) -> Strata:
+    return Strata(os.path.join(work, f"{name}.sock"), os.path.join(work, f"{name}-store"),
+                  os.path.join(work, f"{name}.log"), "--insecure-registry", registry)
 
 
 def main() -> int:
@@ -139,7 +106,7 @@ def main() -> int:
             times["skopeo+umoci"].append(time.perf_counter() - t0)
             shutil.rmtree(out)
 
-            s = Strata(work, f"s{run}", host)
+            s = strata(work, f"s{run}", host)
             t = os.path.join(work, f"t{run}")
             os.makedirs(t)
             drop_caches()
@@ -149,7 +116,7 @@ def main() -> int:
             s.unpublish("a", f"{t}/a")
             s.unpublish("b", f"{t}/b")
             s.stop()
-            s2 = Strata(work, f"c{run}", host)
+            s2 = strata(work, f"c{run}", host)
             drop_caches()
             times["second*"].append(s2.publish("b", f"{t}/b2", f"{host}/bench/other:1"))
             s2.unpublish("b", f"{t}/b2")
