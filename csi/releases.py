@@ -126,16 +126,16 @@ class Releases:
             return False  # the upper went meanwhile: nothing left to protect
 
     def _snapshot(self, key: str) -> tuple[users.Device | None, users.Bind | None]:
-        """A key whose view binds its own directory `volumes/KEY/fs` (a btrfs snapshot):
+        """A key whose view binds a snapshot of its own (`backend.snapshot`, btrfs):
         that subvolume's own device (what cwd, fd and maps show) and how mountinfo shows a
         bind of it in any namespace (the superblock's device and the path inside, as
         users.find matches it). (None, None) for a key without one."""
-        fs = self._paths.volume_part(key, "fs")
-        if not os.path.isdir(fs):
+        fs = self._backend.snapshot(key)
+        if fs is None or not os.path.isdir(fs):
             return None, None
         own = device_of(fs)
         if own == device_of(os.path.dirname(fs)):
-            return None, None  # a plain directory (a loop filesystem's unmounted mount point)
+            return None, None  # a plain directory: the snapshot was never made
         return (users.parse(own),
                 users.bind_of(fs, self._mounter.table.mounts()))
 

@@ -25,7 +25,9 @@ Its vocabulary:
   **project_id(key)** the project quota ID bounding it, if a quota does (state.db records it).
 - **holder_probe(key)** is how to ask the kernel whether a view of `key` that left the mount
   table (detached lazily, or still mounted in another namespace) can still write to its
-  private state, which must not be deleted until it cannot (see csi/releases.py).
+  private state, which must not be deleted until it cannot (see csi/releases.py);
+  **snapshot(key)** names the subvolume a snapshotting backend's view binds, to be asked
+  about by its device instead.
 - **keys()** lists the keys with state on disk (start-up removes those no record names),
   **recognizer(mounts)** answers "is this mount one of mine?" from the mount table alone,
   for start-up to unmount what a crash left mounted but unrecorded, and **repair(live)**
@@ -182,6 +184,13 @@ class Backend(abc.ABC):
         can still write to `key`'s private state; None when nothing could, or when the
         view has a device number of its own to be asked about by instead (releases.py
         scans /proc for it): a read-only overlay view, a btrfs snapshot."""
+
+    def snapshot(self, key: str) -> str | None:
+        """The directory a writable view of `key` binds when the view is a snapshot of
+        its own (a btrfs subvolume), whose device number holders of a detached view show
+        in /proc (releases.py asks by it); None for a key whose view is an overlay, and by
+        default."""
+        return None
 
     @abc.abstractmethod
     def keys(self) -> set[str]:

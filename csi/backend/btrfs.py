@@ -339,6 +339,12 @@ class BtrfsBackend(Backend):
         # bind of it lives on, which then shows a dead directory.
         return None
 
+    def snapshot(self, key: str) -> str | None:
+        # A loop-limited key's volumes/KEY/fs is its loop filesystem's mount point: a
+        # device of its own too, but no view binds it (the overlay over it is asked
+        # about through its upper, and before the upper exists nothing can hold it).
+        return None if self.is_looped(key) else self._paths.volume_part(key, FS)
+
     def usage(self, key: str) -> Usage:
         """With quotas on, what the snapshot holds alone; else the files it created or
         rewrote (allocated bytes, which on btrfs include extents still shared). A

@@ -79,3 +79,28 @@ def test_a_snapshot_bound_in_another_namespace_waits_for_it(store, tmp_path, ask
     finally:
         pod.kill()
         releases.stop()  # end() wakes its thread
+
+
+def test_a_limited_key_cut_short_before_its_upper_is_not_held(store):
+    """A crash after a loop-limited key's filesystem is mounted at `volumes/KEY/fs` but
+    before the overlay's upper is made in it: that mount point has a device of its own,
+    yet it is no snapshot a view binds, and nothing can hold what has no overlay yet, so
+    start-up removes it all (it was once mistaken for a held snapshot and kept for ever)."""
+    s, state = store
+    chain = [s.layer(x) for x in image_layers()]
+    s.backend.prepare("k", chain, s.target("pod"), 8 << 20)
+    fs = s.paths.volume_part("k", "fs")
+    for part in ("upper", "work"):
+        shutil.rmtree(os.path.join(fs, part))
+    assert s.mounter.table.is_mountpoint(fs)
+    assert s.backend.snapshot("k") is None
+    releases = Releases(s.paths, state, s.backend, s.mounter, starting=True)
+    try:
+        assert not releases.held("k")
+        releases.remove_unless_held("k", "unrecorded publication k")
+        assert not os.path.exists(s.paths.volume("k"))
+        assert not s.mounter.table.is_mountpoint(fs)
+        with state.read() as r:
+            assert r.releases() == []
+    finally:
+        releases.stop()
