@@ -301,7 +301,8 @@ def node(config: Config, metrics: Metrics | None = None, mounter: Mounter | None
         mounter = mounter or Mounter(features=features)
         # Loop filesystems are mounted by the one executor.
         backend = make_backend(config.backend, paths, features, mounter, config, state)
-        layers = LayerStore(paths, state, clock=clock, on_unpack=metrics.on_unpack)
+        layers = LayerStore(paths, state, clock=clock, on_unpack=metrics.on_unpack,
+                            max_unpacks=config.max_parallel_unpacks)
 
         def collected(result) -> None:
             backend.layers_removed(result.removed)
@@ -354,7 +355,8 @@ def tool(config: Config, on_unpack=None, on_bytes=None) -> Parts:
     except BaseException:
         users.close()
         raise
-    layers = LayerStore(paths, state, on_unpack=on_unpack)
+    layers = LayerStore(paths, state, on_unpack=on_unpack,
+                        max_unpacks=config.max_parallel_unpacks)
     backend = stored_backend(paths)
     if isinstance(backend, BtrfsBackend):  # `strata gc` keeps the chains recorded views bind
         backend.recorded = recorded_chains(state)
