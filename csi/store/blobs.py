@@ -299,6 +299,8 @@ class _Follower(ReadStream):
     and EOF once the download has verified them all; raises the download's error as soon
     as it has one."""
 
+    downloading = True  # for a pull's progress: its bytes are still arriving
+
     def __init__(self, store: BlobStore, download: _Download):
         self._store, self._download = store, download
         self._pos = 0
