@@ -69,18 +69,17 @@ class BlobStore:
         if one is running), else the blob in place read through a VerifyingReader. Read it
         to EOF (`drain()`) before trusting what was read; closing it before then gives up
         the download (and its partial file) once no other reader follows it."""
-        with self._mu:
+        with self._mu:  # then a download's cond, never the other way round
             download = self._downloads.get(digest)
-            if download is None and self.has(digest, size):
+            if download is not None and download.follow():
+                return _Follower(self, download)
+            if self.has(digest, size):
                 return self._cached(digest, size, what)
-            if download is None:
-                download = _Download(self, digest, size, fetch, what)
-                self._downloads[digest] = download
-                download.follow()
-                threading.Thread(target=download.run, name=f"download blob {digest}",
-                                 daemon=True).start()
-            else:
-                download.follow()
+            download = _Download(self, digest, size, fetch, what)
+            self._downloads[digest] = download
+            download.follow()
+            threading.Thread(target=download.run, name=f"download blob {digest}",
+                             daemon=True).start()
         return _Follower(self, download)
 
     def get(self, digest: str, size: int, fetch: Fetch, what: str) -> str:
@@ -149,19 +148,25 @@ class _Download:
         self._cancelled = False
 
     # -- readers ------------------------------------------------------------------------
-    def follow(self) -> None:
+    def follow(self) -> bool:
+        """One more reader; False when the download is being given up (start another)."""
         with self.cond:
+            if self._cancelled:
+                return False
             self._users += 1
+            return True
 
     def leave(self) -> None:
         with self.cond:
             self._users -= 1
-            if not self.done and self._users == 1:
+            cancel = not self.done and self._users == 1
+            if cancel:
                 # Only the thread is left: nobody will read what it fetches. It stops at
-                # its next write, and a new open() starts afresh.
+                # its next write.
                 self._cancelled = True
-                self.store._done(self)
             self._close_if_unused()
+        if cancel:
+            self.store._done(self)  # a new open() starts afresh (outside cond: lock order)
 
     def _close_if_unused(self) -> None:
         if self._users == 0 and self.fd is not None:
