@@ -81,16 +81,14 @@ class Parts:
 
 def build_puller(config: Config, state: State, layers: LayerStore,
                  metrics: Metrics | None = None, on_bytes=None, clock=time.time) -> Puller:
-    """The pull path shared by the server and `strata pull`."""
-    def count_bytes(n: int) -> None:
-        if metrics is not None:
-            metrics.blob_bytes.inc(n)
-        if on_bytes is not None:
-            on_bytes(n)
-
-    client = RegistryClient(config.registry, on_bytes=count_bytes)
+    """The pull path shared by the server and `strata pull`. `on_bytes(n, blob)`: `n` more
+    bytes of the layer blob `blob` arrived (layers download concurrently; `strata pull`
+    shows each one's)."""
+    client = RegistryClient(config.registry,
+                            on_bytes=metrics.blob_bytes.inc if metrics is not None else None)
     keyring = Keyring.from_file(config.registry_config) if config.registry_config else None
-    blobs = BlobStore(config.root, on_fetch=metrics.on_blob if metrics else None)
+    blobs = BlobStore(config.root, on_fetch=metrics.on_blob if metrics else None,
+                      on_bytes=(lambda digest, n: on_bytes(n, digest)) if on_bytes else None)
     return Puller(state, layers, blobs, client, keyring, tag_ttl=config.tag_ttl, clock=clock,
                   on_pull=metrics.on_pull if metrics else None,
                   on_layers=metrics.on_layers if metrics else None,
@@ -301,7 +299,8 @@ def node(config: Config, metrics: Metrics | None = None, mounter: Mounter | None
         mounter = mounter or Mounter(features=features)
         # Loop filesystems are mounted by the one executor.
         backend = make_backend(config.backend, paths, features, mounter, config, state)
-        layers = LayerStore(paths, state, clock=clock, on_unpack=metrics.on_unpack)
+        layers = LayerStore(paths, state, clock=clock, on_unpack=metrics.on_unpack,
+                            max_unpacks=config.max_parallel_unpacks)
 
         def collected(result) -> None:
             backend.layers_removed(result.removed)
@@ -354,7 +353,8 @@ def tool(config: Config, on_unpack=None, on_bytes=None) -> Parts:
     except BaseException:
         users.close()
         raise
-    layers = LayerStore(paths, state, on_unpack=on_unpack)
+    layers = LayerStore(paths, state, on_unpack=on_unpack,
+                        max_unpacks=config.max_parallel_unpacks)
     backend = stored_backend(paths)
     if isinstance(backend, BtrfsBackend):  # `strata gc` keeps the chains recorded views bind
         backend.recorded = recorded_chains(state)

@@ -33,6 +33,19 @@ SIZE_LIMIT_MECHANISMS = ("auto", "loop", "quota")
 BACKENDS = ("overlay", "btrfs")
 
 
+class CPUs(int):
+    """The number of CPUs (os.cpu_count()), as a default that says what it is: the help
+    text and docs/configuration.md name it rather than this machine's figure."""
+
+    def __new__(cls):
+        return super().__new__(cls, os.cpu_count() or 1)
+
+    def __repr__(self) -> str:
+        return "CPUs"
+
+    __str__ = __repr__
+
+
 def setting(default, help: str, commands: tuple[str, ...], flag: str = "",
             choices: tuple[str, ...] = ()):
     """A Config field that is also a command-line flag (`flag`, else the field's name with
@@ -109,6 +122,12 @@ class Config:
                                     "(exponential backoff with jitter)", PULLING)
     tag_ttl: float = setting(300.0, "seconds a tag's resolution is trusted (IfNotPresent)",
                              PULLING)
+    # As the kubelet's --max-parallel-image-pulls bounds a node's pulls: unpacking is CPU
+    # work (inflate, tar parsing, file creation), so more than the CPUs only adds waiting.
+    max_parallel_unpacks: int = setting(
+        CPUs(), "layers unpacked at once by the whole store, across pulls (each layer's "
+        "blob streams into its unpack as it downloads; downloads may run ahead, buffered on "
+        "disk); at least 1", PULLING)
     # Below the kubelet's ~2 min NodePublish deadline.
     pull_wait: float = setting(100.0, "seconds NodePublish waits for a pull before answering "
                                "ABORTED (the pull goes on; the kubelet's retry joins it)",
@@ -259,6 +278,9 @@ class Config:
                 raise InvalidArgument(f"{flag(f)} must be a finite number, got {value!r}")
             if value < 0:
                 raise InvalidArgument(f"{flag(f)} must not be negative, got {value!r}")
+        if self.max_parallel_unpacks < 1:
+            raise InvalidArgument(f"--max-parallel-unpacks must be at least 1, got "
+                                  f"{self.max_parallel_unpacks}")
         for name in ("registry_timeout", "registry_read_timeout"):
             if getattr(self, name) == 0:  # a socket timeout of 0 is non-blocking, not "none"
                 raise InvalidArgument(f"{flag(_field(name))} must be more than 0 seconds")

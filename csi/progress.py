@@ -7,8 +7,11 @@ REDRAW seconds while bytes arrive. Elsewhere (a log, a pipe, `kubectl exec` with
 each change of a row's state is one line, the byte counts left out, so that no line is ever
 printed twice and nothing is printed while nothing happens.
 
-Events come from the pull's thread (pulls.Progress, the layer store's on_unpack, the
-transport's on_bytes and its retry log records); one lock orders them with the output.
+Layers download and unpack concurrently: events come from the pull's threads (pulls.Progress,
+the layer store's on_unpack, the blob store's bytes by blob, the transport's retry log
+records); one lock orders them with the output. A row is `Downloading` while its blob's
+bytes arrive, even once its unpack has started (it unpacks them as they come), then
+`Extracting` until its layer is in place.
 """
 
 import re
@@ -29,6 +32,7 @@ _BLOB = re.compile(r"blob (sha256:[0-9a-f]{64})")
 class _Row:
     def __init__(self, size: int, state: str):
         self.size, self.state, self.done = size, state, 0
+        self.extracting = False  # its unpack has started (its blob may still be arriving)
         self.shown = ""  # the line last printed for it (not on a terminal)
 
 
@@ -59,30 +63,42 @@ class PullDisplay(Progress):
 
     def fetching(self, layer: LayerDesc) -> None:
         with self._mu:
-            self._complete(self._current)  # one at a time: the one before is in place
             self._current = layer_id(layer.diff_id)
             self._set(self._current, "Downloading")
 
-    def unpacking(self, layer: LayerDesc) -> None:
+    def unpacking(self, layer: LayerDesc, downloading: bool = False) -> None:
+        """The layer's unpack started; while its blob is `downloading` the row stays
+        `Downloading` (its bytes are what moves) until the last byte is in."""
         with self._mu:
-            self._set(layer_id(layer.diff_id), "Extracting")
+            lid = layer_id(layer.diff_id)
+            row = self._rows.get(lid)
+            if row is None:
+                return
+            row.extracting = True
+            if not downloading or row.done >= row.size:
+                self._set(lid, "Extracting")
 
     # -- what the layer store and the transport say ----------------------------------------
     def unpacked(self, diff_id: str) -> None:
         with self._mu:
             self._complete(layer_id(diff_id))
 
-    def received(self, nbytes: int) -> None:
+    def received(self, nbytes: int, blob: str = "") -> None:
+        """`nbytes` more of the blob `blob` arrived (layers download concurrently); without
+        a blob, of the layer fetched last."""
         with self._mu:
-            row = self._rows.get(self._current)
+            lid = self._by_blob.get(blob, self._current)
+            row = self._rows.get(lid)
             if row is None or row.state in DONE:
                 return
             row.done += nbytes
             if row.state.startswith("Retrying"):
                 # Bytes flow again; a line saying so would repeat the first `Downloading`.
                 row.state = "Downloading"
-                row.shown = self._line(self._current, row)
-            if self._tty and self._clock() - self._drawn_at >= REDRAW:
+                row.shown = self._line(lid, row)
+            if row.extracting and row.done >= row.size:
+                self._set(lid, "Extracting")  # all in: what is left is the unpack
+            elif self._tty and self._clock() - self._drawn_at >= REDRAW:
                 self._draw()
 
     def retry(self, what: str, error: str, delay: float, attempt: int) -> None:

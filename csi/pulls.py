@@ -95,22 +95,51 @@ class Progress:
     def fetching(self, layer: LayerDesc) -> None:
         """A missing layer's blob is being obtained (downloaded, unless a copy is cached)."""
 
-    def unpacking(self, layer: LayerDesc) -> None:
-        """The layer's blob is here and verified; unpacking it into the store."""
+    def unpacking(self, layer: LayerDesc, downloading: bool = False) -> None:
+        """Unpacking the layer into the store has started; its blob is `downloading`
+        still (the unpack reads it as it arrives), else here already."""
 
 
 class _Watched:
-    """A blob source telling a Progress when a layer's blob is asked for and when it is
-    here: the layer store asks for one blob at a time, in the image's order."""
+    """A blob source telling a Progress when a layer's blob is asked for and when its
+    unpack starts reading it. The layer store asks for the blobs of several layers at
+    once, from several threads."""
 
     def __init__(self, source, progress: Progress):
         self._source, self._progress = source, progress
 
     def open_blob(self, layer: LayerDesc):
         self._progress.fetching(layer)
-        blob = self._source.open_blob(layer)
-        self._progress.unpacking(layer)
-        return blob
+        return _FirstRead(self._source.open_blob(layer),
+                          lambda blob: self._progress.unpacking(
+                              layer, downloading=getattr(blob, "downloading", False)))
+
+
+class _FirstRead:
+    """A blob stream that calls `first(stream)` at its first read: the unpack has a slot
+    (--max-parallel-unpacks) and starts."""
+
+    def __init__(self, blob, first):
+        self._blob, self._first = blob, first
+
+    def read(self, n: int = -1) -> bytes:
+        if self._first is not None:
+            first, self._first = self._first, None
+            first(self._blob)
+        return self._blob.read(n)
+
+    def drain(self) -> None:
+        self.read(0)
+        self._blob.drain()
+
+    def close(self) -> None:
+        self._blob.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 class _Job:

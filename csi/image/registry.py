@@ -4,13 +4,13 @@ A reference resolves to an image (manifest.resolve: manifest, index → the node
 config DiffIDs) on the first endpoint that has it: mirrors, then the origin. A mirror is read
 as containerd reads a hosts.toml `[host."URL"]` (`mirror_endpoint`): its API root is the URL's
 path + `/v2`, and every request to it names the origin registry in `?ns=`. Manifests are
-digest-checked and Docker schema 1 refused; blobs stream into the blob store with `Range`
-resume of a cut download, from the endpoint that resolved the image or, failing that, the
-ones after it; a HEAD tells what a tag points at now. Every request goes through
-tokens.Authenticator (challenges, redirects, which credentials go where) over
-transport.Transport (connections, deadlines, retries: the origin's only, as a mirror gets
-one attempt per request before the next endpoint is tried). Every error names the image and the
-registry's text.
+digest-checked and Docker schema 1 refused; blobs stream into the blob store (and from it,
+as they arrive, into the unpacker) with `Range` resume of a cut download, from the endpoint
+that resolved the image or, failing that, the ones after it; a HEAD tells what a tag points
+at now. Every request goes through tokens.Authenticator (challenges, redirects, which
+credentials go where) over transport.Transport (connections, deadlines, retries: the
+origin's only, as a mirror gets one attempt per request before the next endpoint is
+tried). Every error names the image and the registry's text.
 
 `creds_for(host, repository)` says what a pull may present to a host: one Credentials or
 None (a Keyring's lookup), or several in order of preference (a CredentialChain's); as
@@ -23,7 +23,6 @@ import dataclasses
 import http.client
 import json
 import logging
-import os
 import posixpath
 import random
 import re
@@ -31,7 +30,7 @@ import time
 import urllib.parse
 from typing import BinaryIO, Protocol
 
-from csi.digest import VerifyingReader, sha256_digest
+from csi.digest import sha256_digest
 from csi.errors import (
     DataLoss,
     Internal,
@@ -153,9 +152,10 @@ def _all_failed(errors: list[StrataError]) -> StrataError:
 
 
 class Blobs(Protocol):
-    """The blob store a source downloads into (csi.store.blobs.BlobStore)."""
+    """The blob store a source downloads into (csi.store.blobs.BlobStore): `open` streams
+    a blob as it downloads, verified by its last read."""
 
-    def get(self, digest: str, size: int, fetch, what: str) -> str: ...
+    def open(self, digest: str, size: int, fetch, what: str) -> BinaryIO: ...
 
     def remove(self, digest: str, inode: int | None = None) -> None: ...
 
@@ -420,7 +420,7 @@ class RegistrySource:
         self.client, self.ref, self.candidates = client, ref, candidates
         self._blobs = blobs
 
-    def open_blob(self, layer: mf.LayerDesc) -> VerifyingReader:
+    def open_blob(self, layer: mf.LayerDesc) -> BinaryIO:
         def fetch(offset: int, out: BinaryIO) -> None:
             for i, (ep, creds) in enumerate(self.candidates):
                 try:
@@ -434,18 +434,7 @@ class RegistrySource:
                         raise
                     log.warning("%s: %s; trying %s", ep, e, self.candidates[i + 1][0])
 
-        path = self._blobs.get(layer.digest, layer.size, fetch,
-                               f"image {self.ref}: layer {layer.digest}")
-
-        f = open(path, "rb")
-
-        def evict():
-            # Verified when it was stored, so it rotted since (a crash before the data
-            # reached the disk): drop it, and the next attempt downloads it again. Only
-            # the file we read: another process may have just put a good one in its place.
-            log.warning("image %s: cached blob %s is corrupt; removing it", self.ref,
-                        layer.digest)
-            self._blobs.remove(layer.digest, inode=os.fstat(f.fileno()).st_ino)
-
-        return VerifyingReader(f, layer.digest, layer.size,
-                               f"image {self.ref}: layer {layer.digest}", on_mismatch=evict)
+        # Streamed: the unpacker reads the bytes as they arrive, the blob store hashes
+        # them once as it writes them, and the last read says whether they matched.
+        return self._blobs.open(layer.digest, layer.size, fetch,
+                                f"image {self.ref}: layer {layer.digest}")

@@ -1,12 +1,14 @@
 """The layer store: each layer unpacked once per node into `layers/ID/fs`, shared by DiffID.
 
 `acquire()` makes every layer of an image present: a layer already recorded is reused
-whatever image or position it came from; a missing one is unpacked into `tmp/`, its blob
-digest and DiffID verified, then renamed into place and recorded. Racing requests for the
-same layer share one unpack (single-flight). A layer is recorded only once it is complete
-and synced to disk (durable.py), so neither a failure nor a power cut leaves a row naming
-files that are not there. The store knows layers, not images: callers hand it layer
-descriptors and a source of their blobs.
+whatever image or position it came from; a missing one is unpacked into `tmp/` as its blob
+streams in, its blob digest and DiffID verified, then renamed into place and recorded. The
+missing layers of an image are fetched and unpacked concurrently, at most `max_unpacks`
+unpacks at once in the whole store (--max-parallel-unpacks), each layer committed on its
+own once complete. Racing requests for the same layer share one unpack (single-flight). A
+layer is recorded only once it is complete and synced to disk (durable.py), so neither a
+failure nor a power cut leaves a row naming files that are not there. The store knows
+layers, not images: callers hand it layer descriptors and a source of their blobs.
 
 Layer IDs are the first 16 hex digits of the DiffID: short, so that long `lowerdir=` lists
 still fit in the one page the kernel accepts for mount options, and stable across restarts.
@@ -57,8 +59,14 @@ class LayerBlob(Protocol):
 
 class BlobSource(Protocol):
     def open_blob(self, layer: LayerBlob) -> BinaryIO:
-        """The blob's bytes, verified against its digest as they are read (a
-        VerifyingReader: `drain()` reads to the end and checks)."""
+        """The blob's bytes, verified against its digest by the time they are read to the
+        end (`drain()` reads to the end and checks): a VerifyingReader, or a download's
+        stream (blobs.py). Called by several threads at once, one per layer."""
+
+
+# Layers a pull downloads ahead of its unpacks: their blobs stream to disk while the
+# unpack slots are busy, so that an unpack rarely waits for the network.
+AHEAD = 2
 
 
 def layer_id(diff_id: str) -> str:
@@ -67,10 +75,16 @@ def layer_id(diff_id: str) -> str:
 
 class LayerStore:
     def __init__(self, paths: StorePaths, state: State, clock=time.time, on_unpack=None,
-                 sync=durable.syncfs):
+                 sync=durable.syncfs, max_unpacks: int | None = None):
         """`sync(fd)` makes the filesystem of the open directory `fd` durable (syncfs; a
-        benchmark passes a no-op to measure what it costs)."""
+        benchmark passes a no-op to measure what it costs). `max_unpacks`: how many layers
+        this store unpacks at once, whatever the number of pulls
+        (--max-parallel-unpacks; default: the CPUs)."""
         self.paths = paths
+        self.max_unpacks = max(1, max_unpacks or os.cpu_count() or 1)
+        # Held from an unpack's first read of its blob to its syncfs: the CPU-bound part.
+        # A blob's download starts before (its partial file is the buffer).
+        self._slots = threading.BoundedSemaphore(self.max_unpacks)
         self._sync = sync
         os.makedirs(paths.layers, mode=0o700, exist_ok=True)
         os.makedirs(paths.tmp, mode=0o700, exist_ok=True)
@@ -96,7 +110,7 @@ class LayerStore:
         own references. Yields layer IDs in the order of `blobs`."""
         token = secrets.token_hex(8)
         try:
-            yield [self._ensure_leased(source, blob, token) for blob in blobs]
+            yield self._ensure_all(source, blobs, token)
         finally:
             with self.state.transaction() as tx:
                 tx.end_lease(token)
@@ -105,6 +119,52 @@ class LayerStore:
         """Make every layer present, holding nothing once done. Returns layer IDs."""
         with self.acquire(source, blobs) as layer_ids:
             return layer_ids
+
+    def _ensure_all(self, source: BlobSource, blobs: Sequence[LayerBlob],
+                    token: str) -> list[str]:
+        """Layer IDs of `blobs`, in order, each leased: the present ones at once, the
+        missing ones fetched and unpacked concurrently, base first. Each worker's unpack
+        takes one of the store's slots; the workers beyond those download ahead (up to
+        AHEAD layers per pull). A layer that fails stops the ones not started yet; the
+        others are let finish (what they commit is complete and verified, a cache for the
+        retry); the first failure in `blobs` order is raised once all have stopped."""
+        ids: list[str | None] = [None] * len(blobs)
+        with self.state.transaction() as tx:
+            for i, desc in enumerate(blobs):
+                layer = tx.layer_by_diff_id(desc.diff_id)
+                if layer is not None:
+                    tx.lease(token, layer.id)
+                    ids[i] = layer.id
+        todo = [i for i, lid in enumerate(ids) if lid is None]
+        if len(todo) <= 1:
+            for i in todo:
+                ids[i] = self._ensure_leased(source, blobs[i], token)
+            return ids  # type: ignore[return-value]
+        mu = threading.Lock()
+        queue = iter(todo)  # base first: it gets the first slot
+        errors: dict[int, BaseException] = {}
+
+        def work() -> None:
+            while True:
+                with mu:
+                    i = next(queue, None) if not errors else None
+                if i is None:
+                    return
+                try:
+                    ids[i] = self._ensure_leased(source, blobs[i], token)
+                except BaseException as e:  # raised by the caller below
+                    with mu:
+                        errors[i] = e
+
+        workers = [threading.Thread(target=work, name=f"unpack {n}", daemon=True)
+                   for n in range(min(len(todo), self.max_unpacks + AHEAD))]
+        for t in workers:
+            t.start()
+        for t in workers:
+            t.join()
+        if errors:
+            raise errors[min(errors)]
+        return ids  # type: ignore[return-value]
 
     def _ensure_leased(self, source: BlobSource, desc: LayerBlob, token: str) -> str:
         for _ in range(3):
@@ -156,56 +216,9 @@ class LayerStore:
             return layer
         lid = layer_id(desc.diff_id)
         started = time.monotonic()
-        work = tempfile.mkdtemp(prefix=f"unpack-{lid}-", dir=self.paths.tmp)
-        watch = None
-        try:
-            # Opened before the first byte is written: syncfs reports the writeback errors
-            # seen since its descriptor was opened.
-            watch = os.open(work, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            fs = os.path.join(work, "fs")
-            os.mkdir(fs, 0o755)
-            with source.open_blob(desc) as blob:
-                stream = None
-                try:
-                    stream = decompress(blob, desc.compression)
-                    tar = VerifyingReader(stream, desc.diff_id, None,
-                                          f"layer {desc.digest} (DiffID {desc.diff_id})")
-                    stats = unpack.apply(tar, fs)
-                    tar.drain()
-                except DataLoss:
-                    raise
-                except Exception as e:
-                    if is_no_space(e):
-                        raise
-                    if stream is not None and stream is not blob:
-                        _close_quietly(stream)  # its reader thread must stop reading first
-                        stream = None
-                    # A garbled stream is most often a corrupt blob: DataLoss names it.
-                    blob.drain()
-                    if isinstance(e, StrataError):
-                        raise
-                    raise InvalidArgument(f"layer {desc.digest} ({desc.media_type}) cannot "
-                                          f"be read: {type(e).__name__}: {e}") from e
-                finally:
-                    if stream is not None and stream is not blob:
-                        _close_quietly(stream)  # stops a decompressor's reader thread
-                blob.drain()
-            size, _ = usage(fs)
-            # Durable before it is visible or recorded: see durable.py for what this
-            # protects (a power cut must not leave a record of files that never reached
-            # the disk) and why the rename below needs no sync of its own.
-            self._sync(watch)
-        except OSError as e:
-            remove_tree(work, ignore_errors=True)
-            if is_no_space(e):
-                raise no_space(f"unpacking layer {desc.digest}") from e
-            raise
-        except BaseException:
-            remove_tree(work, ignore_errors=True)
-            raise
-        finally:
-            if watch is not None:
-                os.close(watch)
+        # The blob first (a download starts, running ahead while we wait for a slot).
+        with source.open_blob(desc) as blob, self._slots:
+            work, size, stats = self._unpack_blob(blob, desc, lid)
         now = self._clock()
         final = self.paths.layer(lid)
         renamed = False
@@ -248,6 +261,61 @@ class LayerStore:
                         "entries": stats.entries, "seconds": round(seconds, 3)})
         self._on_unpack(layer, seconds, stats.bytes)
         return layer
+
+    def _unpack_blob(self, blob, desc: LayerBlob, lid: str):
+        """Unpack the blob into a new directory in tmp/, both digests verified, synced:
+        (that directory, its size, unpack stats). Nothing stays behind on failure."""
+        work = tempfile.mkdtemp(prefix=f"unpack-{lid}-", dir=self.paths.tmp)
+        watch = None
+        try:
+            # Opened before the first byte is written: syncfs reports the writeback errors
+            # seen since its descriptor was opened.
+            watch = os.open(work, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            fs = os.path.join(work, "fs")
+            os.mkdir(fs, 0o755)
+            stream = None
+            try:
+                stream = decompress(blob, desc.compression)
+                tar = VerifyingReader(stream, desc.diff_id, None,
+                                      f"layer {desc.digest} (DiffID {desc.diff_id})")
+                stats = unpack.apply(tar, fs)
+                tar.drain()
+            except DataLoss:
+                raise
+            except Exception as e:
+                if is_no_space(e):
+                    raise
+                if stream is not None and stream is not blob:
+                    _close_quietly(stream)  # its reader thread must stop reading first
+                    stream = None
+                # A garbled stream is most often a corrupt blob: DataLoss names it.
+                blob.drain()
+                if isinstance(e, StrataError):
+                    raise
+                raise InvalidArgument(f"layer {desc.digest} ({desc.media_type}) cannot "
+                                      f"be read: {type(e).__name__}: {e}") from e
+            finally:
+                if stream is not None and stream is not blob:
+                    _close_quietly(stream)  # stops a decompressor's reader thread
+            # The blob's end: for a download, the wait for its last bytes and its digest.
+            blob.drain()
+            size, _ = usage(fs)
+            # Durable before it is visible or recorded: see durable.py for what this
+            # protects (a power cut must not leave a record of files that never reached
+            # the disk) and why the rename below needs no sync of its own.
+            self._sync(watch)
+        except OSError as e:
+            remove_tree(work, ignore_errors=True)
+            if is_no_space(e):
+                raise no_space(f"unpacking layer {desc.digest}") from e
+            raise
+        except BaseException:
+            remove_tree(work, ignore_errors=True)
+            raise
+        finally:
+            if watch is not None:
+                os.close(watch)
+        return work, size, stats
 
 
 def _close_quietly(stream) -> None:

@@ -73,8 +73,8 @@ def test_plain_output_never_repeats_a_line():
     for attempt in (1, 2):
         d.retry(f"image x: blob {BASE.digest} from http://r:5000", "HTTP 429", 1.0, attempt)
         d.received(100)  # bytes again: downloading again, no line for it
-    d.fetching(APP)  # BASE was unpacked by another process meanwhile: complete
-    d.finish()
+    d.fetching(APP)  # layers download concurrently: BASE is not done for that
+    d.finish()  # BASE was unpacked by another process meanwhile: complete
     lines = out.getvalue().splitlines()
     assert len(lines) == len(set(lines)), lines
     assert lines == [
@@ -84,10 +84,34 @@ def test_plain_output_never_repeats_a_line():
         f"{B}: Downloading 3.0 MiB",
         f"{B}: Retrying in 1.0s after attempt 1: HTTP 429",
         f"{B}: Retrying in 1.0s after attempt 2: HTTP 429",
-        f"{B}: Pull complete",
         f"{A}: Downloading 12.0 MiB",
+        f"{B}: Pull complete",
         f"{A}: Pull complete",
     ]
+
+
+def test_concurrent_layers_count_their_own_bytes_and_extract_as_they_stream():
+    """Both layers download at once (bytes arrive by blob, interleaved) and each unpack
+    starts while its blob streams in: a row stays Downloading until its last byte, then
+    Extracting, then complete when its layer is in place."""
+    out, clock = io.StringIO(), Clock()
+    d = PullDisplay(out, tty=True, width=80, clock=clock)
+    d.resolved(IMAGE, [BASE, APP])
+    d.fetching(BASE)
+    d.fetching(APP)
+    d.unpacking(BASE, downloading=True)
+    d.unpacking(APP, downloading=True)
+    for _ in range(3):
+        clock.now += 1
+        d.received(1 << 20, BASE.digest)
+        clock.now += 1
+        d.received(1 << 20, APP.digest)
+    rows = out.getvalue().rsplit("\x1b[2A", 1)[1]
+    assert f"{B}: Extracting" in rows, "all of BASE's 3 MiB are in"
+    assert f"{A}: Downloading 3.0 MiB/12.0 MiB" in rows, "APP counts its own bytes only"
+    d.unpacked(BASE.diff_id)
+    rows = out.getvalue().rsplit("\x1b[2A", 1)[1]
+    assert f"{B}: Pull complete" in rows and f"{A}: Downloading" in rows
 
 
 def test_nothing_new_is_nothing_but_present_layers():
