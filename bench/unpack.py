@@ -51,22 +51,31 @@ print(json.dumps({"seconds": dt,
 
 
 
-def build_layer(work: str, sources: list[str]) -> tuple[str, int, int]:
-    """Write an OCI layout with one gzip layer of `sources`; returns (ref, tar bytes, entries)."""
+def build_layer(work: str, sources: list[str], given: str | None = None):
+    """Write an OCI layout with one gzip layer of `sources` (or the gzip layer blob `given`,
+    e.g. the realistic image's base layer); returns (ref, tar bytes, entries, blob, size)."""
     layout = os.path.join(work, "layout")
     blobs = os.path.join(layout, "blobs", "sha256")
     os.makedirs(blobs)
     tar_path = os.path.join(work, "layer.tar")
-    args = ["tar", "-cf", tar_path, "--numeric-owner", "--exclude=site-packages"]
-    for src in sources:
-        args += ["-C", os.path.dirname(src), os.path.basename(src)]
-    subprocess.run(args, check=True)
+    if given is None:
+        args = ["tar", "-cf", tar_path, "--numeric-owner", "--exclude=site-packages"]
+        for src in sources:
+            args += ["-C", os.path.dirname(src), os.path.basename(src)]
+        subprocess.run(args, check=True)
+    else:
+        with open(tar_path, "wb") as out:
+            subprocess.run(["gzip", "-dc", given], check=True, stdout=out)
     entries = int(subprocess.run(f"tar -tf {tar_path} | wc -l", shell=True, check=True,
                                  capture_output=True, text=True).stdout)
     tar_size = os.path.getsize(tar_path)
     diff_id = "sha256:" + _sha256_file(tar_path)
-    subprocess.run(["gzip", "-6", tar_path], check=True)
     gz = tar_path + ".gz"
+    if given is None:
+        subprocess.run(["gzip", "-6", tar_path], check=True)
+    else:
+        os.unlink(tar_path)
+        shutil.copyfile(given, gz)
     digest = _sha256_file(gz)
     size = os.path.getsize(gz)
     os.rename(gz, os.path.join(blobs, digest))
@@ -114,6 +123,8 @@ def timed(cmd: list[str]) -> tuple[float, int]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--source", action="append", help="directories to put in the layer")
+    ap.add_argument("--blob", metavar="FILE", help="a gzip layer blob to unpack instead of "
+                    "one built from --source (e.g. the realistic image's base layer)")
     ap.add_argument("--runs", type=int, default=3, help="interleaved rounds (medians shown)")
     ap.add_argument("--baseline", metavar="REPO",
                     help="also run the LayerStore of another checkout (e.g. main) each round")
@@ -122,7 +133,7 @@ def main() -> int:
     sources = args.source or [sysconfig.get_paths()["stdlib"]]
     work = tempfile.mkdtemp(prefix="strata-bench-unpack-", dir="/var/tmp")
     try:
-        ref, tar_bytes, entries, blob, blob_size = build_layer(work, sources)
+        ref, tar_bytes, entries, blob, blob_size = build_layer(work, sources, args.blob)
         print(f"layer: {entries} entries, {tar_bytes / 1e6:.1f} MB uncompressed, "
               f"{blob_size / 1e6:.1f} MB gzip")
         layout = ref[len("oci:"):].rsplit(":", 1)[0]

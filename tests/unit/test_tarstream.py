@@ -299,3 +299,18 @@ def test_absurd_size_reads_in_bounded_chunks():
         for _ in reader:
             pass
     assert max(sizes) <= 1 << 20
+
+
+def test_checksum_matches_tarfile_on_random_headers():
+    from csi.store.tarstream import _check_sum
+
+    rng = random.Random(7)
+    for i in range(300):
+        header = bytearray(rng.randbytes(BLOCK) if i % 3 else bytes([255]) * BLOCK)
+        unsigned, signed = tarfile.calc_chksums(bytes(header))
+        header[148:156] = b"%07o\0" % (unsigned if i % 2 else signed)
+        _check_sum(bytes(header), 0)  # the stored sum does not count itself
+        header[148:156] = b"%07o\0" % (unsigned + 1)
+        if unsigned + 1 != signed:
+            with pytest.raises(TarFormatError, match="bad header checksum"):
+                _check_sum(bytes(header), 0)
