@@ -5,7 +5,10 @@ layer durable before it is recorded costs (strata with its syncfs against strata
 The layer is built from real files on this machine (by default the Python standard library
 without site-packages: ~250 MB in ~10k entries), gzip-compressed by GNU gzip. Each contender
 unpacks into a fresh directory on the same filesystem, with the page cache dropped first
-(PERFORMANCE.md: a mass delete slows the next writes for a while).
+(PERFORMANCE.md: a mass delete slows the next writes for a while). Contenders run in
+interleaved rounds; medians are shown. `--baseline REPO` adds another checkout's LayerStore
+(e.g. `--baseline /work/main`) to each round, so a change is measured against what it
+replaces in the same run, on the same machine load.
 """
 
 import argparse
@@ -14,6 +17,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import sysconfig
@@ -47,22 +51,31 @@ print(json.dumps({"seconds": dt,
 
 
 
-def build_layer(work: str, sources: list[str]) -> tuple[str, int, int]:
-    """Write an OCI layout with one gzip layer of `sources`; returns (ref, tar bytes, entries)."""
+def build_layer(work: str, sources: list[str], given: str | None = None):
+    """Write an OCI layout with one gzip layer of `sources` (or the gzip layer blob `given`,
+    e.g. the realistic image's base layer); returns (ref, tar bytes, entries, blob, size)."""
     layout = os.path.join(work, "layout")
     blobs = os.path.join(layout, "blobs", "sha256")
     os.makedirs(blobs)
     tar_path = os.path.join(work, "layer.tar")
-    args = ["tar", "-cf", tar_path, "--numeric-owner", "--exclude=site-packages"]
-    for src in sources:
-        args += ["-C", os.path.dirname(src), os.path.basename(src)]
-    subprocess.run(args, check=True)
+    if given is None:
+        args = ["tar", "-cf", tar_path, "--numeric-owner", "--exclude=site-packages"]
+        for src in sources:
+            args += ["-C", os.path.dirname(src), os.path.basename(src)]
+        subprocess.run(args, check=True)
+    else:
+        with open(tar_path, "wb") as out:
+            subprocess.run(["gzip", "-dc", given], check=True, stdout=out)
     entries = int(subprocess.run(f"tar -tf {tar_path} | wc -l", shell=True, check=True,
                                  capture_output=True, text=True).stdout)
     tar_size = os.path.getsize(tar_path)
     diff_id = "sha256:" + _sha256_file(tar_path)
-    subprocess.run(["gzip", "-6", tar_path], check=True)
     gz = tar_path + ".gz"
+    if given is None:
+        subprocess.run(["gzip", "-6", tar_path], check=True)
+    else:
+        os.unlink(tar_path)
+        shutil.copyfile(given, gz)
     digest = _sha256_file(gz)
     size = os.path.getsize(gz)
     os.rename(gz, os.path.join(blobs, digest))
@@ -110,18 +123,27 @@ def timed(cmd: list[str]) -> tuple[float, int]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--source", action="append", help="directories to put in the layer")
-    ap.add_argument("--runs", type=int, default=3, help="runs per contender (best is kept)")
+    ap.add_argument("--blob", metavar="FILE", help="a gzip layer blob to unpack instead of "
+                    "one built from --source (e.g. the realistic image's base layer)")
+    ap.add_argument("--runs", type=int, default=3, help="interleaved rounds (medians shown)")
+    ap.add_argument("--baseline", metavar="REPO",
+                    help="also run the LayerStore of another checkout (e.g. main) each round")
+    ap.add_argument("--no-umoci", action="store_true", help="leave umoci out (it is slow)")
     args = ap.parse_args()
     sources = args.source or [sysconfig.get_paths()["stdlib"]]
     work = tempfile.mkdtemp(prefix="strata-bench-unpack-", dir="/var/tmp")
     try:
-        ref, tar_bytes, entries, blob, blob_size = build_layer(work, sources)
+        ref, tar_bytes, entries, blob, blob_size = build_layer(work, sources, args.blob)
         print(f"layer: {entries} entries, {tar_bytes / 1e6:.1f} MB uncompressed, "
               f"{blob_size / 1e6:.1f} MB gzip")
         layout = ref[len("oci:"):].rsplit(":", 1)[0]
-        results: dict[str, list[float]] = {"tar -xzf": [], "umoci unpack": [], "strata": [],
-                                           "strata nosync": []}
-        rss = 0
+        names = ["tar -xzf", "umoci unpack", "strata", "strata nosync"]
+        if args.no_umoci:
+            names.remove("umoci unpack")
+        if args.baseline:
+            names += ["baseline", "baseline nosync"]
+        results: dict[str, list[float]] = {n: [] for n in names}
+        rss = {"strata": 0, "baseline": 0}
         for i in range(args.runs):
             for name in results:
                 out = os.path.join(work, f"{name.replace(' ', '-')}-{i}")
@@ -135,25 +157,30 @@ def main() -> int:
                 else:
                     # `strata nosync`: the same unpack without its syncfs; the files are
                     # then still being written back when it returns.
-                    r = subprocess.run([sys.executable, "-c", CHILD, HERE, out, ref,
+                    who = name.split()[0]
+                    repo = args.baseline if who == "baseline" else HERE
+                    r = subprocess.run([sys.executable, "-c", CHILD, repo, out, ref,
                                         name.split()[-1]],
                                        check=True, capture_output=True, text=True)
                     stats = json.loads(r.stdout)
-                    dt, rss = stats["seconds"], max(rss, stats["rss_kb"])
+                    dt, rss[who] = stats["seconds"], max(rss[who], stats["rss_kb"])
                 results[name].append(dt)
                 shutil.rmtree(out)
-        best = {k: min(v) for k, v in results.items()}
+        best = {k: statistics.median(v) for k, v in results.items()}
         for name, dt in best.items():
             ratio = best["strata"] / dt
-            print(f"  {name:<13} {dt:6.2f} s  {tar_bytes / dt / 1e6:6.1f} MB/s   strata takes "
+            print(f"  {name:<15} {dt:6.2f} s [{min(results[name]):5.2f}-"
+                  f"{max(results[name]):5.2f}] {tar_bytes / dt / 1e6:6.1f} MB/s   strata takes "
                   f"{ratio:4.2f}x its time")
-        print(f"  strata peak RSS: {rss / 1024:.0f} MB")
+        print(f"  strata peak RSS: {rss['strata'] / 1024:.0f} MB" + (
+            f" (baseline: {rss['baseline'] / 1024:.0f} MB)" if args.baseline else ""))
         print(f"  durable before recorded: strata with its syncfs takes "
               f"{best['strata'] / best['strata nosync']:4.2f}x the time of strata without "
               f"(+{(best['strata'] - best['strata nosync']) * 1e3:.0f} ms per layer)")
         from csi.store.compression import GZIP_IMPL
 
-        print(f"  (strata inflates with {GZIP_IMPL}; best of {args.runs} runs each)")
+        print(f"  (strata inflates with {GZIP_IMPL}; medians of {args.runs} interleaved "
+              "rounds [min-max])")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -510,3 +510,107 @@ def test_bad_header_checksum_is_invalid_argument(box):
     bad[148:156] = b"9999999\x00"  # header checksum no longer matches
     with pytest.raises(InvalidArgument):
         box.apply(bytes(bad))
+
+
+# -- apply: what the per-entry fast path remembers -----------------------------------------
+# apply() remembers the directories it created or verified (and keeps descriptors of some
+# open) so that entries below them need no lookup. Whatever replaces or removes one must
+# make it forget that directory and everything below it.
+def test_dir_replaced_by_symlink_then_entries_below_land_inside(box):
+    layer = (LayerBuilder().dir("d").file("d/f", "first").dir("target")
+             .symlink("d", box.outside)  # the cached d/ is gone
+             .file("d/g", "through the link")
+             .file("d/sentinel", "overwrite?"))
+    assert_contained(box, layer.tar_bytes())
+    inside = box.p(os.path.relpath(box.outside, "/"))
+    with open(os.path.join(inside, "g")) as f:
+        assert f.read() == "through the link"
+    assert os.readlink(box.p("d")) == box.outside
+
+
+def test_dir_replaced_by_symlink_gets_no_deferred_metadata_through_it(box):
+    layer = (LayerBuilder().dir("real", mode=0o755, mtime=5000).dir("d", mode=0o700, uid=7,
+                                                                    mtime=6000)
+             .symlink("d", "real"))
+    box.apply(layer.tar_bytes())
+    st = os.stat(box.p("real"))
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_mtime) == (0o755, 0, 5000)
+
+
+def test_dir_removed_by_whiteout_is_forgotten(box):
+    layer = (LayerBuilder().dir("a", mode=0o700, uid=5).file("a/old", "x").dir("a/sub")
+             .whiteout("a")
+             .file("a/sub/new", "y"))  # below a whiteout (a character device) now
+    with pytest.raises(UnsafeLayer, match="not a directory"):
+        box.apply(layer.tar_bytes())
+
+
+def test_dir_replaced_by_file_then_dir_again(box):
+    layer = (LayerBuilder().dir("a").dir("a/b").file("a/b/f", "1").file("a", "now a file")
+             .dir("a", mode=0o750).file("a/b/g", "2"))
+    box.apply(layer.tar_bytes())
+    assert stat.S_IMODE(os.lstat(box.p("a")).st_mode) == 0o750
+    assert box.entries() == {"a", "a/b", "a/b/g"}
+    assert stat.S_IMODE(os.lstat(box.p("a/b")).st_mode) == 0o755  # implicit, as tar does
+
+
+def test_hardlink_over_the_dir_holding_its_target_is_refused(box):
+    layer = LayerBuilder().dir("a").dir("a/b").file("a/b/f", "x").hardlink("a", "a/b/f")
+    with pytest.raises(UnsafeLayer, match="not in this layer"):
+        box.apply(layer.tar_bytes())
+
+
+def test_many_directories_close_their_descriptors(box):
+    builder = LayerBuilder()
+    for i in range(600):  # more than the descriptors kept open
+        builder.file(f"d{i % 300}/s{i}/f", str(i))
+    before = len(os.listdir("/proc/self/fd"))
+    box.apply(builder.tar_bytes())
+    assert len(os.listdir("/proc/self/fd")) == before
+    with open(box.p("d299/s599/f")) as f:
+        assert f.read() == "599"
+    assert len(box.entries()) == 300 + 600 + 600
+
+
+def test_modes_owner_and_group_exact_whatever_the_umask(box):
+    old = os.umask(0o077)
+    try:
+        layer = (LayerBuilder().file("wide", "x", mode=0o777).file("own", "x", mode=0o644,
+                                                                    uid=0, gid=0)
+                 .file("sticky", "x", mode=0o1644).file("ids", "x", mode=0o6711, uid=3, gid=4))
+        box.apply(layer.tar_bytes())
+    finally:
+        os.umask(old)
+    modes = {n: stat.S_IMODE(os.lstat(box.p(n)).st_mode) for n in ("wide", "own", "sticky",
+                                                                   "ids")}
+    assert modes == {"wide": 0o777, "own": 0o644, "sticky": 0o1644, "ids": 0o6711}
+    st = os.lstat(box.p("ids"))
+    assert (st.st_uid, st.st_gid) == (3, 4)
+
+
+def test_setgid_root_does_not_hand_its_group_to_entries(box):
+    os.chown(box.fs, 0, 4321)
+    os.chmod(box.fs, 0o2755)
+    box.apply(LayerBuilder().file("f", "x").dir("d").file("d/g", "y").symlink("s", "f")
+              .tar_bytes())
+    for name in ("f", "d", "d/g", "s"):
+        assert os.lstat(box.p(name)).st_gid == 0, name
+
+
+def test_stream_is_read_in_large_chunks(box):
+    data = LayerBuilder().file("a", os.urandom(5 << 20)).file("b", "small").tar_bytes()
+    sizes = []
+
+    class Recording(io.BytesIO):
+        def read(self, n=-1):
+            sizes.append(n)
+            return super().read(n)
+
+    unpack.apply(Recording(data), box.fs)
+    assert min(sizes) >= 1 << 20
+
+
+def test_fractional_pax_mtime_is_exact(box):
+    data = raw_tar(member("f", data=b"x", pax={"mtime": "1700000000.123456789"}))
+    box.apply(data)
+    assert os.lstat(box.p("f")).st_mtime_ns == 1_700_000_000_123_456_789
