@@ -34,11 +34,12 @@ BACKENDS = ("overlay", "btrfs")
 
 
 class CPUs(int):
-    """The number of CPUs (os.cpu_count()), as a default that says what it is: the help
-    text and docs/configuration.md name it rather than this machine's figure."""
+    """The number of CPUs this process may run on (its affinity mask, which a container's
+    cpuset narrows; not every CPU of the host), as a default that says what it is: the
+    help text and docs/configuration.md name it rather than this machine's figure."""
 
     def __new__(cls):
-        return super().__new__(cls, os.cpu_count() or 1)
+        return super().__new__(cls, len(os.sched_getaffinity(0)) or 1)
 
     def __repr__(self) -> str:
         return "CPUs"
@@ -125,7 +126,7 @@ class Config:
     # As the kubelet's --max-parallel-image-pulls bounds a node's pulls: unpacking is CPU
     # work (inflate, tar parsing, file creation), so more than the CPUs only adds waiting.
     max_parallel_unpacks: int = setting(
-        CPUs(), "layers unpacked at once by the whole store, across pulls (each layer's "
+        CPUs(), "layers this process unpacks at once, across pulls (each layer's "
         "blob streams into its unpack as it downloads; downloads may run ahead, buffered on "
         "disk); at least 1", PULLING)
     # Below the kubelet's ~2 min NodePublish deadline.

@@ -24,7 +24,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from csi.digest import CHUNK, ReadStream, VerifyingReader, hex_of
 from csi.errors import DataLoss, ResourceExhausted, is_no_space, no_space
@@ -78,8 +78,15 @@ class BlobStore:
             download = _Download(self, digest, size, fetch, what)
             self._downloads[digest] = download
             download.follow()
-            threading.Thread(target=download.run, name=f"download blob {digest}",
-                             daemon=True).start()
+            try:
+                threading.Thread(target=download.run, name=f"download blob {digest}",
+                                 daemon=True).start()
+            except BaseException as e:
+                # No thread (a pids limit): nobody would ever end this download, and
+                # every later reader of the blob would wait on it for ever.
+                del self._downloads[digest]
+                download.abandon(e)
+                raise
         return _Follower(self, download)
 
     def get(self, digest: str, size: int, fetch: Fetch, what: str) -> str:
@@ -168,6 +175,13 @@ class _Download:
         if cancel:
             self.store._done(self)  # a new open() starts afresh (outside cond: lock order)
 
+    def abandon(self, error: BaseException) -> None:
+        """Its thread could not start: ended with `error` for whoever follows it."""
+        with self.cond:
+            self.error, self.done, self._cancelled = error, True, True
+            self._users = 0
+            self.cond.notify_all()
+
     def _close_if_unused(self) -> None:
         if self._users == 0 and self.fd is not None:
             os.close(self.fd)
@@ -236,6 +250,14 @@ class _Download:
         with self.cond:
             self.fd, self.available, self.hashed = fd, available, hashed
             self.cond.notify_all()
+        if available:  # resumed, or another process's whole blob: progress counts them
+            self._progress(available)
+
+    def _progress(self, nbytes: int) -> None:
+        try:
+            self.store._on_bytes(self.digest, nbytes)
+        except Exception:  # a display that fails (a closed pipe) is not a store error
+            log.debug("%s: progress callback failed", self.what, exc_info=True)
 
     def wrote(self, end: int, nbytes: int) -> None:
         """Bytes up to `end` are on disk; `nbytes` of them are new."""
@@ -245,7 +267,8 @@ class _Download:
             if end > self.available:
                 self.available = end
                 self.cond.notify_all()
-        self.store._on_bytes(self.digest, nbytes)
+        if nbytes:
+            self._progress(nbytes)
 
 
 class _Sink:
@@ -299,18 +322,33 @@ class _Sink:
         pass
 
 
+class Idle(Protocol):
+    """What a reader gives up while it waits for bytes (layers.py's unpack slot)."""
+
+    def release(self) -> None: ...
+
+    def acquire(self) -> None: ...
+
+
 class _Follower(ReadStream):
     """A reader of a blob being downloaded: returns bytes as they reach the partial file
     and EOF once the download has verified them all; raises the download's error as soon
     as it has one."""
-
-    downloading = True  # for a pull's progress: its bytes are still arriving
 
     def __init__(self, store: BlobStore, download: _Download):
         self._store, self._download = store, download
         self._pos = 0
         self._closed = False
         self._own: VerifyingReader | None = None  # another process's blob: hashed here
+        # Released while this reader waits for bytes, taken again before it returns any
+        # (layers.py: an unpack slot, so that a slow download holds none).
+        self.idle: Idle | None = None
+
+    @property
+    def downloading(self) -> bool:
+        """For a pull's progress: the blob's bytes are still arriving."""
+        d = self._download
+        return not d.done and d.error is None
 
     def read(self, n: int = -1) -> bytes:
         if self._own is not None:
@@ -323,16 +361,34 @@ class _Follower(ReadStream):
         if n == 0:
             return b""
         d = self._download
-        with d.cond:
-            while d.error is None and not d.done and (d.fd is None or
-                                                      self._pos >= d.available):
-                d.cond.wait()
-            if d.error is not None:
-                raise d.error
-            if not d.hashed:
-                self._own = self._store._cached(d.digest, d.size, d.what, fd=d.fd)
-                return self._own.read(n)
-            fd, end = d.fd, d.available
+
+        def starved() -> bool:
+            return d.error is None and not d.done and (d.fd is None or
+                                                       self._pos >= d.available)
+
+        while True:
+            with d.cond:
+                if self.idle is None:
+                    while starved():
+                        d.cond.wait()
+                if not starved():
+                    if d.error is not None:
+                        raise d.error
+                    if not d.hashed:
+                        self._own = self._store._cached(d.digest, d.size, d.what, fd=d.fd)
+                        return self._own.read(n)
+                    fd, end = d.fd, d.available
+                    break
+            # Waiting for the network (or another process's flock): the slot goes to
+            # someone with bytes to work on, and is taken back outside `cond` (another
+            # reader of this download may hold a slot and want `cond`).
+            self.idle.release()
+            try:
+                with d.cond:
+                    while starved():
+                        d.cond.wait()
+            finally:
+                self.idle.acquire()
         if self._pos >= end:  # done and verified
             return b""
         data = os.pread(fd, min(n, end - self._pos), self._pos)

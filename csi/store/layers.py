@@ -4,7 +4,7 @@
 whatever image or position it came from; a missing one is unpacked into `tmp/` as its blob
 streams in, its blob digest and DiffID verified, then renamed into place and recorded. The
 missing layers of an image are fetched and unpacked concurrently, at most `max_unpacks`
-unpacks at once in the whole store (--max-parallel-unpacks), each layer committed on its
+unpacks at once in this process (--max-parallel-unpacks), each layer committed on its
 own once complete. Racing requests for the same layer share one unpack (single-flight). A
 layer is recorded only once it is complete and synced to disk (durable.py), so neither a
 failure nor a power cut leaves a row naming files that are not there. The store knows
@@ -78,12 +78,13 @@ class LayerStore:
                  sync=durable.syncfs, max_unpacks: int | None = None):
         """`sync(fd)` makes the filesystem of the open directory `fd` durable (syncfs; a
         benchmark passes a no-op to measure what it costs). `max_unpacks`: how many layers
-        this store unpacks at once, whatever the number of pulls
-        (--max-parallel-unpacks; default: the CPUs)."""
+        this process unpacks at once, whatever the number of pulls
+        (--max-parallel-unpacks; default: the CPUs it may run on)."""
         self.paths = paths
-        self.max_unpacks = max(1, max_unpacks or os.cpu_count() or 1)
-        # Held from an unpack's first read of its blob to its syncfs: the CPU-bound part.
-        # A blob's download starts before (its partial file is the buffer).
+        self.max_unpacks = max(1, max_unpacks or len(os.sched_getaffinity(0)) or 1)
+        # Held from an unpack's first read of its blob to its syncfs, but not while it waits
+        # for the network (_Slot). A blob's download starts before (the partial file is
+        # the buffer).
         self._slots = threading.BoundedSemaphore(self.max_unpacks)
         self._sync = sync
         os.makedirs(paths.layers, mode=0o700, exist_ok=True)
@@ -158,12 +159,25 @@ class LayerStore:
 
         workers = [threading.Thread(target=work, name=f"unpack {n}", daemon=True)
                    for n in range(min(len(todo), self.max_unpacks + AHEAD))]
-        for t in workers:
-            t.start()
-        for t in workers:
-            t.join()
+        started = []
+        try:
+            for t in workers:
+                t.start()
+                started.append(t)
+        except BaseException as e:
+            # No more threads (a pids limit): the running workers take no new layer and
+            # are waited for, so none leases into a token `acquire` has already ended.
+            with mu:
+                errors[-1] = e
+            raise
+        finally:
+            for t in started:
+                t.join()
         if errors:
-            raise errors[min(errors)]
+            first = min(errors)
+            for i in sorted(errors)[1:]:
+                log.warning("layer %s also failed: %s", blobs[i].digest, errors[i])
+            raise errors[first]
         return ids  # type: ignore[return-value]
 
     def _ensure_leased(self, source: BlobSource, desc: LayerBlob, token: str) -> str:
@@ -217,7 +231,9 @@ class LayerStore:
         lid = layer_id(desc.diff_id)
         started = time.monotonic()
         # The blob first (a download starts, running ahead while we wait for a slot).
-        with source.open_blob(desc) as blob, self._slots:
+        with source.open_blob(desc) as blob, _Slot(self._slots) as slot:
+            if hasattr(blob, "idle"):
+                blob.idle = slot  # given up while the unpack waits for the network
             work, size, stats = self._unpack_blob(blob, desc, lid)
         now = self._clock()
         final = self.paths.layer(lid)
@@ -316,6 +332,47 @@ class LayerStore:
             if watch is not None:
                 os.close(watch)
         return work, size, stats
+
+
+class _Slot:
+    """One of the store's unpack slots, held by one unpack, given up by its blob's reader
+    while it waits for bytes (blobs.Idle) and taken back before it returns any: a slow or
+    stalled download holds no slot that an unpack with bytes could use. The reader may
+    run on the decompressor's thread; once the unpack leaves, a late `acquire` takes
+    nothing."""
+
+    def __init__(self, slots: threading.Semaphore):
+        self._slots = slots
+        self._mu = threading.Lock()
+        self._held = self._closed = False
+
+    def acquire(self) -> None:
+        with self._mu:
+            if self._closed:
+                return
+        self._slots.acquire()
+        with self._mu:
+            if self._closed:
+                self._slots.release()
+            else:
+                self._held = True
+
+    def release(self) -> None:
+        with self._mu:
+            if self._held:
+                self._held = False
+                self._slots.release()
+
+    def __enter__(self) -> "_Slot":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with self._mu:
+            self._closed = True
+            if self._held:
+                self._held = False
+                self._slots.release()
 
 
 def _close_quietly(stream) -> None:

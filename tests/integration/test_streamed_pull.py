@@ -23,6 +23,7 @@ from csi.config import Config
 from csi.errors import DataLoss
 from csi.image import reference
 from csi.image.build import LayerBuilder, write_image
+from csi.image.manifest import LayerDesc
 from csi.image.registry import RegistryClient
 from csi.image.transport import Options
 from csi.paths import StorePaths
@@ -356,3 +357,95 @@ def test_the_setting_reaches_the_layer_store(tmp_path):
         assert parts.layers.max_unpacks == 3
     finally:
         parts.close()
+
+
+def plain_layer(name: str):
+    """An uncompressed layer (digest = DiffID) and its tar."""
+    tar = LayerBuilder().file(f"{name}.txt", f"{name}\n" * 50_000).tar_bytes()
+    digest = "sha256:" + hashlib.sha256(tar).hexdigest()
+    return LayerDesc(digest, "application/vnd.oci.image.layer.v1.tar", len(tar), digest), tar
+
+
+def test_a_stalled_download_holds_no_unpack_slot(store, tmp_path):
+    """--max-parallel-unpacks 1: a layer whose download stalls half-way, its unpack begun,
+    gives its slot up while it waits for bytes, so another pull's layer unpacks meanwhile
+    (it used to wait for the stalled registry)."""
+    layers, blobs = store(1)
+    (slow, slow_tar), (fast, fast_tar) = plain_layer("slow"), plain_layer("fast")
+    half, go = threading.Event(), threading.Event()
+
+    def fetch_slow(offset, out):
+        out.write(slow_tar[:len(slow_tar) // 2])
+        half.set()
+        assert go.wait(WAIT), "the test never let the slow download go on"
+        out.write(slow_tar[len(slow_tar) // 2:])
+
+    fetches = {slow.digest: fetch_slow,
+               fast.digest: lambda offset, out: out.write(fast_tar[offset:])}
+
+    class Source:
+        def open_blob(self, layer):
+            return blobs.open(layer.digest, layer.size, fetches[layer.digest], "blob")
+
+    results, errors = {}, []
+
+    def pull(desc):
+        try:
+            results[desc.digest] = layers.ensure(Source(), [desc])
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    slow_pull = threading.Thread(target=pull, args=(slow,))
+    slow_pull.start()
+    try:
+        assert half.wait(WAIT)
+        tmp = layers.paths.tmp
+        deadline = threading.Event()
+        for _ in range(WAIT * 100):  # its unpack has begun: it took the one slot
+            if any(n.startswith("unpack-") for n in os.listdir(tmp)):
+                break
+            deadline.wait(0.01)
+        else:
+            pytest.fail("the slow layer's unpack never began")
+        fast_pull = threading.Thread(target=pull, args=(fast,))
+        fast_pull.start()
+        fast_pull.join(WAIT)
+        assert not fast_pull.is_alive(), "the other layer waited for the stalled download"
+        assert fast.digest in results and not errors, errors
+    finally:
+        go.set()
+        slow_pull.join(WAIT)
+    assert not errors, errors
+    with open(os.path.join(layers.paths.layer_fs(results[slow.digest][0]), "slow.txt")) as f:
+        assert f.read() == "slow\n" * 50_000
+    store_holds_nothing_unrecorded(layers.paths.root)
+
+
+def test_a_worker_that_cannot_start_leaves_no_lease_and_no_worker(store, monkeypatch):
+    """No thread for the second worker (a pids limit): the acquire fails, but only once
+    the started worker is done, so that nothing leases a layer into the ended token."""
+    layers, blobs = store(1)
+    descs, tars = zip(*(plain_layer(n) for n in ("one", "two", "three")), strict=True)
+    by_digest = dict(zip((d.digest for d in descs), tars, strict=True))
+
+    class Source:
+        def open_blob(self, layer):
+            tar = by_digest[layer.digest]
+            return blobs.open(layer.digest, layer.size,
+                              lambda offset, out: out.write(tar[offset:]), "blob")
+
+    real = threading.Thread.start
+
+    def start(self):
+        if self.name == "unpack 1":
+            raise RuntimeError("can't start new thread")
+        real(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    with pytest.raises(RuntimeError, match="new thread"):
+        layers.ensure(Source(), list(descs))
+    monkeypatch.setattr(threading.Thread, "start", real)
+    assert not [t for t in threading.enumerate() if t.name.startswith("unpack ")]
+    with layers.state.read() as tx:
+        assert not [h for _, h in tx.holders() if h.startswith("lease:")]
+    store_holds_nothing_unrecorded(layers.paths.root)

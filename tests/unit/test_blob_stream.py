@@ -165,3 +165,57 @@ def test_a_blob_in_place_is_read_through_a_verifying_reader_and_evicted_if_rotte
         with pytest.raises(DataLoss, match="digest mismatch"):
             blob.drain()
     assert not store.has(DIGEST), "the rotten copy is gone: the retry downloads it"
+
+
+def test_a_download_whose_thread_cannot_start_is_not_left_for_others_to_join(tmp_path,
+                                                                            monkeypatch):
+    """No thread (a pids limit): the open fails, and the next one starts a download of
+    its own instead of waiting for ever on one that never ran."""
+    store = BlobStore(str(tmp_path))
+    real = threading.Thread.start
+
+    def refused(self):
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", refused)
+    with pytest.raises(RuntimeError, match="new thread"):
+        store.open(DIGEST, len(DATA), lambda o, out: out.write(DATA[o:]), "blob")
+    monkeypatch.setattr(threading.Thread, "start", real)
+    got = []
+
+    def read():
+        with store.open(DIGEST, len(DATA), lambda o, out: out.write(DATA[o:]), "blob") as b:
+            got.append(b.read(-1))
+
+    t = threading.Thread(target=read)
+    t.start()
+    t.join(WAIT)
+    assert not t.is_alive(), "the second open joined the download that never ran"
+    assert got == [DATA]
+
+
+def test_progress_counts_resumed_bytes_and_a_failing_display_fails_nothing(tmp_path):
+    """A resumed download reports the bytes it already had (its row reaches the blob's
+    size); a progress callback that raises (a display on a closed pipe) is not taken for
+    a store error."""
+    seen = []
+
+    def on_bytes(digest, n):
+        seen.append(n)
+        raise BrokenPipeError("the display went away")
+
+    store = BlobStore(str(tmp_path), on_bytes=on_bytes)
+
+    def cut(offset, out):
+        out.write(DATA[:HALF])
+        raise http.client.IncompleteRead(b"", len(DATA) - HALF)
+
+    with store.open(DIGEST, len(DATA), cut, "blob") as blob:
+        with pytest.raises(http.client.IncompleteRead):
+            blob.drain()
+        assert blob.downloading is False, "the download ended (cut)"
+    seen.clear()
+    with store.open(DIGEST, len(DATA), lambda o, out: out.write(DATA[o:]), "blob") as blob:
+        assert blob.read(-1) == DATA
+    assert sum(seen) == len(DATA) and seen[0] == HALF, seen
+    assert store.has(DIGEST, len(DATA))
