@@ -383,44 +383,42 @@ def profile(work: str, host: str, out: str) -> None:
     breakdown(out)
 
 
-# Where a sample of the pull's thread is, by its innermost frame that says (first match
-# wins): (category, file suffix or "", function or "", regex on the source line or "").
+# Where a working sample is, by its innermost frame that says (first match wins):
+# (category, file suffix or "", function or "", regex on the source line or "").
 CATEGORIES = [
     ("syncfs (durability)", "durable.py", "syncfs", ""),
     ("SQLite (state.db)", "csi/store/state.py", "", ""),
     ("SQLite (state.db)", "sqlite3/__init__.py", "", ""),
-    ("digest: sha256 of the inflated tar (DiffID)", "csi/digest.py", "VerifyingReader.read",
-     r"_hash\.update"),
-    ("digest: sha256 of the downloaded blob file", "csi/digest.py", "sha256_file", ""),
-    ("HTTP download (socket reads, blob file writes)", "socket.py", "", ""),
-    ("HTTP download (socket reads, blob file writes)", "http/client.py", "", ""),
-    ("HTTP download (socket reads, blob file writes)", "csi/image/transport.py", "", ""),
-    ("HTTP download (socket reads, blob file writes)", "csi/image/registry.py", "", ""),
-    ("waiting for the inflate thread", "igzip_threaded.py", "", ""),
-    ("tar parsing", "tarfile.py", "", ""),  # split below: headers, or the data path
-    ("metadata syscalls: path lookups (lstat, islink, isdir)", "", "islink", ""),
-    ("metadata syscalls: path lookups (lstat, islink, isdir)", "", "isdir", ""),
-    ("metadata syscalls: path lookups (lstat, islink, isdir)", "", "lexists", ""),
-    ("path strings (join, normpath, split)", "", "join", ""),
-    ("path strings (join, normpath, split)", "", "normpath", ""),
-    ("path strings (join, normpath, split)", "", "split", ""),
-    ("file creation syscalls (open, close, mkdir, symlink, link, mknod)", "",
-     "fdopen", ""),
+    ("digest: sha256 of the inflated tar (DiffID)", "csi/digest.py", "", r"\.update\("),
+    ("digest: sha256 of the inflated tar (DiffID)", "csi/store/compression.py", "",
+     r"\.update\("),
+    ("digest: sha256 of the blob (read back from disk)", "csi/digest.py", "sha256_file", ""),
+    ("HTTP download (socket reads, blob file writes, its sha256)", "socket.py", "", ""),
+    ("HTTP download (socket reads, blob file writes, its sha256)", "http/client.py", "", ""),
+    ("HTTP download (socket reads, blob file writes, its sha256)", "csi/image/transport.py",
+     "", ""),
+    ("HTTP download (socket reads, blob file writes, its sha256)", "csi/image/registry.py",
+     "", ""),
+    ("HTTP download (socket reads, blob file writes, its sha256)", "csi/store/blobs.py",
+     "_Sink.write", ""),
+    ("inflate (ISA-L, zstd)", "igzip_threaded.py", "", ""),
+    ("inflate (ISA-L, zstd)", "csi/store/compression.py", "", ""),
+    ("reading the blob (partial file, pread)", "csi/store/blobs.py", "_Follower.read", ""),
+    ("tar parsing: headers and buffers (tarstream.py)", "csi/store/tarstream.py", "", ""),
+    ("file data writes", "csi/store/unpack.py", "", r"write\(fd"),
     ("file creation syscalls (open, close, mkdir, symlink, link, mknod)", "csi/store/unpack.py",
-     "", r"os\.(open|fdopen|mkdir|symlink|link|mknod|mkfifo)\("),
-    ("file data writes", "csi/store/unpack.py", "", r"out\.write"),
+     "", r"self\.create\(|os\.(open|close|mkdir|symlink|link|mknod|mkfifo)\("),
     ("metadata syscalls: owner, mode, times, xattrs", "csi/store/unpack.py", "",
-     r"os\.(lchown|chmod|utime|setxattr)\("),
-    ("metadata syscalls: path lookups (lstat, islink, isdir)", "csi/store/unpack.py", "",
-     r"os\.lstat\("),
-    ("metadata syscalls: usage walk after unpack (scandir, stat)", "csi/tree.py", "usage",
-     ""),
+     r"os\.(fchown|fchmod|lchown|chmod|utime|setxattr)\(|_set_xattrs\("),
+    ("metadata syscalls: lookups (stat, lstat, readlink)", "csi/store/unpack.py", "",
+     r"os\.(stat|lstat|readlink|fstat)\("),
+    ("metadata syscalls: usage walk after unpack (scandir, stat)", "csi/tree.py", "usage", ""),
     ("unpacker's own Python (unpack.py)", "csi/store/unpack.py", "", ""),
-    ("removing the blob after unpack", "csi/store/blobs.py", "remove", ""),
-    ("HTTP download (socket reads, blob file writes)", "csi/store/blobs.py", "", ""),
+    ("removing the blob after the pull", "csi/store/blobs.py", "remove", ""),
     ("overlay mount and publication", "csi/mount/", "", ""),
     ("overlay mount and publication", "csi/backend/", "", ""),
 ]
+WAITS = ("wait", "_wait_for_tstate_lock", "acquire", "get", "join", "select", "poll")
 
 
 def _category(stack: list[dict]) -> str:
@@ -433,56 +431,61 @@ def _category(stack: list[dict]) -> str:
                 continue
             if pattern and not re.search(pattern, linecache.getline(file, f.get("line", 0))):
                 continue
-            if cat == "tar parsing":
-                header = any(g["name"] in ("TarFile.next", "TarInfo.fromtarfile")
-                             for g in stack)
-                return ("tar parsing: headers (tarfile: checksums, field decoding)" if header
-                        else "tar data path (tarfile's stream buffers and copies, one "
-                             "reader object per file)")
             return cat
     return "other Python"
 
 
+def _waiting(stack: list[dict]) -> str | None:
+    """`waiting in F` when the sample is a thread blocked on another (a lock, a condition,
+    a queue, a join), F the innermost of our functions on its stack; None when working.
+    A blocking syscall (a socket read, a write) counts as work: it is the thread's."""
+    if not stack[-1]["name"].split(".")[-1].lstrip("_").startswith(WAITS):
+        return None
+    ours = next((f["name"] for f in reversed(stack) if "/csi/" in f.get("file", "")), "?")
+    return f"waiting in {ours}"
+
+
 def breakdown(path: str) -> None:
-    """Sort the samples of a py-spy speedscope profile of one cold publish: the pull's
-    thread is the critical path (download, then unpack in it, layer after layer); the RPC
-    thread adds what comes before and after the pull; the inflate thread works beside it."""
+    """Sort the samples of a py-spy speedscope profile of one cold publish, per thread: a
+    pull's layers unpack on threads `unpack N` (one per layer at a time, fed by a
+    `download blob` thread each and an inflate thread), the `pull` thread waits for them,
+    the RPC thread for the pull. The critical path is the unpack thread that worked
+    longest (the base layer's, for the realistic image): its split is printed whole;
+    every other thread's in one line."""
     with open(path) as f:
         prof = json.load(f)
     frames = prof["shared"]["frames"]
-    pull = rpc = inflate = None
+    threads: dict[str, dict[str, float]] = {}
     for p in prof["profiles"]:
-        thread = p["name"].split('"')[1] if '"' in p["name"] else p["name"]
-        if thread.startswith("pull "):
-            pull = p
-        elif "_decompress" in thread:
-            inflate = p
-        elif any(frames[i]["name"] == "Puller.pull" for s in p["samples"] for i in s):
-            rpc = p
-    if pull is None or rpc is None:
-        raise Failed("the profile holds no pull thread or no RPC thread: nothing to sort")
-    seconds: dict[str, float] = {}
-    for p in (pull, rpc):
+        name = p["name"].split('"')[1] if '"' in p["name"] else p["name"]
+        cats = threads.setdefault(name, {})
         for sample, w in zip(p["samples"], p["weights"], strict=True):
             stack = [frames[i] for i in sample]
-            names = [f["name"] for f in stack]
-            if p is rpc and "Puller.pull" in names and names[-1].endswith("wait"):
-                continue  # the RPC waiting on the pull thread: counted there
-            if p is rpc and not any(f.get("file", "").find("/csi/") >= 0 for f in stack):
-                continue  # an idle worker
-            cat = _category(stack)
-            seconds[cat] = seconds.get(cat, 0.0) + w
-    total = sum(seconds.values())
-    print(f"critical path (the pull thread, then the RPC thread's own work): "
-          f"{total:.2f} s sampled")
-    for cat, t in sorted(seconds.items(), key=lambda kv: -kv[1]):
+            if not stack or not any("/csi/" in f.get("file", "") for f in stack):
+                continue  # an idle gRPC worker or py-spy's own view of nothing
+            cat = _waiting(stack) or _category(stack)
+            cats[cat] = cats.get(cat, 0.0) + w
+
+    def busy(cats: dict[str, float]) -> float:
+        return sum(t for c, t in cats.items() if not c.startswith("waiting"))
+
+    unpacks = {n: c for n, c in threads.items() if n.startswith("unpack") and busy(c)}
+    if not unpacks:
+        raise Failed("the profile holds no unpack thread that worked: nothing to sort")
+    critical = max(unpacks, key=lambda n: busy(unpacks[n]))
+    cats = threads[critical]
+    total = sum(cats.values())
+    print(f"critical path: thread '{critical}' (the longest-working unpack), "
+          f"{total:.2f} s sampled, {busy(cats):.2f} s working")
+    for cat, t in sorted(cats.items(), key=lambda kv: -kv[1]):
         print(f"  {100 * t / total:5.1f}%  {t:5.2f} s  {cat}")
-    if inflate is not None:
-        busy = sum(w for s, w in zip(inflate["samples"], inflate["weights"], strict=True)
-                   if not frames[s[-1]]["name"].endswith("wait"))
-        print(f"beside it, the inflate thread (ISA-L, and the blob's sha256 as it reads it) "
-              f"was busy {busy:.2f} s and waited for the unpacker the rest of its "
-              f"{sum(inflate['weights']):.2f} s")
+    print("every thread that ran our code (working / sampled, its largest part):")
+    for name, c in sorted(threads.items(), key=lambda kv: -busy(kv[1])):
+        if not c:
+            continue
+        top = max(c.items(), key=lambda kv: kv[1])
+        print(f"  {name[:48]:<48} {busy(c):5.2f} / {sum(c.values()):5.2f} s   "
+              f"{top[0]} {top[1]:.2f} s")
 
 
 def main() -> int:
