@@ -18,6 +18,12 @@ HALF = len(DATA) // 2
 WAIT = 30  # seconds a step may take before the test fails instead of hanging
 
 
+def cut(offset, out):
+    """A download cut half-way."""
+    out.write(DATA[:HALF])
+    raise http.client.IncompleteRead(b"", len(DATA) - HALF)
+
+
 def partials(tmp_path) -> list[str]:
     return sorted(os.listdir(tmp_path / "tmp"))
 
@@ -56,10 +62,6 @@ def test_wrong_bytes_end_the_stream_with_data_loss_and_nothing_is_kept(tmp_path)
 
 def test_a_cut_download_keeps_its_partial_and_the_next_one_resumes_hashing_it(tmp_path):
     store = BlobStore(str(tmp_path))
-
-    def cut(offset, out):
-        out.write(DATA[:HALF])
-        raise http.client.IncompleteRead(b"", len(DATA) - HALF)
 
     with store.open(DIGEST, len(DATA), cut, "blob") as blob:
         with pytest.raises(http.client.IncompleteRead):
@@ -205,10 +207,6 @@ def test_progress_counts_resumed_bytes_and_a_failing_display_fails_nothing(tmp_p
         raise BrokenPipeError("the display went away")
 
     store = BlobStore(str(tmp_path), on_bytes=on_bytes)
-
-    def cut(offset, out):
-        out.write(DATA[:HALF])
-        raise http.client.IncompleteRead(b"", len(DATA) - HALF)
 
     with store.open(DIGEST, len(DATA), cut, "blob") as blob:
         with pytest.raises(http.client.IncompleteRead):

@@ -8,6 +8,7 @@ import pytest
 
 from csi import cli
 from csi.config import Config, CPUs
+from tests.unit.test_cli_usage import serve, usage_error
 
 
 @pytest.fixture(autouse=True)
@@ -23,20 +24,6 @@ def served(monkeypatch):
     got = []
     monkeypatch.setattr("csi.server.serve", lambda config: got.append(config) or 0)
     return got
-
-
-def serve(tmp_path, *extra):
-    return ["serve", "--node-id", "n", "--root", str(tmp_path / "store"),
-            "--endpoint", f"unix://{tmp_path}/csi.sock", *extra]
-
-
-def usage_error(argv, capsys) -> str:
-    with pytest.raises(SystemExit) as e:
-        cli.main(argv)
-    out = capsys.readouterr()
-    assert e.value.code == 2, out.err
-    assert "Traceback" not in out.err and out.out == ""
-    return out.err
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "abc", "1.5", ""])
