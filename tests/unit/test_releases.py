@@ -51,6 +51,9 @@ class Asked:
     def holder_probe(self, key: str):
         self.asked.append(key)
 
+    def snapshot(self, key: str):
+        return None  # an overlay backend's answer: no view binds a snapshot of its own
+
 
 def releases(tmp_path, last: str | None, now: str = "boot-b") -> tuple[Releases, Asked]:
     paths = StorePaths(str(tmp_path / "store")).make()
