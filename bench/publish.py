@@ -4,7 +4,9 @@ Three figures per publish+unpublish cycle, on layers already on the node:
   bare      mkdir + mount(2) overlay + umount(2) + rmdir, with fresh upper/work dirs (the floor)
   manager   VolumeManager.publish + unpublish in-process (server-side work: locks, state, mount)
   rpc       NodePublishVolume + NodeUnpublishVolume over the real unix socket (what kubelet sees)
-Reported as p50/p99 in ms and as ratios to the bare cycle.
+Reported as p50/p99 in ms and as ratios to the bare cycle, and as CPU time per cycle (user +
+system, of this process and, for rpc, of the server too): on a machine shared with other
+work, waiting for a CPU swells every wall-clock figure, CPU time much less.
 
 `--live N` (default 1000): then N volumes are published over the socket and kept live
 while cycles of one more volume are measured over the socket, interleaved with bare
@@ -32,6 +34,40 @@ from csi.demo import build_demo_image  # noqa: E402
 from csi.mount import spec  # noqa: E402
 from csi.proto import csi_pb2  # noqa: E402
 from csi.volumes import PublishSpec  # noqa: E402
+
+
+class Cpu:
+    """CPU seconds (user + system) spent per contender: this process's, and the server's
+    (/proc/PID/stat) when given its pid."""
+
+    TICK = os.sysconf("SC_CLK_TCK")
+
+    def __init__(self, pid=None):
+        self.pid = pid
+        self.spent: dict[str, float] = {}
+        self.cycles: dict[str, int] = {}
+
+    def now(self) -> float:
+        t = os.times()
+        total = t.user + t.system
+        if self.pid is not None:
+            with open(f"/proc/{self.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / self.TICK  # utime, stime
+        return total
+
+    def run(self, name, fn, *args, **kw):
+        t0 = self.now()
+        out = fn(*args, **kw)
+        self.spent[name] = self.spent.get(name, 0.0) + self.now() - t0
+        self.cycles[name] = self.cycles.get(name, 0) + len(out)
+        return out
+
+    def report(self, base="bare"):
+        per = {k: self.spent[k] / self.cycles[k] for k in self.spent}
+        for name, sec in per.items():
+            ratio = f"  {sec / per[base]:5.2f}x {base}" if name != base and base in per else ""
+            print(f"  {name:<8} CPU {sec * 1e3:7.3f} ms per cycle{ratio}")
 
 
 def pct(xs, p):
@@ -108,7 +144,7 @@ def bench_rpc(node, image, work, n, tag="rpc"):
     return out
 
 
-def bench_live_rpc(node, mounter, lowers, image, work, live, n, rounds, published):
+def bench_live_rpc(node, mounter, lowers, image, work, live, n, rounds, published, cpu):
     """Publish `live` volumes over the socket and keep them (their targets go into
     `published`, for the caller to unpublish whatever happens), then interleave bare
     cycles with rpc cycles of one more volume: (bare, rpc) seconds."""
@@ -118,8 +154,8 @@ def bench_live_rpc(node, mounter, lowers, image, work, live, n, rounds, publishe
         published.append((f"live-{i}", t))
     bare, rpc = [], []
     for r in range(rounds):
-        bare += bench_bare(mounter, lowers, work, n // rounds, [])
-        rpc += bench_rpc(node, image, work, n // rounds, tag=f"xl{r}-")
+        bare += cpu.run("bare", bench_bare, mounter, lowers, work, n // rounds, [])
+        rpc += cpu.run("rpc", bench_rpc, node, image, work, n // rounds, tag=f"xl{r}-")
     return bare, rpc
 
 
@@ -182,16 +218,19 @@ def main():
         # contender should meet the same drift.
         bare, mgr, rpc, bare_mount, mgr_pub = [], [], [], [], []
         rounds = args.rounds
+        cpu = Cpu(server.proc.pid)
         for _ in range(rounds):
-            bare += bench_bare(mounter, lowers, work, args.n // rounds, bare_mount)
-            mgr += bench_manager(vm, image, work, args.n // rounds, mgr_pub)
-            rpc += bench_rpc(node, image, work, args.n // rounds)
+            bare += cpu.run("bare", bench_bare, mounter, lowers, work, args.n // rounds,
+                            bare_mount)
+            mgr += cpu.run("manager", bench_manager, vm, image, work, args.n // rounds, mgr_pub)
+            rpc += cpu.run("rpc", bench_rpc, node, image, work, args.n // rounds)
         scale, scrape = bench_scale(vm, image, work, parts)
 
         print(f"warm publish+unpublish cycle, {len(lowers)}-layer image, n={args.n}")
         summary("bare", bare)
         summary("manager", mgr, bare)
         summary("rpc", rpc, bare)
+        cpu.report()
         print("warm NodePublish alone (server side) against one bare overlay mount(2):")
         summary("mount(2)", bare_mount)
         summary("publish", mgr_pub, bare_mount)
@@ -202,12 +241,14 @@ def main():
         print(f"  (/metrics scraped with {max(scale)} live publications; the first scrape "
               "walks every upper layer, later ones reuse the walks for 15 s)", flush=True)
         if args.live:
+            live_cpu = Cpu(server.proc.pid)
             live_bare, live_rpc = bench_live_rpc(node, mounter, lowers, image, work,
-                                                 args.live, args.n, rounds, published)
+                                                 args.live, args.n, rounds, published, live_cpu)
             print(f"warm publish+unpublish over the socket with {args.live} publications "
                   "live on the server:")
             summary("bare", live_bare)
             summary("rpc", live_rpc, live_bare)
+            live_cpu.report()
     finally:
         if server is not None:
             for vid, target in published:
