@@ -52,7 +52,7 @@ class Asked:
         self.asked.append(key)
 
     def snapshot(self, key: str):
-        return None  # an overlay backend's answer: no view binds a snapshot of its own
+        return None  # an overlay-shaped key: its views are asked about by device
 
 
 def releases(tmp_path, last: str | None, now: str = "boot-b") -> tuple[Releases, Asked]:
