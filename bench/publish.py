@@ -4,7 +4,15 @@ Three figures per publish+unpublish cycle, on layers already on the node:
   bare      mkdir + mount(2) overlay + umount(2) + rmdir, with fresh upper/work dirs (the floor)
   manager   VolumeManager.publish + unpublish in-process (server-side work: locks, state, mount)
   rpc       NodePublishVolume + NodeUnpublishVolume over the real unix socket (what kubelet sees)
-Reported as p50/p99 in ms and as ratios to the bare cycle.
+Reported as p50/p99 in ms and as ratios to the bare cycle, and as CPU time per cycle (user +
+system, of this process and, for rpc, of the server too): on a machine shared with other
+work, waiting for a CPU swells every wall-clock figure, CPU time much less.
+
+`--live N` (default 1000): then N volumes are published over the socket and kept live
+while cycles of one more volume are measured over the socket, interleaved with bare
+cycles (mountinfo, the state and the kernel's lists all grow with them). Everything it
+publishes is unpublished, the server stopped and whatever is still mounted under its work
+dir unmounted, whatever happens (SIGTERM and ^C included).
 """
 
 import argparse
@@ -12,21 +20,54 @@ import os
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
-import grpc
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench._util import Strata  # noqa: E402
+from bench.realistic import unmount_under  # noqa: E402
 from csi import compose  # noqa: E402
 from csi.config import Config  # noqa: E402
 from csi.demo import build_demo_image  # noqa: E402
 from csi.mount import spec  # noqa: E402
-from csi.proto import csi_pb2, csi_pb2_grpc  # noqa: E402
+from csi.proto import csi_pb2  # noqa: E402
 from csi.volumes import PublishSpec  # noqa: E402
+
+
+class Cpu:
+    """CPU seconds (user + system) spent per contender: this process's, and the server's
+    (/proc/PID/stat) when given its pid."""
+
+    TICK = os.sysconf("SC_CLK_TCK")
+
+    def __init__(self, pid=None):
+        self.pid = pid
+        self.spent: dict[str, float] = {}
+        self.cycles: dict[str, int] = {}
+
+    def now(self) -> float:
+        t = os.times()
+        total = t.user + t.system
+        if self.pid is not None:
+            with open(f"/proc/{self.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / self.TICK  # utime, stime
+        return total
+
+    def run(self, name, fn, *args, **kw):
+        t0 = self.now()
+        out = fn(*args, **kw)
+        self.spent[name] = self.spent.get(name, 0.0) + self.now() - t0
+        self.cycles[name] = self.cycles.get(name, 0) + len(out)
+        return out
+
+    def report(self, base="bare"):
+        per = {k: self.spent[k] / self.cycles[k] for k in self.spent}
+        for name, sec in per.items():
+            ratio = f"  {sec / per[base]:5.2f}x {base}" if name != base and base in per else ""
+            print(f"  {name:<8} CPU {sec * 1e3:7.3f} ms per cycle{ratio}")
 
 
 def pct(xs, p):
@@ -77,21 +118,45 @@ def bench_manager(vm, image, work, n, publish_only=None, size_limit=0, tag="mgr"
     return out
 
 
-def bench_rpc(node, image, work, n):
-    cap = csi_pb2.VolumeCapability(
-        mount=csi_pb2.VolumeCapability.MountVolume(),
-        access_mode=csi_pb2.VolumeCapability.AccessMode(mode=1))
+CAP = csi_pb2.VolumeCapability(mount=csi_pb2.VolumeCapability.MountVolume(),
+                               access_mode=csi_pb2.VolumeCapability.AccessMode(mode=1))
+
+
+def rpc_publish(node, vid, target, image):
+    node.NodePublishVolume(csi_pb2.NodePublishVolumeRequest(
+        volume_id=vid, target_path=target, volume_capability=CAP,
+        volume_context={"image": image, "csi.storage.k8s.io/ephemeral": "true"}), timeout=600)
+
+
+def rpc_unpublish(node, vid, target):
+    node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(
+        volume_id=vid, target_path=target), timeout=600)
+
+
+def bench_rpc(node, image, work, n, tag="rpc"):
     out = []
     for i in range(n):
-        target = os.path.join(work, f"rpc{i}")
+        target = os.path.join(work, f"{tag}{i}")
         t0 = time.perf_counter()
-        node.NodePublishVolume(csi_pb2.NodePublishVolumeRequest(
-            volume_id=f"rpc-{i}", target_path=target, volume_capability=cap,
-            volume_context={"image": image, "csi.storage.k8s.io/ephemeral": "true"}))
-        node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(
-            volume_id=f"rpc-{i}", target_path=target))
+        rpc_publish(node, f"{tag}-{i}", target, image)
+        rpc_unpublish(node, f"{tag}-{i}", target)
         out.append(time.perf_counter() - t0)
     return out
+
+
+def bench_live_rpc(node, mounter, lowers, image, work, live, n, rounds, published, cpu):
+    """Publish `live` volumes over the socket and keep them (their targets go into
+    `published`, for the caller to unpublish whatever happens), then interleave bare
+    cycles with rpc cycles of one more volume: (bare, rpc) seconds."""
+    for i in range(live):
+        t = os.path.join(work, f"live{i}")
+        rpc_publish(node, f"live-{i}", t, image)
+        published.append((f"live-{i}", t))
+    bare, rpc = [], []
+    for r in range(rounds):
+        bare += cpu.run("bare", bench_bare, mounter, lowers, work, n // rounds, [])
+        rpc += cpu.run("rpc", bench_rpc, node, image, work, n // rounds, tag=f"xl{r}-")
+    return bare, rpc
 
 
 def bench_scale(vm, image, work, parts, live_counts=(10, 1000), n=100):
@@ -122,9 +187,14 @@ def bench_scale(vm, image, work, parts, live_counts=(10, 1000), n=100):
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("-n", type=int, default=300)
+    ap.add_argument("--live", type=int, default=1000,
+                    help="publications kept live for the last measurement (0: skip it)")
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--log-level", default="WARNING", help="the server's")
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the clean-up below
     root = tempfile.mkdtemp(prefix="strata-bench-")
-    proc = None
+    server, parts, published = None, None, []
     try:
         image = build_demo_image(os.path.join(root, "image"))
         parts = compose.node(Config(root=os.path.join(root, "store"), node_id="bench",
@@ -139,47 +209,58 @@ def main():
         lowers = backend.lowers(ids)
         work = os.path.join(root, "work")
         os.mkdir(work)
-        sock = os.path.join(root, "csi.sock")
-        log = open(os.path.join(root, "serve.log"), "w")
-        proc = subprocess.Popen([sys.executable, "-m", "csi", "serve", "--endpoint",
-                                 f"unix://{sock}", "--root", os.path.join(root, "store2"),
-                                 "--node-id", "bench", "--log-level", "WARNING"],
-                                stdout=log, stderr=log)
-        while not os.path.exists(sock):
-            time.sleep(0.05)
-        channel = grpc.insecure_channel(f"unix://{sock}")
-        node = csi_pb2_grpc.NodeStub(channel)
+        server = Strata(os.path.join(root, "csi.sock"), os.path.join(root, "store2"),
+                        os.path.join(root, "serve.log"), log_level=args.log_level)
+        node = server.node
         bench_manager(vm, image, work, 5)  # warm-up: the layer cache, the channel
         bench_rpc(node, image, work, 5)
         # Interleaved rounds: the machine's speed drifts (frequency, neighbours), and every
         # contender should meet the same drift.
         bare, mgr, rpc, bare_mount, mgr_pub = [], [], [], [], []
-        rounds = 10
+        rounds = args.rounds
+        cpu = Cpu(server.proc.pid)
         for _ in range(rounds):
-            bare += bench_bare(mounter, lowers, work, args.n // rounds, bare_mount)
-            mgr += bench_manager(vm, image, work, args.n // rounds, mgr_pub)
-            rpc += bench_rpc(node, image, work, args.n // rounds)
-        channel.close()
+            bare += cpu.run("bare", bench_bare, mounter, lowers, work, args.n // rounds,
+                            bare_mount)
+            mgr += cpu.run("manager", bench_manager, vm, image, work, args.n // rounds, mgr_pub)
+            rpc += cpu.run("rpc", bench_rpc, node, image, work, args.n // rounds)
         scale, scrape = bench_scale(vm, image, work, parts)
-        parts.close()
 
         print(f"warm publish+unpublish cycle, {len(lowers)}-layer image, n={args.n}")
         summary("bare", bare)
         summary("manager", mgr, bare)
         summary("rpc", rpc, bare)
+        cpu.report()
         print("warm NodePublish alone (server side) against one bare overlay mount(2):")
         summary("mount(2)", bare_mount)
         summary("publish", mgr_pub, bare_mount)
-        print("warm publish+unpublish with other publications live:")
+        print("warm publish+unpublish with other publications live (in-process):")
         for live, xs in scale.items():
             summary(f"{live} live", xs, scale[min(scale)], vs=f"{min(scale)} live")
         summary("/metrics", scrape)
         print(f"  (/metrics scraped with {max(scale)} live publications; the first scrape "
-              "walks every upper layer, later ones reuse the walks for 15 s)")
+              "walks every upper layer, later ones reuse the walks for 15 s)", flush=True)
+        if args.live:
+            live_cpu = Cpu(server.proc.pid)
+            live_bare, live_rpc = bench_live_rpc(node, mounter, lowers, image, work,
+                                                 args.live, args.n, rounds, published, live_cpu)
+            print(f"warm publish+unpublish over the socket with {args.live} publications "
+                  "live on the server:")
+            summary("bare", live_bare)
+            summary("rpc", live_rpc, live_bare)
+            live_cpu.report()
     finally:
-        if proc is not None:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait()
+        if server is not None:
+            for vid, target in published:
+                try:
+                    rpc_unpublish(server.node, vid, target)
+                except Exception as e:  # the server may be gone: unmounted below
+                    print(f"cannot unpublish {vid}: {e}", file=sys.stderr)
+                    break
+            server.stop()
+        if parts is not None:
+            parts.close()
+        unmount_under(root)  # never delete into a mount left behind
         shutil.rmtree(root, ignore_errors=True)
 
 

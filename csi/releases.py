@@ -21,11 +21,18 @@ superblock is built and dropped when it is destroyed, which happens only after t
 its holders is gone, whatever they are: an open file, a working directory, a mapping, a
 mount in any namespace, a loop device backed by a file inside. A scan of /proc would miss
 some of those and can mistake a recycled device number for the old overlay; the mark belongs
-to the upper dir itself. Asking costs about a millisecond and a line in the kernel log. It
-is asked after every unmount of a writable publication (a copy in another namespace leaves
-no other trace here), at start-up for state no live mount explains, and, for a release,
-with backoff: a background thread retries after 1 s, doubling up to a minute, while any
-release remains.
+to the upper dir itself. Asking costs about a millisecond and a line in the kernel log (on a
+serial console, most of that millisecond is the line). It is asked at start-up for state no
+live mount explains, for a release with backoff (a background thread retries after 1 s,
+doubling up to a minute, while any release remains), and after an unmount of a writable
+publication (a copy in another namespace leaves no other trace here) unless a cheaper
+question already proved the overlay gone: an unpublish reads, while the target is still
+mounted, the device number and root inode there; an overlay's root shows its upper dir's
+inode on a device of its own (where upper and lowers share a filesystem), so a match says
+the device is this publication's overlay's superblock, and once no superblock has that
+device any more (users.superblock_exists, a few microseconds) that overlay is gone. Any
+other answer (a superblock has it: the overlay lives on, or a new filesystem took the
+freed number; no match; cannot ask) goes on to the kernel's in-use mark.
 
 A read-only view has no upper to ask about. A lazily detached one is released once no
 process and no mount namespace shows its device number (csi/mount/users.py: a scan of
@@ -96,22 +103,26 @@ class Releases:
         self._warned_unable = False
 
     # -- the kernel's answer -----------------------------------------------------------
-    def held(self, key: str, device: str = "") -> bool:
+    def held(self, key: str, device: str = "", root_inode: int | None = None) -> bool:
         """Whether a live view may still write `key`'s private state or read its layers.
         A writable key is asked about through its upper (the kernel's answer); a view
         without one through `device`, its major:minor when it left the mount table ("":
-        unknown, and then nothing can be asked: not held). Raises OSError when the kernel
-        cannot tell."""
+        unknown, and then nothing can be asked: not held). `root_inode`: the inode number
+        the view's root showed, read with `device` while it was mounted (see the module
+        docstring). Raises OSError when the kernel cannot tell."""
         if self._rebooted:
             return False
-        return self._held(key, device, None)
+        return self._held(key, device, None, root_inode)
 
-    def _held(self, key: str, device: str, seen: dict | None) -> bool:
+    def _held(self, key: str, device: str, seen: dict | None,
+              root_inode: int | None = None) -> bool:
         """`held` after the reboot rule; `seen`, when given, is one scan of /proc already
         made for the devices of every view pending (a sweep's)."""
         probe = self._backend.holder_probe(key)
         if probe is None:
             return self._view_held(key, device, seen)
+        if root_inode is not None and _overlay_gone(probe.target, device, root_inode):
+            return False
         if not self._mounter.features.index:
             # index=on is what makes overlayfs refuse an upper in use (Linux 4.13).
             if not self._warned_unable:
@@ -195,19 +206,19 @@ class Releases:
             return "the next boot (a one-layer view: its holders cannot be told apart)"
         return "no process and no mount namespace uses it"
 
-    def end(self, pub: Publication, device: str = "") -> bool:
+    def end(self, pub: Publication, device: str = "", root_inode: int | None = None) -> bool:
         """A publication whose mount has left this namespace, unmounted cleanly or lost
         behind our back: forgotten, and its private state deleted, unless a live view still
         uses it (a copy of the mount in another namespace; a lazy detach by someone else):
         then it becomes a release, its references passing to it in the same transaction.
         Decided before the record changes, so that the layers the view reads stay
         referenced throughout. `device`: the view's major:minor, read before it left ("":
-        unknown). True when kept.
+        unknown), and `root_inode` the inode number its root showed then. True when kept.
 
         Only a writable view is asked about: a read-only one would cost a scan of /proc
         at every unpublish (see the module docstring), so it is forgotten at once."""
         try:
-            held = not pub.readonly and self.held(pub.key, device)
+            held = not pub.readonly and self.held(pub.key, device, root_inode)
         except OSError as e:
             log.error("cannot tell whether a view still uses the private state of volume "
                       "%s (%s): %s; keeping it and asking again later", pub.volume_id,
@@ -406,6 +417,23 @@ class Releases:
             thread = self._thread
         if thread is not None:
             thread.join(timeout=30)
+
+
+def _overlay_gone(upper: str, device: str, root_inode: int) -> bool:
+    """Whether the overlay over `upper` that showed `device` and `root_inode` at its root
+    is certainly gone: the root showed the upper's inode on a device other than the
+    upper's own (so `device` was that overlay's superblock's), and no superblock has that
+    device now. False whenever that cannot be shown."""
+    dev = users.parse(device)
+    if dev is None:
+        return False
+    try:
+        st = os.lstat(upper)
+    except OSError:
+        return False  # the probe that follows knows what a missing upper means
+    if st.st_ino != root_inode or (os.major(st.st_dev), os.minor(st.st_dev)) == dev:
+        return False
+    return users.superblock_exists(dev) is False
 
 
 def holders(target: str, proc: str = "/proc", limit: int = 5) -> list[str]:

@@ -395,7 +395,9 @@ class VolumeManager:
         that keeps its private state and layers until the view is gone (releases.py). The
         target is no longer a mount point when this returns."""
         lost = not self._mounter.table.is_mountpoint(pub.target)
-        device = "" if lost else device_of(pub.target)  # which view: read while mounted
+        # Which view: read while mounted (releases.py asks the kernel about it by these).
+        device = "" if lost else device_of(pub.target)
+        root_inode = None if lost else _inode(pub.target)
         try:
             self._mounter.unmount(pub.target, lazy=False)
         except OSError as e:
@@ -412,7 +414,7 @@ class VolumeManager:
                         pub.volume_id, pub.target)
         if self._upper_stats is not None:  # unmounted, not yet deleted: measured once more
             self._upper_stats.retire(pub)
-        self._releases.end(pub, device)
+        self._releases.end(pub, device, root_inode)
 
     # -- stats -------------------------------------------------------------------------
     def stats(self, volume_id: str, path: str) -> VolumeStats:
@@ -463,6 +465,13 @@ def canonical(path: str) -> str:
     component is kept as given (it is ours to create, and may be a mount point)."""
     parent, name = os.path.split(os.path.normpath(path))
     return os.path.join(os.path.realpath(parent), name)
+
+
+def _inode(path: str) -> int | None:
+    try:
+        return os.lstat(path).st_ino
+    except OSError:
+        return None
 
 
 def _rmdir(path: str) -> None:

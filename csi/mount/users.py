@@ -23,7 +23,11 @@ stacks a directory of the view as a lower layer. A device number freed by the vi
 and taken by a new filesystem reads as still used: that errs toward keeping.
 """
 
+import ctypes
+import ctypes.util
+import errno
 import os
+import platform
 
 from csi.mount.mountinfo import MountInfo, _unescape, mount_of
 from csi.statx import device
@@ -50,6 +54,34 @@ def device_of(path: str) -> str:
     cannot be read."""
     dev = device(path)
     return f"{dev[0]}:{dev[1]}" if dev is not None else ""
+
+
+# ustat(2) has a number only where the old syscall table survives: never on arm64 (the
+# generic table left it out), and glibc 2.28 dropped its wrapper.
+_USTAT = {"x86_64": 136, "i386": 62, "i686": 62}.get(platform.machine())
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+def superblock_exists(dev: Device) -> bool | None:
+    """Whether the kernel still has a live superblock with the device number `dev`, in any
+    mount namespace or in none (a detached mount still held): ustat(2), which looks `dev`
+    up in the kernel's list of every superblock and answers EINVAL when none has it (or
+    when the one that has it is being destroyed). None when it cannot be asked: no ustat on
+    this architecture, a seccomp filter, a number ustat's 32 bits cannot carry.
+
+    A superblock keeps its device number for life, so False proves that one which had `dev`
+    is gone. True proves nothing about a particular one: a device number freed by its end
+    is given to the next new filesystem (the lowest free anonymous number first)."""
+    major, minor = dev
+    if _USTAT is None or major >= 1 << 12 or minor >= 1 << 20:
+        return None
+    # The kernel's new_decode_dev: minor's low byte, major, then minor's upper 12 bits.
+    encoded = (minor & 0xFF) | (major << 8) | ((minor & ~0xFF) << 12)
+    buf = ctypes.create_string_buffer(64)  # struct ustat is 32 bytes
+    if _libc.syscall(ctypes.c_long(_USTAT), ctypes.c_uint(encoded), buf) == 0:
+        return True
+    return False if ctypes.get_errno() == errno.EINVAL else None
 
 
 def bind_of(path: str, mounts: list[MountInfo]) -> Bind | None:

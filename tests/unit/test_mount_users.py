@@ -90,3 +90,17 @@ def test_one_namespace_s_table_is_read_once(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert set(found) == {(0, 77), (0, 78)}
     assert len(read) == 2
+
+
+def test_superblock_exists_finds_a_mounted_filesystem_and_no_unused_number():
+    from csi.mount.users import superblock_exists
+
+    st = os.stat("/")
+    here = superblock_exists((os.major(st.st_dev), os.minor(st.st_dev)))
+    if here is None:  # no ustat(2) on this architecture: nothing else can be asked
+        assert superblock_exists((0, 1)) is None
+        return
+    assert here is True
+    assert superblock_exists((4095, 0xFFFFF)) is False  # the largest number ustat carries
+    assert superblock_exists((4096, 0)) is None  # beyond its 32 bits: cannot ask
+    assert superblock_exists((0, 1 << 20)) is None

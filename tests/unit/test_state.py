@@ -579,3 +579,50 @@ def test_rebuild_forgets_a_lost_layer_and_its_images_but_keeps_the_rest_held(db)
         assert tx.rebuild_references(set()) == []
     with db.read() as tx:
         assert tx.refcounts() == {"base": 2}
+
+
+# -- checkpoints off the commit path ----------------------------------------------------
+def _wait(condition, what: str) -> None:
+    import time
+
+    deadline = time.monotonic() + 60  # a bound on a wait for an event, not a measurement
+    while not condition():
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        time.sleep(0.01)
+
+
+def test_commits_do_not_checkpoint_below_the_backstop(db):
+    assert db._db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == st.BACKSTOP_PAGES
+
+
+def test_a_thread_copies_the_wal_into_the_database_every_so_many_commits(tmp_path):
+    s = State(str(tmp_path / "state.db"))
+    try:
+        for i in range(st.CHECKPOINT_EVERY):
+            with s.transaction() as tx:
+                tx.record_tag(Tag(f"r/x:{i}", D1, float(i)))
+        _wait(lambda: s._checkpointer.runs >= 1, "a checkpoint")
+        # What was copied is in the database file itself: a reader that ignores the WAL
+        # (immutable=1 opens the file as it is on disk) sees every tag.
+        db = sqlite3.connect(f"file:{tmp_path / 'state.db'}?immutable=1", uri=True)
+        try:
+            assert db.execute("SELECT COUNT(*) FROM tags").fetchone()[0] == st.CHECKPOINT_EVERY
+        finally:
+            db.close()
+    finally:
+        s.close()
+    assert not [t for t in threading.enumerate() if t.name == "state-checkpoint"]
+
+
+def test_close_without_a_checkpoint_starts_no_thread(tmp_path):
+    s = State(str(tmp_path / "state.db"))
+    with s.transaction() as tx:
+        tx.record_tag(Tag("r/x:1", D1, 1.0))
+    s.close()
+    assert s._checkpointer._thread is None
+    again = State(str(tmp_path / "state.db"))
+    try:
+        with again.read() as tx:
+            assert tx.tag("r/x:1") is not None
+    finally:
+        again.close()
