@@ -630,14 +630,23 @@ class _Checkpointer:
         self.runs = 0  # checkpoints made (tests)
 
     def nudge(self) -> None:
+        """Never raises: it runs after a COMMIT, which must not then look failed. Without
+        a thread (a pids limit) the writer's backstop checkpoints, and the next nudge
+        tries to start one again."""
         with self._cv:
             if self._stopped:
                 return
             self._due = True
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="state-checkpoint",
-                                                daemon=True)
-                self._thread.start()
+                thread = threading.Thread(target=self._run, name="state-checkpoint",
+                                          daemon=True)
+                try:
+                    thread.start()
+                except RuntimeError as e:
+                    log.warning("cannot start the checkpoint thread for %s: %s",
+                                self._path, e)
+                    return
+                self._thread = thread
             self._cv.notify()
 
     def _run(self) -> None:
@@ -743,14 +752,15 @@ class State:
                 yield Tx(cur)
                 cur.execute("COMMIT")
                 self._commits += 1
-                if self._commits % CHECKPOINT_EVERY == 0:
-                    self._checkpointer.nudge()
             except BaseException:
                 # Also when COMMIT itself fails (SQLITE_FULL, IOERR): a transaction left
                 # open would make every later BEGIN fail on this shared connection.
                 if self._db.in_transaction:
                     cur.execute("ROLLBACK")
                 raise
+            # Committed: nothing from here on may make the caller think otherwise.
+            if self._commits % CHECKPOINT_EVERY == 0:
+                self._checkpointer.nudge()
 
     @contextlib.contextmanager
     def read(self) -> Iterator[Reader]:

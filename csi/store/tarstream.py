@@ -15,10 +15,12 @@ and the end of the archive at the first zero block or at a clean end of stream.
 
 Where `tarfile` quietly stops at a malformed header after the first one, this reader
 refuses the archive instead (InvalidArgument): a bad checksum, a non-numeric field, a
-header or data cut short, a negative size, a long name or pax header above _MAX_META, a pax
+header or data cut short, a negative size, one member's long names and pax headers above
+_MAX_META together, global pax headers above their caps, a pax
 record whose length does not land on its newline, a global pax `size`. GNU sparse members
 (type 'S', pax GNU.sparse.*) are refused too: OCI layer writers never produce them.
-Memory stays bounded by the chunk size and _MAX_META whatever the sizes declared.
+Memory stays bounded by the chunk size and _MAX_META (the extended headers of one member,
+together), and time per member by the global pax headers' caps, whatever the sizes declared.
 """
 
 import decimal
@@ -28,7 +30,11 @@ from csi.errors import InvalidArgument
 
 BLOCK = 512
 CHUNK = 1 << 20
-_MAX_META = 8 << 20  # largest long name / pax header kept in memory
+_MAX_META = 8 << 20  # the long names and pax headers of one member, all together
+# Global pax headers apply to every later member, so each member pays for them: git archive
+# writes one `comment` record; anything near these is an attack on time or memory.
+_MAX_GLOBAL_BYTES = 64 << 10
+_MAX_GLOBAL_RECORDS = 64
 _ZERO_BLOCK = bytes(BLOCK)
 
 # Types as tarfile names them (one byte, as in the header).
@@ -226,6 +232,7 @@ class TarReader:
             self._skip(self._left + self._pad, "a member's contents")
             self._left = self._pad = 0
         layers: list = []  # long names and pax headers before the member, outermost first
+        meta = 0  # their bytes: bounded together, not each
         while True:
             offset = self._offset()
             if not self._fill(BLOCK):
@@ -256,9 +263,11 @@ class TarReader:
                 raise TarFormatError(f"malformed layer tar: negative size {size} in the "
                                      f"header at offset {offset}")
             if kind in (_LONGNAME, _LONGLINK, _PAX_ENTRY, _PAX_GLOBAL, _PAX_SOLARIS):
-                if size > _MAX_META:
-                    raise TarFormatError(f"malformed layer tar: extended header of {size} "
-                                         f"bytes at offset {offset} (limit {_MAX_META})")
+                meta += size
+                if meta > _MAX_META:
+                    raise TarFormatError(f"malformed layer tar: extended headers of {meta} "
+                                         f"bytes for one member, at offset {offset} (limit "
+                                         f"{_MAX_META})")
                 data = self._take(size, "an extended header")
                 self._skip(-size % BLOCK, "an extended header")
                 if kind == _LONGNAME or kind == _LONGLINK:
@@ -269,6 +278,13 @@ class TarReader:
                         raise TarFormatError("malformed layer tar: a global pax header sets "
                                              f"size, at offset {offset}")
                     self._globals.update(records)
+                    if (len(self._globals) > _MAX_GLOBAL_RECORDS or
+                            sum(len(k) + len(v) for k, v in self._globals.items())
+                            > _MAX_GLOBAL_BYTES):
+                        raise TarFormatError(
+                            f"malformed layer tar: global pax headers of more than "
+                            f"{_MAX_GLOBAL_RECORDS} records or {_MAX_GLOBAL_BYTES} bytes, at "
+                            f"offset {offset}")
                 else:
                     merged = dict(self._globals)
                     merged.update(self._pax_records(data, offset))

@@ -24,6 +24,7 @@ them. Whatever replaces or removes a directory drops it, and everything below it
 what `_Dirs` knows.
 """
 
+import collections
 import dataclasses
 import errno
 import logging
@@ -53,6 +54,8 @@ OPAQUE_XATTR = "trusted.overlay.opaque"
 _MAX_LINKS = 40
 _MAX_DIR_FDS = 128  # open parent directories kept; all are closed when it fills
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_PATH_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
+_PATH_MAX, _NAME_MAX = 4096, 255  # Linux's, in characters here (bytes there)
 _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _XATTR_PREFIX = "SCHILY.xattr."
 
@@ -82,28 +85,66 @@ def clean_name(name: str) -> str:
 def root_path(root: str, rel: str, follow_final: bool = False) -> str:
     """Join `rel` to `root`, resolving symlinks as if `root` were "/" (chroot semantics):
     absolute link targets restart at root and `..` stops at root, so the result is always
-    inside root. The final component is not followed unless asked."""
-    parts = [p for p in rel.split("/") if p not in ("", ".")]
+    inside root. The final component is not followed unless asked.
+
+    Walked one component at a time from descriptors (each lookup relative to its parent's
+    O_PATH descriptor), so a deep name costs one lookup per component, never a walk of
+    the whole path per component."""
+    parts = collections.deque(p for p in rel.split("/") if p not in ("", "."))
     resolved: list[str] = []
+    # The descriptor of root and of each resolved component; None for one that is not
+    # there, or not a directory (nothing exists below it to look at).
+    fds: list[int | None] = [os.open(root, _PATH_FLAGS)]
     links = 0
-    while parts:
-        part = parts.pop(0)
-        if part == "..":
-            if resolved:
-                resolved.pop()
-            continue
-        candidate = os.path.join(root, *resolved, part)
-        if (parts or follow_final) and os.path.islink(candidate):
-            links += 1
-            if links > _MAX_LINKS:
-                raise UnsafeLayer(f"too many levels of symbolic links resolving {rel!r}")
-            target = os.readlink(candidate)
-            if target.startswith("/"):
-                resolved = []
-            parts = [p for p in target.split("/") if p not in ("", ".")] + parts
-            continue
-        resolved.append(part)
+    try:
+        while parts:
+            part = parts.popleft()
+            if part == "..":
+                if resolved:
+                    resolved.pop()
+                    fd = fds.pop()
+                    if fd is not None:
+                        os.close(fd)
+                continue
+            parent = fds[-1]
+            st = None
+            if parent is not None:
+                try:
+                    st = os.stat(part, dir_fd=parent, follow_symlinks=False)
+                except (FileNotFoundError, NotADirectoryError):
+                    pass
+            if st is not None and stat.S_ISLNK(st.st_mode) and (parts or follow_final):
+                links += 1
+                if links > _MAX_LINKS:
+                    raise UnsafeLayer(f"too many levels of symbolic links resolving {rel!r}")
+                target = os.readlink(part, dir_fd=parent)
+                if target.startswith("/"):
+                    for fd in fds[1:]:
+                        if fd is not None:
+                            os.close(fd)
+                    del fds[1:]
+                    resolved = []
+                parts.extendleft(reversed([p for p in target.split("/")
+                                           if p not in ("", ".")]))
+                continue
+            resolved.append(part)
+            fds.append(os.open(part, _PATH_FLAGS | os.O_NOFOLLOW, dir_fd=parent)
+                       if st is not None and stat.S_ISDIR(st.st_mode) else None)
+    finally:
+        for fd in fds:
+            if fd is not None:
+                os.close(fd)
     return os.path.join(root, *resolved)
+
+
+def check_name(name: str, what: str, components: bool = True) -> None:
+    """Refuse a member or link name no filesystem here could hold (PATH_MAX, and NAME_MAX
+    for each component unless `components` is False: a symlink's target may hold any
+    text): a layer of well-formed names never has one, and one of a million components
+    would cost a lookup each."""
+    if len(name) > _PATH_MAX or (components and max(map(len, name.split("/"))) > _NAME_MAX):
+        raise UnsafeLayer(f"{what} {name[:64]!r}... is longer than a path or a name may be "
+                          f"({_PATH_MAX} and {_NAME_MAX} characters)")
 
 
 def _umask() -> int | None:
@@ -131,6 +172,7 @@ class _Dirs:
         self.root = root
         self.root_fd = os.open(root, _DIR_FLAGS)
         self.known: set[str] = {""}
+        self.children: dict[str, set[str]] = {}  # known directory → its known subdirectories
         self.fds: dict[str, int] = {}
         self.meta: dict[str, _DirMeta] = {}  # directory entries: metadata set at the end
 
@@ -170,24 +212,32 @@ class _Dirs:
             resolved = ""
         # Every component of `resolved` is now a real directory (root_path resolved the
         # symlinks, _ensure_dir checked or created the rest).
-        known = self.known
         prefix = resolved
-        while prefix and prefix not in known:
-            known.add(prefix)
+        while prefix and prefix not in self.known:
+            self.add(prefix)
             prefix = prefix.rpartition("/")[0]
         return resolved, self.fd(resolved)
 
+    def add(self, rel: str) -> None:
+        """`rel`, whose parent is known or being made known, is a real directory."""
+        self.known.add(rel)
+        self.children.setdefault(rel.rpartition("/")[0], set()).add(rel)
+
     def forget(self, rel: str) -> None:
-        """`rel` was removed or replaced: neither it nor anything below it is known."""
+        """`rel` was removed or replaced: neither it nor anything below it is known. Costs
+        what was known below it (the child index), not everything known."""
         if rel not in self.known:
             return
-        below = rel + "/"
-        for table in (self.fds, self.meta):
-            for key in [k for k in table if k == rel or k.startswith(below)]:
-                value = table.pop(key)
-                if table is self.fds:
-                    os.close(value)
-        self.known = {k for k in self.known if k != rel and not k.startswith(below)}
+        self.children.get(rel.rpartition("/")[0], set()).discard(rel)
+        stack = [rel]
+        while stack:
+            key = stack.pop()
+            self.known.discard(key)
+            self.meta.pop(key, None)
+            fd = self.fds.pop(key, None)
+            if fd is not None:
+                os.close(fd)
+            stack.extend(self.children.pop(key, ()))
 
 
 def _remove_at(dirs: _Dirs, parent_rel: str, pfd: int, base: str) -> None:
@@ -205,21 +255,29 @@ def _remove_at(dirs: _Dirs, parent_rel: str, pfd: int, base: str) -> None:
 
 
 def _ensure_dir(path: str, root: str) -> None:
-    """Create missing parents of an entry (mode 0755, as tar does)."""
-    if os.path.isdir(path) and not os.path.islink(path):
-        return
+    """Create missing parents of an entry (mode 0755, as tar does), one component at a
+    time from its parent's descriptor, never following a symlink."""
     rel = os.path.relpath(path, root)
-    cur = root
-    for part in rel.split("/"):
-        cur = os.path.join(cur, part)
-        try:
-            st = os.lstat(cur)
-        except FileNotFoundError:
-            os.mkdir(cur, 0o755)
-            continue
-        if not stat.S_ISDIR(st.st_mode):
-            raise UnsafeLayer(f"{os.path.relpath(cur, root)!r} is not a directory but the "
-                              "layer has entries below it")
+    if rel == ".":
+        return
+    fd = os.open(root, _PATH_FLAGS)
+    try:
+        done = []
+        for part in rel.split("/"):
+            done.append(part)
+            try:
+                st = os.stat(part, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                os.mkdir(part, 0o755, dir_fd=fd)
+            else:
+                if not stat.S_ISDIR(st.st_mode):
+                    raise UnsafeLayer(f"{'/'.join(done)!r} is not a directory but the "
+                                      "layer has entries below it")
+            sub = os.open(part, _PATH_FLAGS | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = sub
+    finally:
+        os.close(fd)
 
 
 def _xattrs(member: Entry) -> dict[str, bytes]:
@@ -254,7 +312,6 @@ class _Applier:
     def __init__(self, reader: TarReader, dest: str):
         self.reader = reader
         self.stats = ApplyStats()
-        self.dirs = _Dirs(dest)
         self.euid, self.egid = os.geteuid(), os.getegid()
         umask = _umask()
         st = os.stat(dest)
@@ -267,6 +324,7 @@ class _Applier:
         self.careful = umask is None or bool(st.st_mode & stat.S_ISGID) or default_acl
         # Mode bits creation cannot give: masked by the umask, or set-id/sticky bits.
         self.chmod_bits = 0o7000 | (umask or 0)
+        self.dirs = _Dirs(dest)  # last: nothing after it may fail and leak its descriptor
 
     def close(self) -> None:
         self.dirs.close()
@@ -299,6 +357,9 @@ class _Applier:
             os.utime(rel, ns=(t, t), dir_fd=root_fd, follow_symlinks=False)
 
     def member(self, m: Entry) -> None:
+        check_name(m.name, "member name")
+        if m.linkname:
+            check_name(m.linkname, "link name", components=m.type == LNKTYPE)
         name = clean_name(m.name)
         dirs = self.dirs
         if not name:
@@ -366,7 +427,7 @@ class _Applier:
             if not stat.S_ISDIR(st.st_mode):
                 os.unlink(base, dir_fd=pfd)
                 os.mkdir(base, 0o700, dir_fd=pfd)
-        dirs.known.add(rel)
+        dirs.add(rel)
         xattrs = _xattrs(m)
         old = dirs.meta.get(rel)
         if old is not None:

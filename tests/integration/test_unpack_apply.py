@@ -614,3 +614,37 @@ def test_fractional_pax_mtime_is_exact(box):
     data = raw_tar(member("f", data=b"x", pax={"mtime": "1700000000.123456789"}))
     box.apply(data)
     assert os.lstat(box.p("f")).st_mtime_ns == 1_700_000_000_123_456_789
+
+
+def test_a_name_longer_than_a_path_may_be_is_refused(box):
+    assert_contained(box, LayerBuilder().file("a/" * 2100 + "f", "x").tar_bytes(),
+                     raises=UnsafeLayer)
+    assert_contained(box, LayerBuilder().file("d/" + "n" * 256, "x").tar_bytes(),
+                     raises=UnsafeLayer)
+    assert_contained(box, LayerBuilder().file("f", "x").hardlink("h", "d/" + "n" * 300)
+                     .tar_bytes(), raises=UnsafeLayer)
+
+
+def test_a_deep_name_behind_a_symlink_resolves_inside_one_step_at_a_time(box):
+    """The parent is reached through `l -> .` (so never from the known-directory cache):
+    root_path walks its 1,000 components from descriptors (created the first time, found
+    the second), and `..` past the root and an absolute link stay inside."""
+    deep = "/".join(["d"] * 1000)
+    layer = (LayerBuilder().symlink("l", ".").symlink("up", "/l/../..")
+             .file(f"l/{deep}/f", "deep").file(f"l/{deep}/g", "again")
+             .file("up/l/g", "via up"))
+    assert_contained(box, layer.tar_bytes())
+    with open(box.p(f"{deep}/f")) as f:
+        assert f.read() == "deep"
+    with open(box.p("g")) as f:
+        assert f.read() == "via up"
+
+
+def test_replacing_one_of_many_known_directories_forgets_only_its_subtree(box):
+    layer = LayerBuilder()
+    for i in range(300):
+        layer.dir(f"d{i}").dir(f"d{i}/s")
+    layer.file("d7", "now a file").file("d8/s/f", "still a dir")
+    box.apply(layer.tar_bytes())
+    assert os.path.isfile(box.p("d7")) and os.path.isfile(box.p("d8/s/f"))
+    assert os.path.isdir(box.p("d299/s"))

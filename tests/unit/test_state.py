@@ -626,3 +626,31 @@ def test_close_without_a_checkpoint_starts_no_thread(tmp_path):
             assert tx.tag("r/x:1") is not None
     finally:
         again.close()
+
+
+def test_a_checkpoint_thread_that_cannot_start_fails_no_commit(tmp_path, monkeypatch):
+    """No thread (a pids limit) when a commit nudges the checkpointer: that commit still
+    returns normally (the layer store would otherwise discard the files of a layer it had
+    just recorded), the next nudge tries again, and close() works."""
+    s = State(str(tmp_path / "state.db"))
+    real = threading.Thread.start
+
+    def refused(self):
+        raise RuntimeError("can't start new thread")
+
+    try:
+        monkeypatch.setattr(threading.Thread, "start", refused)
+        for i in range(st.CHECKPOINT_EVERY):
+            with s.transaction() as tx:
+                tx.record_tag(Tag(f"r/x:{i}", D1, float(i)))
+        assert s._checkpointer._thread is None
+        monkeypatch.setattr(threading.Thread, "start", real)
+        for i in range(st.CHECKPOINT_EVERY):
+            with s.transaction() as tx:
+                tx.record_tag(Tag(f"r/y:{i}", D1, float(i)))
+        _wait(lambda: s._checkpointer.runs >= 1, "a checkpoint once threads are back")
+        with s.read() as tx:
+            assert tx.tag(f"r/x:{st.CHECKPOINT_EVERY - 1}") is not None
+    finally:
+        monkeypatch.setattr(threading.Thread, "start", real)
+        s.close()

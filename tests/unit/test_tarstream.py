@@ -241,6 +241,12 @@ def _pax_raw(records: bytes, then: bytes) -> bytes:
     return header + records + bytes(-len(records) % BLOCK) + then
 
 
+def _longname_only(n: int) -> bytes:
+    """A GNU long-name header of an `n`-character name and its data, without the member
+    it names."""
+    return _single("L" * n, b"")[:BLOCK + (n + 1 + BLOCK - 1) // BLOCK * BLOCK]
+
+
 MALFORMED = {
     "empty": (b"", "empty file"),
     "short-first-header": (b"x" * 100, "truncated header"),
@@ -264,7 +270,7 @@ MALFORMED = {
     "pax-zero-length": (_pax_raw(b"0 path=y\n", _two()), "does not end on its newline"),
     "pax-no-keyword": (_pax_raw(b"7 =abc\n", _two()), "without a keyword"),
     "huge-longname": (_patch(_single("L", b"", type=b"L"), 0, slice(124, 136),
-                             b"%011o\0" % (64 << 20)), "extended header of"),
+                             b"%011o\0" % (64 << 20)), "extended headers of"),
     "longname-then-eof": (_single("L", b"name", type=b"L")[:BLOCK * 2], "ends after an ext"),
     "longname-then-zero": (_single("L", b"name", type=b"L")[:BLOCK * 2] + bytes(BLOCK * 2),
                            "end-of-archive block after"),
@@ -273,6 +279,14 @@ MALFORMED = {
                    "GNU sparse"),
     "global-size": (build(tarfile.PAX_FORMAT, [(_info("a"), b"a")],
                           pax_headers={"size": "5"}), "global pax header sets size"),
+    # Each long name alone is under the limit; stacked before one member they are not.
+    "stacked-longnames": (_longname_only(3 << 20) * 3 + _two(), "extended headers of"),
+    "global-records": (build(tarfile.PAX_FORMAT, [(_info("a"), b"a")],
+                             pax_headers={f"k{i}": "v" for i in range(100)}),
+                       "global pax headers of more than"),
+    "global-bytes": (build(tarfile.PAX_FORMAT, [(_info("a"), b"a")],
+                           pax_headers={"comment": "x" * (100 << 10)}),
+                     "global pax headers of more than"),
 }
 
 
