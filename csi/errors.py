@@ -6,6 +6,7 @@ Any other exception reaching the interceptor is a bug and becomes a logged INTER
 """
 
 import errno
+import sqlite3
 
 import grpc
 
@@ -62,6 +63,10 @@ class Internal(StrataError):
 
 
 def is_no_space(e: BaseException) -> bool:
+    """A full disk, as an OSError says it or as SQLite does (SQLITE_FULL: state.db shares
+    the store's filesystem, and a write to it may be the one that finds it full)."""
+    if isinstance(e, sqlite3.Error):
+        return getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
     return isinstance(e, OSError) and e.errno in NO_SPACE
 
 

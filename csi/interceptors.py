@@ -25,7 +25,7 @@ import time
 import grpc
 from google.protobuf import text_format
 
-from csi.errors import StrataError
+from csi.errors import StrataError, is_no_space, no_space
 from csi.image.credprovider import TOKENS_KEY
 from csi.metrics import Metrics
 from csi.proto import csi_pb2
@@ -112,8 +112,12 @@ class RpcInterceptor(grpc.ServerInterceptor):
                 code, message, unexpected = (grpc.StatusCode.UNIMPLEMENTED,
                                              f"{method} is not implemented", None)
             except Exception as e:
-                code, message, unexpected = (grpc.StatusCode.INTERNAL,
-                                             f"{type(e).__name__}: {e}", e)
+                if is_no_space(e):  # wherever the disk filled up: the one way it reads
+                    code, message, unexpected = (grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                                 str(no_space(method)), None)
+                else:
+                    code, message, unexpected = (grpc.StatusCode.INTERNAL,
+                                                 f"{type(e).__name__}: {e}", e)
             else:
                 self._finish(method, request, grpc.StatusCode.OK, started, level)
                 if payload.isEnabledFor(logging.DEBUG):

@@ -3,14 +3,23 @@ which handlers still run."""
 
 import collections
 import contextlib
+import errno
 import logging
+import sqlite3
 import threading
 
 import grpc
 import pytest
 from prometheus_client import CollectorRegistry
 
-from csi.errors import AlreadyExists, DataLoss, Internal, InvalidArgument, NotFound
+from csi.errors import (
+    AlreadyExists,
+    DataLoss,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    is_no_space,
+)
 from csi.interceptors import STRIPPED, RpcInterceptor, redact
 from csi.metrics import Metrics
 from csi.proto import csi_pb2
@@ -151,6 +160,37 @@ def test_unexpected_exception_is_internal_never_unknown(metrics, caplog):
     assert ctx.code == grpc.StatusCode.INTERNAL
     assert "KeyError" in ctx.details
     assert any(r.exc_info for r in caplog.records)  # logged with its traceback
+
+
+def full_database(tmp_path) -> Exception:
+    """The error a real SQLite write into a full database raises (SQLITE_FULL), as
+    state.db's when the store's filesystem fills up."""
+    db = sqlite3.connect(str(tmp_path / "full.db"))
+    try:
+        db.execute("CREATE TABLE t (x BLOB)")
+        db.execute("PRAGMA max_page_count=4")
+        with pytest.raises(sqlite3.OperationalError) as e:
+            db.execute("INSERT INTO t VALUES (?)", (b"x" * 65536,))
+        return e.value
+    finally:
+        db.close()
+
+
+@pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"),
+                                   OSError(errno.EDQUOT, "Disk quota exceeded"),
+                                   "sqlite"])
+def test_a_full_disk_anywhere_is_resource_exhausted(metrics, tmp_path, error):
+    """A full disk met where no handler expected it (a SQLite write beside a download that
+    filled the store) reads as every other full disk does, not as INTERNAL."""
+    error = full_database(tmp_path) if error == "sqlite" else error
+
+    def behavior(req, ctx):
+        raise error
+
+    _, ctx = call(metrics, "NodePublishVolume", behavior)
+    assert ctx.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "no space left on the store" in ctx.details
+    assert not is_no_space(sqlite3.OperationalError("no such table: t"))
 
 
 def test_request_log_is_redacted(metrics, caplog):
