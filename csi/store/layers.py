@@ -61,7 +61,10 @@ class BlobSource(Protocol):
     def open_blob(self, layer: LayerBlob) -> BinaryIO:
         """The blob's bytes, verified against its digest by the time they are read to the
         end (`drain()` reads to the end and checks): a VerifyingReader, or a download's
-        stream (blobs.py). Called by several threads at once, one per layer."""
+        stream (blobs.py). Called by several threads at once, one per layer.
+
+        A source may also have `committed(layer)`: called once the layer unpacked from its
+        blob is recorded, so that the compressed copy can go at once (pulls.py)."""
 
 
 # Layers a pull downloads ahead of its unpacks: their blobs stream to disk while the
@@ -247,6 +250,7 @@ class LayerStore:
                 if renamed:
                     self._discard(final)
                 raise
+        _committed(source, desc)
         if not renamed:
             remove_tree(work, ignore_errors=True)
             log.info("layer %s was unpacked meanwhile by another process", lid)
@@ -316,6 +320,17 @@ class LayerStore:
             if watch is not None:
                 os.close(watch)
         return work, size, stats
+
+
+def _committed(source: BlobSource, desc: LayerBlob) -> None:
+    """Tell the source a layer from its blob is recorded (a cleanup: it cannot fail it)."""
+    hook = getattr(source, "committed", None)
+    if hook is None:
+        return
+    try:
+        hook(desc)
+    except Exception as e:  # the layer is recorded; what is left is the caller's to tidy
+        log.warning("after recording layer %s: %s", desc.diff_id, e)
 
 
 def _close_quietly(stream) -> None:

@@ -1,0 +1,220 @@
+"""Gzip layers inflated and DiffID-hashed on a thread of their own (csi/store/compression.py
+`Inflating`, used by csi/store/layers.py): every gzip member read, garbage and truncation
+refused as InvalidArgument, a DiffID mismatch DataLoss, memory bounded, and no thread left
+running whatever happened to the unpack."""
+
+import dataclasses
+import gzip
+import hashlib
+import io
+import os
+import tarfile
+import threading
+
+import pytest
+
+from csi.digest import VerifyingReader
+from csi.errors import DataLoss, InvalidArgument
+from csi.paths import StorePaths
+from csi.store import compression
+from csi.store.compression import OUT_CHUNK, Inflating, decompress, open_layer
+from csi.store.layers import LayerStore, layer_id
+from csi.store.state import State
+
+
+def _sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _tar(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data), 0o644
+            info.uid, info.gid = os.getuid(), os.getgid()
+            tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+FILES = {"etc/big": os.urandom(3 << 20) + bytes(9 << 20), "etc/small": b"hello\n"}
+TAR = _tar(FILES)
+
+
+@dataclasses.dataclass(frozen=True)
+class Blob:
+    digest: str
+    diff_id: str
+    media_type: str = "application/vnd.oci.image.layer.v1.tar+gzip"
+    compression: str = "gzip"
+
+
+class Source:
+    """Blobs from memory, verified as the registry client verifies them."""
+
+    def __init__(self, data: bytes, fail_after: int | None = None):
+        self.data, self.fail_after = data, fail_after
+
+    def open_blob(self, layer):
+        raw = io.BytesIO(self.data) if self.fail_after is None else Failing(
+            self.data, self.fail_after)
+        return VerifyingReader(raw, layer.digest, len(self.data), layer.digest)
+
+
+class Failing(io.BytesIO):
+    """A download that breaks after `limit` bytes."""
+
+    def __init__(self, data: bytes, limit: int):
+        super().__init__(data)
+        self.limit = limit
+
+    def read(self, n=-1):
+        if self.tell() >= self.limit:
+            raise ConnectionResetError("the registry went away")
+        return super().read(n)
+
+
+@pytest.fixture
+def store(tmp_path):
+    paths = StorePaths(str(tmp_path / "store")).make()
+    state = State(paths.state_db)
+    try:
+        yield paths, state, LayerStore(paths, state, sync=lambda fd: None)
+    finally:
+        state.close()
+
+
+@pytest.fixture
+def no_thread_left():
+    before = set(threading.enumerate())
+    yield
+    assert set(threading.enumerate()) - before == set()
+
+
+def _nothing_left(paths, state, diff_id: str) -> None:
+    assert os.listdir(paths.tmp) == []
+    assert os.listdir(paths.layers) == []
+    with state.read() as tx:
+        assert tx.layer_by_diff_id(diff_id) is None
+
+
+def test_a_layer_of_several_gzip_members_unpacks_whole(store, no_thread_left):
+    paths, state, layers = store
+    half = len(TAR) // 2  # split inside a file's data, as `cat a.gz b.gz` may
+    blob = gzip.compress(TAR[:half]) + bytes(5) + gzip.compress(TAR[half:]) + bytes(3)
+    desc = Blob(_sha(blob), _sha(TAR))
+    (lid,) = layers.ensure(Source(blob), [desc])
+    assert lid == layer_id(desc.diff_id)
+    for name, data in FILES.items():
+        with open(os.path.join(paths.layer(lid), "fs", name), "rb") as f:
+            assert f.read() == data
+
+
+@pytest.mark.parametrize("damage", [
+    lambda gz: gz + b"garbage after the last member",
+    lambda gz: gz[:len(gz) // 2],  # truncated, though its blob digest matches
+    lambda gz: gz[:-8] + bytes(8),  # the member's CRC and size wrong
+])
+def test_a_garbled_gzip_is_invalid_argument_and_leaves_nothing(store, no_thread_left, damage):
+    paths, state, layers = store
+    blob = damage(gzip.compress(TAR))
+    desc = Blob(_sha(blob), _sha(TAR))
+    with pytest.raises(InvalidArgument, match="cannot be read"):
+        layers.ensure(Source(blob), [desc])
+    _nothing_left(paths, state, desc.diff_id)
+
+
+def test_a_diff_id_mismatch_is_data_loss_and_leaves_nothing(store, no_thread_left):
+    paths, state, layers = store
+    blob = gzip.compress(TAR + bytes(1024))  # a tar with more zeros after its end
+    desc = Blob(_sha(blob), _sha(TAR))
+    with pytest.raises(DataLoss, match="digest mismatch"):
+        layers.ensure(Source(blob), [desc])
+    _nothing_left(paths, state, desc.diff_id)
+
+
+def test_a_corrupt_blob_is_data_loss(store, no_thread_left):
+    paths, state, layers = store
+    blob = gzip.compress(TAR)
+    desc = Blob(_sha(blob + b"x"), _sha(TAR))
+    with pytest.raises(DataLoss):
+        layers.ensure(Source(blob), [desc])
+    _nothing_left(paths, state, desc.diff_id)
+
+
+def test_a_download_that_breaks_stops_the_inflate_thread(store, no_thread_left):
+    paths, state, layers = store
+    blob = gzip.compress(TAR)
+    desc = Blob(_sha(blob), _sha(TAR))
+    with pytest.raises(ConnectionResetError):
+        layers.ensure(Source(blob, fail_after=len(blob) // 2), [desc])
+    _nothing_left(paths, state, desc.diff_id)
+
+
+def test_closing_half_way_stops_the_thread(no_thread_left, monkeypatch):
+    monkeypatch.setattr(compression, "IN_CHUNK", 4096)
+    stream = decompress(io.BytesIO(gzip.compress(TAR)), "gzip")
+    assert isinstance(stream, Inflating)
+    assert stream.read(1000) == TAR[:1000]
+    stream.close()
+    stream.close()
+
+
+def test_pieces_stay_bounded_whatever_the_ratio(no_thread_left):
+    bomb = gzip.compress(bytes(64 << 20))  # ~64 KiB that inflate to 64 MiB
+    with decompress(io.BytesIO(bomb), "gzip") as stream:
+        total = 0
+        while piece := stream.read(1 << 30):
+            assert len(piece) <= OUT_CHUNK
+            total += len(piece)
+    assert total == 64 << 20
+
+
+def test_reads_of_any_size_and_the_diff_id_check():
+    blob = gzip.compress(TAR[:1000]) + gzip.compress(TAR[1000:])
+    with open_layer(io.BytesIO(blob), "gzip", _sha(TAR), "layer") as stream:
+        assert stream.read(0) == b""
+        assert stream.read(10) == TAR[:10]
+        assert stream.read() == TAR[10:]
+        assert stream.read(10) == b""
+        assert stream.verified
+    with open_layer(io.BytesIO(blob), "gzip", _sha(b"other"), "layer") as stream:
+        stream.read(10)
+        with pytest.raises(DataLoss, match="digest mismatch"):
+            stream.drain()
+        with pytest.raises(DataLoss):  # and again, for whoever reads next
+            stream.read(10)
+
+
+class Committing(Source):
+    """A source that is told when each layer from its blobs is recorded (pulls.py drops
+    the compressed blob then); it checks that the record is there at that moment."""
+
+    def __init__(self, data: bytes, state: State):
+        super().__init__(data)
+        self.state, self.calls = state, []
+
+    def committed(self, layer):
+        with self.state.read() as tx:
+            self.calls.append((layer.digest, tx.layer_by_diff_id(layer.diff_id) is not None))
+
+
+def test_the_source_hears_of_each_layer_once_it_is_recorded(store):
+    paths, state, layers = store
+    blob = gzip.compress(TAR)
+    desc = Blob(_sha(blob), _sha(TAR))
+    source = Committing(blob, state)
+    layers.ensure(source, [desc])
+    assert source.calls == [(desc.digest, True)]
+    layers.ensure(source, [desc])  # present: no blob read, nothing to hear
+    assert source.calls == [(desc.digest, True)]
+
+
+def test_a_failed_layer_is_not_committed(store):
+    paths, state, layers = store
+    blob = gzip.compress(TAR)
+    desc = Blob(_sha(blob), _sha(b"another tar"))
+    source = Committing(blob, state)
+    with pytest.raises(DataLoss):
+        layers.ensure(source, [desc])
+    assert source.calls == []
