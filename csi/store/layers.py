@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import BinaryIO, Protocol
 
-from csi.digest import hex_of
+from csi.digest import VerifyingReader, hex_of
 from csi.errors import (
     Aborted,
     DataLoss,
@@ -37,7 +37,7 @@ from csi.errors import (
 from csi.locks import FileLock, SingleFlight
 from csi.paths import StorePaths
 from csi.store import durable, unpack
-from csi.store.compression import open_layer
+from csi.store.compression import decompress
 from csi.store.state import Layer, State
 from csi.tree import remove_tree, usage
 from csi.units import human_bytes
@@ -279,11 +279,11 @@ class LayerStore:
             os.mkdir(fs, 0o755)
             stream = None
             try:
-                # A gzip layer is inflated and its DiffID hashed on a thread of its own.
-                stream = open_layer(blob, desc.compression, desc.diff_id,
-                                    f"layer {desc.digest} (DiffID {desc.diff_id})")
-                stats = unpack.apply(stream, fs)
-                stream.drain()
+                stream = decompress(blob, desc.compression)
+                tar = VerifyingReader(stream, desc.diff_id, None,
+                                      f"layer {desc.digest} (DiffID {desc.diff_id})")
+                stats = unpack.apply(tar, fs)
+                tar.drain()
             except DataLoss:
                 raise
             except Exception as e:

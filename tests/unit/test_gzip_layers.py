@@ -1,7 +1,7 @@
-"""Gzip layers inflated and DiffID-hashed on a thread of their own (csi/store/compression.py
-`Inflating`, used by csi/store/layers.py): every gzip member read, garbage and truncation
-refused as InvalidArgument, a DiffID mismatch DataLoss, memory bounded, and no thread left
-running whatever happened to the unpack."""
+"""Gzip layers in the layer store (csi/store/layers.py, csi/store/compression.py, whose
+inflate runs on a thread of its own): every gzip member read, garbage and truncation refused
+as InvalidArgument, a DiffID mismatch DataLoss, nothing left behind and no thread left
+running whatever happened to the unpack; and the source told of each recorded layer."""
 
 import dataclasses
 import gzip
@@ -16,8 +16,6 @@ import pytest
 from csi.digest import VerifyingReader
 from csi.errors import DataLoss, InvalidArgument
 from csi.paths import StorePaths
-from csi.store import compression
-from csi.store.compression import OUT_CHUNK, Inflating, decompress, open_layer
 from csi.store.layers import LayerStore, layer_id
 from csi.store.state import State
 
@@ -149,41 +147,6 @@ def test_a_download_that_breaks_stops_the_inflate_thread(store, no_thread_left):
     with pytest.raises(ConnectionResetError):
         layers.ensure(Source(blob, fail_after=len(blob) // 2), [desc])
     _nothing_left(paths, state, desc.diff_id)
-
-
-def test_closing_half_way_stops_the_thread(no_thread_left, monkeypatch):
-    monkeypatch.setattr(compression, "IN_CHUNK", 4096)
-    stream = decompress(io.BytesIO(gzip.compress(TAR)), "gzip")
-    assert isinstance(stream, Inflating)
-    assert stream.read(1000) == TAR[:1000]
-    stream.close()
-    stream.close()
-
-
-def test_pieces_stay_bounded_whatever_the_ratio(no_thread_left):
-    bomb = gzip.compress(bytes(64 << 20))  # ~64 KiB that inflate to 64 MiB
-    with decompress(io.BytesIO(bomb), "gzip") as stream:
-        total = 0
-        while piece := stream.read(1 << 30):
-            assert len(piece) <= OUT_CHUNK
-            total += len(piece)
-    assert total == 64 << 20
-
-
-def test_reads_of_any_size_and_the_diff_id_check():
-    blob = gzip.compress(TAR[:1000]) + gzip.compress(TAR[1000:])
-    with open_layer(io.BytesIO(blob), "gzip", _sha(TAR), "layer") as stream:
-        assert stream.read(0) == b""
-        assert stream.read(10) == TAR[:10]
-        assert stream.read() == TAR[10:]
-        assert stream.read(10) == b""
-        assert stream.verified
-    with open_layer(io.BytesIO(blob), "gzip", _sha(b"other"), "layer") as stream:
-        stream.read(10)
-        with pytest.raises(DataLoss, match="digest mismatch"):
-            stream.drain()
-        with pytest.raises(DataLoss):  # and again, for whoever reads next
-            stream.read(10)
 
 
 class Committing(Source):
