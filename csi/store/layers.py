@@ -303,11 +303,12 @@ class LayerStore:
                     _close_quietly(stream)  # stops a decompressor's reader thread
             # The blob's end: for a download, the wait for its last bytes and its digest.
             blob.drain()
-            size, _ = usage(fs)
             # Durable before it is visible or recorded: see durable.py for what this
             # protects (a power cut must not leave a record of files that never reached
-            # the disk) and why the rename below needs no sync of its own.
-            self._sync(watch)
+            # the disk) and why the rename below needs no sync of its own. The usage walk
+            # runs meanwhile (syncfs waits on the disk, the walk on lstat: ~50 ms saved
+            # on the nginx base layer); both are done before the rename.
+            size = self._usage_while_syncing(fs, watch)
         except OSError as e:
             remove_tree(work, ignore_errors=True)
             if is_no_space(e):
@@ -320,6 +321,27 @@ class LayerStore:
             if watch is not None:
                 os.close(watch)
         return work, size, stats
+
+    def _usage_while_syncing(self, fs: str, watch: int) -> int:
+        """usage(fs) in bytes, with `self._sync(watch)` run on a second thread meanwhile;
+        raises what either raised (the sync's error first), once both have ended."""
+        failed: list[BaseException] = []
+
+        def sync() -> None:
+            try:
+                self._sync(watch)
+            except BaseException as e:  # raised below, in the unpacking thread
+                failed.append(e)
+
+        syncing = threading.Thread(target=sync, name="syncfs", daemon=True)
+        syncing.start()
+        try:
+            size, _ = usage(fs)
+        finally:
+            syncing.join()
+            if failed:
+                raise failed[0]
+        return size
 
 
 def _committed(source: BlobSource, desc: LayerBlob) -> None:

@@ -181,3 +181,28 @@ def test_a_failed_layer_is_not_committed(store):
     with pytest.raises(DataLoss):
         layers.ensure(source, [desc])
     assert source.calls == []
+
+
+def test_the_recorded_size_is_what_usage_reports(store, no_thread_left):
+    """The usage walk runs while the layer is synced: the size recorded is still exactly
+    usage() of the layer's files (hard links once, directories and symlinks counted)."""
+    from csi.tree import usage
+
+    paths, state, layers = store
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for name, data in FILES.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data), 0o644
+            tf.addfile(info, io.BytesIO(data))
+        for name, kind in (("etc/link", tarfile.LNKTYPE), ("etc/sym", tarfile.SYMTYPE)):
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = kind, "etc/big" if kind == tarfile.LNKTYPE else "big"
+            tf.addfile(info)
+    tar = buf.getvalue()
+    blob = gzip.compress(tar)
+    desc = Blob(_sha(blob), _sha(tar))
+    (lid,) = layers.ensure(Source(blob), [desc])
+    with state.read() as tx:
+        recorded = tx.layer_by_diff_id(desc.diff_id).size
+    assert recorded == usage(paths.layer_fs(lid))[0] > 12 << 20
