@@ -206,3 +206,20 @@ def test_the_recorded_size_is_what_usage_reports(store, no_thread_left):
     with state.read() as tx:
         recorded = tx.layer_by_diff_id(desc.diff_id).size
     assert recorded == usage(paths.layer_fs(lid))[0] > 12 << 20
+
+
+def test_a_pull_drops_each_blob_once_its_layer_is_recorded_through_its_progress(store):
+    """pulls.py: a registry pull (without --keep-blobs) removes a layer's blob when the
+    store reports the layer recorded, through the progress watcher too."""
+    from csi.pulls import Progress, _Dropping, _Watched
+
+    paths, state, layers = store
+    blob = gzip.compress(TAR)
+    desc = Blob(_sha(blob), _sha(TAR))
+    removed: list[str] = []
+    layers.ensure(_Watched(_Dropping(Source(blob), removed.append), Progress()), [desc])
+    assert removed == [desc.digest]
+    bad = Blob(_sha(blob), _sha(b"another tar"))
+    with pytest.raises(DataLoss):
+        layers.ensure(_Watched(_Dropping(Source(blob), removed.append), Progress()), [bad])
+    assert removed == [desc.digest]  # a failed layer's blob is not the drop's business
