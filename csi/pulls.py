@@ -114,6 +114,26 @@ class _Watched:
                           lambda blob: self._progress.unpacking(
                               layer, downloading=getattr(blob, "downloading", False)))
 
+    def committed(self, layer: LayerDesc) -> None:
+        if (hook := getattr(self._source, "committed", None)) is not None:
+            hook(layer)
+
+
+class _Dropping:
+    """A registry's blob source that removes each layer's compressed blob as soon as the
+    layer unpacked from it is recorded (it is only a cache then): the unlink of a big
+    file overlaps the other layers' unpacks instead of ending the pull. Another pull
+    reading the same blob keeps its open descriptor (or its download's), so it reads on."""
+
+    def __init__(self, source, remove):
+        self._source, self._remove = source, remove
+
+    def open_blob(self, layer: LayerDesc):
+        return self._source.open_blob(layer)
+
+    def committed(self, layer: LayerDesc) -> None:
+        self._remove(layer.digest)
+
 
 class _FirstRead:
     """A blob stream that calls `first(stream)` at its first read: the unpack has a slot
@@ -334,11 +354,15 @@ class Puller:
         started = time.monotonic()
         img, source = self._client.resolve(ref, keyring.lookup, self._blobs,
                                            authorise_at_origin=gated)
-        missing = self._make_present(source, img, started=started, progress=progress)
+        missing = self._make_present(
+            source if self._keep_blobs else _Dropping(source, self._blobs.remove), img,
+            started=started, progress=progress)
         if not ref.digest:  # only once the layers are in place
             self._record_tag(ref, img.index_digest or img.manifest_digest)
         if not self._keep_blobs:
-            for layer in img.layers:  # unpacked: the compressed copy is only a cache
+            # Those unpacked here went as each was recorded; these are the blobs of layers
+            # another pull or process unpacked meanwhile (unlinks of missing files: cheap).
+            for layer in img.layers:
                 self._blobs.remove(layer.digest)
         return source, img, missing
 

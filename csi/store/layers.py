@@ -61,7 +61,10 @@ class BlobSource(Protocol):
     def open_blob(self, layer: LayerBlob) -> BinaryIO:
         """The blob's bytes, verified against its digest by the time they are read to the
         end (`drain()` reads to the end and checks): a VerifyingReader, or a download's
-        stream (blobs.py). Called by several threads at once, one per layer."""
+        stream (blobs.py). Called by several threads at once, one per layer.
+
+        A source may also have `committed(layer)`: called once the layer unpacked from its
+        blob is recorded, so that the compressed copy can go at once (pulls.py)."""
 
 
 # Layers a pull downloads ahead of its unpacks: their blobs stream to disk while the
@@ -263,6 +266,7 @@ class LayerStore:
                 if renamed:
                     self._discard(final)
                 raise
+        _committed(source, desc)
         if not renamed:
             remove_tree(work, ignore_errors=True)
             log.info("layer %s was unpacked meanwhile by another process", lid)
@@ -315,11 +319,12 @@ class LayerStore:
                     _close_quietly(stream)  # stops a decompressor's reader thread
             # The blob's end: for a download, the wait for its last bytes and its digest.
             blob.drain()
-            size, _ = usage(fs)
             # Durable before it is visible or recorded: see durable.py for what this
             # protects (a power cut must not leave a record of files that never reached
-            # the disk) and why the rename below needs no sync of its own.
-            self._sync(watch)
+            # the disk) and why the rename below needs no sync of its own. The usage walk
+            # runs meanwhile (syncfs waits on the disk, the walk on lstat: ~50 ms saved
+            # on the nginx base layer); both are done before the rename.
+            size = self._usage_while_syncing(fs, watch)
         except OSError as e:
             remove_tree(work, ignore_errors=True)
             if is_no_space(e):
@@ -332,6 +337,38 @@ class LayerStore:
             if watch is not None:
                 os.close(watch)
         return work, size, stats
+
+    def _usage_while_syncing(self, fs: str, watch: int) -> int:
+        """usage(fs) in bytes, with `self._sync(watch)` run on a second thread meanwhile;
+        raises what either raised (the sync's error first), once both have ended."""
+        failed: list[BaseException] = []
+
+        def sync() -> None:
+            try:
+                self._sync(watch)
+            except BaseException as e:  # raised below, in the unpacking thread
+                failed.append(e)
+
+        syncing = threading.Thread(target=sync, name="syncfs", daemon=True)
+        syncing.start()
+        try:
+            size, _ = usage(fs)
+        finally:
+            syncing.join()
+            if failed:
+                raise failed[0]
+        return size
+
+
+def _committed(source: BlobSource, desc: LayerBlob) -> None:
+    """Tell the source a layer from its blob is recorded (a cleanup: it cannot fail it)."""
+    hook = getattr(source, "committed", None)
+    if hook is None:
+        return
+    try:
+        hook(desc)
+    except Exception as e:  # the layer is recorded; what is left is the caller's to tidy
+        log.warning("after recording layer %s: %s", desc.diff_id, e)
 
 
 class _Slot:
