@@ -5,7 +5,6 @@ running whatever happened to the unpack; and the source told of each recorded la
 
 import dataclasses
 import gzip
-import hashlib
 import io
 import os
 import tarfile
@@ -18,22 +17,7 @@ from csi.errors import DataLoss, InvalidArgument
 from csi.paths import StorePaths
 from csi.store.layers import LayerStore, layer_id
 from csi.store.state import State
-
-
-def _sha(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def _tar(files: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size, info.mode = len(data), 0o644
-            info.uid, info.gid = os.getuid(), os.getgid()
-            tf.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
+from tests.unit.test_layers_durable import _sha, _tar
 
 FILES = {"etc/big": os.urandom(3 << 20) + bytes(9 << 20), "etc/small": b"hello\n"}
 TAR = _tar(FILES)
