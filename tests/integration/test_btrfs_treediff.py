@@ -3,7 +3,6 @@ while the metrics thread or `strata diff` walks it: trees deeper than the recurs
 and PATH_MAX, directories swapped for symlinks out of the snapshot between the listing and
 the descent, and the walk's own bookkeeping (descriptors, `stop`, logical bytes)."""
 
-import contextlib
 import os
 import shutil
 import uuid
@@ -14,6 +13,7 @@ from csi import fdwalk
 from csi.backend import treediff
 from csi.inspect import Stopped
 from csi.mount import btrfs
+from tests.integration.test_inspect import listing_then
 from tests.storefs import delete_subvolumes, store_fs
 
 MiB = 1 << 20
@@ -145,27 +145,6 @@ def test_a_change_at_the_bottom_of_a_deep_image_tree_past_path_max(pair, monkeyp
     assert changes[-3:] == [("D", bottom + "/gone"), ("C", bottom + "/kept"),
                             ("A", bottom + "/new")]
     assert all(k == "C" for k, _ in changes[:-3])
-
-
-def listing_then(real, act):
-    """An os.scandir that lists (and lstats) a directory, then runs `act(fd)` before the
-    walk goes on: the pod's change lands between the listing and the descent."""
-    acting = []
-
-    def scandir(fd):
-        if acting or not isinstance(fd, int):
-            return real(fd)
-        with real(fd) as it:
-            entries = list(it)
-        for e in entries:
-            e.stat(follow_symlinks=False)  # the walk's lstat, as it saw it, cached
-        acting.append(fd)
-        try:
-            act(fd)
-        finally:
-            acting.clear()
-        return contextlib.nullcontext(entries)
-    return scandir
 
 
 @pytest.fixture
