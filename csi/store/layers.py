@@ -406,10 +406,8 @@ class _Slot:
 
     def __exit__(self, *exc) -> None:
         with self._mu:
-            self._closed = True
-            if self._held:
-                self._held = False
-                self._slots.release()
+            self._closed = True  # from now on an acquire takes nothing
+        self.release()
 
 
 def _close_quietly(stream) -> None:
