@@ -4,6 +4,9 @@ Three figures per publish+unpublish cycle, on layers already on the node:
   bare      mkdir + mount(2) overlay + umount(2) + rmdir, with fresh upper/work dirs (the floor)
   manager   VolumeManager.publish + unpublish in-process (server-side work: locks, state, mount)
   rpc       NodePublishVolume + NodeUnpublishVolume over the real unix socket (what kubelet sees)
+  floor     two no-op RPCs (NodeGetCapabilities) over the same socket plus one bare cycle:
+            what the rpc cycle would cost if the server's own work were free, so that
+            rpc / floor is the part of the ratio the server can still win back
 Reported as p50/p99 in ms and as ratios to the bare cycle, and as CPU time per cycle (user +
 system, of this process and, for rpc, of the server too): on a machine shared with other
 work, waiting for a CPU swells every wall-clock figure, CPU time much less.
@@ -144,6 +147,22 @@ def bench_rpc(node, image, work, n, tag="rpc"):
     return out
 
 
+NOOP = csi_pb2.NodeGetCapabilitiesRequest()
+
+
+def bench_floor(node, mounter, lowers, work, n):
+    """The rpc cycle's floor: two round trips of a handler that does nothing, and the
+    mount work itself (a bare cycle)."""
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        node.NodeGetCapabilities(NOOP, timeout=600)
+        node.NodeGetCapabilities(NOOP, timeout=600)
+        t1 = time.perf_counter()
+        out.append(t1 - t0 + bench_bare(mounter, lowers, work, 1, [])[0])
+    return out
+
+
 def bench_live_rpc(node, mounter, lowers, image, work, live, n, rounds, published, cpu):
     """Publish `live` volumes over the socket and keep them (their targets go into
     `published`, for the caller to unpublish whatever happens), then interleave bare
@@ -157,6 +176,33 @@ def bench_live_rpc(node, mounter, lowers, image, work, live, n, rounds, publishe
         bare += cpu.run("bare", bench_bare, mounter, lowers, work, n // rounds, [])
         rpc += cpu.run("rpc", bench_rpc, node, image, work, n // rounds, tag=f"xl{r}-")
     return bare, rpc
+
+
+def bench_big_upper(parts, image, work, files, n=5):
+    """Unpublish of a publication whose pod wrote `files` small files: seconds each, with
+    the server's trash (the tree leaves by one rename, deleted in the background), then
+    with it stopped (deleted before the unpublish returns, as before step 9)."""
+    def one(tag, i):
+        target = os.path.join(work, f"{tag}{i}")
+        parts.volumes.publish(PublishSpec(f"big-{tag}-{i}", target, image, False, 1))
+        d = os.path.join(target, "written")
+        os.mkdir(d)
+        for j in range(files):
+            if j % 1000 == 0:
+                sub = os.path.join(d, str(j // 1000))
+                os.mkdir(sub)
+            with open(os.path.join(sub, str(j)), "wb") as f:
+                f.write(b"x" * 100)
+        t0 = time.perf_counter()
+        parts.volumes.unpublish(f"big-{tag}-{i}", target)
+        return time.perf_counter() - t0
+
+    trashed = []
+    for i in range(n):
+        trashed.append(one("bt", i))
+        parts.trash.drain()  # each measured alone
+    parts.trash.stop()  # from here on a discard deletes at once
+    return trashed, [one("bs", i) for i in range(n)]
 
 
 def bench_scale(vm, image, work, parts, live_counts=(10, 1000), n=100):
@@ -190,6 +236,8 @@ def main():
     ap.add_argument("--live", type=int, default=1000,
                     help="publications kept live for the last measurement (0: skip it)")
     ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--upper-files", type=int, default=10000,
+                    help="files a pod writes before the big-upper unpublish (0: skip it)")
     ap.add_argument("--log-level", default="WARNING", help="the server's")
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the clean-up below
@@ -216,7 +264,7 @@ def main():
         bench_rpc(node, image, work, 5)
         # Interleaved rounds: the machine's speed drifts (frequency, neighbours), and every
         # contender should meet the same drift.
-        bare, mgr, rpc, bare_mount, mgr_pub = [], [], [], [], []
+        bare, mgr, rpc, floor, bare_mount, mgr_pub = [], [], [], [], [], []
         rounds = args.rounds
         cpu = Cpu(server.proc.pid)
         for _ in range(rounds):
@@ -224,12 +272,17 @@ def main():
                             bare_mount)
             mgr += cpu.run("manager", bench_manager, vm, image, work, args.n // rounds, mgr_pub)
             rpc += cpu.run("rpc", bench_rpc, node, image, work, args.n // rounds)
+            floor += bench_floor(node, mounter, lowers, work, args.n // rounds)
         scale, scrape = bench_scale(vm, image, work, parts)
+        big = bench_big_upper(parts, image, work, args.upper_files) if args.upper_files \
+            else None
 
         print(f"warm publish+unpublish cycle, {len(lowers)}-layer image, n={args.n}")
         summary("bare", bare)
         summary("manager", mgr, bare)
         summary("rpc", rpc, bare)
+        summary("floor", floor, bare)
+        summary("rpc", rpc, floor, vs="floor")
         cpu.report()
         print("warm NodePublish alone (server side) against one bare overlay mount(2):")
         summary("mount(2)", bare_mount)
@@ -240,6 +293,11 @@ def main():
         summary("/metrics", scrape)
         print(f"  (/metrics scraped with {max(scale)} live publications; the first scrape "
               "walks every upper layer, later ones reuse the walks for 15 s)", flush=True)
+        if big is not None:
+            print(f"unpublish of a publication whose pod wrote {args.upper_files} files "
+                  "(in-process):")
+            summary("trash", big[0])
+            summary("at once", big[1], big[0], vs="trash")
         if args.live:
             live_cpu = Cpu(server.proc.pid)
             live_bare, live_rpc = bench_live_rpc(node, mounter, lowers, image, work,

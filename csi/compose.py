@@ -43,6 +43,7 @@ from csi.store.blobs import BlobStore
 from csi.store.gc import Collector
 from csi.store.layers import LayerStore
 from csi.store.state import SCHEMA_VERSION, SchemaMismatch, State, schema_version
+from csi.trash import Trash
 from csi.tree import remove_tree
 from csi.upper_stats import UpperStats
 from csi.volumes import VolumeManager
@@ -66,12 +67,15 @@ class Parts:
     serving: ServeLock | None = None
     releases: Releases | None = None
     upper_stats: UpperStats | None = None  # its thread starts with the server (server.py)
+    trash: Trash | None = None
 
     def close(self) -> None:
         if self.upper_stats is not None:
             self.upper_stats.stop()  # it reads the state
         if self.releases is not None:
             self.releases.stop()  # it writes to the state
+        if self.trash is not None:
+            self.trash.stop()  # what it has not deleted by then, the next start does
         self.state.close()
         if self.users is not None:
             self.users.close()
@@ -128,7 +132,8 @@ def stored_backend(paths: StorePaths) -> Backend:
 
 
 def make_backend(name: str, paths: StorePaths, features, mounter: Mounter,
-                 config: Config, state: State | None = None) -> Backend:
+                 config: Config, state: State | None = None,
+                 trash: Trash | None = None) -> Backend:
     """Serve's backend (`--backend`), checked against the store and recorded in it. A store
     whose publications another backend made is refused: their state is of its shape. The
     state database counts as well as `volumes/`: a btrfs read-only view has no key on disk
@@ -148,7 +153,8 @@ def make_backend(name: str, paths: StorePaths, features, mounter: Mounter,
                                         recorded_chains(state))
     else:
         backend = OverlayBackend(paths, features,
-                                 size_limits(config.size_limit_mechanism, paths, mounter))
+                                 size_limits(config.size_limit_mechanism, paths, mounter),
+                                 trash=trash)
     if was != name or not os.path.exists(backend_file(paths)):
         tmp = backend_file(paths) + ".tmp"
         with open(tmp, "w") as f:
@@ -285,7 +291,7 @@ def node(config: Config, metrics: Metrics | None = None, mounter: Mounter | None
             raise StoreServed(f"another strata server ({holder}) serves the store "
                               f"{paths.root}")
     metrics = metrics or Metrics()
-    users = state = releases = None
+    users = state = releases = trash = None
     try:
         users = StoreUsers(paths.store_lock)
         alone = users.alone()
@@ -298,7 +304,10 @@ def node(config: Config, metrics: Metrics | None = None, mounter: Mounter | None
         log.info("%s", clones.describe(paths.root))
         mounter = mounter or Mounter(features=features)
         # Loop filesystems are mounted by the one executor.
-        backend = make_backend(config.backend, paths, features, mounter, config, state)
+        # Unpublish (and start-up's repairs) delete private state in the background.
+        trash = Trash(paths.trash).start()
+        backend = make_backend(config.backend, paths, features, mounter, config, state,
+                               trash)
         layers = LayerStore(paths, state, clock=clock, on_unpack=metrics.on_unpack,
                             max_unpacks=config.max_parallel_unpacks)
 
@@ -329,6 +338,8 @@ def node(config: Config, metrics: Metrics | None = None, mounter: Mounter | None
     except BaseException:
         if releases is not None:
             releases.stop()
+        if trash is not None:
+            trash.stop()
         if state is not None:
             state.close()
         if users is not None:
@@ -336,7 +347,7 @@ def node(config: Config, metrics: Metrics | None = None, mounter: Mounter | None
         serving.close()
         raise
     return Parts(paths, state, backend, users, layers, puller, gc, mounter, volumes,
-                 provisioner, metrics, serving, releases, upper_stats)
+                 provisioner, metrics, serving, releases, upper_stats, trash)
 
 
 def tool(config: Config, on_unpack=None, on_bytes=None) -> Parts:

@@ -12,6 +12,7 @@ volumes/KEY/          one publication's private state, owned by the storage back
                       (overlay: upper/, work/, and lower/ links when options run long;
                       a size-limited one: fs.img mounted at fs/, upper/ and work/ in it)
 tmp/                  unpacks and downloads in progress
+trash/                private state an unpublish let go of, deleted in the background
 ```
 Layer IDs are short (16 hex digits of the DiffID) so that long `lowerdir=` lists fit in the
 page of options mount(2) accepts. Publication KEYs are random, so a publication's directory
@@ -21,7 +22,7 @@ never outlives its record under the same name.
 import dataclasses
 import os
 
-DIRS = ("tmp", "layers", "volumes", "blobs/sha256")
+DIRS = ("tmp", "layers", "volumes", "trash", "blobs/sha256")
 NEEDED = ("tmp", "layers", "volumes")  # blobs/ is a cache an operator may prune
 
 
@@ -57,6 +58,10 @@ class StorePaths:
     @property
     def tmp(self) -> str:
         return os.path.join(self.root, "tmp")
+
+    @property
+    def trash(self) -> str:
+        return os.path.join(self.root, "trash")
 
     @property
     def blobs(self) -> str:

@@ -43,6 +43,7 @@ from csi.mount.mountinfo import MountInfo, mount_of
 from csi.mount.spec import Mount
 from csi.mount.syscalls import Mounter
 from csi.paths import StorePaths
+from csi.trash import Trash
 from csi.tree import remove_tree, usage
 
 UPPER, WORK, LOWER = "upper", "work", "lower"
@@ -54,14 +55,17 @@ class OverlayBackend(Backend):
 
     def __init__(self, paths: StorePaths, features: Features | None = None,
                  bound: Bound | None = None,
-                 layer_dir: Callable[[str], str] | None = None):
+                 layer_dir: Callable[[str], str] | None = None, trash: Trash | None = None):
         """`bound` enforces size limits; left out, the loop mechanism with a mounter of
         its own, which also finds the keys that project quotas bounded (the tools that
         only read and remove need nothing more). `layer_dir` maps an ID of a chain to the
         directory the overlay reads it through: the layer store's `layers/ID/fs` unless
         told otherwise (the btrfs backend plans its size-limited publications with this
-        class over one directory: a chain subvolume, the whole image already merged)."""
+        class over one directory: a chain subvolume, the whole image already merged).
+        `trash`: where removed keys go to be deleted in the background (the server's);
+        left out, a key is deleted at once."""
         self._paths = paths
+        self._trash = trash or Trash(paths.trash)
         self._layer_dir = layer_dir or paths.layer_fs
         self._features = features or Features()
         self._bound = bound or Bounds(LoopBound(paths, Mounter(features=features)),
@@ -148,8 +152,15 @@ class OverlayBackend(Backend):
 
     # -- a publication's state ---------------------------------------------------------
     def remove(self, key: str) -> None:
-        self._bound.release(key)  # remove_tree never enters a mount: unmount it first
-        remove_tree(self._paths.volume(key))
+        self._bound.release(key)  # neither way of deleting enters a mount: unmount first
+        if os.path.isdir(self._paths.volume_part(key, UPPER)):
+            # Unlimited: only the disk counts its files, so they may go in the background.
+            self._trash.discard(self._paths.volume(key))
+        else:
+            # A limited key's files count toward its project ID, which is free for the
+            # next publish once volumes/KEY is gone (quotabound.in_use): they go first.
+            # (A loop-limited key is one sparse image; a read-only view, links.)
+            remove_tree(self._paths.volume(key))
 
     def dirs(self, key: str) -> Dirs | None:
         for home in ((), *((part,) for part in self._bound.parts)):
