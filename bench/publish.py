@@ -1,8 +1,10 @@
 """Warm publish latency: strata against a bare overlay mount(2), measured in the same run.
 
-Three figures per publish+unpublish cycle, on layers already on the node:
-  bare      mkdir + mount(2) overlay + umount(2) + rmdir, with fresh upper/work dirs (the floor)
-  manager   VolumeManager.publish + unpublish in-process (server-side work: locks, state, mount)
+Four figures per publish+unpublish cycle, on layers already on the node:
+  bare      mkdir + mount(2) overlay + umount(2) + rmdir, fresh upper/work dirs (the kernel's part)
+  manager   VolumeManager.publish + unpublish in-process (server-side work: locks, state, mount;
+            the trash's background deletions are let finish between rounds, as the server's are
+            before the floor's round)
   rpc       NodePublishVolume + NodeUnpublishVolume over the real unix socket (what kubelet sees)
   floor     two no-op RPCs (NodeGetCapabilities) over the same socket plus one bare cycle:
             what the rpc cycle would cost if the server's own work were free, so that
@@ -150,6 +152,13 @@ def bench_rpc(node, image, work, n, tag="rpc"):
 NOOP = csi_pb2.NodeGetCapabilitiesRequest()
 
 
+def settle(trash: str, timeout: float = 60.0) -> None:
+    """Wait until the server's trash has deleted what the last round left there."""
+    deadline = time.monotonic() + timeout
+    while os.listdir(trash) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def bench_floor(node, mounter, lowers, work, n):
     """The rpc cycle's floor: two round trips of a handler that does nothing, and the
     mount work itself (a bare cycle)."""
@@ -218,6 +227,7 @@ def bench_scale(vm, image, work, parts, live_counts=(10, 1000), n=100):
             live_targets.append(t)
         out[live] = bench_manager(vm, image, work, n)
         if live >= 200:
+            parts.trash.drain()  # the scrape alone, not the deletions of the cycles above
             metrics = Metrics()
             metrics.install_store(parts.state, parts.backend, parts.paths)
             scrape = []
@@ -271,7 +281,9 @@ def main():
             bare += cpu.run("bare", bench_bare, mounter, lowers, work, args.n // rounds,
                             bare_mount)
             mgr += cpu.run("manager", bench_manager, vm, image, work, args.n // rounds, mgr_pub)
+            parts.trash.drain()  # the manager's deletions (in this process) are not the rpc's
             rpc += cpu.run("rpc", bench_rpc, node, image, work, args.n // rounds)
+            settle(os.path.join(root, "store2", "trash"))  # nor the floor's
             floor += bench_floor(node, mounter, lowers, work, args.n // rounds)
         scale, scrape = bench_scale(vm, image, work, parts)
         big = bench_big_upper(parts, image, work, args.upper_files) if args.upper_files \

@@ -12,7 +12,8 @@ volumes/KEY/          one publication's private state, owned by the storage back
                       (overlay: upper/, work/, and lower/ links when options run long;
                       a size-limited one: fs.img mounted at fs/, upper/ and work/ in it)
 tmp/                  unpacks and downloads in progress
-trash/                private state an unpublish let go of, deleted in the background
+trash/                private state no publication uses any more (unpublish, repairs),
+                      renamed here and deleted in the background
 ```
 Layer IDs are short (16 hex digits of the DiffID) so that long `lowerdir=` lists fit in the
 page of options mount(2) accepts. Publication KEYs are random, so a publication's directory

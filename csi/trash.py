@@ -12,16 +12,21 @@ The rename is atomic and on the same filesystem (`trash/` sits beside `volumes/`
 store's root). Where it cannot be done (a missing path is nothing to do; the path is a
 mount point, or another filesystem) the tree is deleted at once, as before. What is in
 `trash/` is deleted by `tree.remove_tree`, so a mount found inside is still never entered:
-it is logged and the entry stays. Entries a crash or a stop left behind are deleted when
+it is logged and the entry stays. A stop does not wait for the deletions: the thread ends
+at the next directory it would enter, and what a stop or a crash left behind is deleted when
 the next `Trash` starts (the server's start-up), in the background too.
+
+Until an entry is gone its blocks still count in the filesystem's free space: whoever reads
+that (GC's watermarks) can wait for `on_empty`, called each time the queue runs dry.
 """
 
 import logging
 import os
 import secrets
 import threading
+from collections.abc import Callable
 
-from csi.tree import remove_tree
+from csi.tree import Interrupted, remove_tree
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +37,7 @@ class Trash:
         Nothing runs until `start()`: before that (and in a process that never starts it,
         like the tools) `discard` deletes at once."""
         self.directory = directory
+        self.on_empty: Callable[[], None] | None = None  # the thread deleted all it had
         self._cv = threading.Condition()
         self._queue: list[str] = []
         self._busy = False
@@ -77,22 +83,26 @@ class Trash:
             return len(self._queue) + self._busy
 
     def drain(self, timeout: float | None = None) -> bool:
-        """Wait until everything discarded so far is deleted (or left, if it cannot be);
-        True if that happened within `timeout` seconds."""
+        """Wait until the queue is empty and nothing is being deleted (what cannot be
+        deleted is left in the trash); True if that happened within `timeout` seconds."""
         with self._cv:
             return self._cv.wait_for(lambda: not self._queue and not self._busy
                                      or self._thread is None, timeout=timeout)
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """Delete what is queued for up to `timeout` seconds, then stop; the rest stays in
-        the trash for the next start. `discard` deletes at once from now on."""
-        self.drain(timeout)
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop deleting: the thread ends at the next directory it would enter (waited for
+        up to `timeout` seconds; a directory of very many files is emptied first). What
+        is left stays in the trash for the next start; `discard` deletes at once from now
+        on."""
         with self._cv:
             self._stopped = True
             self._cv.notify_all()
             thread = self._thread
         if thread is not None:
-            thread.join(timeout=1.0)  # at most the entry it is deleting now is cut short
+            thread.join(timeout=timeout)
+            if thread.is_alive():
+                log.warning("the trash's thread is still deleting a directory after %.0fs",
+                            timeout)
 
     def _run(self) -> None:
         while True:
@@ -105,7 +115,9 @@ class Trash:
                 entry = self._queue.pop(0)
                 self._busy = True
             try:
-                remove_tree(entry)
+                remove_tree(entry, stop=lambda: self._stopped)
+            except Interrupted:
+                pass  # stopped: the rest of it waits for the next start
             except OSError as e:  # a mount inside (logged by remove_tree), EIO, ...
                 log.error("cannot delete %s from the trash: %s; trying again at the next "
                           "start", entry, e)
@@ -114,4 +126,10 @@ class Trash:
             finally:
                 with self._cv:
                     self._busy = False
+                    empty = not self._queue and not self._stopped
                     self._cv.notify_all()
+            if empty and self.on_empty is not None:
+                try:
+                    self.on_empty()
+                except Exception:
+                    log.exception("after emptying the trash")

@@ -15,6 +15,7 @@ import errno
 import logging
 import os
 import stat
+from collections.abc import Callable
 
 from csi.statx import identity, mount_root
 
@@ -27,11 +28,18 @@ class MountInside(OSError):
     """remove_tree found a mount point in the tree and left it, and what holds it, alone."""
 
 
-def remove_tree(path: str, ignore_errors: bool = False) -> None:
+class Interrupted(Exception):
+    """remove_tree was told to stop; what it had not deleted yet is still there."""
+
+
+def remove_tree(path: str, ignore_errors: bool = False,
+                stop: Callable[[], bool] | None = None) -> None:
     """Delete `path` and everything below it; a missing path is not an error. With
-    `ignore_errors`, a failure (a mount inside included) is logged instead of raised."""
+    `ignore_errors`, a failure (a mount inside included) is logged instead of raised.
+    `stop`, asked before each directory is entered, ends the removal there with
+    Interrupted when it answers True."""
     try:
-        _remove_tree(path)
+        _remove_tree(path, stop or _never)
     except OSError as e:
         if not ignore_errors:
             raise
@@ -64,7 +72,11 @@ def _empty_files(fd: int) -> list[str]:
     return subdirs
 
 
-def _remove_tree(path: str) -> None:
+def _never() -> bool:
+    return False
+
+
+def _remove_tree(path: str, stop: Callable[[], bool]) -> None:
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -82,6 +94,8 @@ def _remove_tree(path: str) -> None:
         while True:
             ident, pending = levels[-1]
             if pending:
+                if stop():
+                    raise Interrupted(f"removal of {path} stopped")
                 name = pending.pop()
                 try:
                     sub = os.open(name, _DIR, dir_fd=cur)

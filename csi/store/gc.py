@@ -92,14 +92,18 @@ class Collector:
     """Runs mark → plan → sweep against a LayerStore."""
 
     def __init__(self, layers, policy: Policy, clock=time.time, on_collect=None,
-                 on_error=None):
+                 on_error=None, settling=None):
         """`on_collect(result)` hears of every run that ends, `on_error(exc)` of every one
-        that raises (metrics)."""
+        that raises (metrics). `settling()` says whether deleted files are still on their
+        way off the disk (the server's trash): watermarks measured on the filesystem are
+        not read meanwhile (they would count what is about to be freed and take layers
+        for nothing); the caller collects again once it has settled."""
         self._layers = layers
         self.policy = policy
         self._clock = clock
         self._on_collect = on_collect or (lambda result: None)
         self._on_error = on_error or (lambda exc: None)
+        self._settling = settling or (lambda: False)
         self._mu = threading.Lock()
         self._seen = layers.unpacked
 
@@ -138,6 +142,9 @@ class Collector:
                         "may read any layer, and which ones is not recorded; nothing is "
                         "removed until the kernel lets them go", policy.mode, len(blind),
                         ", ".join(r.key for r in blind))
+            return Result((), 0)
+        if policy.mode == "lru" and not policy.max_bytes and self._settling():
+            log.debug("gc (lru) waits: deleted files are still leaving the disk")
             return Result((), 0)
         candidates = plan(policy, mark(all_layers, refs),
                           measure(policy, self._layers.paths.root, all_layers), self._clock())

@@ -5,6 +5,7 @@ next start; an unpublish over the real socket leaves nothing under volumes/ or t
 import logging
 import os
 import subprocess
+import threading
 
 import pytest
 
@@ -59,6 +60,40 @@ def test_the_same_name_discarded_twice_keeps_both_until_deleted(tmp_path, trash)
         assert not (tmp_path / "k").exists()
     assert trash.drain(timeout=30)
     assert os.listdir(tmp_path / "trash") == []
+
+
+def test_stop_ends_the_thread_at_once_and_the_next_start_finishes(tmp_path, caplog):
+    """A stop does not wait for the deletions: the thread is gone when stop() returns
+    (another server may take the store next), and the next start deletes the rest."""
+    big = tmp_path / "k"
+    for i in range(2000):
+        (big / str(i)).mkdir(parents=True)
+        (big / str(i) / "f").write_text("x")
+    t = Trash(str(tmp_path / "trash")).start()
+    t.discard(str(big))
+    t.stop()
+    assert not any(th.name == "trash" and th.is_alive() for th in threading.enumerate())
+    assert os.listdir(tmp_path / "trash") != [], "stop did not wait for 2,000 directories"
+    again = Trash(str(tmp_path / "trash")).start()
+    try:
+        with caplog.at_level(logging.ERROR):
+            assert again.drain(timeout=60)
+        assert os.listdir(tmp_path / "trash") == []
+        assert "cannot delete" not in caplog.text
+    finally:
+        again.stop()
+
+
+def test_on_empty_is_called_once_the_queue_runs_dry(tmp_path, trash):
+    emptied = []
+    trash.on_empty = lambda: emptied.append(os.listdir(tmp_path / "trash"))
+    trash.start()
+    _tree(tmp_path / "k")
+    trash.discard(str(tmp_path / "k"))
+    assert trash.drain(timeout=30)
+    from tests.integration.test_life_events import wait_for
+    wait_for(lambda: emptied, what="on_empty")
+    assert emptied[0] == [], "called once the entry was gone"
 
 
 def test_start_deletes_what_an_earlier_run_left(tmp_path):
@@ -137,6 +172,9 @@ def test_unpublish_leaves_no_key_and_start_up_empties_the_trash(tmp_path, images
     left = tmp_path / "store" / "trash" / "deadbeefdeadbeef-01234567"
     _tree(left)
     parts = compose.node(config)
+    discarded = []
+    real = parts.trash.discard
+    parts.trash.discard = lambda p: discarded.append(p) or real(p)
     try:
         assert parts.trash.drain(timeout=30)
         assert os.listdir(parts.paths.trash) == [], "start-up deletes what was left"
@@ -146,6 +184,7 @@ def test_unpublish_leaves_no_key_and_start_up_empties_the_trash(tmp_path, images
             f.write("by the pod\n")
         [key] = os.listdir(parts.paths.volumes)
         parts.volumes.unpublish("v", target)
+        assert discarded == [parts.paths.volume(key)], "through the trash"
         assert os.listdir(parts.paths.volumes) == [], "the key leaves volumes/ at once"
         assert parts.trash.drain(timeout=30)
         assert os.listdir(parts.paths.trash) == []
@@ -192,10 +231,12 @@ def test_a_limited_key_is_deleted_before_unpublish_returns(tmp_path, images, mon
         parts.volumes.publish(PublishSpec("l", limited, images.app, False, 1,
                                           size_limit=16 << 20))
         parts.volumes.publish(PublishSpec("u", unlimited, images.app, False, 1))
+        [key_l, key_u] = sorted(os.listdir(parts.paths.volumes),
+                                key=lambda k: os.path.isdir(parts.paths.volume_part(k, "upper")))
         parts.volumes.unpublish("l", limited)
-        assert discarded == [] and os.listdir(parts.paths.volumes) != []
+        assert discarded == [] and os.listdir(parts.paths.volumes) == [key_u]
         parts.volumes.unpublish("u", unlimited)
-        assert len(discarded) == 1
+        assert discarded == [parts.paths.volume(key_u)]
         assert os.listdir(parts.paths.volumes) == []
         assert parts.trash.drain(timeout=30)
     finally:

@@ -126,3 +126,28 @@ def test_collect_removes_nothing_while_a_blind_release_is_pending(tmp_path, capl
         assert sorted(gc.collect().removed) == ["a", "b"]
     finally:
         state.close()
+
+
+def test_watermarks_measured_on_the_disk_wait_while_deletions_settle(tmp_path):
+    """While the server's trash still holds deleted files, the filesystem's usage counts
+    them: an lru policy measured on the disk waits instead of taking layers for nothing;
+    one measured by --gc-max-bytes (the layers' own sizes) does not wait."""
+    paths = StorePaths(str(tmp_path)).make()
+    state = State(paths.state_db)
+    settling = [True]
+    try:
+        layers = LayerStore(paths, state)
+        with state.transaction() as tx:
+            for lid in ("a", "b"):
+                tx.record_layer(L(lid, 10, 0.0))
+                os.makedirs(paths.layer_fs(lid))
+        on_disk = Policy(mode="lru", high_percent=0.0, low_percent=0.0)  # always over
+        gc = Collector(layers, on_disk, settling=lambda: settling[0])
+        assert gc.collect().removed == ()
+        assert sorted(os.listdir(paths.layers)) == ["a", "b"]
+        by_size = Policy(mode="lru", high_percent=90.0, low_percent=60.0, max_bytes=20)
+        assert gc.collect(by_size).removed == ("a",)
+        settling[0] = False
+        assert gc.collect().removed == ("b",)
+    finally:
+        state.close()
