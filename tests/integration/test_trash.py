@@ -20,6 +20,16 @@ def _tree(path) -> None:
     (path / "upper" / "top").write_text("x")
 
 
+def emptied_by_a_start(directory) -> None:
+    """A new Trash on `directory` deletes everything there."""
+    t = Trash(str(directory)).start()
+    try:
+        assert t.drain(timeout=60)
+        assert os.listdir(directory) == []
+    finally:
+        t.stop()
+
+
 @pytest.fixture
 def trash(tmp_path):
     t = Trash(str(tmp_path / "trash"))
@@ -74,14 +84,9 @@ def test_stop_ends_the_thread_at_once_and_the_next_start_finishes(tmp_path, capl
     t.stop()
     assert not any(th.name == "trash" and th.is_alive() for th in threading.enumerate())
     assert os.listdir(tmp_path / "trash") != [], "stop did not wait for 2,000 directories"
-    again = Trash(str(tmp_path / "trash")).start()
-    try:
-        with caplog.at_level(logging.ERROR):
-            assert again.drain(timeout=60)
-        assert os.listdir(tmp_path / "trash") == []
-        assert "cannot delete" not in caplog.text
-    finally:
-        again.stop()
+    with caplog.at_level(logging.ERROR):
+        emptied_by_a_start(tmp_path / "trash")
+    assert "cannot delete" not in caplog.text
 
 
 def test_on_empty_is_called_once_the_queue_runs_dry(tmp_path, trash):
@@ -100,12 +105,7 @@ def test_start_deletes_what_an_earlier_run_left(tmp_path):
     left = tmp_path / "trash" / "k-0123abcd"
     _tree(left)
     (tmp_path / "trash" / "a-file").write_text("left too")
-    t = Trash(str(tmp_path / "trash")).start()
-    try:
-        assert t.drain(timeout=30)
-        assert os.listdir(tmp_path / "trash") == []
-    finally:
-        t.stop()
+    emptied_by_a_start(tmp_path / "trash")
 
 
 def test_after_stop_a_discard_deletes_at_once(tmp_path, trash):
@@ -134,13 +134,7 @@ def test_a_mount_inside_is_never_deleted_into(tmp_path, trash, caplog):
         assert "mount point" in caplog.text
     finally:
         unmount_all_under(str(tmp_path))
-    # With the mount gone, the next start deletes the rest.
-    again = Trash(str(tmp_path / "trash")).start()
-    try:
-        assert again.drain(timeout=30)
-        assert os.listdir(tmp_path / "trash") == []
-    finally:
-        again.stop()
+    emptied_by_a_start(tmp_path / "trash")  # with the mount gone, the rest goes
 
 
 @needs_root

@@ -103,6 +103,15 @@ def test_every_run_is_reported_as_it_ends_collected_or_failed(tmp_path):
         state.close()
 
 
+def _two_layers(paths, state) -> LayerStore:
+    """Layers a and b (10 bytes each, unreferenced, last used long ago), on disk too."""
+    with state.transaction() as tx:
+        for lid in ("a", "b"):
+            tx.record_layer(L(lid, 10, 0.0))
+            os.makedirs(paths.layer_fs(lid))
+    return LayerStore(paths, state)
+
+
 def test_collect_removes_nothing_while_a_blind_release_is_pending(tmp_path, caplog):
     """A release found at start-up cannot say which layers its overlay reads: every layer
     stays until it goes, and the log says why."""
@@ -111,11 +120,8 @@ def test_collect_removes_nothing_while_a_blind_release_is_pending(tmp_path, capl
     paths = StorePaths(str(tmp_path)).make()
     state = State(paths.state_db)
     try:
-        layers = LayerStore(paths, state)
+        layers = _two_layers(paths, state)
         with state.transaction() as tx:
-            for lid in ("a", "b"):
-                tx.record_layer(L(lid, 10, 0.0))
-                os.makedirs(paths.layer_fs(lid))
             tx.record_release(Release("k-found", since=1.0))
         gc = Collector(layers, Policy(mode="immediate"))
         assert gc.collect().removed == ()
@@ -136,11 +142,7 @@ def test_watermarks_measured_on_the_disk_wait_while_deletions_settle(tmp_path):
     state = State(paths.state_db)
     settling = [True]
     try:
-        layers = LayerStore(paths, state)
-        with state.transaction() as tx:
-            for lid in ("a", "b"):
-                tx.record_layer(L(lid, 10, 0.0))
-                os.makedirs(paths.layer_fs(lid))
+        layers = _two_layers(paths, state)
         on_disk = Policy(mode="lru", high_percent=0.0, low_percent=0.0)  # always over
         gc = Collector(layers, on_disk, settling=lambda: settling[0])
         assert gc.collect().removed == ()
