@@ -286,8 +286,6 @@ def main():
             settle(os.path.join(root, "store2", "trash"))  # nor the floor's
             floor += bench_floor(node, mounter, lowers, work, args.n // rounds)
         scale, scrape = bench_scale(vm, image, work, parts)
-        big = bench_big_upper(parts, image, work, args.upper_files) if args.upper_files \
-            else None
 
         print(f"warm publish+unpublish cycle, {len(lowers)}-layer image, n={args.n}")
         summary("bare", bare)
@@ -305,11 +303,6 @@ def main():
         summary("/metrics", scrape)
         print(f"  (/metrics scraped with {max(scale)} live publications; the first scrape "
               "walks every upper layer, later ones reuse the walks for 15 s)", flush=True)
-        if big is not None:
-            print(f"unpublish of a publication whose pod wrote {args.upper_files} files "
-                  "(in-process):")
-            summary("trash", big[0])
-            summary("at once", big[1], big[0], vs="trash")
         if args.live:
             live_cpu = Cpu(server.proc.pid)
             live_bare, live_rpc = bench_live_rpc(node, mounter, lowers, image, work,
@@ -319,6 +312,12 @@ def main():
             summary("bare", live_bare)
             summary("rpc", live_rpc, live_bare)
             live_cpu.report()
+        if args.upper_files:  # last: writing and deleting its files slows what follows
+            big = bench_big_upper(parts, image, work, args.upper_files)
+            print(f"unpublish of a publication whose pod wrote {args.upper_files} files "
+                  "(in-process):")
+            summary("trash", big[0])
+            summary("at once", big[1], big[0], vs="trash")
     finally:
         if server is not None:
             for vid, target in published:

@@ -134,7 +134,7 @@ class Collector:
     def _collect(self, policy: Policy) -> Result:
         with self._layers.state.read() as tx:
             all_layers = tx.layers()
-            refs = tx.refcounts()
+            refs = tx.referenced()
             blind = tx.blind_releases()
         if blind:
             # The sweep's transaction would refuse each layer anyway (forget_layer).

@@ -384,6 +384,14 @@ class Reader:
     def refcounts(self) -> dict[str, int]:
         return dict(self._c.execute("SELECT layer_id, COUNT(*) FROM refs GROUP BY layer_id"))
 
+    def referenced(self) -> dict[str, int]:
+        """Every layer's ID → 1 if anything references it, else 0. GC's question after every
+        unpublish: one index probe per layer, where `refcounts` reads every reference (two
+        per live publication of a two-layer image)."""
+        return dict(self._c.execute(
+            "SELECT id, EXISTS (SELECT 1 FROM refs WHERE refs.layer_id = layers.id) "
+            "FROM layers"))
+
     def holders(self) -> list[tuple[str, str]]:
         """(layer ID, holder) of every reference: for diagnostics and tests."""
         return self._c.execute("SELECT layer_id, holder FROM refs ORDER BY holder").fetchall()

@@ -425,6 +425,24 @@ def test_tag_round_trip(db):
 
 
 # -- publications and stages ---------------------------------------------------------------
+def test_referenced_says_which_layers_anything_holds_by_index(db):
+    """GC asks after every unpublish: the answer must not read every reference (two per
+    live publication), only probe the index once per layer."""
+    with_layers(db, "aaaa", "bbbb", "cccc")
+    with db.transaction() as tx:
+        for i in range(3):
+            tx.record_publication(publication(target=f"/t{i}", key=f"k{i}"), ["aaaa", "cccc"],
+                                  7.0)
+    ran = []
+    db._ro.set_trace_callback(ran.append)
+    with db.read() as tx:
+        assert tx.referenced() == {"aaaa": 1, "bbbb": 0, "cccc": 1}
+    db._ro.set_trace_callback(None)
+    [query] = [sql for sql in ran if "refs" in sql]
+    plan = " ".join(row[-1] for row in db._ro.execute("EXPLAIN QUERY PLAN " + query))
+    assert "SEARCH refs" in plan and "SCAN refs" not in plan, plan
+
+
 def test_a_publication_is_recorded_and_forgotten_with_its_references(db):
     with_layers(db, "aaaa", "bbbb")
     p = publication(readonly=True, staging_path="/stage/x", access_mode=2)
