@@ -9,6 +9,7 @@ interceptor, pulls and unpacks by the callbacks below. docs/metrics.md lists eve
 
 import http.server
 import logging
+import os
 import socket
 import threading
 import time
@@ -279,6 +280,10 @@ class StoreCollector:
         yield GaugeMetricFamily(
             "strata_pending_releases", "Writable layers of lazily detached overlays that a "
             "process still holds, kept until the kernel lets them go.", value=len(releases))
+        yield GaugeMetricFamily(
+            "strata_trash_entries", "Writable layers of unpublished volumes in the store's "
+            "trash/, still to be deleted in the background (one that stays could not be: "
+            "the log says why).", value=_entries(self._paths.trash))
 
     def _layers(self, layers, refs):
         """References and bytes of the largest layers, one series each, and the rest
@@ -453,6 +458,13 @@ def exposition(registry: CollectorRegistry) -> bytes:
             plain.append(family)
     out.append(generate_latest(_Families(plain)))
     return b"".join(out)
+
+
+def _entries(directory: str) -> int:
+    try:
+        return len(os.listdir(directory))
+    except FileNotFoundError:
+        return 0
 
 
 def _bool(b: bool) -> str:

@@ -138,6 +138,41 @@ def test_a_mount_inside_is_never_deleted_into(tmp_path, trash, caplog):
 
 
 @needs_root
+def test_an_entry_that_cannot_be_deleted_shows_in_the_metrics(tmp_path):
+    """strata_trash_entries counts what trash/ holds: an entry with a mount inside stays
+    (and the log says why), so the gauge stays above 0 until an operator unmounts it."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from csi import compose
+    from csi.config import Config
+    from csi.metrics import exposition
+
+    def gauge(parts) -> float:
+        text = exposition(parts.metrics.registry).decode()
+        [value] = [s.value for f in text_string_to_metric_families(text)
+                   for s in f.samples if s.name == "strata_trash_entries"]
+        return value
+
+    stuck = tmp_path / "store" / "trash" / "deadbeefdeadbeef-01234567"
+    _tree(stuck)
+    subprocess.run(["mount", "-t", "tmpfs", "strata-test", str(stuck / "upper" / "a")],
+                   check=True)
+    parts = compose.node(Config(root=str(tmp_path / "store"), node_id="t"))
+    try:
+        assert parts.trash.drain(timeout=30)
+        assert gauge(parts) == 1
+    finally:
+        parts.close()
+        unmount_all_under(str(tmp_path))
+    parts = compose.node(Config(root=str(tmp_path / "store"), node_id="t"))
+    try:
+        assert parts.trash.drain(timeout=30)
+        assert gauge(parts) == 0, "unmounted: the next start deleted it"
+    finally:
+        parts.close()
+
+
+@needs_root
 def test_a_mount_point_itself_is_refused_at_once(tmp_path, trash):
     """rename(2) of a mount point is EBUSY: deleted in place instead, which refuses."""
     trash.start()

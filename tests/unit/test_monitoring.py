@@ -44,7 +44,7 @@ METRICS = {
     "strata_store_logical_bytes": set(), "strata_sharing_saved_bytes": set(),
     "strata_publications": set(), "strata_layer_page_cache_bytes": set(),
     "strata_page_cache_saved_bytes": set(), "strata_stages": set(),
-    "strata_pending_releases": set(),
+    "strata_pending_releases": set(), "strata_trash_entries": set(),
     "strata_image_publications": {"image"}, "strata_layer_references": {"layer"},
     "strata_layer_bytes": {"layer"},
     "strata_store_used_bytes": set(), "strata_store_capacity_bytes": set(),
