@@ -317,7 +317,7 @@ def node(config: Config, metrics: Metrics | None = None, mounter: Mounter | None
 
         gc = Collector(layers, config.gc, clock=clock, on_collect=collected,
                        on_error=metrics.on_gc_error, settling=lambda: trash.pending() > 0)
-        if config.gc.mode == "lru" and not config.gc.max_bytes:  # the one that waits
+        if config.gc.reads_the_disk:  # then GC waits for the trash (settling)
             trash.on_empty = gc.collect  # what it waited for has left the disk
         releases = Releases(paths, state, backend, mounter, clock=clock, collect=gc.collect,
                             on_detach=metrics.lazy_unmounts.inc, starting=True)

@@ -34,6 +34,12 @@ class Policy:
     max_bytes: int = 0  # 0: the filesystem under --root is the capacity
     min_age: float = 0.0  # seconds since last use
 
+    @property
+    def reads_the_disk(self) -> bool:
+        """Whether what it removes depends on the filesystem's usage (statvfs): lru without
+        --gc-max-bytes. Deleted files still on their way off the disk count there."""
+        return self.mode == "lru" and not self.max_bytes
+
     def validate(self) -> "Policy":
         if self.mode not in POLICIES:
             raise ValueError(f"gc policy must be one of {', '.join(POLICIES)}, got {self.mode!r}")
@@ -143,7 +149,7 @@ class Collector:
                         "removed until the kernel lets them go", policy.mode, len(blind),
                         ", ".join(r.key for r in blind))
             return Result((), 0)
-        if policy.mode == "lru" and not policy.max_bytes and self._settling():
+        if policy.reads_the_disk and self._settling():
             log.debug("gc (lru) waits: deleted files are still leaving the disk")
             return Result((), 0)
         candidates = plan(policy, mark(all_layers, refs),
