@@ -54,7 +54,7 @@ from csi.image.podtokens import Identity
 from csi.image.registry import RegistryClient
 from csi.image.resolver import check_layout_allowed
 from csi.store.blobs import BlobStore
-from csi.store.layers import LayerStore
+from csi.store.layers import LayerStore, committed
 from csi.store.state import State, Tag
 from csi.units import human_bytes
 
@@ -115,8 +115,7 @@ class _Watched:
                               layer, downloading=getattr(blob, "downloading", False)))
 
     def committed(self, layer: LayerDesc) -> None:
-        if (hook := getattr(self._source, "committed", None)) is not None:
-            hook(layer)
+        committed(self._source, layer)
 
 
 class _Dropping:

@@ -266,7 +266,7 @@ class LayerStore:
                 if renamed:
                     self._discard(final)
                 raise
-        _committed(source, desc)
+        committed(source, desc)
         if not renamed:
             remove_tree(work, ignore_errors=True)
             log.info("layer %s was unpacked meanwhile by another process", lid)
@@ -360,8 +360,9 @@ class LayerStore:
         return size
 
 
-def _committed(source: BlobSource, desc: LayerBlob) -> None:
-    """Tell the source a layer from its blob is recorded (a cleanup: it cannot fail it)."""
+def committed(source: BlobSource, desc: LayerBlob) -> None:
+    """Tell the source a layer from its blob is recorded, if it has `committed` (a cleanup:
+    it cannot fail the layer). A source that wraps another passes it on through this."""
     hook = getattr(source, "committed", None)
     if hook is None:
         return
