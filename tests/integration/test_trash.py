@@ -2,6 +2,7 @@
 mount inside is still never deleted into; what a stop or a crash left is deleted at the
 next start; an unpublish over the real socket leaves nothing under volumes/ or trash/."""
 
+import contextlib
 import logging
 import os
 import subprocess
@@ -28,6 +29,28 @@ def emptied_by_a_start(directory) -> None:
         assert os.listdir(directory) == []
     finally:
         t.stop()
+
+
+LEFT = "deadbeefdeadbeef-01234567"  # an entry an earlier server left in the trash
+
+
+@contextlib.contextmanager
+def served(tmp_path):
+    """The server's parts on `tmp_path/store` (its trash started): (parts, the paths each
+    discard was asked for). Closed, and whatever was mounted under tmp_path unmounted,
+    however the test ends."""
+    from csi import compose
+    from csi.config import Config
+
+    parts = compose.node(Config(root=str(tmp_path / "store"), node_id="t"))
+    discarded: list[str] = []
+    real = parts.trash.discard
+    parts.trash.discard = lambda p: discarded.append(p) or real(p)
+    try:
+        yield parts, discarded
+    finally:
+        parts.close()
+        unmount_all_under(str(tmp_path))
 
 
 @pytest.fixture
@@ -143,8 +166,6 @@ def test_an_entry_that_cannot_be_deleted_shows_in_the_metrics(tmp_path):
     (and the log says why), so the gauge stays above 0 until an operator unmounts it."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    from csi import compose
-    from csi.config import Config
     from csi.metrics import exposition
 
     def gauge(parts) -> float:
@@ -153,23 +174,16 @@ def test_an_entry_that_cannot_be_deleted_shows_in_the_metrics(tmp_path):
                    for s in f.samples if s.name == "strata_trash_entries"]
         return value
 
-    stuck = tmp_path / "store" / "trash" / "deadbeefdeadbeef-01234567"
+    stuck = tmp_path / "store" / "trash" / LEFT
     _tree(stuck)
     subprocess.run(["mount", "-t", "tmpfs", "strata-test", str(stuck / "upper" / "a")],
                    check=True)
-    parts = compose.node(Config(root=str(tmp_path / "store"), node_id="t"))
-    try:
+    with served(tmp_path) as (parts, _):
         assert parts.trash.drain(timeout=30)
         assert gauge(parts) == 1
-    finally:
-        parts.close()
-        unmount_all_under(str(tmp_path))
-    parts = compose.node(Config(root=str(tmp_path / "store"), node_id="t"))
-    try:
+    with served(tmp_path) as (parts, _):  # the first one's exit unmounted the tmpfs
         assert parts.trash.drain(timeout=30)
         assert gauge(parts) == 0, "unmounted: the next start deleted it"
-    finally:
-        parts.close()
 
 
 @needs_root
@@ -193,18 +207,10 @@ def test_a_mount_point_itself_is_refused_at_once(tmp_path, trash):
 def test_unpublish_leaves_no_key_and_start_up_empties_the_trash(tmp_path, images):
     """Through the server's parts: an unpublish takes the key out of volumes/ before it
     returns, the trash deletes it; a tree a crash left in the trash goes at the next start."""
-    from csi import compose
-    from csi.config import Config
     from csi.volumes import PublishSpec
 
-    config = Config(root=str(tmp_path / "store"), node_id="t")
-    left = tmp_path / "store" / "trash" / "deadbeefdeadbeef-01234567"
-    _tree(left)
-    parts = compose.node(config)
-    discarded = []
-    real = parts.trash.discard
-    parts.trash.discard = lambda p: discarded.append(p) or real(p)
-    try:
+    _tree(tmp_path / "store" / "trash" / LEFT)
+    with served(tmp_path) as (parts, discarded):
         assert parts.trash.drain(timeout=30)
         assert os.listdir(parts.paths.trash) == [], "start-up deletes what was left"
         target = str(tmp_path / "pod")
@@ -217,9 +223,6 @@ def test_unpublish_leaves_no_key_and_start_up_empties_the_trash(tmp_path, images
         assert os.listdir(parts.paths.volumes) == [], "the key leaves volumes/ at once"
         assert parts.trash.drain(timeout=30)
         assert os.listdir(parts.paths.trash) == []
-    finally:
-        parts.close()
-        unmount_all_under(str(tmp_path))
 
 
 @needs_root
@@ -244,18 +247,12 @@ def test_unpublish_over_the_socket_leaves_nothing(tmp_path, images):
 
 
 @needs_root
-def test_a_limited_key_is_deleted_before_unpublish_returns(tmp_path, images, monkeypatch):
+def test_a_limited_key_is_deleted_before_unpublish_returns(tmp_path, images):
     """A limited key's files count toward what bounds it (a project ID is free for the next
     publish once volumes/KEY is gone): they never wait in the trash."""
-    from csi import compose
-    from csi.config import Config
     from csi.volumes import PublishSpec
 
-    parts = compose.node(Config(root=str(tmp_path / "store"), node_id="t"))
-    discarded = []
-    real = parts.trash.discard
-    monkeypatch.setattr(parts.trash, "discard", lambda p: discarded.append(p) or real(p))
-    try:
+    with served(tmp_path) as (parts, discarded):
         limited, unlimited = str(tmp_path / "limited"), str(tmp_path / "unlimited")
         parts.volumes.publish(PublishSpec("l", limited, images.app, False, 1,
                                           size_limit=16 << 20))
@@ -268,6 +265,3 @@ def test_a_limited_key_is_deleted_before_unpublish_returns(tmp_path, images, mon
         assert discarded == [parts.paths.volume(key_u)]
         assert os.listdir(parts.paths.volumes) == []
         assert parts.trash.drain(timeout=30)
-    finally:
-        parts.close()
-        unmount_all_under(str(tmp_path))

@@ -106,20 +106,17 @@ def test_a_garbled_gzip_is_invalid_argument_and_leaves_nothing(store, no_thread_
     _nothing_left(paths, state, desc.diff_id)
 
 
-def test_a_diff_id_mismatch_is_data_loss_and_leaves_nothing(store, no_thread_left):
+@pytest.mark.parametrize("blob, digest_of, match", [
+    # a tar with more zeros after its end: its DiffID is not the one declared
+    pytest.param(gzip.compress(TAR + bytes(1024)), _sha, "digest mismatch", id="diff_id"),
+    # the blob is not the one its digest names
+    pytest.param(gzip.compress(TAR), lambda blob: _sha(blob + b"x"), None, id="blob"),
+])
+def test_a_digest_mismatch_is_data_loss_and_leaves_nothing(store, no_thread_left, blob,
+                                                           digest_of, match):
     paths, state, layers = store
-    blob = gzip.compress(TAR + bytes(1024))  # a tar with more zeros after its end
-    desc = Blob(_sha(blob), _sha(TAR))
-    with pytest.raises(DataLoss, match="digest mismatch"):
-        layers.ensure(Source(blob), [desc])
-    _nothing_left(paths, state, desc.diff_id)
-
-
-def test_a_corrupt_blob_is_data_loss(store, no_thread_left):
-    paths, state, layers = store
-    blob = gzip.compress(TAR)
-    desc = Blob(_sha(blob + b"x"), _sha(TAR))
-    with pytest.raises(DataLoss):
+    desc = Blob(digest_of(blob), _sha(TAR))
+    with pytest.raises(DataLoss, match=match):
         layers.ensure(Source(blob), [desc])
     _nothing_left(paths, state, desc.diff_id)
 
