@@ -37,6 +37,7 @@ from csi import compose  # noqa: E402
 from csi.config import Config  # noqa: E402
 from csi.demo import build_demo_image  # noqa: E402
 from csi.mount import spec  # noqa: E402
+from csi.paths import StorePaths  # noqa: E402
 from csi.proto import csi_pb2  # noqa: E402
 from csi.volumes import PublishSpec  # noqa: E402
 
@@ -267,7 +268,8 @@ def main():
         lowers = backend.lowers(ids)
         work = os.path.join(root, "work")
         os.mkdir(work)
-        server = Strata(os.path.join(root, "csi.sock"), os.path.join(root, "store2"),
+        server_root = os.path.join(root, "store2")
+        server = Strata(os.path.join(root, "csi.sock"), server_root,
                         os.path.join(root, "serve.log"), log_level=args.log_level)
         node = server.node
         bench_manager(vm, image, work, 5)  # warm-up: the layer cache, the channel
@@ -283,7 +285,7 @@ def main():
             mgr += cpu.run("manager", bench_manager, vm, image, work, args.n // rounds, mgr_pub)
             parts.trash.drain()  # the manager's deletions (in this process) are not the rpc's
             rpc += cpu.run("rpc", bench_rpc, node, image, work, args.n // rounds)
-            settle(os.path.join(root, "store2", "trash"))  # nor the floor's
+            settle(StorePaths(server_root).trash)  # nor the floor's
             floor += bench_floor(node, mounter, lowers, work, args.n // rounds)
         scale, scrape = bench_scale(vm, image, work, parts)
 
