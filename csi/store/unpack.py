@@ -102,9 +102,7 @@ def root_path(root: str, rel: str, follow_final: bool = False) -> str:
             if part == "..":
                 if resolved:
                     resolved.pop()
-                    fd = fds.pop()
-                    if fd is not None:
-                        os.close(fd)
+                    _close(fds.pop())
                 continue
             parent = fds[-1]
             st = None
@@ -119,9 +117,7 @@ def root_path(root: str, rel: str, follow_final: bool = False) -> str:
                     raise UnsafeLayer(f"too many levels of symbolic links resolving {rel!r}")
                 target = os.readlink(part, dir_fd=parent)
                 if target.startswith("/"):
-                    for fd in fds[1:]:
-                        if fd is not None:
-                            os.close(fd)
+                    _close(*fds[1:])
                     del fds[1:]
                     resolved = []
                 parts.extendleft(reversed([p for p in target.split("/")
@@ -131,10 +127,14 @@ def root_path(root: str, rel: str, follow_final: bool = False) -> str:
             fds.append(os.open(part, _PATH_FLAGS | os.O_NOFOLLOW, dir_fd=parent)
                        if st is not None and stat.S_ISDIR(st.st_mode) else None)
     finally:
-        for fd in fds:
-            if fd is not None:
-                os.close(fd)
+        _close(*fds)
     return os.path.join(root, *resolved)
+
+
+def _close(*fds: int | None) -> None:
+    for fd in fds:
+        if fd is not None:
+            os.close(fd)
 
 
 def check_name(name: str, what: str, components: bool = True) -> None:
@@ -234,9 +234,7 @@ class _Dirs:
             key = stack.pop()
             self.known.discard(key)
             self.meta.pop(key, None)
-            fd = self.fds.pop(key, None)
-            if fd is not None:
-                os.close(fd)
+            _close(self.fds.pop(key, None))
             stack.extend(self.children.pop(key, ()))
 
 
