@@ -5,10 +5,17 @@ annotation (or digest), and hands it to manifest.resolve, which narrows an index
 node's platform exactly as for a registry image; every JSON blob is digest-checked.
 `open_blob()` streams a layer blob through a VerifyingReader, so corrupt bytes surface as
 DataLoss before anything is recorded.
+
+What a root descriptor resolves to is remembered (`_Resolved`): index.json is read at
+every resolve, so a tag that moves is seen at once, but the manifest and config blobs
+it leads to are content-addressed and were verified when first read, so a warm publish
+of a layout image does not read and hash them again.
 """
 
+import collections
 import json
 import os
+import threading
 
 from csi.digest import VerifyingReader, sha256_digest
 from csi.errors import InvalidArgument, NotFound
@@ -16,6 +23,38 @@ from csi.image import manifest as mf
 from csi.image.reference import LayoutReference
 
 REF_NAME = "org.opencontainers.image.ref.name"
+
+
+class _Resolved:
+    """Images resolved from layouts, by (reference, root descriptor, node platform): the
+    answer depends on nothing else (every blob below the root is named by digest and was
+    verified when read), so it never goes stale. Only successes are kept, the `size` most
+    recently used; thread-safe (RPC threads resolve concurrently). A manifest or config
+    blob corrupted or deleted after it was first read is not noticed again until the
+    entry leaves (as for a registry image already on the node); layer blobs are verified
+    whenever they are read."""
+
+    def __init__(self, size: int = 64):
+        self._size = size
+        self._mu = threading.Lock()
+        self._images: collections.OrderedDict[tuple, mf.Image] = collections.OrderedDict()
+
+    def get(self, key: tuple) -> mf.Image | None:
+        with self._mu:
+            image = self._images.get(key)
+            if image is not None:
+                self._images.move_to_end(key)
+            return image
+
+    def put(self, key: tuple, image: mf.Image) -> None:
+        with self._mu:
+            self._images[key] = image
+            self._images.move_to_end(key)
+            while len(self._images) > self._size:
+                self._images.popitem(last=False)
+
+
+_resolved = _Resolved()
 
 
 class OciLayout:
@@ -75,9 +114,14 @@ class OciLayout:
             kind = "index" if desc.media_type in mf.INDEX_TYPES else "manifest"
             return desc.digest, desc.media_type, self._read_json_blob(desc, kind)
 
-        root = fetch_manifest(self._pick(self._index()))
-        return mf.resolve(str(self.ref), str(self.ref), root, fetch_manifest,
-                          lambda desc: self._read_json_blob(desc, "config"))
+        desc = self._pick(self._index())
+        key = (str(self.ref), desc.digest, desc.size, desc.media_type, mf.node_platform())
+        image = _resolved.get(key)
+        if image is None:
+            image = mf.resolve(str(self.ref), str(self.ref), fetch_manifest(desc),
+                               fetch_manifest, lambda d: self._read_json_blob(d, "config"))
+            _resolved.put(key, image)
+        return image
 
     def open_blob(self, layer: mf.LayerDesc) -> VerifyingReader:
         try:

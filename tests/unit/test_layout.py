@@ -117,6 +117,64 @@ def test_retagging_replaces_the_entry(layout):
     assert len(read_index(path)["manifests"]) == 1
 
 
+def count_blob_reads(monkeypatch) -> list[str]:
+    reads = []
+    real = OciLayout._read_json_blob
+
+    def counted(self, desc, what):
+        reads.append(what)
+        return real(self, desc, what)
+
+    monkeypatch.setattr(OciLayout, "_read_json_blob", counted)
+    return reads
+
+
+def test_a_warm_resolve_reads_no_blob_again(layout, monkeypatch):
+    path, mdigest = layout
+    reads = count_blob_reads(monkeypatch)
+    first = resolve(path, "app")
+    assert reads == ["manifest", "config"]
+    assert resolve(path, "app") == first and reads == ["manifest", "config"]
+    assert resolve(path, mdigest).manifest_digest == mdigest  # another reference: read
+    assert reads == ["manifest", "config"] * 2
+
+
+def test_a_moved_tag_is_seen_at_the_next_resolve(layout, monkeypatch):
+    path, first = layout
+    assert resolve(path, "app").manifest_digest == first
+    second = write_image(str(path), "app", [base()])
+    reads = count_blob_reads(monkeypatch)
+    img = resolve(path, "app")
+    assert img.manifest_digest == second and len(img.layers) == 1
+    assert reads == ["manifest", "config"]
+
+
+def test_a_failed_resolve_is_not_remembered(layout):
+    path, mdigest = layout
+    cdigest = json.loads(read_blob(path, mdigest))["config"]["digest"]
+    good = read_blob(path, cdigest)
+    with open(blob_path(path, cdigest), "wb") as f:
+        f.write(good.replace(b"linux", b"LINUX"))
+    with pytest.raises(InvalidArgument, match="does not match its digest"):
+        resolve(path, "app")
+    with open(blob_path(path, cdigest), "wb") as f:
+        f.write(good)
+    assert resolve(path, "app").manifest_digest == mdigest
+
+
+def test_remembered_images_are_bounded_least_recently_used_first():
+    from csi.image.layout import _Resolved
+
+    memo = _Resolved(size=2)
+    images = {k: mf.Image(k, "sha256:" + k * 64, "sha256:" + "c" * 64, ()) for k in "abc"}
+    memo.put(("a",), images["a"])
+    memo.put(("b",), images["b"])
+    assert memo.get(("a",)) is images["a"]  # now b is the least recently used
+    memo.put(("c",), images["c"])
+    assert memo.get(("b",)) is None
+    assert memo.get(("a",)) is images["a"] and memo.get(("c",)) is images["c"]
+
+
 def test_uncompressed_layers(tmp_path):
     write_image(str(tmp_path / "l"), "plain", [base()], compression="none")
     [ld] = resolve(tmp_path / "l", "plain").layers
