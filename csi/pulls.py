@@ -54,7 +54,7 @@ from csi.image.podtokens import Identity
 from csi.image.registry import RegistryClient
 from csi.image.resolver import check_layout_allowed
 from csi.store.blobs import BlobStore
-from csi.store.layers import LayerStore, committed
+from csi.store.layers import LayerStore, Lease, committed
 from csi.store.state import State, Tag
 from csi.units import human_bytes
 
@@ -366,14 +366,17 @@ class Puller:
         return source, img, missing
 
     @contextlib.contextmanager
-    def acquire(self, source, image: Image) -> Iterator[list[str]]:
-        """Hold every layer of `image` (leased, so GC cannot take one) until the block ends,
-        having made them present and (re)recorded the image with them: the one place an
-        image is recorded. Yields layer IDs, base first."""
-        with self._layers.acquire(source, image.layers) as layer_ids:
-            with self._state.transaction() as tx:
-                tx.record_image(image, layer_ids, self._clock())
-            yield layer_ids
+    def acquire(self, source, image: Image) -> Iterator[Lease]:
+        """Hold every layer of `image` (leased, so GC cannot take one) until the block ends
+        or the caller hands the lease over, having made them present; the image is
+        (re)recorded with them where the lease ends: the one place an image is recorded.
+        A publish hands it over in the transaction recording the publication, so a warm
+        publish writes two transactions (the lease; the publication with the image record
+        and the lease's end) where it wrote four. Yields the Lease (layer IDs base
+        first)."""
+        with self._layers.acquire(source, image.layers) as lease:
+            lease.on_end(lambda tx: tx.record_image(image, lease.layer_ids, self._clock()))
+            yield lease
 
     def _make_present(self, source, image: Image, started: float | None = None,
                       report: bool = True, progress: Progress | None = None) -> int:
@@ -387,7 +390,7 @@ class Puller:
         if not missing and recorded and progress is None and not report:
             # A warm layout image: every layer present, the image recorded; the caller's own
             # acquire leases the layers and records the image again (index alias included),
-            # so doing both here too only cost three commits per publish.
+            # so doing both here too would only cost two more commits per publish.
             return 0
         nbytes = sum(la.size for la in missing)
         if missing:

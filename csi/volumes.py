@@ -36,6 +36,7 @@ from csi.proto.csi_pb2 import VolumeCapability
 from csi.pulls import Puller
 from csi.releases import Releases
 from csi.store.gc import Collector
+from csi.store.layers import Lease
 from csi.store.state import Publication, Stage, State
 from csi.upper_stats import UpperStats
 
@@ -153,13 +154,14 @@ class VolumeManager:
                          s.staging_path)
             else:
                 source, image = self._puller.pull(s.image, s.secrets, s.pull_policy, s.wait)
-                with self._puller.acquire(source, image) as layer_ids:
+                with self._puller.acquire(source, image) as lease:
                     with self._state.transaction() as tx:
                         tx.record_stage(Stage(s.volume_id, s.staging_path, s.image,
                                               image.manifest_digest, s.access_mode,
-                                              self._clock()), layer_ids, self._clock())
+                                              self._clock()), lease.layer_ids, self._clock())
+                        lease.hand_over(tx)
                 log.info("staged volume %s: image %s (%s), %d layers", s.volume_id, s.image,
-                         image.manifest_digest, len(layer_ids))
+                         image.manifest_digest, len(lease.layer_ids))
         self._collect(grown_only=True)
 
     def _stage_layers(self, stage: Stage, secrets: dict, policy: str,
@@ -174,11 +176,13 @@ class VolumeManager:
         log.warning("volume %s: staged image %s is no longer complete on this node; pulling "
                     "it again", stage.volume_id, stage.image)
         source, pulled = self._puller.pull(stage.image, secrets, policy, wait)
-        with self._puller.acquire(source, pulled) as layer_ids:
+        with self._puller.acquire(source, pulled) as lease:
             with self._state.transaction() as tx:
                 tx.record_stage(dataclasses.replace(
-                    stage, manifest_digest=pulled.manifest_digest), layer_ids, self._clock())
-        return layer_ids
+                    stage, manifest_digest=pulled.manifest_digest), lease.layer_ids,
+                    self._clock())
+                lease.hand_over(tx)
+        return lease.layer_ids
 
     def unstage(self, volume_id: str, staging_path: str) -> None:
         staging_path = canonical(staging_path)
@@ -250,8 +254,8 @@ class VolumeManager:
             else:
                 source, image = self._puller.pull(p.image, p.secrets, p.pull_policy, p.wait,
                                                   p.identity)
-                with self._puller.acquire(source, image) as layer_ids:
-                    self._mount(p, p.image, image.manifest_digest, layer_ids)
+                with self._puller.acquire(source, image) as lease:
+                    self._mount(p, p.image, image.manifest_digest, lease.layer_ids, lease)
         self._collect(grown_only=True)
 
     def _same(self, pub: Publication, p: PublishSpec, named_limit: int) -> bool:
@@ -266,7 +270,10 @@ class VolumeManager:
                 and (p.staging_path != "" or pub.image == p.image))
 
     def _mount(self, p: PublishSpec, image_name: str, manifest_digest: str,
-               layer_ids: list[str]) -> None:
+               layer_ids: list[str], lease: Lease | None = None) -> None:
+        """Mount `p` over `layer_ids` and record it. `lease`: what holds the layers until
+        the publication's own record does (none for a staged volume: its stage holds
+        them), handed over in the transaction that records it."""
         key = secrets.token_hex(8)
         created_target = False
         mounted = False
@@ -295,6 +302,8 @@ class VolumeManager:
                     service_account=p.pod.service_account, size_limit=p.size_limit,
                     project_id=self._backend.project_id(key) if p.size_limit else 0),
                     layer_ids, self._clock())
+                if lease is not None:
+                    lease.hand_over(tx)
         except BaseException:
             if mounted:
                 try:

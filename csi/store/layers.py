@@ -38,7 +38,7 @@ from csi.locks import FileLock, SingleFlight
 from csi.paths import StorePaths
 from csi.store import durable, unpack
 from csi.store.compression import decompress
-from csi.store.state import Layer, State
+from csi.store.state import Layer, State, Tx
 from csi.tree import remove_tree, usage
 from csi.units import human_bytes
 
@@ -76,6 +76,39 @@ def layer_id(diff_id: str) -> str:
     return hex_of(diff_id)[:16]
 
 
+class Lease:
+    """Layers held by a lease (references GC respects) for as long as a caller needs them:
+    from making them present until the caller's own record references them. The caller
+    hands the lease over in the transaction that writes that record (`hand_over`), so the
+    layers are never unreferenced in between and no transaction of its own ends it; a
+    lease not handed over ends when its `acquire` block does. `on_end` adds what must be
+    written wherever the lease ends (the image record, pulls.py)."""
+
+    def __init__(self, token: str, layer_ids: list[str]):
+        self.token = token
+        self.layer_ids = layer_ids
+        self._on_end: list = []
+        self._ended = False
+
+    def on_end(self, fn) -> None:
+        """`fn(tx)`, in the transaction that ends the lease, before it ends."""
+        self._on_end.append(fn)
+
+    def hand_over(self, tx: Tx) -> None:
+        """End the lease in `tx`, the caller's transaction that references the layers on
+        its own (a publication, a stage); it has ended once `tx` commits."""
+        self._end(tx)
+        tx.after_commit(self._done)
+
+    def _end(self, tx: Tx) -> None:
+        for fn in self._on_end:
+            fn(tx)
+        tx.end_lease(self.token)
+
+    def _done(self) -> None:
+        self._ended = True
+
+
 class LayerStore:
     def __init__(self, paths: StorePaths, state: State, clock=time.time, on_unpack=None,
                  sync=durable.syncfs, max_unpacks: int | None = None):
@@ -108,21 +141,47 @@ class LayerStore:
             return self._unpacked
 
     @contextlib.contextmanager
-    def acquire(self, source: BlobSource, blobs: Sequence[LayerBlob]) -> Iterator[list[str]]:
+    def acquire(self, source: BlobSource, blobs: Sequence[LayerBlob]) -> Iterator[Lease]:
         """Make every layer present and hold a lease (a reference) on each until the block
-        ends, so that GC cannot take a layer between this call and the caller recording its
-        own references. Yields layer IDs in the order of `blobs`."""
+        ends or the caller hands it over, so that GC cannot take a layer between this call
+        and the caller recording its own references. Yields the Lease; its layer IDs are in
+        the order of `blobs`."""
         token = secrets.token_hex(8)
+        lease = None
         try:
-            yield self._ensure_all(source, blobs, token)
-        finally:
+            lease = Lease(token, self._ensure_all(source, blobs, token))
+            yield lease
+        except BaseException:
+            self._end_lease(token, lease, failing=True)
+            raise
+        self._end_lease(token, lease, failing=False)
+
+    def _end_lease(self, token: str, lease: Lease | None, failing: bool) -> None:
+        """End a lease not handed over (`lease` None: what _ensure_all leased before it
+        failed), with what it writes at its end. When that write fails the lease still
+        ends; its error is raised, unless the block already `failing` raises its own
+        (the caller's error is the one to report; this one is logged)."""
+        if lease is not None and lease._ended:
+            return
+        try:
+            with self.state.transaction() as tx:
+                if lease is None:
+                    tx.end_lease(token)
+                else:
+                    lease._end(tx)
+        except Exception:
+            if lease is None:
+                raise
             with self.state.transaction() as tx:
                 tx.end_lease(token)
+            if not failing:
+                raise
+            log.exception("ending the lease on layers %s", ", ".join(lease.layer_ids))
 
     def ensure(self, source: BlobSource, blobs: Sequence[LayerBlob]) -> list[str]:
         """Make every layer present, holding nothing once done. Returns layer IDs."""
-        with self.acquire(source, blobs) as layer_ids:
-            return layer_ids
+        with self.acquire(source, blobs) as lease:
+            return lease.layer_ids
 
     def _ensure_all(self, source: BlobSource, blobs: Sequence[LayerBlob],
                     token: str) -> list[str]:

@@ -411,6 +411,15 @@ class Reader:
 class Tx(Reader):
     """Domain operations inside one write transaction."""
 
+    def __init__(self, cur: sqlite3.Cursor):
+        super().__init__(cur)
+        self._after: list = []
+
+    def after_commit(self, fn) -> None:
+        """Call `fn()` once this transaction has committed (never if it rolls back). An
+        exception from it is logged, not raised: the transaction did commit."""
+        self._after.append(fn)
+
     # -- layers ------------------------------------------------------------------------
     def record_layer(self, layer: Layer) -> None:
         """A layer just unpacked and renamed into place."""
@@ -756,8 +765,9 @@ class State:
         with self._lock:
             cur = self._db.cursor()
             cur.execute("BEGIN IMMEDIATE")
+            tx = Tx(cur)
             try:
-                yield Tx(cur)
+                yield tx
                 cur.execute("COMMIT")
                 self._commits += 1
             except BaseException:
@@ -767,6 +777,11 @@ class State:
                     cur.execute("ROLLBACK")
                 raise
             # Committed: nothing from here on may make the caller think otherwise.
+            for fn in tx._after:
+                try:
+                    fn()
+                except Exception:
+                    log.exception("after the commit of a transaction")
             if self._commits % CHECKPOINT_EVERY == 0:
                 self._checkpointer.nudge()
 

@@ -120,7 +120,8 @@ def test_a_second_process_unpacking_the_same_layer_leaves_the_recorded_one_alone
     thread.start()
     try:
         assert opened.wait(30)
-        with server.acquire(source, image.layers) as ids:
+        with server.acquire(source, image.layers) as lease:
+            ids = lease.layer_ids
             before = {lid: os.stat(paths.layer_fs(lid)).st_ino for lid in ids}
             go.set()
             thread.join(60)

@@ -538,6 +538,29 @@ def test_leases(db):
         assert tx.refcounts() == {"aaaa": 1}
 
 
+def test_after_commit_runs_only_once_committed_and_cannot_unmake_the_commit(db, caplog):
+    with_layers(db, "aaaa")
+    ran = []
+    with pytest.raises(RuntimeError):
+        with db.transaction() as tx:
+            tx.lease("t1", "aaaa")
+            tx.after_commit(lambda: ran.append("rolled back"))
+            raise RuntimeError("the caller failed")
+    assert ran == []
+
+    def boom():
+        raise ValueError("a hook failed")
+
+    with db.transaction() as tx:
+        tx.lease("t1", "aaaa")
+        tx.after_commit(boom)
+        tx.after_commit(lambda: ran.append("committed"))
+    assert ran == ["committed"]  # the failing hook neither raised nor stopped the next
+    assert "a hook failed" in caplog.text
+    with db.read() as tx:
+        assert tx.refcounts() == {"aaaa": 1}
+
+
 def test_controller_volume_round_trip(db):
     v = ControllerVolume("pvc-1", "strata-abc", 1 << 30, {"image": "oci:/l:app", "b": "2"}, 4.0)
     with db.transaction() as tx:
