@@ -106,3 +106,35 @@ class Strata:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+class NoopServer:
+    """bench/_noop_server.py in its own process, as strata serve runs: `node` is its
+    Node stub over `sock`, its output in `log`. A RuntimeError with the log's tail when it
+    does not answer within `startup` seconds."""
+
+    def __init__(self, sock: str, log: str, startup: float = 30.0):
+        self.log = log
+        with open(log, "w") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", "bench._noop_server", sock],
+                                         cwd=HERE, start_new_session=True,
+                                         stdout=out, stderr=out)
+        self.channel = grpc.insecure_channel(f"unix://{sock}")
+        try:
+            grpc.channel_ready_future(self.channel).result(timeout=startup)
+        except grpc.FutureTimeoutError:
+            self.stop()
+            with open(log, errors="replace") as f:
+                tail = f.read()[-2000:]
+            raise RuntimeError(f"bench/_noop_server.py did not answer:\n{tail}") from None
+        self.node = csi_pb2_grpc.NodeStub(self.channel)
+
+    def stop(self) -> None:
+        self.channel.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()

@@ -9,6 +9,10 @@ Four figures per publish+unpublish cycle, on layers already on the node:
   floor     two no-op RPCs (NodeGetCapabilities) over the same socket plus one bare cycle:
             what the rpc cycle would cost if the server's own work were free, so that
             rpc / floor is the part of the ratio the server can still win back
+  grpc      the same against bench/_noop_server.py, a gRPC server with nothing but the
+            thread pool (no interceptor, no logging, no other thread), in its own process:
+            what any Python gRPC server costs here before it does any work. The goal's
+            budget (3x bare) less this is what is left for the server's own work
 Reported as p50/p99 in ms and as ratios to the bare cycle, and as CPU time per cycle (user +
 system, of this process and, for rpc, of the server too): on a machine shared with other
 work, waiting for a CPU swells every wall-clock figure, CPU time much less.
@@ -31,7 +35,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench._util import Strata  # noqa: E402
+from bench._util import NoopServer, Strata  # noqa: E402
 from bench.realistic import unmount_under  # noqa: E402
 from csi import compose  # noqa: E402
 from csi.config import Config  # noqa: E402
@@ -253,7 +257,7 @@ def main():
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the clean-up below
     root = tempfile.mkdtemp(prefix="strata-bench-")
-    server, parts, published = None, None, []
+    server, noop, parts, published = None, None, None, []
     try:
         image = build_demo_image(os.path.join(root, "image"))
         parts = compose.node(Config(root=os.path.join(root, "store"), node_id="bench",
@@ -272,11 +276,12 @@ def main():
         server = Strata(os.path.join(root, "csi.sock"), server_root,
                         os.path.join(root, "serve.log"), log_level=args.log_level)
         node = server.node
+        noop = NoopServer(os.path.join(root, "noop.sock"), os.path.join(root, "noop.log"))
         bench_manager(vm, image, work, 5)  # warm-up: the layer cache, the channel
         bench_rpc(node, image, work, 5)
         # Interleaved rounds: the machine's speed drifts (frequency, neighbours), and every
         # contender should meet the same drift.
-        bare, mgr, rpc, floor, bare_mount, mgr_pub = [], [], [], [], [], []
+        bare, mgr, rpc, floor, grpc_floor, bare_mount, mgr_pub = [], [], [], [], [], [], []
         rounds = args.rounds
         cpu = Cpu(server.proc.pid)
         for _ in range(rounds):
@@ -287,6 +292,7 @@ def main():
             rpc += cpu.run("rpc", bench_rpc, node, image, work, args.n // rounds)
             settle(StorePaths(server_root).trash)  # nor the floor's
             floor += bench_floor(node, mounter, lowers, work, args.n // rounds)
+            grpc_floor += bench_floor(noop.node, mounter, lowers, work, args.n // rounds)
         scale, scrape = bench_scale(vm, image, work, parts)
 
         print(f"warm publish+unpublish cycle, {len(lowers)}-layer image, n={args.n}")
@@ -294,7 +300,11 @@ def main():
         summary("manager", mgr, bare)
         summary("rpc", rpc, bare)
         summary("floor", floor, bare)
+        summary("grpc", grpc_floor, bare)
         summary("rpc", rpc, floor, vs="floor")
+        budget = 3 * statistics.median(bare) - statistics.median(grpc_floor)
+        print(f"  3x bare leaves {budget * 1e3:.3f} ms for the server's own work per cycle "
+              "once a gRPC server that does nothing has answered twice")
         cpu.report()
         print("warm NodePublish alone (server side) against one bare overlay mount(2):")
         summary("mount(2)", bare_mount)
@@ -321,6 +331,8 @@ def main():
             summary("trash", big[0])
             summary("at once", big[1], big[0], vs="trash")
     finally:
+        if noop is not None:
+            noop.stop()
         if server is not None:
             for vid, target in published:
                 try:
