@@ -149,15 +149,22 @@ def test_a_moved_tag_is_seen_at_the_next_resolve(layout, monkeypatch):
     assert reads == ["manifest", "config"]
 
 
+def tamper_config(path, mdigest) -> tuple[str, bytes]:
+    """Change the image's config blob in place (its digest no longer matches): (the blob's
+    path, its bytes before)."""
+    cdigest = json.loads(read_blob(path, mdigest))["config"]["digest"]
+    data = read_blob(path, cdigest)
+    with open(blob_path(path, cdigest), "wb") as f:
+        f.write(data.replace(b"linux", b"LINUX"))
+    return blob_path(path, cdigest), data
+
+
 def test_a_failed_resolve_is_not_remembered(layout):
     path, mdigest = layout
-    cdigest = json.loads(read_blob(path, mdigest))["config"]["digest"]
-    good = read_blob(path, cdigest)
-    with open(blob_path(path, cdigest), "wb") as f:
-        f.write(good.replace(b"linux", b"LINUX"))
+    blob, good = tamper_config(path, mdigest)
     with pytest.raises(InvalidArgument, match="does not match its digest"):
         resolve(path, "app")
-    with open(blob_path(path, cdigest), "wb") as f:
+    with open(blob, "wb") as f:
         f.write(good)
     assert resolve(path, "app").manifest_digest == mdigest
 
@@ -255,10 +262,7 @@ def test_manifest_blob_missing(layout):
 
 def test_config_blob_tampered(layout):
     path, mdigest = layout
-    cdigest = json.loads(read_blob(path, mdigest))["config"]["digest"]
-    data = read_blob(path, cdigest)
-    with open(blob_path(path, cdigest), "wb") as f:
-        f.write(data.replace(b"linux", b"LINUX"))
+    tamper_config(path, mdigest)
     with pytest.raises(InvalidArgument, match="config .* does not match its digest"):
         resolve(path, "app")
 
