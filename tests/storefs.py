@@ -10,6 +10,7 @@ test takes one with `store_fs(store_filesystems, NAME)`, which skips it with tha
 
 import contextlib
 import dataclasses
+import errno
 import gzip
 import os
 import shutil
@@ -113,10 +114,11 @@ def delete_subvolumes(root: str) -> None:
 
 
 @contextlib.contextmanager
-def btrfs_with_quotas(base, name: str = "q"):
+def btrfs_with_quotas(base, name: str = "q", simple: bool = False):
     """A loop-mounted btrfs of the caller's own under `base`, quotas enabled (they change
-    the whole filesystem, so never the session's shared one); its root, unmounted at the
-    end whatever happened. Skips, saying why, where it cannot be made."""
+    the whole filesystem, so never the session's shared one): full qgroups, or `simple`
+    quotas; its root, unmounted at the end whatever happened. Skips, saying why, where it
+    cannot be made."""
     from csi.mount import btrfs
     from tests.conftest import unmount_all_under
 
@@ -126,7 +128,13 @@ def btrfs_with_quotas(base, name: str = "q"):
         fs = make_fs(base, "btrfs", name)
         if fs.skip:
             pytest.skip(fs.skip)
-        btrfs.enable_quota(fs.root)
+        try:
+            btrfs.enable_quota(fs.root, simple=simple)
+        except OSError as e:
+            if simple and e.errno == errno.EINVAL:
+                pytest.skip("this kernel has no btrfs simple quotas (Linux 6.7)")
+            raise
+        assert btrfs.quota_mode(fs.root) == ("squota" if simple else "qgroup")
         yield fs.root
     finally:
         unmount_all_under(str(base))

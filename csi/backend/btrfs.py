@@ -22,9 +22,15 @@ Layout (the store's root must be on btrfs):
 - `chains.lock` serialises making and deleting chains across processes (`strata gc`
   deletes them beside the server).
 
-Size limits, where quotas are enabled on the filesystem (`btrfs quota enable ROOT`), are
-btrfs qgroup limits on the publication's subvolume (its exclusive bytes: what the pod adds
-beyond the image). Where they are not, a limited publication takes step 5's loop
+Size limits, where quotas are enabled on the filesystem, are btrfs qgroup limits. Under
+simple quotas (`btrfs quota enable --simple ROOT`, Linux 6.7) the limit is on the
+publication's group, a level-1 qgroup of its own (`btrfs.group`): what the pod writes, in
+its subvolume and in any subvolume it makes inside it, which the kernel adds to the group.
+Under full qgroups (`btrfs quota enable ROOT`) it is on the subvolume's own qgroup (its
+exclusive bytes), and a pod that makes a subvolume of its own writes there unbounded: a
+warning says so once. Even a group does not hold a subvolume made with an inheritance
+the pod names itself (mount/btrfs.py): against a pod that means to escape, only the loop
+mechanism bounds. Where quotas are off, a limited publication takes step 5's loop
 mechanism: a snapshot cannot live inside another filesystem, so it is an overlay whose one
 lowerdir is the chain subvolume (the whole image, already merged) and whose upper and work
 live in a filesystem image of the limit's size (loopfs.LoopBound), planned by the overlay
@@ -93,6 +99,7 @@ class BtrfsBackend(Backend):
         self.chains = os.path.join(paths.root, "chains")
         self.recorded = recorded or (lambda: set())
         self._lock: FileLock | None = None  # made on first use: the read-only tools never do
+        self._warned_escapable = False
         self._looped = OverlayBackend(
             paths, features, bound or LoopBound(paths, Mounter(features=features)),
             layer_dir=lambda cid: os.path.join(self.chains, cid))
@@ -232,11 +239,25 @@ class BtrfsBackend(Backend):
             self._write_chain(key, os.path.basename(top))
             btrfs.snapshot(top, fs)
             if size_limit:
-                btrfs.limit(fs, size_limit)
+                self._limit(fs, size_limit)
         except BaseException:
             self.remove_or_log(key)
             raise
         return Mount(type="bind", source=fs, target=target, options=("rbind",))
+
+    def _limit(self, fs: str, size_limit: int) -> None:
+        if btrfs.quota_mode(fs) == "squota":
+            btrfs.group(fs, size_limit)
+            return
+        btrfs.limit(fs, size_limit)
+        if not self._warned_escapable:
+            log.warning("the btrfs of %s keeps full qgroups: a sizeLimit bounds what a pod "
+                        "writes in its own subvolume, not in a subvolume it makes inside it "
+                        "(a new qgroup of its own). Simple quotas (`btrfs quota enable "
+                        "--simple`, Linux and btrfs-progs 6.7) bound those made the "
+                        "ordinary way; only quotas off (loop filesystems) bound a pod that "
+                        "means to escape (docs/size-limits.md)", self._paths.root)
+            self._warned_escapable = True
 
     def _prepare_looped(self, key: str, cid: str, target: str, size_limit: int) -> Mount:
         """An overlay of the chain `cid` with its upper in a loop filesystem of
@@ -277,8 +298,22 @@ class BtrfsBackend(Backend):
             real = os.path.realpath(fs)
             if MountTable().under(real):
                 raise OSError(errno.EBUSY, "a mount inside the publication's subvolume", real)
+            if btrfs.grouped(fs):
+                self._ungroup(key, fs)
             btrfs.delete(fs)
         remove_tree(home)
+
+    @staticmethod
+    def _ungroup(key: str, fs: str) -> None:
+        """Destroy the snapshot's group before its subvolumes go. Where the kernel refuses
+        (EBUSY: a member it still counts), the group is left, logged, without its limit:
+        deleting reserves metadata against it, and a full group would refuse that."""
+        try:
+            btrfs.ungroup(fs)
+        except OSError as e:
+            log.error("publication %s: cannot destroy its qgroup group (%s); it stays, "
+                      "unlimited, and the subvolume is deleted", key, e.strerror or e)
+            btrfs.limit(fs, 0, exclusive=False, level=btrfs.GROUP_LEVEL)
 
     def _origin(self, key: str) -> tuple[str, str] | None:
         """(chain subvolume, the key's snapshot) for a writable key; None otherwise."""
@@ -346,8 +381,8 @@ class BtrfsBackend(Backend):
         return None if self.is_looped(key) else self._paths.volume_part(key, FS)
 
     def usage(self, key: str) -> Usage:
-        """With quotas on, what the snapshot holds alone; else the files it created or
-        rewrote (allocated bytes, which on btrfs include extents still shared). A
+        """With quotas on, what counts against its limit (`_counted`); else the files it
+        created or rewrote (allocated bytes, which on btrfs include extents still shared). A
         loop-limited key: the files in its filesystem, as the overlay backend counts them."""
         if self.is_looped(key):
             return self._looped.usage(key)
@@ -356,7 +391,7 @@ class BtrfsBackend(Backend):
             return Usage(0, 0)
         if btrfs.quota_enabled(fs):
             try:
-                return Usage(btrfs.usage(fs).exclusive, self._inodes(key))
+                return Usage(self._counted(fs)[0], self._inodes(key))
             except FileNotFoundError:
                 pass
         s = self.summarize(key, ())
@@ -372,12 +407,21 @@ class BtrfsBackend(Backend):
         fs = self._paths.volume_part(key, FS)
         if not btrfs.is_subvolume(fs) or not btrfs.quota_enabled(fs):
             return None
-        u = btrfs.usage(fs)
-        if not u.max_exclusive:
+        used, limit = self._counted(fs)
+        if not limit:
             return None
-        inodes = self._inodes(key)
-        return Space(u.max_exclusive, u.exclusive, max(0, u.max_exclusive - u.exclusive),
-                     0, inodes, 0)
+        return Space(limit, used, max(0, limit - used), 0, self._inodes(key), 0)
+
+    @staticmethod
+    def _counted(fs: str) -> tuple[int, int]:
+        """(bytes counted against the snapshot's limit, the limit or 0): its group's count
+        where it has one (what it and the subvolumes made inside it hold), else its own
+        exclusive bytes. FileNotFoundError where quotas are off."""
+        if btrfs.grouped(fs):
+            u = btrfs.usage(fs, level=btrfs.GROUP_LEVEL)
+            return u.referenced, u.max_referenced
+        u = btrfs.usage(fs)
+        return u.exclusive, u.max_exclusive
 
     def keys(self) -> set[str]:
         try:

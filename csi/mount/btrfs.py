@@ -15,6 +15,14 @@ makes, with the structures of the kernel's `include/uapi/linux/btrfs.h`:
   kernel keeps one per subvolume, and `limit` (`BTRFS_IOC_QGROUP_LIMIT`) makes writes past
   its limit fail with EDQUOT. `usage` reads the counts from sysfs, which the kernel updates
   at each transaction commit (a `syncfs` makes them current).
+- a **group** is a level-1 qgroup `1/ID` of a subvolume's own (`BTRFS_IOC_QGROUP_CREATE`,
+  `BTRFS_IOC_QGROUP_ASSIGN`), limited instead of `0/ID`. Under *simple* quotas
+  (`quota_mode` "squota", Linux 6.7) a subvolume made inside another without naming
+  qgroups to inherit (as `btrfs subvolume create` makes it) joins the level-1 qgroups of
+  the one it is made in, however deep, so the group's limit also bounds what is written
+  into it; a plain `0/ID` limit, and any limit under full qgroups, does not (such a
+  subvolume has a qgroup of its own). A process that names an empty inheritance itself
+  (`BTRFS_SUBVOL_QGROUP_INHERIT`, no privilege needed) still makes one outside the group.
 
 A path that is not on btrfs is refused with `NotBtrfs` (the kernel would say ENOTTY), a
 directory that is not a subvolume with `NotSubvolume`; everything else the kernel refuses
@@ -51,6 +59,13 @@ VOL_ARGS_V2_NAME = 56     # offsetof(struct btrfs_ioctl_vol_args_v2, name)
 INO_LOOKUP_SIZE = 4096    # __u64 treeid; __u64 objectid; char name[4080]
 FS_INFO_SIZE = 1024       # struct btrfs_ioctl_fs_info_args; fsid at offset 16
 QGROUP_LIMIT_SIZE = 48    # __u64 qgroupid; struct btrfs_qgroup_limit (5 x __u64)
+QGROUP_ASSIGN_SIZE = 24   # __u64 assign (1: add, 0: remove); __u64 src; __u64 dst
+SEARCH_ARGS_SIZE = 4096   # struct btrfs_ioctl_search_key (104 bytes), then items
+SEARCH_KEY_SIZE = 104     # tree_id, min/max objectid, offset, transid; min/max type; nr_items
+SEARCH_HEADER_SIZE = 32   # an item's transid, objectid, offset, type, len
+QUOTA_TREE_OBJECTID = 8
+QGROUP_RELATION_KEY = 246
+QGROUP_CREATE_SIZE = 16   # __u64 create (1: create, 0: destroy); __u64 qgroupid
 
 SUBVOL_CREATE = _ioc(_WRITE, 14, VOL_ARGS_SIZE)
 SNAP_DESTROY = _ioc(_WRITE, 15, VOL_ARGS_SIZE)
@@ -60,6 +75,9 @@ SUBVOL_GETFLAGS = _ioc(_READ, 25, 8)
 SUBVOL_SETFLAGS = _ioc(_WRITE, 26, 8)
 FS_INFO = _ioc(_READ, 31, FS_INFO_SIZE)
 QUOTA_CTL = _ioc(_READ | _WRITE, 40, 16)
+TREE_SEARCH = _ioc(_READ | _WRITE, 17, SEARCH_ARGS_SIZE)
+QGROUP_ASSIGN = _ioc(_WRITE, 41, QGROUP_ASSIGN_SIZE)
+QGROUP_CREATE = _ioc(_WRITE, 42, QGROUP_CREATE_SIZE)
 QGROUP_LIMIT = _ioc(_READ, 43, QGROUP_LIMIT_SIZE)  # _IOR in the header, though it writes
 QUOTA_RESCAN_WAIT = _ioc(_NONE, 46, 0)
 
@@ -67,6 +85,8 @@ SUPER_MAGIC = 0x9123683E  # statfs(2) f_type
 FIRST_FREE_OBJECTID = 256  # a subvolume root's inode number
 SUBVOL_RDONLY = 1 << 1
 QUOTA_CTL_ENABLE = 1
+QUOTA_CTL_ENABLE_SIMPLE_QUOTA = 4
+GROUP_LEVEL = 1  # a qgroup ID is level << 48 | id
 QGROUP_LIMIT_MAX_RFER = 1 << 0
 QGROUP_LIMIT_MAX_EXCL = 1 << 1
 NAME_MAX = 255
@@ -133,6 +153,8 @@ def delete(path: str) -> None:
         for child in nested(path):
             delete(child)
         _destroy(path)
+
+
 
 
 def nested(path: str) -> list[str]:
@@ -206,35 +228,131 @@ def quota_enabled(path: str) -> bool:
     return os.path.isdir(_qgroups(path))
 
 
-def enable_quota(path: str) -> None:
-    """Turn qgroups on for the filesystem of `path` and wait for the kernel's first count
-    of what is already there (a no-op where they are on)."""
+def quota_mode(path: str) -> str:
+    """How the filesystem of `path` keeps quotas: "" (it does not), "qgroup" (full
+    qgroups, `btrfs quota enable`) or "squota" (simple quotas, `btrfs quota enable
+    --simple`: each extent counted to the subvolume that wrote it)."""
+    try:
+        with open(os.path.join(_qgroups(path), "mode")) as f:
+            return f.read().strip()
+    except FileNotFoundError:  # quotas off, or a kernel before 6.7 (full qgroups only)
+        return "qgroup" if quota_enabled(path) else ""
+
+
+def enable_quota(path: str, simple: bool = False) -> None:
+    """Turn quotas on for the filesystem of `path` (a no-op where they are on): full
+    qgroups, once the kernel's first count of what is already there is done, or `simple`
+    quotas (which count only what is written from then on, and need no count)."""
     if quota_enabled(path):
         return
     fd = _open_btrfs(path)
     try:
-        fcntl.ioctl(fd, QUOTA_CTL, bytearray(struct.pack("=QQ", QUOTA_CTL_ENABLE, 0)))
-        fcntl.ioctl(fd, QUOTA_RESCAN_WAIT)
+        cmd = QUOTA_CTL_ENABLE_SIMPLE_QUOTA if simple else QUOTA_CTL_ENABLE
+        fcntl.ioctl(fd, QUOTA_CTL, bytearray(struct.pack("=QQ", cmd, 0)))
+        if not simple:
+            fcntl.ioctl(fd, QUOTA_RESCAN_WAIT)
     finally:
         os.close(fd)
 
 
-def limit(path: str, nbytes: int, exclusive: bool = True) -> None:
-    """Limit qgroup 0/ID of subvolume `path` to `nbytes` (0: no limit) of what it holds
-    alone (`exclusive`: its own writes, not what it shares with the snapshot it came from)
-    or of everything it references."""
+def _qgroup_id(level: int, sid: int) -> int:
+    return (level << 48) | sid
+
+
+def limit(path: str, nbytes: int, exclusive: bool = True, level: int = 0) -> None:
+    """Limit qgroup 0/ID of subvolume `path` (`level` 1: its group, 1/ID) to `nbytes` (0:
+    no limit) of what it holds alone (`exclusive`: its own writes, not what it shares
+    with the snapshot it came from) or of everything it references."""
     # The kernel lifts a limit when its flag comes with the value (u64)-1.
     value = nbytes if nbytes else (1 << 64) - 1
     flag = QGROUP_LIMIT_MAX_EXCL if exclusive else QGROUP_LIMIT_MAX_RFER
-    sid = subvolume_id(path)
+    qgroup = _qgroup_id(level, subvolume_id(path))
     fd = _open_subvolume(path)
     try:
         args = bytearray(QGROUP_LIMIT_SIZE)  # qgroupid, flags, max_rfer, max_excl, rsv x2
-        struct.pack_into("=QQQQQQ", args, 0, sid, flag,
+        struct.pack_into("=QQQQQQ", args, 0, qgroup, flag,
                          0 if exclusive else value, value if exclusive else 0, 0, 0)
         fcntl.ioctl(fd, QGROUP_LIMIT, args)
     finally:
         os.close(fd)
+
+
+def group(path: str, nbytes: int) -> None:
+    """Make subvolume `path`'s group 1/ID, put `path` in it and limit it to `nbytes` of
+    what its members reference. Under simple quotas a subvolume made inside `path` the
+    ordinary way joins it (the module docstring), so the limit holds for it too. A group
+    left by an earlier subvolume of the same ID (a removal that failed) is dissolved
+    first: its members are long gone."""
+    sid = subvolume_id(path)
+    group_id = _qgroup_id(GROUP_LEVEL, sid)
+    fd = _open_subvolume(path)
+    try:
+        try:
+            fcntl.ioctl(fd, QGROUP_CREATE, bytearray(struct.pack("=QQ", 1, group_id)))
+        except FileExistsError:
+            _dissolve(fd, group_id)
+            fcntl.ioctl(fd, QGROUP_CREATE, bytearray(struct.pack("=QQ", 1, group_id)))
+        fcntl.ioctl(fd, QGROUP_ASSIGN, bytearray(struct.pack("=QQQ", 1, sid, group_id)))
+    finally:
+        os.close(fd)
+    limit(path, nbytes, exclusive=False, level=GROUP_LEVEL)
+
+
+def _members(fd: int, group_id: int) -> list[int]:
+    """The qgroups in `group_id`, from its relation items in the quota tree
+    (`BTRFS_IOC_TREE_SEARCH`: key (group, QGROUP_RELATION, member))."""
+    found: list[int] = []
+    offset = 0
+    while True:
+        args = bytearray(SEARCH_ARGS_SIZE)
+        struct.pack_into("=QQQQQQQIII", args, 0, QUOTA_TREE_OBJECTID, group_id, group_id,
+                         offset, (1 << 64) - 1, 0, (1 << 64) - 1,
+                         QGROUP_RELATION_KEY, QGROUP_RELATION_KEY, 512)
+        fcntl.ioctl(fd, TREE_SEARCH, args)
+        count = struct.unpack_from("=I", args, 64)[0]  # nr_items: how many came back
+        pos = SEARCH_KEY_SIZE
+        for _ in range(count):
+            _, objectid, member, kind, size = struct.unpack_from("=QQQII", args, pos)
+            if objectid == group_id and kind == QGROUP_RELATION_KEY:
+                found.append(member)
+            pos += SEARCH_HEADER_SIZE + size
+        if count == 0 or not found or found[-1] == (1 << 64) - 1:
+            return found
+        offset = found[-1] + 1
+
+
+def grouped(path: str) -> bool:
+    """Whether subvolume `path` has a group (1/ID)."""
+    return os.path.isdir(os.path.join(_qgroups(path), f"{GROUP_LEVEL}_{subvolume_id(path)}"))
+
+
+def ungroup(path: str) -> None:
+    """Take subvolume `path` and the subvolumes nested in it out of its group (1/ID) and
+    destroy the group: before they are deleted, so that deleting them reserves nothing
+    against its limit (a full group refuses that with EDQUOT) and a retry after a crash
+    finds the group still there. A member already out, a group already gone, or quotas
+    off is no error."""
+    group_id = _qgroup_id(GROUP_LEVEL, subvolume_id(path))
+    # From the directory holding it: the ioctls' transaction reserves metadata in the
+    # subvolume of the fd they come through, and a full group would refuse it (EDQUOT).
+    fd = _open_btrfs(os.path.dirname(os.path.abspath(path)))
+    try:
+        _dissolve(fd, group_id)
+    except OSError as e:
+        if e.errno not in (errno.ENOENT, errno.ENOTCONN):  # no group; quotas off
+            raise
+    finally:
+        os.close(fd)
+
+
+def _dissolve(fd: int, group_id: int) -> None:
+    """Take every member out of `group_id` and destroy it (ENOENT: there is none)."""
+    for member in _members(fd, group_id):
+        try:
+            fcntl.ioctl(fd, QGROUP_ASSIGN, bytearray(struct.pack("=QQQ", 0, member, group_id)))
+        except FileNotFoundError:  # gone meanwhile
+            pass
+    fcntl.ioctl(fd, QGROUP_CREATE, bytearray(struct.pack("=QQ", 0, group_id)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,10 +363,11 @@ class QgroupUsage:
     max_exclusive: int = 0
 
 
-def usage(path: str) -> QgroupUsage:
-    """What qgroup 0/ID of subvolume `path` counts, as of the last transaction commit;
-    FileNotFoundError where quotas are off."""
-    here = os.path.join(_qgroups(path), f"0_{subvolume_id(path)}")
+def usage(path: str, level: int = 0) -> QgroupUsage:
+    """What qgroup 0/ID of subvolume `path` (`level` 1: its group, 1/ID) counts, as of
+    the last transaction commit; FileNotFoundError where quotas are off (or it has no
+    group)."""
+    here = os.path.join(_qgroups(path), f"{level}_{subvolume_id(path)}")
 
     def read(name: str) -> int:
         try:

@@ -34,8 +34,9 @@ class Flavour:
     # What the backend and the executor are told the kernel can do, from what it can.
     features: Callable[[Features], Features] = lambda probed: probed
     # The store's filesystem: "" for the test's tmp_path, else a name of tests/storefs.py's
-    # STORES (the session's loop-mounted filesystems), or QUOTA_BTRFS (a btrfs of this
-    # suite's own with quotas enabled: they slow every commit of the shared one).
+    # STORES (the session's loop-mounted filesystems), or QUOTA_BTRFS / SIMPLE_QUOTA_BTRFS
+    # (a btrfs of this suite's own with full or simple quotas enabled: they slow every
+    # commit of the shared one).
     store_fs: str = ""
     # Where the writes of a key can be read after its view is unmounted: the flavour knows
     # its backend's layout (overlay: the upper dir; a snapshot: the snapshot itself).
@@ -55,6 +56,7 @@ class LimitedOverlay(OverlayBackend):
 
 
 QUOTA_BTRFS = "btrfs-quota"
+SIMPLE_QUOTA_BTRFS = "btrfs-squota"
 
 
 class LimitedBtrfs(BtrfsBackend):
@@ -83,6 +85,10 @@ FLAVOURS = [
     Flavour("btrfs-limited-noquota", LimitedBtrfs, store_fs="btrfs"),
     # Size-limited on a btrfs with quotas: snapshots with a qgroup limit.
     Flavour("btrfs-limited-qgroup", LimitedBtrfs, store_fs=QUOTA_BTRFS,
+            written=lambda h, key: p if os.path.isdir(p := h.paths.volume_part(key, "fs"))
+            else None),
+    # Size-limited on a btrfs with simple quotas: snapshots in a limited group of their own.
+    Flavour("btrfs-limited-squota", LimitedBtrfs, store_fs=SIMPLE_QUOTA_BTRFS,
             written=lambda h, key: p if os.path.isdir(p := h.paths.volume_part(key, "fs"))
             else None),
 ]
@@ -160,9 +166,10 @@ def make_harness(flavour, tmp_path, request) -> Iterator[Callable[[str], Harness
     removed; views a test left mounted fail its clean-up."""
     made: list[Harness] = []
     store_base = ""
-    if flavour.store_fs == QUOTA_BTRFS:
+    if flavour.store_fs in (QUOTA_BTRFS, SIMPLE_QUOTA_BTRFS):
+        fixture = "quota_btrfs" if flavour.store_fs == QUOTA_BTRFS else "squota_btrfs"
         store_base = tempfile.mkdtemp(prefix="conformance-",
-                                      dir=request.getfixturevalue("quota_btrfs"))
+                                      dir=request.getfixturevalue(fixture))
     elif flavour.store_fs:
         from tests.storefs import store_fs
         fs = store_fs(request.getfixturevalue("store_filesystems"), flavour.store_fs)
@@ -196,6 +203,17 @@ def quota_btrfs(tmp_path_factory) -> Iterator[str]:
     from tests.storefs import btrfs_with_quotas
 
     with btrfs_with_quotas(tmp_path_factory.mktemp("conformance-btrfs-quota")) as root:
+        yield root
+
+
+@pytest.fixture(scope="session")
+def squota_btrfs(tmp_path_factory) -> Iterator[str]:
+    """A loop-mounted btrfs with simple quotas, for the squota flavour: where a size limit
+    on the btrfs backend is a limit on the snapshot's group."""
+    from tests.storefs import btrfs_with_quotas
+
+    with btrfs_with_quotas(tmp_path_factory.mktemp("conformance-btrfs-squota"),
+                           simple=True) as root:
         yield root
 
 
