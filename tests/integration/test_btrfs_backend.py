@@ -308,25 +308,28 @@ def test_appending_to_a_50_mb_image_file_allocates_little(quota_store):
             s.backend.remove(key)
 
 
+@contextlib.contextmanager
+def one_file_image(s: Store, backend=None):
+    """A one-file layer's ID on store `s`; every key of `backend` (the store's) removed
+    after, whatever happened."""
+    backend = backend or s.backend
+    try:
+        yield s.layer(LayerBuilder().file("f", "x\n"))
+    finally:
+        for key in backend.keys():
+            backend.remove(key)
+
+
 def test_a_size_limit_is_a_qgroup_limit(quota_store):
     s = quota_store
-    lid = s.layer(LayerBuilder().file("f", "x\n"))
-    try:
+    with one_file_image(s) as lid:
         with s.mounted(s.backend.prepare("lim", [lid], s.target("lim"), 4 * MiB)) as t:
-            with pytest.raises(OSError) as e:
-                with open(os.path.join(t, "fill"), "wb") as f:
-                    for _ in range(16):
-                        f.write(os.urandom(MiB))
-                        f.flush()
-                        os.fsync(f.fileno())
-            assert e.value.errno == errno.EDQUOT
+            written, err = fill_until_refused(os.path.join(t, "fill"), 16)
+            assert err == errno.EDQUOT and written <= 4 * MiB
             os.unlink(os.path.join(t, "fill"))
             os.sync()
             space = s.backend.space("lim")
             assert space.bytes_total == 4 * MiB and space.bytes_available > 0
-    finally:
-        for key in s.backend.keys():
-            s.backend.remove(key)
 
 
 @pytest.fixture(scope="module")
@@ -355,9 +358,8 @@ def fill_until_refused(path: str, mib: int = 32) -> tuple[int, int]:
 
 def test_under_simple_quotas_a_limit_holds_in_subvolumes_the_pod_makes(squota_store):
     s = squota_store
-    lid = s.layer(LayerBuilder().file("f", "x\n"))
     fs = s.paths.volume_part("lim", "fs")
-    try:
+    with one_file_image(s) as lid:
         with s.mounted(s.backend.prepare("lim", [lid], s.target("lim"), 8 * MiB)) as t:
             assert btrfs.grouped(fs)
             btrfs.create(os.path.join(t, "mine"))  # as a pod may: no privilege needed
@@ -377,9 +379,6 @@ def test_under_simple_quotas_a_limit_holds_in_subvolumes_the_pod_makes(squota_st
         assert not os.path.exists(s.paths.volume("lim"))
         qgroups = f"/sys/fs/btrfs/{btrfs.fs_uuid(s.paths.root)}/qgroups"
         assert not os.path.exists(os.path.join(qgroups, f"1_{sid}")), "its group is gone"
-    finally:
-        for key in s.backend.keys():
-            s.backend.remove(key)
 
 
 def create_with_empty_inheritance(path: str) -> None:
@@ -409,24 +408,19 @@ def create_with_empty_inheritance(path: str) -> None:
 def test_under_simple_quotas_a_subvolume_made_outside_the_group_is_bounded_too(
         squota_store):
     s = squota_store
-    lid = s.layer(LayerBuilder().file("f", "x\n"))
-    try:
+    with one_file_image(s) as lid:
         with s.mounted(s.backend.prepare("out", [lid], s.target("out"), 4 * MiB)) as t:
             create_with_empty_inheritance(os.path.join(t, "outside"))
             _, err = fill_until_refused(os.path.join(t, "outside", "fill"), 8)
         s.backend.remove("out")  # the group goes, whatever its members
         assert not os.path.exists(s.paths.volume("out"))
         assert err == errno.EDQUOT
-    finally:
-        for key in s.backend.keys():
-            s.backend.remove(key)
 
 
 def test_a_removal_that_stopped_after_the_group_went_is_finished_by_the_next(squota_store):
     s = squota_store
-    lid = s.layer(LayerBuilder().file("f", "x\n"))
     fs = s.paths.volume_part("again", "fs")
-    try:
+    with one_file_image(s) as lid:
         with s.mounted(s.backend.prepare("again", [lid], s.target("again"), 4 * MiB)) as t:
             btrfs.create(os.path.join(t, "mine"))
             _, err = fill_until_refused(os.path.join(t, "mine", "fill"))
@@ -436,9 +430,6 @@ def test_a_removal_that_stopped_after_the_group_went_is_finished_by_the_next(squ
         btrfs.ungroup(fs)  # nothing left to do: no error
         s.backend.remove("again")
         assert not os.path.exists(s.paths.volume("again"))
-    finally:
-        for key in s.backend.keys():
-            s.backend.remove(key)
 
 
 def test_a_group_an_earlier_subvolume_of_the_same_id_left_is_dissolved_first(squota_store):
@@ -468,31 +459,23 @@ def test_under_full_qgroups_a_subvolume_the_pod_makes_escapes_and_a_warning_says
     """The limitation the simple-quota group closes, shown where it stays open."""
     s = quota_store
     backend = BtrfsBackend(s.paths)  # its own: the warning comes once per backend
-    lid = s.layer(LayerBuilder().file("f", "x\n"))
-    try:
+    with one_file_image(s, backend) as lid:
         with s.mounted(backend.prepare("esc", [lid], s.target("esc"), 4 * MiB)) as t:
             assert not btrfs.grouped(s.paths.volume_part("esc", "fs"))
             btrfs.create(os.path.join(t, "mine"))
             written, err = fill_until_refused(os.path.join(t, "mine", "fill"), 8)
             assert (written, err) == (8 * MiB, 0)
         assert "a subvolume it makes inside it" in caplog.text
-    finally:
-        for key in backend.keys():
-            backend.remove(key)
 
 
 def test_under_full_qgroups_a_publication_at_its_limit_is_still_removed(quota_store):
     s = quota_store
-    lid = s.layer(LayerBuilder().file("f", "x\n"))
-    try:
+    with one_file_image(s) as lid:
         with s.mounted(s.backend.prepare("full", [lid], s.target("full"), 4 * MiB)) as t:
             _, err = fill_until_refused(os.path.join(t, "fill"))
             assert err == errno.EDQUOT
         s.backend.remove("full")  # (under simple quotas a full group must be lifted first)
         assert not os.path.exists(s.paths.volume("full"))
-    finally:
-        for key in s.backend.keys():
-            s.backend.remove(key)
 
 
 def test_a_rewritten_file_counts_only_the_extents_it_no_longer_shares(stores):
