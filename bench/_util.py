@@ -24,6 +24,17 @@ def drop_caches() -> None:
         pass
 
 
+def terminate(proc: subprocess.Popen, grace: float) -> None:
+    """SIGTERM `proc` if it still runs, and SIGKILL it after `grace` seconds."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -99,13 +110,7 @@ class Strata:
     def stop(self, grace: float = 60.0) -> None:
         if self.channel is not None:
             self.channel.close()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, grace)
 
 
 class NoopServer:
@@ -131,10 +136,4 @@ class NoopServer:
 
     def stop(self) -> None:
         self.channel.close()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, 10)

@@ -42,7 +42,7 @@ sys.path.insert(0, HERE)
 
 
 from bench import _util, realistic  # noqa: E402
-from bench._util import drop_caches, free_port  # noqa: E402
+from bench._util import drop_caches, free_port, terminate  # noqa: E402
 from bench.realistic import unmount_under  # noqa: E402
 from bench.unpack import CHILD as STRATA_UNPACK  # noqa: E402
 
@@ -73,16 +73,6 @@ def _tail(path: str | None) -> str:
             return f.read()[-3000:].decode(errors="replace")
     except OSError:
         return ""
-
-
-def _stop(proc: subprocess.Popen, grace: float = 20.0) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _run(argv: list[str], **kw) -> None:
@@ -124,7 +114,7 @@ def registry(work: str):
         _wait("docker-registry", lambda: _port_open(port), proc, log)
         yield f"127.0.0.1:{port}"
     finally:
-        _stop(proc)
+        terminate(proc, 20.0)
 
 
 class Containerd:
@@ -171,7 +161,7 @@ class Containerd:
         return len(self.ctr("snapshots", "ls").splitlines()) - 1  # a header line
 
     def stop(self) -> None:
-        _stop(self.proc)
+        terminate(self.proc, 20.0)
         unmount_under(self.dir)
         shutil.rmtree(self.dir, ignore_errors=True)
 
