@@ -417,11 +417,12 @@ class BtrfsBackend(Backend):
         """(bytes counted against the snapshot's limit, the limit or 0): its group's count
         where it has one (what it and the subvolumes made inside it hold), else its own
         exclusive bytes. FileNotFoundError where quotas are off."""
-        if btrfs.grouped(fs):
+        try:
             u = btrfs.usage(fs, level=btrfs.GROUP_LEVEL)
-            return u.referenced, u.max_referenced
-        u = btrfs.usage(fs)
-        return u.exclusive, u.max_exclusive
+        except FileNotFoundError:  # no group (sysfs has no 1_ID): its own qgroup
+            u = btrfs.usage(fs)
+            return u.exclusive, u.max_exclusive
+        return u.referenced, u.max_referenced
 
     def keys(self) -> set[str]:
         try:

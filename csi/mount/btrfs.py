@@ -223,6 +223,11 @@ def _qgroups(path: str) -> str:
     return f"/sys/fs/btrfs/{fs_uuid(path)}/qgroups"
 
 
+def _qgroup_dir(path: str, level: int) -> str:
+    """Where sysfs shows qgroup LEVEL/ID of subvolume `path` (once quotas are on)."""
+    return os.path.join(_qgroups(path), f"{level}_{subvolume_id(path)}")
+
+
 def quota_enabled(path: str) -> bool:
     """Whether the filesystem of `path` keeps qgroups."""
     return os.path.isdir(_qgroups(path))
@@ -288,11 +293,11 @@ def group(path: str, nbytes: int) -> None:
     fd = _open_subvolume(path)
     try:
         try:
-            fcntl.ioctl(fd, QGROUP_CREATE, bytearray(struct.pack("=QQ", 1, group_id)))
+            _create(fd, group_id, True)
         except FileExistsError:
             _dissolve(fd, group_id)
-            fcntl.ioctl(fd, QGROUP_CREATE, bytearray(struct.pack("=QQ", 1, group_id)))
-        fcntl.ioctl(fd, QGROUP_ASSIGN, bytearray(struct.pack("=QQQ", 1, sid, group_id)))
+            _create(fd, group_id, True)
+        _assign(fd, sid, group_id, True)
     finally:
         os.close(fd)
     limit(path, nbytes, exclusive=False, level=GROUP_LEVEL)
@@ -323,7 +328,7 @@ def _members(fd: int, group_id: int) -> list[int]:
 
 def grouped(path: str) -> bool:
     """Whether subvolume `path` has a group (1/ID)."""
-    return os.path.isdir(os.path.join(_qgroups(path), f"{GROUP_LEVEL}_{subvolume_id(path)}"))
+    return os.path.isdir(_qgroup_dir(path, GROUP_LEVEL))
 
 
 def ungroup(path: str) -> None:
@@ -349,10 +354,20 @@ def _dissolve(fd: int, group_id: int) -> None:
     """Take every member out of `group_id` and destroy it (ENOENT: there is none)."""
     for member in _members(fd, group_id):
         try:
-            fcntl.ioctl(fd, QGROUP_ASSIGN, bytearray(struct.pack("=QQQ", 0, member, group_id)))
+            _assign(fd, member, group_id, False)
         except FileNotFoundError:  # gone meanwhile
             pass
-    fcntl.ioctl(fd, QGROUP_CREATE, bytearray(struct.pack("=QQ", 0, group_id)))
+    _create(fd, group_id, False)
+
+
+def _create(fd: int, qgroup: int, create: bool) -> None:
+    """Create qgroup `qgroup`, or destroy it."""
+    fcntl.ioctl(fd, QGROUP_CREATE, bytearray(struct.pack("=QQ", int(create), qgroup)))
+
+
+def _assign(fd: int, member: int, parent: int, assign: bool) -> None:
+    """Make qgroup `member` a member of `parent`, or no longer one."""
+    fcntl.ioctl(fd, QGROUP_ASSIGN, bytearray(struct.pack("=QQQ", int(assign), member, parent)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -367,7 +382,7 @@ def usage(path: str, level: int = 0) -> QgroupUsage:
     """What qgroup 0/ID of subvolume `path` (`level` 1: its group, 1/ID) counts, as of
     the last transaction commit; FileNotFoundError where quotas are off (or it has no
     group)."""
-    here = os.path.join(_qgroups(path), f"{level}_{subvolume_id(path)}")
+    here = _qgroup_dir(path, level)
 
     def read(name: str) -> int:
         try:
